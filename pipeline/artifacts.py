@@ -1,0 +1,223 @@
+"""Mask artifacts: bit-packed masks stored apart from the base weights, with a manifest.
+
+An artifact is a directory:
+  masks.safetensors  one uint8 tensor per masked linear: the bool mask, flattened row-major and packed
+                     8 weights per byte (little-endian bit order)
+  manifest.json      format version, base model id/revision/fingerprint, pattern, per-layer shapes and
+                     checksums, method and its parameters, data summary, metrics, the full config
+
+It never holds base weights, and it never applies to a model whose fingerprint or shapes differ.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from pipeline import MaskpipeError, __version__
+from pipeline.config import parse_pattern
+from pipeline.models import base_weight, fingerprint
+from pipeline.sparsity import is_nm
+
+FORMAT = "maskpipe-masks"
+FORMAT_VERSION = 1
+ENCODING = "packbits-le"
+MASKS_FILE, MANIFEST_FILE = "masks.safetensors", "manifest.json"
+REQUIRED = ("format", "format_version", "base_model", "pattern", "encoding", "layers", "method")
+
+
+@contextmanager
+def atomic_dir(dest: str | Path):
+    """Yield a temporary sibling directory; on success it replaces `dest`, on failure it vanishes.
+
+    A reader sees the old directory or the new one, never a half-written one: the old one is moved
+    aside (not deleted) before the rename, and removed only after the new one is in place.
+    """
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+    try:
+        yield tmp
+        for f in tmp.rglob("*"):
+            if f.is_file():
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
+        old = None
+        if dest.exists():
+            old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
+            os.rename(dest, old)
+        os.rename(tmp, dest)
+        if old is not None:
+            shutil.rmtree(old)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    """Write JSON atomically (temporary file, fsync, rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=2, default=str)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def pack(mask: torch.Tensor) -> torch.Tensor:
+    bits = np.packbits(mask.detach().cpu().numpy().reshape(-1), bitorder="little")
+    return torch.from_numpy(bits)
+
+
+def unpack(packed: torch.Tensor, shape: list[int]) -> torch.Tensor:
+    numel = int(np.prod(shape))
+    bits = np.unpackbits(packed.numpy(), count=numel, bitorder="little")
+    return torch.from_numpy(bits.astype(bool)).reshape(shape)
+
+
+def _sha256(t: torch.Tensor) -> str:
+    return hashlib.sha256(t.numpy().tobytes()).hexdigest()
+
+
+def save_artifact(
+    path: str | Path,
+    masks: dict[str, torch.Tensor],
+    linears: dict[str, nn.Linear],
+    *,
+    base_model: dict[str, Any],
+    pattern: str,
+    method: dict[str, Any],
+    data: dict[str, Any] | None = None,
+    metrics: dict[str, Any] | None = None,
+    config: dict[str, Any] | None = None,
+) -> Path:
+    """Write an artifact atomically. `base_model` holds name_or_path and revision; the fingerprint
+    is computed here over exactly the layers the artifact masks."""
+    n, m = parse_pattern(pattern)
+    packed, layers = {}, {}
+    for name in sorted(masks):
+        mask = masks[name].bool()
+        if not is_nm(mask, n, m):
+            raise MaskpipeError(f"{name}: mask is not {pattern}")
+        packed[name] = pack(mask)
+        layers[name] = {"shape": list(mask.shape), "sha256": _sha256(packed[name])}
+    manifest = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "maskpipe_version": __version__,
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "base_model": {**base_model, "fingerprint": fingerprint({k: linears[k] for k in masks})},
+        "pattern": pattern,
+        "encoding": ENCODING,
+        "layers": layers,
+        "method": method,
+        "data": data or {},
+        "metrics": metrics or {},
+        "config": config or {},
+    }
+    with atomic_dir(path) as tmp:
+        save_file(packed, str(tmp / MASKS_FILE), metadata={"format": FORMAT})
+        (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))
+    return Path(path)
+
+
+def read_manifest(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not (path / MANIFEST_FILE).is_file():
+        raise MaskpipeError(f"{path}: not a mask artifact (no {MANIFEST_FILE})")
+    try:
+        manifest = json.loads((path / MANIFEST_FILE).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise MaskpipeError(f"{path / MANIFEST_FILE}: not valid JSON: {e}") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise MaskpipeError(f"{path / MANIFEST_FILE}: not a {FORMAT} manifest")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise MaskpipeError(
+            f"{path / MANIFEST_FILE}: format_version {manifest.get('format_version')!r} is not one this "
+            f"maskpipe ({__version__}) reads (it reads {FORMAT_VERSION})"
+        )
+    missing = [k for k in REQUIRED if k not in manifest]
+    missing += [f"base_model.{k}" for k in ("name_or_path", "fingerprint") if k not in manifest.get("base_model", {})]
+    if missing:
+        raise MaskpipeError(f"{path / MANIFEST_FILE}: missing keys: {', '.join(missing)}")
+    return manifest
+
+
+def load_artifact(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(masks, manifest), every tensor checked against its checksum and its N:M pattern."""
+    path = Path(path)
+    manifest = read_manifest(path)
+    try:
+        packed = load_file(str(path / MASKS_FILE))
+    except (SafetensorError, OSError) as e:
+        raise MaskpipeError(f"{path / MASKS_FILE}: unreadable ({e})") from None
+    n, m = parse_pattern(manifest["pattern"])
+    if set(packed) != set(manifest["layers"]):
+        raise MaskpipeError(f"{path}: {MASKS_FILE} and {MANIFEST_FILE} list different layers")
+    masks = {}
+    for name, info in manifest["layers"].items():
+        if _sha256(packed[name]) != info["sha256"]:
+            raise MaskpipeError(f"{path / MASKS_FILE}: {name}: checksum mismatch (corrupted artifact)")
+        masks[name] = unpack(packed[name], info["shape"])
+        if not is_nm(masks[name], n, m):
+            raise MaskpipeError(f"{path}: {name}: mask is not {manifest['pattern']}")
+    return masks, manifest
+
+
+def check_compatible(manifest: dict[str, Any], linears: dict[str, nn.Linear], source: str = "artifact") -> None:
+    """Refuse, before anything is touched, an artifact made for another model or other shapes."""
+    layers = manifest["layers"]
+    missing = sorted(set(layers) - set(linears))
+    if missing:
+        raise MaskpipeError(
+            f"{source}: the model has no layer {missing[0]}"
+            + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+            + f"; the artifact was made for {manifest['base_model']['name_or_path']}"
+        )
+    for name, info in layers.items():
+        shape = list(base_weight(linears[name]).shape)
+        if shape != info["shape"]:
+            raise MaskpipeError(f"{source}: {name}: artifact shape {info['shape']} != model shape {shape}")
+    ours = fingerprint({k: linears[k] for k in layers})
+    theirs = manifest["base_model"]["fingerprint"]
+    if ours != theirs:
+        raise MaskpipeError(
+            f"{source}: base model fingerprint mismatch: the artifact was made for "
+            f"{manifest['base_model']['name_or_path']} ({theirs}), this model is {ours}"
+        )
+
+
+@torch.no_grad()
+def materialize(model: nn.Module, tokenizer, linears: dict[str, nn.Linear], masks: dict[str, torch.Tensor],
+                out: str | Path, provenance: dict[str, Any]) -> Path:
+    """Write a model directory that `transformers` loads, with weights ⊙ mask (dense storage).
+
+    This multiplies the in-memory weights of `model`: call it on a model loaded for the export."""
+    for name, mask in masks.items():
+        w = base_weight(linears[name])
+        w.mul_(mask.to(device=w.device, dtype=w.dtype))
+    with atomic_dir(out) as tmp:
+        model.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        (tmp / "maskpipe.json").write_text(json.dumps(provenance, indent=2, default=str))
+    return Path(out)

@@ -1,0 +1,293 @@
+"""Typed configs: YAML recipes validated into pydantic models.
+
+Every error names the file and the key path, e.g.
+``configs/x.yaml: sparsity.pattern: expected "N:M" with 0<N<M, got "4:2"``.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from pipeline import MaskpipeError
+
+
+class ConfigError(MaskpipeError):
+    pass
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 reads an unquoted 2:4 as the base-60 integer 124; N:M patterns must stay strings."""
+
+
+def _int_or_pattern(loader: yaml.SafeLoader, node: yaml.ScalarNode):
+    value = loader.construct_scalar(node)
+    return value if ":" in value else yaml.SafeLoader.construct_yaml_int(loader, node)
+
+
+_Loader.add_constructor("tag:yaml.org,2002:int", _int_or_pattern)
+
+
+def yaml_load(text: str):
+    return yaml.load(text, Loader=_Loader)
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def parse_pattern(pattern: str) -> tuple[int, int]:
+    """ "2:4" -> (2, 4): keep N of every M consecutive weights along a linear's input dimension."""
+    try:
+        n, m = (int(x) for x in str(pattern).split(":"))
+    except ValueError:
+        n = m = -1
+    if not 0 < n < m:
+        raise ValueError(f'expected "N:M" with 0<N<M, got "{pattern}"')
+    return n, m
+
+
+class SparsityConfig(Strict):
+    pattern: str = "2:4"
+
+    @field_validator("pattern")
+    @classmethod
+    def _pattern(cls, v: str) -> str:
+        parse_pattern(v)
+        return v
+
+    @property
+    def nm(self) -> tuple[int, int]:
+        return parse_pattern(self.pattern)
+
+
+class PruneTargets(Strict):
+    """Glob patterns over module names. Only ``nn.Linear`` layers inside decoder blocks are ever
+    candidates, so embeddings and ``lm_head`` can't be pruned by accident."""
+
+    include: list[str] = ["*"]
+    exclude: list[str] = []
+
+
+class ModelConfig(Strict):
+    name_or_path: str
+    revision: str | None = None
+    dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+    trust_remote_code: bool = False
+    device: str = "auto"
+    prune: PruneTargets = PruneTargets()
+
+
+class Source(Strict):
+    """One corpus: a local file (.txt, .jsonl/.json, .parquet; a glob is fine) or a hub dataset id."""
+
+    path: str
+    name: str | None = None  # hub dataset config, e.g. "wikitext-2-raw-v1"
+    revision: str | None = None
+    split: str = "train"
+    text_field: str = "text"
+    # Local text files: one record per line, per blank-line paragraph, or the whole file.
+    sample_by: Literal["line", "paragraph", "document"] = "line"
+
+
+class DataConfig(Strict):
+    sources: list[Source] = Field(min_length=1)
+    # Mixing probabilities for several sources; equal when omitted.
+    weights: list[float] | None = None
+    shuffle_buffer: int = Field(default=0, ge=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, v: Any) -> Any:
+        # `data: {kjv: path/to/file.txt}` and `sources: [path, ...]` are shorthands.
+        if isinstance(v, str):
+            v = {"sources": [v]}
+        if isinstance(v, dict) and isinstance(v.get("sources"), list):
+            v = {**v, "sources": [{"path": s} if isinstance(s, str) else s for s in v["sources"]]}
+        return v
+
+    @model_validator(mode="after")
+    def _weights(self) -> DataConfig:
+        if self.weights is not None:
+            if len(self.weights) != len(self.sources):
+                raise ValueError(f"weights: {len(self.weights)} weights for {len(self.sources)} sources")
+            if any(w < 0 for w in self.weights) or sum(self.weights) <= 0:
+                raise ValueError("weights: must be non-negative with a positive sum")
+        return self
+
+
+class StageBase(Strict):
+    name: str | None = None  # unique within a config; defaults to the stage's method or kind
+
+
+class OneshotStage(StageBase):
+    stage: Literal["oneshot"]
+    method: Literal["magnitude", "wanda", "sparsegpt"]
+    pattern: str | None = None  # defaults to sparsity.pattern
+    data: str | None = None  # calibration corpus, a key of `data`; magnitude needs none
+    n_samples: int = Field(default=128, gt=0)
+    seqlen: int = Field(default=2048, gt=1)
+    batch_size: int = Field(default=8, gt=0)
+    # SparseGPT only. With the update the base weights change, so the result is no longer a mask over
+    # frozen weights: it is kept as the literature's baseline row, never as an artifact's weights.
+    weight_update: bool = False
+    blocksize: int = Field(default=128, gt=0)
+    percdamp: float = Field(default=0.01, ge=0)
+
+    _pattern = field_validator("pattern")(SparsityConfig._pattern.__func__)
+
+    @model_validator(mode="after")
+    def _checks(self) -> OneshotStage:
+        if self.method != "magnitude" and self.data is None:
+            raise ValueError(f"data: {self.method} needs a calibration corpus")
+        if self.weight_update and self.method != "sparsegpt":
+            raise ValueError("weight_update: only sparsegpt updates weights")
+        return self
+
+
+class EvalStage(StageBase):
+    stage: Literal["eval"]
+    data: list[str] = Field(min_length=1)  # keys of `data`, each evaluated with the wikitext protocol
+    seqlen: int = Field(default=2048, gt=1)
+    stride: int | None = Field(default=None, gt=0)  # sliding-window evaluation when < seqlen
+    batch_size: int = Field(default=1, gt=0)
+    dense: bool = True
+    masks: list[str] | Literal["all"] = "all"  # names of earlier stages whose masks to evaluate
+
+    @model_validator(mode="after")
+    def _stride(self) -> EvalStage:
+        if self.stride is not None and self.stride > self.seqlen:
+            raise ValueError(f"stride: must be <= seqlen ({self.seqlen}), got {self.stride}")
+        return self
+
+
+Stage = Annotated[Union[OneshotStage, EvalStage], Field(discriminator="stage")]
+
+
+class Config(Strict):
+    name: str
+    seed: int = 0
+    output_dir: str = "runs"
+    model: ModelConfig
+    sparsity: SparsityConfig = SparsityConfig()
+    data: dict[str, DataConfig] = {}
+    stages: list[Stage] = Field(min_length=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_names(cls, v: Any) -> Any:
+        if isinstance(v, dict) and isinstance(v.get("stages"), list):
+            stages = []
+            for s in v["stages"]:
+                if isinstance(s, dict) and s.get("name") is None:
+                    s = {**s, "name": s.get("method") or s.get("stage")}
+                stages.append(s)
+            v = {**v, "stages": stages}
+        return v
+
+    @model_validator(mode="after")
+    def _references(self) -> Config:
+        seen: list[str] = []
+        for i, st in enumerate(self.stages):
+            where = f"stages.{i}"
+            if st.name in seen:
+                raise _KeyError(f"{where}.name", f"duplicate stage name {st.name!r}")
+            refs = [st.data] if isinstance(st, OneshotStage) else list(st.data)
+            for ref in refs:
+                if ref is not None and ref not in self.data:
+                    raise _KeyError(f"{where}.data", f"no corpus named {ref!r} under data (have {sorted(self.data)})")
+            if isinstance(st, EvalStage) and st.masks != "all":
+                for ref in st.masks:
+                    if ref not in seen:
+                        raise _KeyError(f"{where}.masks", f"no earlier stage named {ref!r}")
+            seen.append(st.name)
+        return self
+
+    def stage_pattern(self, stage: OneshotStage) -> tuple[int, int]:
+        return parse_pattern(stage.pattern or self.sparsity.pattern)
+
+
+class _KeyError(ValueError):
+    """A cross-reference error that knows its own key path (pydantic would report the model root)."""
+
+    def __init__(self, loc: str, msg: str):
+        super().__init__(msg)
+        self.loc, self.msg = loc, msg
+
+
+def _format(err: ValidationError, source: str) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"] if p not in ("oneshot", "eval"))
+        ctx_err = (e.get("ctx") or {}).get("error")
+        if isinstance(ctx_err, _KeyError):
+            loc, msg = ctx_err.loc, ctx_err.msg
+        elif ctx_err is not None:
+            msg = str(ctx_err)
+            # Validators report "key: message" for a field they check from the model's side.
+            head, sep, rest = msg.partition(": ")
+            if sep and " " not in head:
+                loc, msg = ".".join(filter(None, [loc, head])), rest
+        else:
+            msg = e["msg"]
+            if e["type"] not in ("missing", "extra_forbidden"):
+                msg += f", got {e['input']!r}"
+            elif e["type"] == "extra_forbidden":
+                msg = "unknown key"
+        lines.append(f"{source}: {loc or '<root>'}: {msg}")
+    return "\n".join(lines)
+
+
+def apply_overrides(raw: dict, overrides: list[str], source: str) -> dict:
+    """Hydra/torchtune-style `key.path=value` overrides; values are parsed as YAML."""
+    raw = copy.deepcopy(raw)
+    for ov in overrides:
+        key, sep, value = ov.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"{source}: override {ov!r}: expected key.path=value")
+        node: Any = raw
+        parts = key.split(".")
+        for i, p in enumerate(parts):
+            last = i == len(parts) - 1
+            if isinstance(node, list):
+                if not p.isdigit() or int(p) >= len(node):
+                    raise ConfigError(f"{source}: override {key}: {'.'.join(parts[:i])} has no item {p}")
+                p = int(p)
+            elif not isinstance(node, dict):
+                raise ConfigError(f"{source}: override {key}: {'.'.join(parts[:i])} is not a mapping")
+            if last:
+                node[p] = yaml_load(value)
+            else:
+                if isinstance(node, dict) and node.get(p) is None:
+                    node[p] = {}
+                node = node[p]
+    return raw
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
+    path = Path(path)
+    source = str(path)
+    try:
+        raw = yaml_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{source}: no such config file") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{source}: not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: <root>: expected a mapping of keys, got {type(raw).__name__}")
+    return config_from_dict(apply_overrides(raw, list(overrides), source), source)
+
+
+def config_from_dict(raw: dict, source: str = "<config>") -> Config:
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(_format(e, source)) from None
+
+
+def dump_config(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

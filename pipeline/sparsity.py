@@ -1,0 +1,67 @@
+"""N:M masks over frozen linear weights: selecting them from scores, checking them, applying them.
+
+A mask is a bool tensor shaped like the linear's weight (out_features, in_features); every group of M
+consecutive weights along the input dimension keeps exactly N.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from pipeline import MaskpipeError
+
+
+def check_divisible(name: str, shape: tuple[int, ...] | torch.Size, m: int) -> None:
+    if shape[-1] % m:
+        raise MaskpipeError(f"{name}: input dimension {shape[-1]} is not divisible by M={m}")
+
+
+def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """Keep the N highest-scoring weights of every group of M along the last dimension."""
+    groups = scores.reshape(*scores.shape[:-1], -1, m)
+    keep = groups.topk(n, dim=-1).indices
+    mask = torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, keep, True)
+    return mask.reshape(scores.shape)
+
+
+def is_nm(mask: torch.Tensor, n: int, m: int) -> bool:
+    return mask.shape[-1] % m == 0 and bool((mask.reshape(-1, m).sum(-1) == n).all())
+
+
+class FixedMask(nn.Module):
+    """Weight parametrization W -> W * mask; the frozen original stays untouched underneath."""
+
+    def __init__(self, mask: torch.Tensor):
+        super().__init__()
+        self.register_buffer("mask", mask, persistent=False)
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight * self.mask.to(weight.dtype)
+
+
+def add_masks(linears: dict[str, nn.Linear], masks: dict[str, torch.Tensor]) -> None:
+    for name, mask in masks.items():
+        lin = linears[name]
+        if mask.shape != lin.weight.shape:
+            raise MaskpipeError(f"{name}: mask shape {tuple(mask.shape)} != weight shape {tuple(lin.weight.shape)}")
+        parametrize.register_parametrization(lin, "weight", FixedMask(mask.to(lin.weight.device)), unsafe=True)
+
+
+def remove_masks(linears: dict[str, nn.Linear]) -> None:
+    for lin in linears.values():
+        if parametrize.is_parametrized(lin, "weight"):
+            parametrize.remove_parametrizations(lin, "weight", leave_parametrized=False)
+
+
+@contextmanager
+def masked(linears: dict[str, nn.Linear], masks: dict[str, torch.Tensor]):
+    """Run the model with masks in place; the base weights are the same objects before and after."""
+    add_masks(linears, masks)
+    try:
+        yield
+    finally:
+        remove_masks(linears)

@@ -1,0 +1,41 @@
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURES = ROOT / "tests" / "fixtures"
+MICRO = FIXTURES / "models" / "micro-llama"
+CORPORA = FIXTURES / "corpora"
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def micro_cfg():
+    from pipeline.config import ModelConfig
+
+    return ModelConfig(name_or_path=str(MICRO), dtype="float32", device="cpu")
+
+
+@pytest.fixture()
+def micro(micro_cfg):
+    """A fresh micro-llama (float32, CPU) with its prunable linears."""
+    from pipeline.models import load_model, prunable_linears
+
+    model = load_model(micro_cfg)
+    return model, prunable_linears(model, micro_cfg)
+
+
+@pytest.fixture(scope="session")
+def tokenizer(micro_cfg):
+    from pipeline.models import load_tokenizer
+
+    return load_tokenizer(micro_cfg)
+
+
+@pytest.fixture()
+def in_root(monkeypatch):
+    """Run from the repository root, where configs name their fixture paths."""
+    monkeypatch.chdir(ROOT)
+    return ROOT

@@ -1,0 +1,127 @@
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from pipeline import MaskpipeError
+from pipeline.artifacts import (MASKS_FILE, MANIFEST_FILE, atomic_dir, check_compatible, load_artifact,
+                                materialize, pack, read_manifest, save_artifact, unpack)
+from pipeline.models import prunable_linears
+from pipeline.sparsity import is_nm, masked, nm_mask
+
+BASE = {"name_or_path": "micro-llama", "revision": None}
+
+
+def magnitude(linears, n=2, m=4):
+    return {k: nm_mask(l.weight.abs(), n, m) for k, l in linears.items()}
+
+
+def write(tmp_path, linears, masks, pattern="2:4"):
+    return save_artifact(tmp_path / "art", masks, linears, base_model=BASE, pattern=pattern,
+                         method={"name": "magnitude", "params": {}})
+
+
+@pytest.mark.parametrize("shape", [(3, 5), (7, 64), (1, 1)])
+def test_pack_roundtrip(shape):
+    mask = torch.rand(shape) > 0.5
+    assert torch.equal(unpack(pack(mask), list(shape)), mask)
+
+
+@pytest.mark.parametrize("pattern", ["2:4", "4:8", "1:4"])
+def test_save_load_identical_and_exact_sparsity(tmp_path, micro, pattern):
+    model, linears = micro
+    n, m = map(int, pattern.split(":"))
+    masks = magnitude(linears, n, m)
+    path = write(tmp_path, linears, masks, pattern)
+    loaded, manifest = load_artifact(path)
+    assert loaded.keys() == masks.keys()
+    for k in masks:
+        assert torch.equal(loaded[k], masks[k]) and is_nm(loaded[k], n, m)
+    check_compatible(manifest, linears)
+    with masked(linears, loaded):
+        for k, lin in linears.items():
+            zeros = (lin.weight == 0).float().mean().item()
+            assert zeros == pytest.approx(1 - n / m)
+
+
+def test_artifact_is_small_and_holds_no_weights(tmp_path, micro):
+    _, linears = micro
+    path = write(tmp_path, linears, magnitude(linears))
+    weights = sum(l.weight.numel() for l in linears.values())
+    masks_bytes = (path / MASKS_FILE).stat().st_size
+    assert masks_bytes <= weights * 2 / 16 + 4096  # <= 1/16 of bf16 weights (+ safetensors header)
+    from safetensors.torch import load_file
+    assert all(t.dtype == torch.uint8 for t in load_file(path / MASKS_FILE).values())
+    manifest = read_manifest(path)
+    assert manifest["base_model"]["fingerprint"].startswith("sha256:") and manifest["pattern"] == "2:4"
+    assert manifest["layers"]["model.layers.0.mlp.down_proj"]["shape"] == [128, 384]
+
+
+def test_other_model_is_refused_before_anything_changes(tmp_path, micro, micro_cfg):
+    model, linears = micro
+    path = write(tmp_path, linears, magnitude(linears))
+    _, manifest = load_artifact(path)
+    with torch.no_grad():
+        linears["model.layers.0.self_attn.q_proj"].weight[0, 0] += 1.0
+    with pytest.raises(MaskpipeError, match="fingerprint mismatch"):
+        check_compatible(manifest, linears)
+    other = {k.replace("layers.3", "layers.9"): v for k, v in linears.items()}
+    with pytest.raises(MaskpipeError, match="the model has no layer model.layers.3"):
+        check_compatible(manifest, other)
+    manifest["layers"]["model.layers.0.mlp.up_proj"]["shape"] = [384, 256]
+    with pytest.raises(MaskpipeError, match=r"up_proj: artifact shape \[384, 256\] != model shape \[384, 128\]"):
+        check_compatible(manifest, linears)
+
+
+def test_corrupted_artifacts_fail_clearly(tmp_path, micro):
+    _, linears = micro
+    path = write(tmp_path, linears, magnitude(linears))
+    blob = (path / MASKS_FILE).read_bytes()
+    (path / MASKS_FILE).write_bytes(blob[: len(blob) // 2])
+    with pytest.raises(MaskpipeError, match="unreadable"):
+        load_artifact(path)
+    flipped = bytearray(blob)
+    flipped[-10] ^= 0x01
+    (path / MASKS_FILE).write_bytes(bytes(flipped))
+    with pytest.raises(MaskpipeError, match="checksum mismatch"):
+        load_artifact(path)
+    (path / MASKS_FILE).write_bytes(blob)
+    manifest = json.loads((path / MANIFEST_FILE).read_text())
+    (path / MANIFEST_FILE).write_text(json.dumps({**manifest, "format_version": 99}))
+    with pytest.raises(MaskpipeError, match="format_version 99"):
+        load_artifact(path)
+    del manifest["pattern"]
+    (path / MANIFEST_FILE).write_text(json.dumps(manifest))
+    with pytest.raises(MaskpipeError, match="missing keys: pattern"):
+        load_artifact(path)
+    with pytest.raises(MaskpipeError, match="not a mask artifact"):
+        load_artifact(tmp_path)
+
+
+def test_atomic_dir_keeps_the_old_version_on_failure(tmp_path):
+    dest = tmp_path / "out"
+    with atomic_dir(dest) as d:
+        (d / "f").write_text("old")
+    with pytest.raises(RuntimeError):
+        with atomic_dir(dest) as d:
+            (d / "f").write_text("half")
+            raise RuntimeError("killed")
+    assert (dest / "f").read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    with atomic_dir(dest) as d:
+        (d / "f").write_text("new")
+    assert (dest / "f").read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_materialized_model_loads_and_matches_masked_logits(tmp_path, micro, micro_cfg, tokenizer):
+    model, linears = micro
+    masks = magnitude(linears)
+    x = torch.randint(0, 2048, (1, 32))
+    with masked(linears, masks):
+        expected = model(x).logits
+    out = materialize(model, tokenizer, linears, masks, tmp_path / "sparse", {"masks": "test"})
+    reloaded = AutoModelForCausalLM.from_pretrained(out)
+    assert torch.allclose(reloaded(x).logits, expected, atol=1e-5)
+    for k, lin in prunable_linears(reloaded, micro_cfg).items():
+        assert torch.equal(lin.weight != 0, masks[k] & (lin.weight != 0)) and is_nm(masks[k], 2, 4)

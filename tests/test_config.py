@@ -1,0 +1,88 @@
+import copy
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import ConfigError, apply_overrides, config_from_dict, load_config, parse_pattern
+from tests.conftest import ROOT
+
+BASE = {
+    "name": "t",
+    "model": {"name_or_path": "m"},
+    "data": {"c": "a.txt"},
+    "stages": [{"stage": "oneshot", "method": "wanda", "data": "c"}, {"stage": "eval", "data": ["c"]}],
+}
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_validates(path):
+    cfg = load_config(path)
+    assert cfg.stages and cfg.model.name_or_path
+
+
+def error_of(mutate, source="f.yaml"):
+    raw = copy.deepcopy(BASE)
+    mutate(raw)
+    with pytest.raises(ConfigError) as e:
+        config_from_dict(raw, source)
+    return str(e.value)
+
+
+@pytest.mark.parametrize(
+    "mutate, expected",
+    [
+        (lambda r: r.update(sparsity={"pattern": "4:2"}), 'f.yaml: sparsity.pattern: expected "N:M" with 0<N<M, got "4:2"'),
+        (lambda r: r["stages"][0].update(pattern="2:2"), 'f.yaml: stages.0.pattern: expected "N:M" with 0<N<M, got "2:2"'),
+        (lambda r: r["stages"][0].update(nsamples=3), "f.yaml: stages.0.nsamples: unknown key"),
+        (lambda r: r["model"].update(dtype="int3"), "f.yaml: model.dtype: Input should be"),
+        (lambda r: r["stages"][0].update(n_samples=0), "f.yaml: stages.0.n_samples: Input should be greater than 0, got 0"),
+        (lambda r: r["stages"][0].update(data="nope"), "f.yaml: stages.0.data: no corpus named 'nope'"),
+        (lambda r: r["stages"][0].pop("data"), "f.yaml: stages.0.data: wanda needs a calibration corpus"),
+        (lambda r: r["stages"][1].update(masks=["later"]), "f.yaml: stages.1.masks: no earlier stage named 'later'"),
+        (lambda r: r["stages"].append({"stage": "eval", "data": ["c"]}), "f.yaml: stages.2.name: duplicate stage name 'eval'"),
+        (lambda r: r.pop("model"), "f.yaml: model: Field required"),
+        (lambda r: r["data"].update(d={"sources": ["a", "b"], "weights": [1]}), "f.yaml: data.d.weights: 1 weights for 2 sources"),
+        (lambda r: r["stages"][1].update(stride=4096, seqlen=128), "f.yaml: stages.1.stride: must be <= seqlen"),
+    ],
+)
+def test_errors_name_file_and_key(mutate, expected):
+    assert expected in error_of(mutate)
+
+
+def test_unquoted_pattern_in_yaml_stays_a_pattern(tmp_path):
+    # YAML 1.1 would read 2:4 as the base-60 integer 124.
+    f = tmp_path / "c.yaml"
+    f.write_text("name: t\nmodel: {name_or_path: m}\nsparsity: {pattern: 4:8}\nstages: [{stage: oneshot, method: magnitude}]\n")
+    assert load_config(f).sparsity.nm == (4, 8)
+
+
+def test_overrides_set_nested_keys_and_list_items(tmp_path):
+    raw = apply_overrides(BASE, ["stages.0.n_samples=4", "model.dtype=float32", "sparsity.pattern=4:8"], "f")
+    cfg = config_from_dict(raw)
+    assert cfg.stages[0].n_samples == 4 and cfg.model.dtype == "float32" and cfg.sparsity.nm == (4, 8)
+    assert BASE["stages"][0].get("n_samples") is None  # the input is not mutated
+    with pytest.raises(ConfigError, match="stages has no item 7"):
+        apply_overrides(BASE, ["stages.7.method=x"], "f")
+    with pytest.raises(ConfigError, match="expected key.path=value"):
+        apply_overrides(BASE, ["stages"], "f")
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(ConfigError, match="no such config file"):
+        load_config(tmp_path / "none.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("- just\n- a list\n")
+    with pytest.raises(ConfigError, match=f"{bad}: <root>: expected a mapping"):
+        load_config(bad)
+
+
+def test_stage_names_default_to_method_or_kind():
+    cfg = config_from_dict(BASE)
+    assert [s.name for s in cfg.stages] == ["wanda", "eval"]
+
+
+def test_parse_pattern():
+    assert parse_pattern("2:4") == (2, 4) and parse_pattern("4:8") == (4, 8)
+    for bad in ["4:2", "0:4", "2", "a:b", "2:4:8"]:
+        with pytest.raises(ValueError):
+            parse_pattern(bad)
