@@ -5,6 +5,8 @@ An artifact is a directory:
                      8 weights per byte (little-endian bit order)
   manifest.json      format version, base model id/revision/fingerprint, pattern, per-layer shapes and
                      checksums, method and its parameters, data summary, metrics, the full config
+  logits.safetensors optional soft state of a learned mask: per layer [out, in/M, C(M,N)] logits over
+                     the candidates in lexicographic order, so the artifact can seed another task's mask
 
 It never holds base weights, and it never applies to a model whose fingerprint or shapes differ.
 """
@@ -35,7 +37,7 @@ from pipeline.sparsity import is_nm
 FORMAT = "maskpipe-masks"
 FORMAT_VERSION = 1
 ENCODING = "packbits-le"
-MASKS_FILE, MANIFEST_FILE = "masks.safetensors", "manifest.json"
+MASKS_FILE, MANIFEST_FILE, LOGITS_FILE = "masks.safetensors", "manifest.json", "logits.safetensors"
 REQUIRED = ("format", "format_version", "base_model", "pattern", "encoding", "layers", "method")
 
 
@@ -109,6 +111,7 @@ def save_artifact(
     data: dict[str, Any] | None = None,
     metrics: dict[str, Any] | None = None,
     config: dict[str, Any] | None = None,
+    soft_logits: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write an artifact atomically. `base_model` holds name_or_path and revision; the fingerprint
     is computed here over exactly the layers the artifact masks."""
@@ -134,8 +137,13 @@ def save_artifact(
         "metrics": metrics or {},
         "config": config or {},
     }
+    if soft_logits is not None:
+        manifest["soft"] = {"file": LOGITS_FILE, "dtype": str(next(iter(soft_logits.values())).dtype).split(".")[-1],
+                            "candidates": "itertools.combinations(range(M), N) order"}
     with atomic_dir(path) as tmp:
         save_file(packed, str(tmp / MASKS_FILE), metadata={"format": FORMAT})
+        if soft_logits is not None:
+            save_file({k: v.contiguous() for k, v in soft_logits.items()}, str(tmp / LOGITS_FILE))
         (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))
     return Path(path)
 
@@ -181,6 +189,17 @@ def load_artifact(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, 
         if not is_nm(masks[name], n, m):
             raise MaskpipeError(f"{path}: {name}: mask is not {manifest['pattern']}")
     return masks, manifest
+
+
+def load_soft_logits(path: str | Path) -> dict[str, torch.Tensor]:
+    """The stored logits of a learned mask, as float32."""
+    path = Path(path)
+    if "soft" not in read_manifest(path):
+        raise MaskpipeError(f"{path}: the artifact has no soft state (logits); use its mask as the prior instead")
+    try:
+        return {k: v.float() for k, v in load_file(str(path / LOGITS_FILE)).items()}
+    except (SafetensorError, OSError) as e:
+        raise MaskpipeError(f"{path / LOGITS_FILE}: unreadable ({e})") from None
 
 
 def check_compatible(manifest: dict[str, Any], linears: dict[str, nn.Linear], source: str = "artifact") -> None:

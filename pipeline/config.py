@@ -165,7 +165,57 @@ class EvalStage(StageBase):
         return self
 
 
-Stage = Annotated[Union[OneshotStage, EvalStage], Field(discriminator="stage")]
+class PriorConfig(Strict):
+    """Where a learned mask starts: an earlier stage's mask, or any mask artifact (transfer)."""
+
+    stage: str | None = None
+    artifact: str | None = None
+    strength: float = Field(default=3.0, ge=0)
+    # Start from the artifact's stored logits (its soft state) instead of the prior rule on its mask.
+    soft: bool = False
+
+    @model_validator(mode="after")
+    def _one(self) -> PriorConfig:
+        if (self.stage is None) == (self.artifact is None):
+            raise ValueError("prior: give exactly one of stage or artifact")
+        return self
+
+
+class LearnStage(StageBase):
+    """MaskLLM: Gumbel-softmax over each group's candidate masks, only the logits trained."""
+
+    stage: Literal["learn"]
+    pattern: str | None = None
+    data: str
+    prior: PriorConfig | None = None
+    steps: int = Field(gt=0)
+    batch_size: int = Field(default=8, gt=0)
+    seqlen: int = Field(default=2048, gt=1)
+    grad_accum: int = Field(default=1, gt=0)
+    lr: float = Field(default=5e-4, gt=0)
+    warmup_steps: int = Field(default=0, ge=0)
+    weight_decay: float = Field(default=0.0, ge=0)
+    grad_clip: float | None = Field(default=1.0, gt=0)
+    tau: tuple[float, float] = (4.0, 0.05)  # Gumbel temperature, annealed linearly start -> end
+    kappa: tuple[float, float] = (100.0, 500.0)  # logit scale, annealed linearly start -> end
+    sparse_reg: float = Field(default=1e-5, ge=0)  # λ of −λ·Σ‖W⊙M̃‖², decays linearly to 0; 0 = off
+    init_std: float = Field(default=0.01, gt=0)
+    log_every: int = Field(default=10, gt=0)
+    checkpoint_every: int = Field(default=100, gt=0)
+    keep_checkpoints: int = Field(default=3, gt=0)
+    save_logits: Literal["bfloat16", "float16", "float32"] | None = "bfloat16"
+
+    _pattern = field_validator("pattern")(SparsityConfig._pattern.__func__)
+
+    @field_validator("tau", "kappa")
+    @classmethod
+    def _positive(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if min(v) <= 0:
+            raise ValueError(f"expected two positive numbers [start, end], got {list(v)}")
+        return v
+
+
+Stage = Annotated[Union[OneshotStage, LearnStage, EvalStage], Field(discriminator="stage")]
 
 
 class Config(Strict):
@@ -196,10 +246,13 @@ class Config(Strict):
             where = f"stages.{i}"
             if st.name in seen:
                 raise _KeyError(f"{where}.name", f"duplicate stage name {st.name!r}")
-            refs = [st.data] if isinstance(st, OneshotStage) else list(st.data)
+            refs = list(st.data) if isinstance(st, EvalStage) else [st.data]
             for ref in refs:
                 if ref is not None and ref not in self.data:
                     raise _KeyError(f"{where}.data", f"no corpus named {ref!r} under data (have {sorted(self.data)})")
+            if isinstance(st, LearnStage) and st.prior is not None and st.prior.stage is not None:
+                if st.prior.stage not in seen:
+                    raise _KeyError(f"{where}.prior.stage", f"no earlier stage named {st.prior.stage!r}")
             if isinstance(st, EvalStage) and st.masks != "all":
                 for ref in st.masks:
                     if ref not in seen:
@@ -207,7 +260,7 @@ class Config(Strict):
             seen.append(st.name)
         return self
 
-    def stage_pattern(self, stage: OneshotStage) -> tuple[int, int]:
+    def stage_pattern(self, stage: OneshotStage | LearnStage) -> tuple[int, int]:
         return parse_pattern(stage.pattern or self.sparsity.pattern)
 
 
@@ -222,7 +275,7 @@ class _KeyError(ValueError):
 def _format(err: ValidationError, source: str) -> str:
     lines = []
     for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"] if p not in ("oneshot", "eval"))
+        loc = ".".join(str(p) for p in e["loc"] if p not in ("oneshot", "learn", "eval"))
         ctx_err = (e.get("ctx") or {}).get("error")
         if isinstance(ctx_err, _KeyError):
             loc, msg = ctx_err.loc, ctx_err.msg

@@ -1,0 +1,163 @@
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from pipeline import MaskpipeError
+from pipeline.config import DataConfig
+from pipeline.data import TokenStream, calibration_blocks, eval_text, open_corpus
+from tests.conftest import CORPORA
+
+SEQLEN = 64
+
+
+def corpus(*sources, **kw) -> DataConfig:
+    return DataConfig.model_validate({"sources": list(sources), **kw})
+
+
+def lines(name: str) -> list[str]:
+    return (CORPORA / name).read_text().splitlines()
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    """Two short corpora so that an epoch is a dozen blocks: unique records, a blank one to skip, and one
+    record long enough to leave several blocks in the packing buffer."""
+    d = tmp_path_factory.mktemp("small")
+    kjv = [f"{i}: {line[:100]}" for i, line in enumerate(lines("kjv.train.txt")[:24])]
+    py = [f"{i}: {line[:100]}" for i, line in enumerate(lines("pydocs.train.txt")[:6])]
+    py.append(lines("pydocs.valid.txt")[0][:1500])
+    (d / "kjv.txt").write_text("\n".join(kjv[:10] + [" "] + kjv[10:]) + "\n")
+    (d / "py.txt").write_text("\n".join(py) + "\n")
+    return {"kjv": str(d / "kjv.txt"), "py": str(d / "py.txt"), "kjv_records": kjv}
+
+
+def documents(blocks: torch.Tensor, eos: int) -> list[tuple[int, ...]]:
+    """The packed token stream cut back into records at the EOS separators (the last, partial one dropped)."""
+    out, doc = [], []
+    for t in blocks.flatten().tolist():
+        if t == eos:
+            out.append(tuple(doc))
+            doc = []
+        else:
+            doc.append(t)
+    return out
+
+
+def token_ids(tokenizer, text: str) -> tuple[int, ...]:
+    return tuple(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_exact_resume_across_epochs_with_shuffle_mixing_and_ranks(small, tokenizer, rank):
+    data = corpus(small["kjv"], small["py"], weights=[2, 1], shuffle_buffer=8)
+    stream = TokenStream(data, tokenizer, SEQLEN, seed=3, rank=rank, world_size=2)
+    states, blocks = [], []
+    for _ in range(40):
+        states.append(json.loads(json.dumps(stream.state_dict())))
+        blocks.append(next(stream))
+    assert stream.state_dict()["epoch"] >= 2  # the run wraps epochs
+    assert any(s["epoch"] > 0 and s["records"] > 0 for s in states)  # some resumes land mid-epoch > 0
+    assert any(len(s["buffer"]) > SEQLEN for s in states)  # and some with blocks still in the buffer
+
+    for k in range(0, 35, 3):
+        resumed = TokenStream(data, tokenizer, SEQLEN, seed=3, rank=rank, world_size=2)
+        resumed.load_state_dict(states[k])
+        for j in range(k, k + 5):
+            assert torch.equal(next(resumed), blocks[j]), f"resumed at block {k}, block {j} differs"
+
+
+def test_ranks_get_disjoint_records_that_cover_the_corpus_and_packing_keeps_every_token(small, tokenizer):
+    # One source, so no oversampling: every record exactly once per epoch, across ranks.
+    data = corpus(small["kjv"], shuffle_buffer=8)
+    seen = []
+    for rank in (0, 1):
+        stream = TokenStream(data, tokenizer, SEQLEN, seed=0, rank=rank, world_size=2)
+        blocks = stream.next_batch(25)
+        assert blocks.shape == (25, SEQLEN) and blocks.dtype == torch.long
+        seen.append(documents(blocks, tokenizer.eos_token_id)[:12])  # this rank's 12 records of epoch 0
+    records = {token_ids(tokenizer, r) for r in small["kjv_records"]}
+    assert set(seen[0]).isdisjoint(seen[1])
+    assert set(seen[0]) | set(seen[1]) == records  # every record whole, blank one skipped
+
+
+def test_unshuffled_stream_is_the_corpus_in_order(small, tokenizer):
+    blocks = calibration_blocks(corpus(small["kjv"]), tokenizer, n_samples=20, seqlen=SEQLEN)
+    expected = [token_ids(tokenizer, r) for r in small["kjv_records"]]
+    assert documents(blocks, tokenizer.eos_token_id)[: len(expected)] == expected
+
+
+def test_same_seed_same_blocks_other_seed_other_order(small, tokenizer):
+    mixed = corpus(small["kjv"], small["py"], shuffle_buffer=16)
+    a = calibration_blocks(mixed, tokenizer, n_samples=8, seqlen=SEQLEN, seed=0)
+    assert torch.equal(a, calibration_blocks(mixed, tokenizer, n_samples=8, seqlen=SEQLEN, seed=0))
+    assert not torch.equal(a, calibration_blocks(mixed, tokenizer, n_samples=8, seqlen=SEQLEN, seed=1))
+
+
+def test_shuffle_buffer_reorders_records_per_seed_and_per_epoch(small, tokenizer):
+    data = corpus(small["kjv"], shuffle_buffer=8)
+    n = len(small["kjv_records"])
+    eos = tokenizer.eos_token_id
+    docs = {seed: documents(calibration_blocks(data, tokenizer, 30, SEQLEN, seed), eos) for seed in (0, 1)}
+    in_order = [token_ids(tokenizer, r) for r in small["kjv_records"]]
+    epoch0, epoch1 = docs[0][:n], docs[0][n : 2 * n]
+    assert sorted(epoch0) == sorted(epoch1) == sorted(in_order)
+    assert len({tuple(epoch0), tuple(epoch1), tuple(in_order), tuple(docs[1][:n])}) == 4
+
+
+def test_jsonl_and_parquet_sources_with_custom_text_fields(tmp_path, tokenizer):
+    # Apart and unshuffled: datasets sleeps 5 s whenever a shuffled or mixed parquet stream closes.
+    jsonl = {"path": str(tmp_path / "*.jsonl"), "text_field": "content"}
+    for part in range(2):
+        rows = [{"id": i, "content": f"json record {part}.{i}"} for i in range(3)]
+        (tmp_path / f"{part}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    json_records = [f"json record {p}.{i}" for p in range(2) for i in range(3)]
+    assert eval_text(corpus(jsonl)) == "\n\n".join(json_records)  # files in sorted order
+
+    table = pa.table({"body": [f"parquet record {i}" for i in range(3)], "n": [1, 2, 3]})
+    pq.write_table(table, tmp_path / "b.parquet")
+    parquet = corpus({"path": str(tmp_path / "b.parquet"), "text_field": "body"})
+    assert list(open_corpus(parquet).features) == ["text"]
+    assert sorted(r["text"] for r in open_corpus(parquet)) == [f"parquet record {i}" for i in range(3)]
+    assert TokenStream(parquet, tokenizer, 16).next_batch(3).shape == (3, 16)
+
+    # A zero weight leaves a source out of the mix.
+    only_json = corpus(jsonl, parquet.sources[0], weights=[1, 0])
+    assert sorted(r["text"] for r in open_corpus(only_json)) == json_records
+
+
+def test_bad_sources_raise_clear_errors(tmp_path, tokenizer):
+    (tmp_path / "a.jsonl").write_text(json.dumps({"text": "fine"}) + "\n" + json.dumps({"other": "no text"}) + "\n")
+    with pytest.raises(MaskpipeError, match=r"a\.jsonl.*a record has no text field 'text'"):
+        eval_text(corpus(str(tmp_path / "a.jsonl")))
+    pq.write_table(pa.table({"body": ["x"]}), tmp_path / "b.parquet")
+    with pytest.raises(MaskpipeError, match=r"b\.parquet.*no text field 'text' \(fields: \['body'\]\)"):
+        open_corpus(corpus(str(tmp_path / "b.parquet")))
+    with pytest.raises(MaskpipeError, match="no files match"):
+        open_corpus(corpus(str(tmp_path / "missing" / "*.txt")))
+    with pytest.raises(MaskpipeError, match="no files match"):
+        open_corpus(corpus(str(tmp_path / "missing.jsonl")))
+    (tmp_path / "blank.txt").write_text("\n  \n\n")
+    with pytest.raises(MaskpipeError, match="empty corpus"):
+        next(TokenStream(corpus(str(tmp_path / "blank.txt")), tokenizer, SEQLEN))
+    with pytest.raises(MaskpipeError, match="empty corpus"):
+        eval_text(corpus(str(tmp_path / "blank.txt")))
+
+
+def test_eval_text_follows_the_wikitext_protocol():
+    path = CORPORA / "kjv.valid.txt"
+    assert eval_text(corpus(str(path))) == "\n\n".join(lines("kjv.valid.txt"))
+    assert eval_text(corpus({"path": str(path), "sample_by": "document"})) == path.read_text()
+
+
+def test_state_from_a_different_stream_is_refused(small, tokenizer):
+    data = corpus(small["kjv"], shuffle_buffer=8)
+    stream = TokenStream(data, tokenizer, SEQLEN, rank=0, world_size=2)
+    next(stream)
+    state = stream.state_dict()
+    with pytest.raises(MaskpipeError, match="seqlen: saved 64, this stream 32"):
+        TokenStream(data, tokenizer, 32, rank=0, world_size=2).load_state_dict(state)
+    with pytest.raises(MaskpipeError, match="world_size: saved 2, this stream 1"):
+        TokenStream(data, tokenizer, SEQLEN).load_state_dict(state)
