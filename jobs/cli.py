@@ -1,0 +1,182 @@
+"""The `maskpipe` command line: thin recipes over the `pipeline` library.
+
+Every quick command (`oneshot`, `eval`) builds a one-stage config and runs the same stage function as
+`maskpipe run`, so there is one way of doing each thing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from pipeline import MaskpipeError
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="local model directory or hub id")
+    p.add_argument("--revision", default=None, help="hub revision (branch, tag or commit)")
+    p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    p.add_argument("--trust-remote-code", action="store_true")
+
+
+def _data_args(p: argparse.ArgumentParser, required: bool = True) -> None:
+    p.add_argument("--data", required=required, help="local .txt/.jsonl/.parquet file (or glob) or hub dataset id")
+    p.add_argument("--data-name", default=None, help="hub dataset config, e.g. wikitext-2-raw-v1")
+    p.add_argument("--split", default=None, help="dataset split (default: train; test for eval)")
+    p.add_argument("--text-field", default="text")
+    p.add_argument("--sample-by", default=None, choices=["line", "paragraph", "document"],
+                   help="local text files: one record per line, paragraph or the whole file")
+
+
+def _model_cfg(a) -> dict:
+    return {"name_or_path": a.model, "revision": a.revision, "dtype": a.dtype, "device": a.device,
+            "trust_remote_code": a.trust_remote_code}
+
+
+def _data_cfg(a, split: str, sample_by: str) -> dict:
+    return {"sources": [{"path": a.data, "name": a.data_name, "split": a.split or split,
+                         "text_field": a.text_field, "sample_by": a.sample_by or sample_by}]}
+
+
+def cmd_run(a) -> None:
+    from pipeline.config import load_config
+    from pipeline.run import run
+
+    cfg = load_config(a.config, a.overrides)
+    run_dir = run(cfg, a.run_dir)
+    table = run_dir / "results.md"
+    if table.exists():
+        print(table.read_text())
+    print(f"run directory: {run_dir}")
+
+
+def cmd_validate(a) -> None:
+    from pipeline.config import dump_config, load_config
+
+    cfg = load_config(a.config, a.overrides)
+    if a.print:
+        print(dump_config(cfg))
+    print(f"{a.config}: ok ({len(cfg.stages)} stages: {', '.join(s.name for s in cfg.stages)})")
+
+
+def cmd_oneshot(a) -> None:
+    from pipeline.config import config_from_dict
+    from pipeline.run import Session, oneshot_stage
+
+    stage = {"stage": "oneshot", "name": Path(a.out).name, "method": a.method, "pattern": a.pattern,
+             "n_samples": a.n_samples, "seqlen": a.seqlen, "batch_size": a.batch_size,
+             "weight_update": a.weight_update}
+    raw = {"name": "oneshot", "seed": a.seed, "model": _model_cfg(a), "stages": [stage]}
+    if a.data:
+        raw["data"] = {"calib": _data_cfg(a, "train", "line")}
+        stage["data"] = "calib"
+    cfg = config_from_dict(raw, "command line")
+    out = Path(a.out)
+    [variant] = oneshot_stage(cfg, Session(cfg.model), cfg.stages[0], out.parent)
+    print(f"mask artifact: {variant.artifact}")
+    if variant.updated_weights:
+        print(f"updated weights (baseline only, not an artifact): {variant.updated_weights}")
+
+
+def cmd_eval(a) -> None:
+    from pipeline.artifacts import write_json
+    from pipeline.config import config_from_dict
+    from pipeline.run import Session, Variant, eval_stage, results_table
+
+    raw = {"name": "eval", "model": _model_cfg(a), "data": {"eval": _data_cfg(a, "test", "document")},
+           "stages": [{"stage": "eval", "data": ["eval"], "seqlen": a.seqlen, "stride": a.stride,
+                       "batch_size": a.batch_size}]}
+    cfg = config_from_dict(raw, "command line")
+    variants = [Variant("dense")] if a.dense or not a.masks else []
+    variants += [Variant(Path(p).name, artifact=Path(p)) for p in a.masks]
+    results = eval_stage(cfg, Session(cfg.model), cfg.stages[0], variants)
+    print(results_table(results, {v.name: v for v in variants}))
+    if a.out:
+        write_json(a.out, results)
+
+
+def cmd_apply(a) -> None:
+    from pipeline.artifacts import materialize
+    from pipeline.config import ModelConfig
+    from pipeline.run import Session, Variant
+
+    session = Session(ModelConfig(**_model_cfg(a)))
+    masks = session.masks_of(Variant(Path(a.masks).name, artifact=Path(a.masks)))
+    kept = sum(int(m.sum()) for m in masks.values())
+    total = sum(m.numel() for m in masks.values())
+    print(f"{a.masks}: fits {a.model}: {len(masks)} layers, {1 - kept / total:.2%} of their weights masked")
+    if a.out:
+        out = materialize(session.model, session.tokenizer, session.linears, masks, a.out,
+                          {"base_model": a.model, "revision": a.revision, "masks": str(a.masks)})
+        print(f"materialized model written to {out}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="maskpipe", description="Learn sparsity masks over frozen LLM weights.")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser("run", help="run the stages of a config into a run directory")
+    r.add_argument("config")
+    r.add_argument("overrides", nargs="*", help="key.path=value overrides, e.g. stages.0.n_samples=16")
+    r.add_argument("--run-dir", default=None, help="run directory (default: OUTPUT_DIR/NAME-TIMESTAMP)")
+    r.set_defaults(fn=cmd_run)
+
+    v = sub.add_parser("validate", help="check a config without running it")
+    v.add_argument("config")
+    v.add_argument("overrides", nargs="*")
+    v.add_argument("--print", action="store_true", help="print the resolved config")
+    v.set_defaults(fn=cmd_validate)
+
+    o = sub.add_parser("oneshot", help="one-shot N:M mask (magnitude, Wanda, SparseGPT) into an artifact")
+    _model_args(o)
+    o.add_argument("--method", required=True, choices=["magnitude", "wanda", "sparsegpt"])
+    o.add_argument("--pattern", default="2:4")
+    _data_args(o, required=False)
+    o.add_argument("--n-samples", type=int, default=128)
+    o.add_argument("--seqlen", type=int, default=2048)
+    o.add_argument("--batch-size", type=int, default=8)
+    o.add_argument("--weight-update", action="store_true", help="SparseGPT: also keep updated weights (baseline)")
+    o.add_argument("--seed", type=int, default=0)
+    o.add_argument("--out", required=True, help="artifact directory to write")
+    o.set_defaults(fn=cmd_oneshot)
+
+    e = sub.add_parser("eval", help="perplexity (wikitext-2 protocol) of a model, dense and/or masked")
+    _model_args(e)
+    e.add_argument("--masks", nargs="*", default=[], help="mask artifacts to evaluate")
+    e.add_argument("--dense", action="store_true", help="also evaluate the dense model when --masks is given")
+    _data_args(e)
+    e.add_argument("--seqlen", type=int, default=2048)
+    e.add_argument("--stride", type=int, default=None)
+    e.add_argument("--batch-size", type=int, default=1)
+    e.add_argument("--out", default=None, help="write the results as JSON here")
+    e.set_defaults(fn=cmd_eval)
+
+    ap = sub.add_parser("apply", help="check an artifact against a model; optionally write the masked model")
+    _model_args(ap)
+    ap.add_argument("--masks", required=True, help="mask artifact directory")
+    ap.add_argument("--out", default=None, help="write a materialized model directory (weights ⊙ mask)")
+    ap.set_defaults(fn=cmd_apply)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
+    for noisy in ("httpx", "urllib3", "filelock", "datasets", "transformers"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        args.fn(args)
+    except MaskpipeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,268 @@
+"""Running a recipe: the stages a config lists, in order, into a run directory.
+
+A run directory holds `config.yaml` (the resolved config), `run.log`, `status.json`, one mask artifact
+per mask-producing stage under `artifacts/`, and `results.json` + `results.md`.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from pipeline import MaskpipeError, __version__
+from pipeline.artifacts import check_compatible, load_artifact, load_soft_logits, save_artifact, write_json
+from pipeline.config import Config, EvalStage, LearnStage, ModelConfig, OneshotStage, dump_config
+from pipeline.data import TokenStream, calibration_blocks, eval_text
+from pipeline.evaluate import Perplexity, perplexity
+from pipeline.learn import train_masks
+from pipeline.models import base_weight, load_model, load_tokenizer, prunable_linears
+from pipeline.oneshot import oneshot_masks
+from pipeline.sparsity import masked
+
+log = logging.getLogger("maskpipe")
+
+
+@dataclass
+class Variant:
+    """A way of running the base model: dense, masked by an artifact, or (baseline rows only) with
+    weights SparseGPT updated, which no artifact carries."""
+
+    name: str
+    artifact: Path | None = None
+    updated_weights: Path | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+class Session:
+    """A model, its tokenizer and prunable linears, loaded once and shared by a run's stages."""
+
+    def __init__(self, model_cfg: ModelConfig):
+        self.model_cfg = model_cfg
+        self.tokenizer = load_tokenizer(model_cfg)
+        self.model = load_model(model_cfg)
+        self.linears = prunable_linears(self.model, model_cfg)
+
+    def base_model_info(self) -> dict[str, Any]:
+        return {
+            "name_or_path": self.model_cfg.name_or_path,
+            "revision": self.model_cfg.revision,
+            "architecture": type(self.model).__name__,
+        }
+
+    def masks_of(self, variant: Variant) -> dict[str, torch.Tensor]:
+        if variant.artifact is None:
+            return {}
+        masks, manifest = load_artifact(variant.artifact)
+        check_compatible(manifest, self.linears, str(variant.artifact))
+        return masks
+
+    @contextmanager
+    def running(self, variant: Variant):
+        """The model as `variant` describes it; the base weights are restored on exit."""
+        saved = {}
+        try:
+            if variant.updated_weights is not None:
+                for name, w in load_file(str(variant.updated_weights)).items():
+                    base = base_weight(self.linears[name])
+                    saved[name] = base.detach().clone()
+                    base.data.copy_(w)
+            with masked(self.linears, self.masks_of(variant)):
+                yield self.model
+        finally:
+            for name, w in saved.items():
+                base_weight(self.linears[name]).data.copy_(w)
+
+
+def oneshot_stage(cfg: Config, s: Session, st: OneshotStage, out_dir: Path) -> list[Variant]:
+    """One-shot N:M masks; writes the artifact to `out_dir / st.name`."""
+    n, m = cfg.stage_pattern(st)
+    calib, data_info = None, {}
+    if st.data is not None:
+        calib = calibration_blocks(cfg.data[st.data], s.tokenizer, st.n_samples, st.seqlen, cfg.seed)
+        data_info = {"corpus": st.data, "sources": [x.path for x in cfg.data[st.data].sources],
+                     "n_samples": st.n_samples, "seqlen": st.seqlen, "tokens": calib.numel()}
+    log.info("%s: %s %d:%d over %d linears", st.name, st.method, n, m, len(s.linears))
+    t0 = time.perf_counter()
+    masks, updated = oneshot_masks(
+        s.model, s.linears, st.method, n, m, calib, batch_size=st.batch_size,
+        weight_update=st.weight_update, blocksize=st.blocksize, percdamp=st.percdamp,
+    )
+    seconds = time.perf_counter() - t0
+    params = st.model_dump(exclude={"stage", "name", "data"})
+    artifact = save_artifact(
+        out_dir / st.name, masks, s.linears, base_model=s.base_model_info(), pattern=f"{n}:{m}",
+        method={"name": st.method, "params": params, "seconds": round(seconds, 2)},
+        data=data_info, config=cfg.model_dump(mode="json"),
+    )
+    log.info("%s: mask artifact written to %s (%.1f s)", st.name, artifact, seconds)
+    info = {"method": st.method, "pattern": f"{n}:{m}", "seconds": round(seconds, 2)}
+    if updated is None:
+        return [Variant(st.name, artifact=artifact, info=info)]
+    # The weight update is a baseline row only: kept in the run directory, never in an artifact.
+    weights = out_dir.parent / "baselines" / st.name / "updated_weights.safetensors"
+    weights.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in updated.items()}, str(weights))
+    log.warning("%s: SparseGPT weight update changes the base weights; its perplexity is reported as a "
+                "baseline row, and the artifact holds only the mask", st.name)
+    return [Variant(st.name, artifact=artifact, updated_weights=weights,
+                    info={**info, "weight_update": True, "note": "weights updated: not a mask over frozen weights"})]
+
+
+def learn_stage(cfg: Config, s: Session, st: LearnStage, out_dir: Path, ckpt_dir: Path,
+                variants: dict[str, Variant]) -> list[Variant]:
+    """MaskLLM mask learning; resumes from the latest checkpoint in `ckpt_dir / st.name`."""
+    n, m = cfg.stage_pattern(st)
+    priors = init_logits = None
+    prior_info: dict[str, Any] = {}
+    if st.prior is not None:
+        source = variants[st.prior.stage].artifact if st.prior.stage else Path(st.prior.artifact)
+        priors = s.masks_of(Variant("prior", artifact=source))
+        manifest = load_artifact(source)[1]
+        if manifest["pattern"] != f"{n}:{m}":
+            raise MaskpipeError(f"{st.name}: prior {source} is {manifest['pattern']}, the stage learns {n}:{m}")
+        if st.prior.soft:
+            init_logits, priors = load_soft_logits(source), None
+        prior_info = {"artifact": str(source), "method": manifest["method"].get("name"),
+                      "strength": st.prior.strength, "soft": st.prior.soft}
+    stream = TokenStream(cfg.data[st.data], s.tokenizer, st.seqlen, cfg.seed)
+    tokens = st.steps * st.grad_accum * st.batch_size * st.seqlen
+    log.info("%s: learning %d:%d masks for %d linears, %d steps, %d tokens", st.name, n, m, len(s.linears),
+             st.steps, tokens)
+
+    def on_log(entry: dict) -> None:
+        log.info("%s: %s", st.name, " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                               for k, v in entry.items()))
+
+    t0 = time.perf_counter()
+    masks, logits, history = train_masks(
+        s.model, s.linears, st, n, m, stream, seed=cfg.seed, ckpt_dir=ckpt_dir / st.name, priors=priors,
+        init_logits=init_logits, on_log=on_log,
+    )
+    seconds = time.perf_counter() - t0
+    soft = {k: v.to(getattr(torch, st.save_logits)) for k, v in logits.items()} if st.save_logits else None
+    artifact = save_artifact(
+        out_dir / st.name, masks, s.linears, base_model=s.base_model_info(), pattern=f"{n}:{m}",
+        method={"name": "maskllm", "params": st.model_dump(mode="json", exclude={"stage", "name", "data"}),
+                "prior": prior_info, "seconds": round(seconds, 2), "final": history[-1] if history else {}},
+        data={"corpus": st.data, "sources": [x.path for x in cfg.data[st.data].sources], "tokens": tokens},
+        config=cfg.model_dump(mode="json"), soft_logits=soft,
+    )
+    log.info("%s: mask artifact written to %s (%.1f s)", st.name, artifact, seconds)
+    info = {"method": "maskllm", "pattern": f"{n}:{m}", "seconds": round(seconds, 2), "tokens": tokens,
+            "prior": prior_info.get("method")}
+    return [Variant(st.name, artifact=artifact, info=info)]
+
+
+def eval_stage(cfg: Config, s: Session, st: EvalStage, variants: list[Variant]) -> dict[str, dict[str, dict]]:
+    """Perplexity of every variant on every corpus: {variant: {corpus: {ppl, tokens, ...}}}."""
+    texts = {}
+    for key in st.data:
+        ids = s.tokenizer(eval_text(cfg.data[key]), return_tensors="pt").input_ids[0]
+        texts[key] = ids
+        log.info("%s: corpus %s has %d tokens", st.name, key, len(ids))
+    results: dict[str, dict[str, dict]] = {}
+    for v in variants:
+        with s.running(v) as model:
+            for key, ids in texts.items():
+                p: Perplexity = perplexity(model, ids, st.seqlen, st.stride, st.batch_size, desc=f"{v.name}/{key}")
+                log.info("%s: %s on %s: ppl %.3f over %d tokens", st.name, v.name, key, p.ppl, p.tokens)
+                results.setdefault(v.name, {})[key] = {
+                    "ppl": p.ppl, "nll": p.nll, "tokens": p.tokens, "windows": p.windows,
+                    "seqlen": st.seqlen, "stride": st.stride,
+                }
+    return results
+
+
+def results_table(results: dict[str, dict[str, dict]], variants: dict[str, Variant]) -> str:
+    corpora = sorted({c for r in results.values() for c in r})
+    head = "| variant | " + " | ".join(f"PPL {c}" for c in corpora) + " | method time (s) |"
+    lines = [head, "|" + " --- |" * (len(corpora) + 2)]
+    for name, row in results.items():
+        info = variants[name].info if name in variants else {}
+        label = name + (" (weight update)" if info.get("weight_update") else "")
+        cells = [f"{row[c]['ppl']:.2f}" if c in row else "" for c in corpora]
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {info.get('seconds', '')} |")
+    tokens = {c: next(r[c]["tokens"] for r in results.values() if c in r) for c in corpora}
+    lines.append("")
+    lines.append("Tokens scored: " + ", ".join(f"{c} {t}" for c, t in tokens.items()) + ".")
+    return "\n".join(lines) + "\n"
+
+
+def new_run_dir(cfg: Config) -> Path:
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    path = Path(cfg.output_dir) / f"{cfg.name}-{stamp}"
+    i = 1
+    while path.exists():
+        path = Path(cfg.output_dir) / f"{cfg.name}-{stamp}-{i}"
+        i += 1
+    return path
+
+
+def run(cfg: Config, run_dir: Path | None = None) -> Path:
+    """Run every stage of `cfg` in order; returns the run directory.
+
+    Given the directory of an interrupted run of the same config, it resumes: finished stages are
+    skipped and a learning stage continues from its latest checkpoint."""
+    run_dir = Path(run_dir or new_run_dir(cfg))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    snapshot = dump_config(cfg)
+    if (run_dir / "config.yaml").exists() and (run_dir / "config.yaml").read_text() != snapshot:
+        raise MaskpipeError(f"{run_dir}: holds a run of another config; resume it with its own config.yaml")
+    (run_dir / "config.yaml").write_text(snapshot)
+    handler = logging.FileHandler(run_dir / "run.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    log.addHandler(handler)
+    status = {"status": "running", "stage": None, "maskpipe_version": __version__,
+              "started": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
+    write_json(run_dir / "status.json", status)
+    results_file = run_dir / "results.json"
+    results: dict[str, Any] = (json.loads(results_file.read_text()) if results_file.exists()
+                               else {"stages": {}, "perplexity": {}, "done": []})
+    variants: dict[str, Variant] = {"dense": Variant("dense")}
+    for name, rec in results["stages"].items():
+        variants[name] = Variant(name, artifact=Path(rec["artifact"]), info=rec,
+                                 updated_weights=Path(rec["updated_weights"]) if rec.get("updated_weights") else None)
+    try:
+        torch.manual_seed(cfg.seed)
+        s = Session(cfg.model)
+        for st in cfg.stages:
+            if st.name in results["done"]:
+                log.info("%s: already done in %s, skipped", st.name, run_dir)
+                continue
+            status["stage"] = st.name
+            write_json(run_dir / "status.json", status)
+            new: list[Variant] = []
+            if isinstance(st, OneshotStage):
+                new = oneshot_stage(cfg, s, st, run_dir / "artifacts")
+            elif isinstance(st, LearnStage):
+                new = learn_stage(cfg, s, st, run_dir / "artifacts", run_dir / "checkpoints", variants)
+            elif isinstance(st, EvalStage):
+                chosen = [v for name, v in variants.items() if name != "dense" and (st.masks == "all" or name in st.masks)]
+                results["perplexity"].update(eval_stage(cfg, s, st, ([variants["dense"]] if st.dense else []) + chosen))
+            for v in new:
+                variants[v.name] = v
+                results["stages"][v.name] = {**v.info, "artifact": str(v.artifact),
+                                             "updated_weights": str(v.updated_weights) if v.updated_weights else None}
+            results["done"].append(st.name)
+            write_json(results_file, results)
+        if results["perplexity"]:
+            (run_dir / "results.md").write_text(results_table(results["perplexity"], variants))
+        status["status"] = "completed"
+    except BaseException as e:
+        status.update(status="failed", error=f"{type(e).__name__}: {e}")
+        raise
+    finally:
+        status["finished"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+        write_json(run_dir / "status.json", status)
+        log.removeHandler(handler)
+        handler.close()
+    return run_dir
