@@ -45,9 +45,12 @@ def load_tokenizer(cfg: ModelConfig):
     from transformers import AutoTokenizer
 
     _check_exists(cfg.name_or_path)
-    return AutoTokenizer.from_pretrained(
-        cfg.name_or_path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code
-    )
+    try:
+        return AutoTokenizer.from_pretrained(
+            cfg.name_or_path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code
+        )
+    except (OSError, ValueError) as e:
+        raise MaskpipeError(f"model {cfg.name_or_path!r}: cannot load its tokenizer: {e}") from None
 
 
 def _check_exists(name_or_path: str) -> None:

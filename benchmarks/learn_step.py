@@ -1,0 +1,95 @@
+"""Learned-mask training step vs a dense forward+backward with weight gradients, same model and batch.
+
+    python benchmarks/learn_step.py [--model ../shared/fixtures/models/tiny-llama] [--batch 8] [--seqlen 512]
+
+Prints the median time of each and their ratio, measured in one run (absolute times on shared CPUs are
+noisy; the ratio is what to quote). The physical floor is about 1.0x: the mask's gradient needs the same
+matmuls as the weight gradient.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+from torch.nn.utils import parametrize
+
+from pipeline.config import ModelConfig
+from pipeline.learn import add_learned_masks
+from pipeline.models import load_model, prunable_linears
+
+
+def median_time(fn, repeats: int, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="../shared/fixtures/models/tiny-llama")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--seqlen", type=int, default=512)
+    p.add_argument("--pattern", default="2:4")
+    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--threads", type=int, default=2)
+    a = p.parse_args()
+    torch.set_num_threads(a.threads)
+    n, m = map(int, a.pattern.split(":"))
+    cfg = ModelConfig(name_or_path=a.model, dtype="float32", device="auto")
+    model = load_model(cfg)
+    linears = prunable_linears(model, cfg)
+    device = next(model.parameters()).device
+    x = torch.randint(0, model.config.vocab_size, (a.batch, a.seqlen), device=device)
+
+    # Dense: the same linears' weights trainable, as in ordinary fine-tuning of those layers.
+    weights = [lin.weight for lin in linears.values()]
+    for w in weights:
+        w.requires_grad_(True)
+    dense_opt = torch.optim.AdamW(weights, lr=0.0)
+
+    def dense_step():
+        dense_opt.zero_grad(set_to_none=True)
+        model(input_ids=x, labels=x, use_cache=False).loss.backward()
+        dense_opt.step()
+
+    dense = median_time(dense_step, a.repeats)
+    for w in weights:
+        w.requires_grad_(False)
+        w.grad = None
+
+    mods = add_learned_masks(linears, n, m, torch.Generator(device=device).manual_seed(0))
+    for mod in mods.values():
+        mod.train()
+    logits = [mod.logits for mod in mods.values()]
+    mask_opt = torch.optim.AdamW(logits, lr=0.0)
+
+    def mask_step():
+        mask_opt.zero_grad(set_to_none=True)
+        with parametrize.cached():
+            loss = model(input_ids=x, labels=x, use_cache=False).loss
+            reg = sum(lin.weight.float().pow(2).sum() for lin in linears.values())
+            (loss - 1e-5 * reg).backward()
+        mask_opt.step()
+
+    learned = median_time(mask_step, a.repeats)
+    tokens = a.batch * a.seqlen
+    print(f"model {a.model} | batch {a.batch}x{a.seqlen} | {device} | {a.threads} threads | pattern {a.pattern}")
+    print("| step | median s | tokens/s |")
+    print("| --- | --- | --- |")
+    print(f"| dense fwd+bwd (weight grads) + AdamW | {dense:.3f} | {tokens / dense:.0f} |")
+    print(f"| learned mask (Gumbel) fwd+bwd + AdamW | {learned:.3f} | {tokens / learned:.0f} |")
+    print(f"ratio learned/dense: {learned / dense:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

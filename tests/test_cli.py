@@ -1,0 +1,95 @@
+import json
+
+import pytest
+from transformers import AutoModelForCausalLM
+
+from jobs.cli import main
+from pipeline.artifacts import MASKS_FILE, load_artifact
+from pipeline.config import load_config
+from pipeline.run import run
+from tests.conftest import CORPORA, MICRO
+
+
+def test_validate_ok_and_error(in_root, capsys):
+    assert main(["validate", "configs/tiny.yaml"]) == 0
+    assert "configs/tiny.yaml: ok" in capsys.readouterr().out
+    assert main(["validate", "configs/tiny.yaml", "sparsity.pattern=4:2"]) == 2
+    assert 'configs/tiny.yaml: sparsity.pattern: expected "N:M" with 0<N<M, got "4:2"' in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def wanda_artifact(tmp_path_factory):
+    out = tmp_path_factory.mktemp("art") / "wanda"
+    assert main(["oneshot", "--model", str(MICRO), "--dtype", "float32", "--method", "wanda", "--pattern", "2:4",
+                 "--data", str(CORPORA / "kjv.train.txt"), "--n-samples", "4", "--seqlen", "64",
+                 "--out", str(out)]) == 0
+    return out
+
+
+def test_oneshot_eval_apply(wanda_artifact, tmp_path, capsys):
+    masks, manifest = load_artifact(wanda_artifact)
+    assert manifest["method"]["name"] == "wanda" and manifest["data"]["tokens"] == 4 * 64
+    capsys.readouterr()
+    assert main(["eval", "--model", str(MICRO), "--dtype", "float32", "--masks", str(wanda_artifact), "--dense",
+                 "--data", str(CORPORA / "kjv.valid.txt"), "--seqlen", "128", "--out", str(tmp_path / "r.json")]) == 0
+    out = capsys.readouterr().out
+    assert "| dense |" in out and "| wanda |" in out
+    results = json.loads((tmp_path / "r.json").read_text())
+    assert results["wanda"]["eval"]["ppl"] > results["dense"]["eval"]["ppl"] > 1
+    assert main(["apply", "--model", str(MICRO), "--dtype", "float32", "--masks", str(wanda_artifact),
+                 "--out", str(tmp_path / "sparse")]) == 0
+    assert "50.00% of their weights masked" in capsys.readouterr().out
+    sparse = AutoModelForCausalLM.from_pretrained(tmp_path / "sparse")
+    w = sparse.model.layers[0].mlp.down_proj.weight
+    assert (w == 0).float().mean().item() == pytest.approx(0.5)
+
+
+def test_apply_refuses_other_model_and_corrupt_artifact(wanda_artifact, tmp_path, capsys):
+    from transformers import LlamaConfig
+    other = tmp_path / "other"
+    AutoModelForCausalLM.from_config(LlamaConfig.from_pretrained(MICRO)).save_pretrained(other)
+    for f in MICRO.glob("tokenizer*"):
+        (other / f.name).write_bytes(f.read_bytes())
+    assert main(["apply", "--model", str(other), "--masks", str(wanda_artifact), "--out", str(tmp_path / "o")]) == 2
+    assert "fingerprint mismatch" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for f in wanda_artifact.iterdir():
+        (broken / f.name).write_bytes(f.read_bytes())
+    (broken / MASKS_FILE).write_bytes((broken / MASKS_FILE).read_bytes()[:100])
+    assert main(["apply", "--model", str(MICRO), "--masks", str(broken), "--out", str(tmp_path / "o")]) == 2
+    assert "unreadable" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+    assert main(["apply", "--model", str(tmp_path / "missing"), "--masks", str(broken)]) == 2
+    assert "no such model directory" in capsys.readouterr().err
+
+
+def test_rerun_of_a_finished_run_skips_its_stages(in_root, tmp_path):
+    overrides = ["stages=[{stage: oneshot, method: magnitude}, {stage: eval, data: [kjv], seqlen: 128, batch_size: 8}]"]
+    cfg = load_config("configs/tiny.yaml", overrides)
+    run_dir = run(cfg, tmp_path / "run")
+    first = json.loads((run_dir / "results.json").read_text())
+    assert first["done"] == ["magnitude", "eval"] and set(first["perplexity"]) == {"dense", "magnitude"}
+    stamp = (run_dir / "artifacts" / "magnitude" / MASKS_FILE).stat().st_mtime_ns
+    run(cfg, run_dir)
+    assert (run_dir / "artifacts" / "magnitude" / MASKS_FILE).stat().st_mtime_ns == stamp
+    with pytest.raises(Exception, match="holds a run of another config"):
+        run(load_config("configs/tiny.yaml", overrides + ["seed=1"]), run_dir)
+
+
+@pytest.mark.slow
+def test_maskpipe_run_tiny_yaml(in_root, tmp_path, capsys):
+    """The README's main command on the embedded default."""
+    assert main(["run", "configs/tiny.yaml", "--run-dir", str(tmp_path / "tiny")]) == 0
+    out = capsys.readouterr().out
+    assert "| dense |" in out and "| maskllm |" in out
+    results = json.loads((tmp_path / "tiny" / "results.json").read_text())
+    ppl = {k: v["kjv"]["ppl"] for k, v in results["perplexity"].items()}
+    for name in ("magnitude", "wanda", "sparsegpt", "maskllm"):
+        load_artifact(tmp_path / "tiny" / "artifacts" / name)
+    assert ppl["dense"] < ppl["sparsegpt"]
+    # the learned mask beats its own one-shot prior, on both corpora
+    for corpus in ("kjv", "pydocs"):
+        assert results["perplexity"]["maskllm"][corpus]["ppl"] < results["perplexity"]["sparsegpt"][corpus]["ppl"]
+    assert json.loads((tmp_path / "tiny" / "status.json").read_text())["status"] == "completed"

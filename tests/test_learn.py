@@ -1,0 +1,134 @@
+import math
+
+import pytest
+import torch
+from torch.nn.utils import parametrize
+
+from pipeline.checkpoint import checkpoints
+from pipeline.config import DataConfig, LearnStage
+from pipeline.data import TokenStream
+from pipeline.learn import (GumbelNMMask, add_learned_masks, cosine_lr, linear_schedule, nm_candidates,
+                            prior_logits, train_masks)
+from pipeline.models import base_weight
+from pipeline.sparsity import is_nm, nm_mask
+from tests.conftest import CORPORA
+
+
+@pytest.mark.parametrize("n,m", [(1, 2), (2, 4), (1, 4), (3, 4), (4, 8), (2, 8)])
+def test_candidates_are_all_n_of_m_masks_once(n, m):
+    c = nm_candidates(n, m)
+    assert c.shape == (math.comb(m, n), m)
+    assert bool((c.sum(-1) == n).all())
+    assert len({tuple(r.tolist()) for r in c}) == len(c)
+
+
+def test_soft_mask_keeps_n_in_expectation_and_hard_mask_is_nm():
+    g = torch.Generator().manual_seed(0)
+    mod = GumbelNMMask(torch.Size([16, 32]), 2, 4, g)
+    mod.train()
+    soft = mod.soft_mask()
+    assert torch.allclose(soft.sum(-1), torch.full((16, 8), 2.0), atol=1e-5)
+    assert bool(((soft >= 0) & (soft <= 1)).all())
+    mod.eval()
+    w = torch.randn(16, 32)
+    hard = mod(w)
+    assert is_nm(hard != 0, 2, 4) and torch.equal(hard, w * mod.hard_mask().reshape(16, 32))
+
+
+def test_hard_mask_is_the_argmax_candidate():
+    mod = GumbelNMMask(torch.Size([1, 4]), 2, 4)
+    with torch.no_grad():
+        mod.logits.zero_()
+        mod.logits[0, 0, 5] = 1.0  # candidate 5 of 2:4 keeps positions (2, 3)
+    assert mod.hard_mask().tolist() == [[[False, False, True, True]]]
+
+
+def test_prior_rule_2of4_is_the_papers():
+    torch.manual_seed(0)
+    logits = torch.randn(3, 2, 6) * 0.01
+    prior = nm_mask(torch.randn(3, 8), 2, 4)
+    out = prior_logits(logits, prior, 2, 4, strength=3.0)
+    overlap = prior.reshape(3, 2, 4).float() @ nm_candidates(2, 4).float().T
+    assert torch.allclose(out, logits + (overlap - 1) * logits.std() * 3.0)
+    # the prior's own candidate wins every group
+    chosen = nm_candidates(2, 4)[out.argmax(-1)]
+    assert torch.equal(chosen.reshape(3, 8), prior)
+
+
+def test_schedules():
+    assert linear_schedule(4.0, 0.05, 0, 100) == 4.0 and linear_schedule(4.0, 0.05, 99, 100) == pytest.approx(0.05)
+    assert linear_schedule(100, 500, 50, 101) == pytest.approx(300)
+    assert cosine_lr(1.0, 0, 100, 10) == pytest.approx(0.1) and cosine_lr(1.0, 10, 100, 10) == pytest.approx(1.0)
+    assert cosine_lr(1.0, 100, 100, 10) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_gradient_reaches_only_the_logits(micro):
+    model, linears = micro
+    mods = add_learned_masks(linears, 2, 4, torch.Generator().manual_seed(0))
+    for mod in mods.values():
+        mod.train()
+    x = torch.randint(0, 2048, (2, 32))
+    with parametrize.cached():
+        model(input_ids=x, labels=x).loss.backward()
+    assert all(mod.logits.grad is not None and mod.logits.grad.abs().sum() > 0 for mod in mods.values())
+    logits = {id(mod.logits) for mod in mods.values()}
+    frozen = [p for p in model.parameters() if id(p) not in logits]
+    assert len(frozen) == sum(1 for _ in model.parameters()) - len(mods)
+    assert all(p.grad is None and not p.requires_grad for p in frozen)
+    assert all(not base_weight(l).requires_grad and base_weight(l).grad is None for l in linears.values())
+
+
+def _stage(**kw):
+    return LearnStage.model_validate({"stage": "learn", "name": "learn", "data": "d", "steps": 6, "batch_size": 2,
+                                      "seqlen": 32, "lr": 1e-2, "log_every": 1, "checkpoint_every": 2,
+                                      "keep_checkpoints": 2, **kw})
+
+
+def _stream(tokenizer):
+    data = DataConfig.model_validate({"sources": [str(CORPORA / "kjv.train.txt")], "shuffle_buffer": 8})
+    return TokenStream(data, tokenizer, 32, seed=0)
+
+
+def test_interrupted_and_resumed_run_ends_with_the_same_mask(micro, micro_cfg, tokenizer, tmp_path):
+    model, linears = micro
+    before = {k: base_weight(l).detach().clone() for k, l in linears.items()}
+    st = _stage()
+    masks, logits, history = train_masks(model, linears, st, 2, 4, _stream(tokenizer), seed=0,
+                                         ckpt_dir=tmp_path / "full")
+    assert [h["step"] for h in history] == list(range(1, 7))
+    assert history[0]["tau"] == 4.0 and history[-1]["tau"] == pytest.approx(0.05)
+    assert history[0]["kappa"] == 100.0 and history[-1]["kappa"] == pytest.approx(500.0)
+    assert all(is_nm(m, 2, 4) for m in masks.values())
+    assert [p.name for p in checkpoints(tmp_path / "full")] == ["step-00000004", "step-00000006"]
+
+    class Killed(Exception):
+        pass
+
+    def die_at_5(entry):
+        if entry.get("step") == 5:
+            raise Killed
+
+    with pytest.raises(Killed):
+        train_masks(model, linears, st, 2, 4, _stream(tokenizer), seed=0, ckpt_dir=tmp_path / "cut", on_log=die_at_5)
+    assert not any(parametrize.is_parametrized(l) for l in linears.values())
+    resumed_from = []
+    masks2, logits2, history2 = train_masks(model, linears, st, 2, 4, _stream(tokenizer), seed=0,
+                                            ckpt_dir=tmp_path / "cut", on_log=resumed_from.append)
+    assert resumed_from[0]["step"] == 4
+    assert history2 == history
+    for k in logits:
+        assert torch.equal(logits[k], logits2[k]) and torch.equal(masks[k], masks2[k])
+    for k, l in linears.items():  # frozen weights never moved
+        assert torch.equal(base_weight(l), before[k])
+
+
+def test_learning_lowers_the_loss_from_a_prior(micro, tokenizer, tmp_path):
+    model, linears = micro
+    prior = {k: nm_mask(base_weight(l).abs(), 2, 4) for k, l in linears.items()}
+    st = _stage(steps=30, lr=5e-3, checkpoint_every=100, tau=[1.0, 0.05])
+    _, _, history = train_masks(model, linears, st, 2, 4, _stream(tokenizer), seed=0, ckpt_dir=tmp_path,
+                                priors=prior)
+    first = sum(h["loss"] for h in history[:5]) / 5
+    last = sum(h["loss"] for h in history[-5:]) / 5
+    assert last < first
+    assert history[-1]["mask_change"] < history[0]["mask_change"] or history[0]["mask_change"] > 0
