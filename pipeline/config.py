@@ -192,7 +192,7 @@ class LearnStage(StageBase):
     batch_size: int = Field(default=8, gt=0)
     seqlen: int = Field(default=2048, gt=1)
     grad_accum: int = Field(default=1, gt=0)
-    lr: float = Field(default=5e-4, gt=0)
+    lr: float = Field(default=3e-4, gt=0)
     warmup_steps: int = Field(default=0, ge=0)
     weight_decay: float = Field(default=0.0, ge=0)
     grad_clip: float | None = Field(default=1.0, gt=0)

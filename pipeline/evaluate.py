@@ -56,7 +56,7 @@ def perplexity(
     by_len: dict[int, list[tuple[int, int, int]]] = {}
     for span in spans:
         by_len.setdefault(span[1] - span[0], []).append(span)
-    bar = tqdm(total=len(spans), desc=desc, leave=False)
+    bar = tqdm(total=len(spans), desc=desc, leave=False, disable=None)  # no bar when not a terminal
     for group in by_len.values():
         for i in range(0, len(group), batch_size):
             chunk = group[i : i + batch_size]

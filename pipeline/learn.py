@@ -15,6 +15,7 @@ from functools import lru_cache
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
+from tqdm.auto import tqdm
 
 from pipeline.models import base_weight
 from pipeline.sparsity import check_divisible
@@ -153,6 +154,7 @@ def train_masks(
         mod.train()
     use_bf16 = device.type == "cuda"
     last = argmaxes()
+    bar = tqdm(total=st.steps, initial=step, desc="mask learning", disable=None)
     try:
         while step < st.steps:
             tau = linear_schedule(*st.tau, step, st.steps)
@@ -179,6 +181,7 @@ def train_masks(
                 torch.nn.utils.clip_grad_norm_(params, st.grad_clip)
             opt.step()
             step += 1
+            bar.update(1)
             if step % st.log_every == 0 or step == st.steps:
                 now = argmaxes()
                 entry = {"step": step, "loss": lm_loss, "tau": tau, "kappa": kappa, "lambda": lam, "lr": lr,
@@ -192,6 +195,7 @@ def train_masks(
         hard = {k: mod.hard_mask().reshape(base_weight(linears[k]).shape).cpu() for k, mod in mods.items()}
         logits = {k: mod.logits.detach().cpu() for k, mod in mods.items()}
     finally:
+        bar.close()
         for lin in linears.values():
             if parametrize.is_parametrized(lin, "weight"):
                 parametrize.remove_parametrizations(lin, "weight", leave_parametrized=False)

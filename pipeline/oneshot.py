@@ -59,7 +59,7 @@ def oneshot_masks(
     inputs = _capture_block_inputs(model, blocks[0], calib, batch_size)
     masks: dict[str, torch.Tensor] = {}
     updated: dict[str, torch.Tensor] | None = {} if weight_update else None
-    for block, subset in zip(tqdm(blocks[: last + 1], desc=f"{method} {n}:{m}"), per_block):
+    for block, subset in zip(tqdm(blocks[: last + 1], desc=f"{method} {n}:{m}", disable=None), per_block):
         # Statistics of each linear's inputs while the block is still dense, as in both papers.
         stats = {name: (ChannelNorms if method == "wanda" else Hessian)(lin) for name, lin in subset.items()}
         handles = [lin.register_forward_hook(stats[name].add_batch) for name, lin in subset.items()]
