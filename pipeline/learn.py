@@ -46,8 +46,8 @@ class GumbelNMMask(nn.Module):
 
     def soft_mask(self) -> torch.Tensor:
         # Gumbel noise from the trainer's own generator, so that a resumed run draws the same noise.
-        u = torch.rand(self.logits.shape, generator=self.generator, device=self.logits.device)
-        gumbel = -torch.log((-torch.log(u.clamp_min(1e-10))).clamp_min(1e-10))
+        # -log(E) with E ~ Exp(1) is Gumbel(0, 1): one draw and one log instead of two.
+        gumbel = -torch.empty_like(self.logits).exponential_(generator=self.generator).clamp_min_(1e-20).log_()
         probs = torch.softmax((self.logits * self.kappa + gumbel) / self.tau, dim=-1)
         return probs @ self.candidates  # [out, groups, M]: never a [groups, C, M] intermediate
 

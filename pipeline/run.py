@@ -68,6 +68,7 @@ class Session:
     @contextmanager
     def running(self, variant: Variant):
         """The model as `variant` describes it; the base weights are restored on exit."""
+        masks = self.masks_of(variant)  # checked against the base model before its weights are swapped
         saved = {}
         try:
             if variant.updated_weights is not None:
@@ -75,7 +76,7 @@ class Session:
                     base = base_weight(self.linears[name])
                     saved[name] = base.detach().clone()
                     base.data.copy_(w)
-            with masked(self.linears, self.masks_of(variant)):
+            with masked(self.linears, masks):
                 yield self.model
         finally:
             for name, w in saved.items():
@@ -104,7 +105,8 @@ def oneshot_stage(cfg: Config, s: Session, st: OneshotStage, out_dir: Path) -> l
         data=data_info, config=cfg.model_dump(mode="json"),
     )
     log.info("%s: mask artifact written to %s (%.1f s)", st.name, artifact, seconds)
-    info = {"method": st.method, "pattern": f"{n}:{m}", "seconds": round(seconds, 2)}
+    info = {"method": st.method, "pattern": f"{n}:{m}", "seconds": round(seconds, 2),
+            "tokens": data_info.get("tokens", 0)}
     if updated is None:
         return [Variant(st.name, artifact=artifact, info=info)]
     # The weight update is a baseline row only: kept in the run directory, never in an artifact.
@@ -158,7 +160,7 @@ def learn_stage(cfg: Config, s: Session, st: LearnStage, out_dir: Path, ckpt_dir
     )
     log.info("%s: mask artifact written to %s (%.1f s)", st.name, artifact, seconds)
     info = {"method": "maskllm", "pattern": f"{n}:{m}", "seconds": round(seconds, 2), "tokens": tokens,
-            "prior": prior_info.get("method")}
+            "prior": st.prior and (st.prior.stage or Path(st.prior.artifact).name)}
     return [Variant(st.name, artifact=artifact, info=info)]
 
 
@@ -184,13 +186,17 @@ def eval_stage(cfg: Config, s: Session, st: EvalStage, variants: list[Variant]) 
 
 def results_table(results: dict[str, dict[str, dict]], variants: dict[str, Variant]) -> str:
     corpora = sorted({c for r in results.values() for c in r})
-    head = "| variant | " + " | ".join(f"PPL {c}" for c in corpora) + " | method time (s) |"
-    lines = [head, "|" + " --- |" * (len(corpora) + 2)]
+    head = "| variant | " + " | ".join(f"PPL {c}" for c in corpora) + " | method | tokens seen | method time (s) |"
+    lines = [head, "|" + " --- |" * (len(corpora) + 4)]
     for name, row in results.items():
         info = variants[name].info if name in variants else {}
         label = name + (" (weight update)" if info.get("weight_update") else "")
+        method = info.get("method", "")
+        if info.get("prior"):
+            method += f" from {info['prior']}"
         cells = [f"{row[c]['ppl']:.2f}" if c in row else "" for c in corpora]
-        lines.append(f"| {label} | " + " | ".join(cells) + f" | {info.get('seconds', '')} |")
+        lines.append(f"| {label} | " + " | ".join(cells)
+                     + f" | {method} | {info.get('tokens', '')} | {info.get('seconds', '')} |")
     tokens = {c: next(r[c]["tokens"] for r in results.values() if c in r) for c in corpora}
     lines.append("")
     lines.append("Tokens scored: " + ", ".join(f"{c} {t}" for c, t in tokens.items()) + ".")

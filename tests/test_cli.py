@@ -1,6 +1,7 @@
 import json
 
 import pytest
+import torch
 from transformers import AutoModelForCausalLM
 
 from jobs.cli import main
@@ -93,3 +94,35 @@ def test_maskpipe_run_tiny_yaml(in_root, tmp_path, capsys):
     for corpus in ("kjv", "pydocs"):
         assert results["perplexity"]["maskllm"][corpus]["ppl"] < results["perplexity"]["sparsegpt"][corpus]["ppl"]
     assert json.loads((tmp_path / "tiny" / "status.json").read_text())["status"] == "completed"
+
+
+def test_learned_mask_transfers_as_a_prior_of_a_new_run(in_root, tmp_path):
+    """A learned artifact starts another run's mask: by the prior rule on its hard mask, or from its
+    stored logits (soft). With a negligible learning rate the new mask is the prior's."""
+    learn = "{stage: learn, name: %s, data: calib, steps: 2, batch_size: 2, seqlen: 64, lr: 1.0e-12, %s}"
+    source = run(load_config("configs/tiny.yaml", [
+        "stages=[{stage: oneshot, method: magnitude}, "
+        + learn % ("general", "prior: {stage: magnitude}, save_logits: float32") + "]"]), tmp_path / "a")
+    general = source / "artifacts" / "general"
+    prior_masks, _ = load_artifact(general)
+    for prior in (f"{{artifact: {general}, strength: 100}}", f"{{artifact: {general}, soft: true}}"):
+        target = run(load_config("configs/tiny.yaml", ["stages=[" + learn % ("domain", f"prior: {prior}") + "]"]),
+                     tmp_path / f"b{len(prior)}")
+        masks, manifest = load_artifact(target / "artifacts" / "domain")
+        assert manifest["method"]["prior"]["artifact"] == str(general)
+        assert all(torch.equal(masks[k], prior_masks[k]) for k in masks), prior
+    with pytest.raises(Exception, match="prior .* is 2:4, the stage learns 4:8"):
+        run(load_config("configs/tiny.yaml", ["stages=[" + learn % ("d", f"pattern: '4:8', prior: {{artifact: {general}}}")
+                                              + "]"]), tmp_path / "c")
+
+
+def test_weight_update_baseline_row_is_evaluated_and_the_base_restored(in_root, tmp_path):
+    sgpt = "{stage: oneshot, name: %s, method: sparsegpt, data: calib, n_samples: 8, seqlen: 64, weight_update: %s}"
+    cfg = load_config("configs/tiny.yaml", ["stages=[" + sgpt % ("mask", "false") + ", " + sgpt % ("wu", "true")
+                                            + ", {stage: eval, data: [kjv], seqlen: 128, batch_size: 8}]"])
+    results = json.loads((run(cfg, tmp_path / "r") / "results.json").read_text())
+    ppl = {k: v["kjv"]["ppl"] for k, v in results["perplexity"].items()}
+    assert results["stages"]["wu"]["weight_update"] is True
+    # the fingerprint is checked before the updated weights go in; the update recovers what the mask costs
+    assert ppl["dense"] < ppl["wu"] < ppl["mask"]
+    assert "(weight update)" in (tmp_path / "r" / "results.md").read_text()

@@ -14,7 +14,8 @@ BASE = {
 }
 
 
-@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+@pytest.mark.parametrize("path", sorted([*(ROOT / "configs").glob("*.yaml"), *(ROOT / "benchmarks").glob("*.yaml")]),
+                         ids=lambda p: f"{p.parent.name}/{p.name}")
 def test_every_shipped_config_validates(path):
     cfg = load_config(path)
     assert cfg.stages and cfg.model.name_or_path
