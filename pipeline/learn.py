@@ -126,6 +126,7 @@ def train_masks(
     params = [mods[k].logits for k in sorted(mods)]
     opt = torch.optim.AdamW(params, lr=st.lr, weight_decay=st.weight_decay)
     step, history = 0, []
+    window: list[float] = []  # LM losses since the last log: one batch's loss is too noisy to read
     existing = checkpoints(ckpt_dir)
     if existing:
         tensors, meta = load_checkpoint(existing[-1])
@@ -135,7 +136,8 @@ def train_masks(
         load_optimizer_state(opt, tensors, meta)
         generator.set_state(tensors["rng.gumbel"])
         stream.load_state_dict(meta["stream"])
-        step, history = meta["step"], meta["history"]
+        step, history, window = meta["step"], meta["history"], meta["loss_window"]
+        last = {k: tensors[f"argmax.{k}"].long() for k in mods}
         if on_log:
             on_log({"resumed_from": str(existing[-1]), "step": step})
 
@@ -145,15 +147,18 @@ def train_masks(
     def checkpoint() -> None:
         opt_tensors, opt_meta = optimizer_state(opt)
         tensors = {f"logits.{k}": mod.logits for k, mod in mods.items()} | opt_tensors
+        tensors |= {f"argmax.{k}": v.to(torch.int32) for k, v in last.items()}  # the mask-change baseline
         tensors["rng.gumbel"] = generator.get_state()
-        save_checkpoint(ckpt_dir, step, tensors, {**opt_meta, "stream": stream.state_dict(), "history": history},
+        save_checkpoint(ckpt_dir, step, tensors, {**opt_meta, "stream": stream.state_dict(), "history": history,
+                                                      "loss_window": window},
                         st.keep_checkpoints)
 
     model.eval()
     for mod in mods.values():
         mod.train()
     use_bf16 = device.type == "cuda"
-    last = argmaxes()
+    if not existing:
+        last = argmaxes()
     bar = tqdm(total=st.steps, initial=step, desc="mask learning", disable=None)
     try:
         while step < st.steps:
@@ -181,12 +186,13 @@ def train_masks(
                 torch.nn.utils.clip_grad_norm_(params, st.grad_clip)
             opt.step()
             step += 1
+            window.append(lm_loss)
             bar.update(1)
             if step % st.log_every == 0 or step == st.steps:
                 now = argmaxes()
-                entry = {"step": step, "loss": lm_loss, "tau": tau, "kappa": kappa, "lambda": lam, "lr": lr,
-                         "mask_change": mask_change_rate(last, now)}
-                last = now
+                entry = {"step": step, "loss": sum(window) / len(window), "tau": tau, "kappa": kappa, "lambda": lam,
+                         "lr": lr, "mask_change": mask_change_rate(last, now)}
+                last, window = now, []
                 history.append(entry)
                 if on_log:
                     on_log(entry)

@@ -101,15 +101,22 @@ def test_interrupted_and_resumed_run_ends_with_the_same_mask(micro, micro_cfg, t
     assert all(is_nm(m, 2, 4) for m in masks.values())
     assert [p.name for p in checkpoints(tmp_path / "full")] == ["step-00000004", "step-00000006"]
 
+    # Logs every 3 steps, checkpoints every 2: killed at step 6 (after its log, before its checkpoint), the
+    # run resumes from step 4 in the middle of a log window, whose losses and mask-change baseline it keeps.
+    st = _stage(log_every=3)
+    masks, logits, history = train_masks(model, linears, st, 2, 4, _stream(tokenizer), seed=0,
+                                         ckpt_dir=tmp_path / "full3")
+    assert [h["step"] for h in history] == [3, 6]
+
     class Killed(Exception):
         pass
 
-    def die_at_5(entry):
-        if entry.get("step") == 5:
+    def die_at_6(entry):
+        if entry.get("step") == 6:
             raise Killed
 
     with pytest.raises(Killed):
-        train_masks(model, linears, st, 2, 4, _stream(tokenizer), seed=0, ckpt_dir=tmp_path / "cut", on_log=die_at_5)
+        train_masks(model, linears, st, 2, 4, _stream(tokenizer), seed=0, ckpt_dir=tmp_path / "cut", on_log=die_at_6)
     assert not any(parametrize.is_parametrized(l) for l in linears.values())
     resumed_from = []
     masks2, logits2, history2 = train_masks(model, linears, st, 2, 4, _stream(tokenizer), seed=0,
