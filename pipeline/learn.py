@@ -46,8 +46,9 @@ class GumbelNMMask(nn.Module):
 
     def soft_mask(self) -> torch.Tensor:
         # Gumbel noise from the trainer's own generator, so that a resumed run draws the same noise.
-        # -log(E) with E ~ Exp(1) is Gumbel(0, 1): one draw and one log instead of two.
-        gumbel = -torch.empty_like(self.logits).exponential_(generator=self.generator).clamp_min_(1e-20).log_()
+        # In place: the noise is as large as the logits, and drawing it is most of the mask's own cost.
+        u = torch.rand(self.logits.shape, generator=self.generator, device=self.logits.device)
+        gumbel = u.clamp_min_(1e-10).log_().neg_().clamp_min_(1e-10).log_().neg_()
         probs = torch.softmax((self.logits * self.kappa + gumbel) / self.tau, dim=-1)
         return probs @ self.candidates  # [out, groups, M]: never a [groups, C, M] intermediate
 
