@@ -126,8 +126,13 @@ def train_masks(
                 mod.logits.copy_(init_logits[k].to(mod.logits))
     params = [mods[k].logits for k in sorted(mods)]
     opt = torch.optim.AdamW(params, lr=st.lr, weight_decay=st.weight_decay)
+
+    def argmaxes() -> dict[str, torch.Tensor]:
+        return {k: mod.logits.detach().argmax(-1) for k, mod in mods.items()}
+
     step, history = 0, []
     window: list[float] = []  # LM losses since the last log: one batch's loss is too noisy to read
+    last = argmaxes()  # the mask-change baseline: argmax candidates at the last log
     existing = checkpoints(ckpt_dir)
     if existing:
         tensors, meta = load_checkpoint(existing[-1])
@@ -142,13 +147,10 @@ def train_masks(
         if on_log:
             on_log({"resumed_from": str(existing[-1]), "step": step})
 
-    def argmaxes() -> dict[str, torch.Tensor]:
-        return {k: mod.logits.detach().argmax(-1) for k, mod in mods.items()}
-
     def checkpoint() -> None:
         opt_tensors, opt_meta = optimizer_state(opt)
         tensors = {f"logits.{k}": mod.logits for k, mod in mods.items()} | opt_tensors
-        tensors |= {f"argmax.{k}": v.to(torch.int32) for k, v in last.items()}  # the mask-change baseline
+        tensors |= {f"argmax.{k}": v.to(torch.int32) for k, v in last.items()}
         tensors["rng.gumbel"] = generator.get_state()
         save_checkpoint(ckpt_dir, step, tensors, {**opt_meta, "stream": stream.state_dict(), "history": history,
                                                       "loss_window": window},
@@ -158,8 +160,6 @@ def train_masks(
     for mod in mods.values():
         mod.train()
     use_bf16 = device.type == "cuda"
-    if not existing:
-        last = argmaxes()
     bar = tqdm(total=st.steps, initial=step, desc="mask learning", disable=None)
     try:
         while step < st.steps:

@@ -58,12 +58,14 @@ class Session:
             "architecture": type(self.model).__name__,
         }
 
+    def load_artifact(self, path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """An artifact's masks and manifest, checked against this base model."""
+        masks, manifest = load_artifact(path)
+        check_compatible(manifest, self.linears, str(path))
+        return masks, manifest
+
     def masks_of(self, variant: Variant) -> dict[str, torch.Tensor]:
-        if variant.artifact is None:
-            return {}
-        masks, manifest = load_artifact(variant.artifact)
-        check_compatible(manifest, self.linears, str(variant.artifact))
-        return masks
+        return {} if variant.artifact is None else self.load_artifact(variant.artifact)[0]
 
     @contextmanager
     def running(self, variant: Variant):
@@ -127,8 +129,7 @@ def learn_stage(cfg: Config, s: Session, st: LearnStage, out_dir: Path, ckpt_dir
     prior_info: dict[str, Any] = {}
     if st.prior is not None:
         source = variants[st.prior.stage].artifact if st.prior.stage else Path(st.prior.artifact)
-        priors = s.masks_of(Variant("prior", artifact=source))
-        manifest = load_artifact(source)[1]
+        priors, manifest = s.load_artifact(source)
         if manifest["pattern"] != f"{n}:{m}":
             raise MaskpipeError(f"{st.name}: prior {source} is {manifest['pattern']}, the stage learns {n}:{m}")
         if st.prior.soft:
