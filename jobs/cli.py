@@ -1,7 +1,8 @@
 """The `maskpipe` command line: thin recipes over the `pipeline` library.
 
 Every quick command (`oneshot`, `eval`) builds a one-stage config and runs the same stage function as
-`maskpipe run`, so there is one way of doing each thing.
+`maskpipe run`, so there is one way of doing each thing. `run` works in the foreground; `submit`
+hands the same run to a Ray cluster as a Ray job whose entrypoint is `run` (see `jobs/submit.py`).
 """
 
 from __future__ import annotations
@@ -9,9 +10,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
 from pathlib import Path
 
+from jobs.submit import add_job_commands
 from pipeline import MaskpipeError
 
 
@@ -42,12 +45,25 @@ def _data_cfg(a, split: str, sample_by: str) -> dict:
                          "text_field": a.text_field, "sample_by": a.sample_by or sample_by}]}
 
 
+def _interrupt(signum, frame):
+    # `maskpipe stop` ends a Ray job with SIGTERM: finish as an interrupted run, which records "stopped".
+    raise KeyboardInterrupt
+
+
 def cmd_run(a) -> None:
     from pipeline.config import load_config
     from pipeline.run import run
 
     cfg = load_config(a.config, a.overrides)
-    run_dir = run(cfg, a.run_dir)
+    backend = None
+    if cfg.workers.num_workers > 0:
+        from cluster import connect
+        from workers.backend import RayBackend
+
+        connect(a.address)
+        backend = RayBackend(cfg)
+    signal.signal(signal.SIGTERM, _interrupt)
+    run_dir = run(cfg, a.run_dir, backend)
     table = run_dir / "results.md"
     if table.exists():
         print(table.read_text())
@@ -124,7 +140,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("config")
     r.add_argument("overrides", nargs="*", help="key.path=value overrides, e.g. stages.0.n_samples=16")
     r.add_argument("--run-dir", default=None, help="run directory (default: OUTPUT_DIR/NAME-TIMESTAMP)")
+    r.add_argument("--address", default=None,
+                   help="Ray cluster for workers.num_workers > 0 (default $RAY_ADDRESS, else a local instance)")
     r.set_defaults(fn=cmd_run)
+    add_job_commands(sub)
 
     v = sub.add_parser("validate", help="check a config without running it")
     v.add_argument("config")

@@ -69,20 +69,24 @@ def atomic_dir(dest: str | Path):
         raise
 
 
-def write_json(path: str | Path, obj: Any) -> None:
-    """Write JSON atomically (temporary file, fsync, rename)."""
+def write_text(path: str | Path, text: str) -> None:
+    """Write a file atomically (temporary file, fsync, rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2, default=str)
+            f.write(text)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    write_text(path, json.dumps(obj, indent=2, default=str))
 
 
 def pack(mask: torch.Tensor) -> torch.Tensor:

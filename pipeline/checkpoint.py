@@ -1,8 +1,10 @@
 """Atomic, pickle-free training checkpoints: tensors in safetensors, everything else in JSON.
 
-A stage's checkpoints live in one directory as `step-00000100/` folders, each written through
-`atomic_dir`, so a kill during a save leaves the previous checkpoint intact; the oldest beyond
-`keep` are removed only after a new one is complete.
+A checkpoint is a folder holding `state.safetensors` and `state.json`. A learning loop sees only a
+store with `latest()` and `save()`: `CheckpointDir` keeps them as `step-00000100/` folders of a local
+directory, each written through `atomic_dir`, so a kill during a save leaves the previous checkpoint
+intact, and the oldest beyond `keep` are removed only after a new one is complete. Ray Train workers
+use a store with the same two methods that reports the folder to Ray (`workers/learn.py`).
 """
 
 from __future__ import annotations
@@ -47,29 +49,39 @@ def load_optimizer_state(opt: torch.optim.Optimizer, tensors: dict[str, torch.Te
     opt.load_state_dict({"state": state, "param_groups": groups})
 
 
-def save_checkpoint(ckpt_dir: str | Path, step: int, tensors: dict[str, torch.Tensor], meta: dict[str, Any],
-                    keep: int) -> Path:
-    ckpt_dir = Path(ckpt_dir)
-    path = ckpt_dir / f"step-{step:08d}"
-    with atomic_dir(path) as tmp:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / TENSORS))
-        (tmp / META).write_text(json.dumps({"step": step, **meta}, indent=1))
-    for old in checkpoints(ckpt_dir)[:-keep]:
-        shutil.rmtree(old)
-    return path
+def write_checkpoint(path: Path, step: int, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path / TENSORS))
+    (path / META).write_text(json.dumps({"step": step, **meta}, indent=1))
 
 
-def checkpoints(ckpt_dir: str | Path) -> list[Path]:
-    """Complete checkpoints, oldest first (temporary folders of interrupted saves are not listed)."""
-    ckpt_dir = Path(ckpt_dir)
-    if not ckpt_dir.is_dir():
-        return []
-    return sorted(p for p in ckpt_dir.glob("step-*") if (p / META).is_file() and (p / TENSORS).is_file())
-
-
-def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     path = Path(path)
     try:
         return load_file(str(path / TENSORS)), json.loads((path / META).read_text())
     except Exception as e:  # noqa: BLE001 - any unreadable checkpoint is the same error to the user
         raise MaskpipeError(f"{path}: unreadable checkpoint ({type(e).__name__}: {e})") from None
+
+
+class CheckpointDir:
+    """The last `keep` checkpoints of one stage in a local directory. Only rank 0 writes."""
+
+    def __init__(self, path: str | Path, keep: int, rank: int = 0):
+        self.path, self.keep, self.rank = Path(path), keep, rank
+
+    def list(self) -> list[Path]:
+        """Complete checkpoints, oldest first (temporary folders of interrupted saves are not listed)."""
+        if not self.path.is_dir():
+            return []
+        return sorted(p for p in self.path.glob("step-*") if (p / META).is_file() and (p / TENSORS).is_file())
+
+    def latest(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
+        found = self.list()
+        return read_checkpoint(found[-1]) if found else None
+
+    def save(self, step: int, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        if self.rank != 0:
+            return
+        with atomic_dir(self.path / f"step-{step:08d}") as tmp:
+            write_checkpoint(tmp, step, tensors, meta)
+        for old in self.list()[: -self.keep]:
+            shutil.rmtree(old)

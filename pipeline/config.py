@@ -215,6 +215,21 @@ class LearnStage(StageBase):
         return v
 
 
+class WorkersConfig(Strict):
+    """Where the stages run. With 0 workers every stage runs in the calling process and Ray is not
+    used. With N ≥ 1, on a Ray cluster: a learning stage as a Ray Train worker group of N data-parallel
+    workers (each its share of every batch), one-shot stages as a Ray task and evaluations as N actors
+    that share out the (mask × corpus) cells, each worker holding `resources_per_worker`."""
+
+    num_workers: int = Field(default=0, ge=0)
+    use_gpu: bool = False
+    resources_per_worker: dict[str, float] = {}  # e.g. {CPU: 8, GPU: 1}; Ray's default is one CPU
+    max_failures: int = Field(default=3, ge=-1)  # worker-group restarts from the last checkpoint; -1 = no limit
+    # Ray Train storage for the learning stages' checkpoints: a path every node sees, or a pyarrow URI
+    # such as s3://bucket/prefix. Default: the run directory's `train/`.
+    storage_path: str | None = None
+
+
 Stage = Annotated[Union[OneshotStage, LearnStage, EvalStage], Field(discriminator="stage")]
 
 
@@ -226,6 +241,8 @@ class Config(Strict):
     sparsity: SparsityConfig = SparsityConfig()
     data: dict[str, DataConfig] = {}
     stages: list[Stage] = Field(min_length=1)
+    workers: WorkersConfig = WorkersConfig()
+    tensorboard: bool = False  # also write learning metrics as TensorBoard events under the run directory
 
     @model_validator(mode="before")
     @classmethod
@@ -253,6 +270,9 @@ class Config(Strict):
             if isinstance(st, LearnStage) and st.prior is not None and st.prior.stage is not None:
                 if st.prior.stage not in seen:
                     raise _KeyError(f"{where}.prior.stage", f"no earlier stage named {st.prior.stage!r}")
+            if isinstance(st, LearnStage) and st.batch_size % max(self.workers.num_workers, 1):
+                raise _KeyError(f"{where}.batch_size", f"{st.batch_size} blocks do not split evenly over "
+                                                       f"{self.workers.num_workers} workers (workers.num_workers)")
             if isinstance(st, EvalStage) and st.masks != "all":
                 for ref in st.masks:
                     if ref not in seen:

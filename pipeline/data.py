@@ -1,5 +1,5 @@
-"""Streamed corpora: local files or hub datasets, mixed, shuffled, split across ranks, tokenized and
-packed into fixed-length blocks, with exact resume.
+"""Streamed corpora: local files or hub datasets, mixed, shuffled, tokenized, packed into fixed-length
+blocks and dealt out to ranks, with exact resume.
 
 Nothing is materialised: memory is the shuffle buffer plus the packing buffer, whatever the corpus size.
 """
@@ -12,7 +12,6 @@ import os
 
 import datasets
 import torch
-from datasets.distributed import split_dataset_by_node
 from datasets.exceptions import DatasetNotFoundError
 
 from pipeline import MaskpipeError
@@ -73,7 +72,7 @@ def _load_source(src: Source) -> datasets.IterableDataset:
 
 
 def open_corpus(data: DataConfig, seed: int = 0) -> datasets.IterableDataset:
-    """The mixed (and shuffled, if configured) stream of {"text": str}; not yet split by rank."""
+    """The mixed (and shuffled, if configured) stream of {"text": str}."""
     weights = data.weights or [1.0] * len(data.sources)
     # A zero-weight source is never drawn, so "all_exhausted" would never end the epoch: drop it.
     mixed = [(_load_source(s), w) for s, w in zip(data.sources, weights) if w > 0]
@@ -93,18 +92,22 @@ def open_corpus(data: DataConfig, seed: int = 0) -> datasets.IterableDataset:
 
 
 class TokenStream:
-    """Fixed-length token blocks from a streamed corpus, split across ranks, exactly resumable.
+    """Fixed-length token blocks from a streamed corpus, dealt out to ranks, exactly resumable.
 
     Records are tokenized without special tokens, each followed by EOS (when the tokenizer has one) as
     a document separator, and packed back to back: a block may span records, and no token is padded
     or dropped. The stream cycles epochs forever, each reshuffled deterministically by `set_epoch`.
 
+    Ranks share one global sequence of blocks and rank r takes blocks r, r + W, r + 2W, ... So the
+    blocks of a global batch are the same whatever the number of workers W: data-parallel learning
+    matches one process, and a run can resume on another number of workers. The price is that every
+    rank tokenizes the whole stream, which is small beside a forward and backward pass of the model.
+
     Resume is by replay: the state is (epoch, raw records consumed this epoch, leftover packing
-    buffer), and loading it rebuilds the epoch's stream and discards that many records untokenized.
-    `datasets`' own state_dict can't be used for this: it drops the shuffle buffer's contents, and
-    with split_dataset_by_node over uneven shards it can lose records on resume (datasets #7538).
-    Replay only relies on the stream being a deterministic function of (seed, epoch, rank), at the
-    cost of re-reading the epoch's records up to the resume point.
+    buffer), the same on every rank between two `next` calls, and loading it rebuilds the epoch's
+    stream and discards that many records untokenized. `datasets`' own state_dict can't be used for
+    this: it drops the shuffle buffer's contents. Replay only relies on the stream being a
+    deterministic function of (seed, epoch), at the cost of re-reading the epoch up to the resume point.
     """
 
     def __init__(self, data: DataConfig, tokenizer, seqlen: int, seed: int = 0, rank: int = 0, world_size: int = 1):
@@ -112,15 +115,11 @@ class TokenStream:
             raise MaskpipeError(f"rank {rank} is not in [0, world_size={world_size})")
         self.tokenizer, self.seqlen = tokenizer, seqlen
         self._eos = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
-        self._ds = split_dataset_by_node(open_corpus(data, seed), rank=rank, world_size=world_size)
-        self._fingerprint = {
-            "seqlen": seqlen,
-            "seed": seed,
-            "rank": rank,
-            "world_size": world_size,
-            "data": data.model_dump(mode="json"),
-        }
-        self._where = f"corpus {[s.path for s in data.sources]} (rank {rank} of {world_size})"
+        self.rank, self.world_size = rank, world_size
+        self._ds = open_corpus(data, seed)
+        # Rank and world size are not part of it: the state is global, so any rank of any world size resumes it.
+        self._fingerprint = {"seqlen": seqlen, "seed": seed, "data": data.model_dump(mode="json")}
+        self._where = f"corpus {[s.path for s in data.sources]}"
         self._buffer: list[int] = []
         self._start_epoch(0)
 
@@ -156,9 +155,17 @@ class TokenStream:
     def __iter__(self):
         return self
 
-    def __next__(self) -> torch.Tensor:
+    def _block(self) -> list[int]:
         self._fill()
         block, self._buffer = self._buffer[: self.seqlen], self._buffer[self.seqlen :]
+        return block
+
+    def __next__(self) -> torch.Tensor:
+        for _ in range(self.rank):
+            self._block()
+        block = self._block()
+        for _ in range(self.world_size - 1 - self.rank):
+            self._block()
         return torch.tensor(block, dtype=torch.long)
 
     def next_batch(self, batch_size: int) -> torch.Tensor:

@@ -8,15 +8,19 @@ argmax candidate. Only the logits train; the base weights stay frozen underneath
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 from functools import lru_cache
 
 import torch
+import torch.distributed as dist
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.nn.utils import parametrize
 from tqdm.auto import tqdm
 
+from pipeline import MaskpipeError
 from pipeline.models import base_weight
 from pipeline.sparsity import check_divisible
 
@@ -53,11 +57,16 @@ class GumbelNMMask(nn.Module):
         return probs @ self.candidates  # [out, groups, M]: never a [groups, C, M] intermediate
 
     def hard_mask(self) -> torch.Tensor:
-        return nm_candidates(self.n, self.m).to(self.logits.device)[self.logits.argmax(-1)]
+        return hard_mask(self.logits, self.n, self.m)
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         mask = self.soft_mask() if self.training else self.hard_mask()
         return weight * mask.reshape(weight.shape).to(weight.dtype)
+
+
+def hard_mask(logits: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """The argmax candidate of every group: [out, G, C] logits -> [out, G, M] bool."""
+    return nm_candidates(n, m).to(logits.device)[logits.argmax(-1)]
 
 
 def prior_logits(logits: torch.Tensor, prior: torch.Tensor, n: int, m: int, strength: float) -> torch.Tensor:
@@ -107,16 +116,22 @@ def mask_change_rate(before: dict[str, torch.Tensor], after: dict[str, torch.Ten
 
 
 def train_masks(
-    model: nn.Module, linears: dict[str, nn.Linear], st, n: int, m: int, stream, *, seed: int,
-    ckpt_dir, priors: dict[str, torch.Tensor] | None = None, init_logits: dict[str, torch.Tensor] | None = None,
+    model: nn.Module, linears: dict[str, nn.Linear], st, n: int, m: int, stream, *, seed: int, store,
+    priors: dict[str, torch.Tensor] | None = None, init_logits: dict[str, torch.Tensor] | None = None,
     on_log=None,
-) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], list[dict]]:
-    """Learn N:M masks for `linears` on token blocks from `stream` (a TokenStream), resuming from the
-    latest checkpoint in `ckpt_dir` if there is one. Returns (hard masks, logits, log history); the
-    model is left without parametrizations, its base weights untouched."""
-    from pipeline.checkpoint import (checkpoints, load_checkpoint, load_optimizer_state, optimizer_state,
-                                     save_checkpoint)
+) -> tuple[dict[str, torch.Tensor], list[dict]]:
+    """Learn N:M masks for `linears` on token blocks from `stream` (a TokenStream), resuming from
+    `store.latest()` if there is a checkpoint. Returns (logits, log history); the model is left without
+    parametrizations, its base weights untouched.
 
+    Under torch.distributed every rank runs this with its own share of each global batch of
+    `st.batch_size` blocks; DDP averages the logits' gradients. Every rank draws the same Gumbel
+    noise, so the step equals one process's step on the whole batch."""
+    from pipeline.checkpoint import load_optimizer_state, optimizer_state
+
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    if st.batch_size % world:
+        raise MaskpipeError(f"batch_size {st.batch_size} is not divisible by the {world} workers")
     device = base_weight(next(iter(linears.values()))).device
     generator = torch.Generator(device=device).manual_seed(seed)
     mods = add_learned_masks(linears, n, m, generator, priors, st.prior.strength if st.prior else 3.0, st.init_std)
@@ -126,6 +141,7 @@ def train_masks(
                 mod.logits.copy_(init_logits[k].to(mod.logits))
     params = [mods[k].logits for k in sorted(mods)]
     opt = torch.optim.AdamW(params, lr=st.lr, weight_decay=st.weight_decay)
+    forward = DistributedDataParallel(model) if world > 1 else model
 
     def argmaxes() -> dict[str, torch.Tensor]:
         return {k: mod.logits.detach().argmax(-1) for k, mod in mods.items()}
@@ -133,9 +149,9 @@ def train_masks(
     step, history = 0, []
     window: list[float] = []  # LM losses since the last log: one batch's loss is too noisy to read
     last = argmaxes()  # the mask-change baseline: argmax candidates at the last log
-    existing = checkpoints(ckpt_dir)
-    if existing:
-        tensors, meta = load_checkpoint(existing[-1])
+    saved = store.latest()
+    if saved is not None:
+        tensors, meta = saved
         with torch.no_grad():
             for k, mod in mods.items():
                 mod.logits.copy_(tensors[f"logits.{k}"])
@@ -145,16 +161,15 @@ def train_masks(
         step, history, window = meta["step"], meta["history"], meta["loss_window"]
         last = {k: tensors[f"argmax.{k}"].long() for k in mods}
         if on_log:
-            on_log({"resumed_from": str(existing[-1]), "step": step})
+            on_log({"resumed_from_step": step})
 
     def checkpoint() -> None:
         opt_tensors, opt_meta = optimizer_state(opt)
         tensors = {f"logits.{k}": mod.logits for k, mod in mods.items()} | opt_tensors
         tensors |= {f"argmax.{k}": v.to(torch.int32) for k, v in last.items()}
         tensors["rng.gumbel"] = generator.get_state()
-        save_checkpoint(ckpt_dir, step, tensors, {**opt_meta, "stream": stream.state_dict(), "history": history,
-                                                      "loss_window": window},
-                        st.keep_checkpoints)
+        store.save(step, tensors, {**opt_meta, "stream": stream.state_dict(), "history": history,
+                                   "loss_window": window})
 
     model.eval()
     for mod in mods.values():
@@ -172,22 +187,27 @@ def train_masks(
             for group in opt.param_groups:
                 group["lr"] = lr
             opt.zero_grad(set_to_none=True)
-            lm_loss = 0.0
-            for _ in range(st.grad_accum):
-                x = stream.next_batch(st.batch_size).to(device)
+            lm_loss = torch.zeros((), device=device)
+            for micro in range(st.grad_accum):
+                x = stream.next_batch(st.batch_size // world).to(device)
+                sync = micro == st.grad_accum - 1 or world == 1
                 # One Gumbel sample per linear per micro-batch, shared by the forward and the regulariser.
-                with parametrize.cached(), torch.autocast(device.type, torch.bfloat16, enabled=use_bf16):
-                    loss = model(input_ids=x, labels=x, use_cache=False).loss
+                with (parametrize.cached(), torch.autocast(device.type, torch.bfloat16, enabled=use_bf16),
+                      contextlib.nullcontext() if sync else forward.no_sync()):
+                    loss = forward(input_ids=x, labels=x, use_cache=False).loss
                     total = loss
                     if lam > 0:
                         total = total - lam * sum(lin.weight.float().pow(2).sum() for lin in linears.values())
                     (total / st.grad_accum).backward()
-                lm_loss += loss.item() / st.grad_accum
+                lm_loss += loss.detach().float() / st.grad_accum
+            if world > 1:
+                dist.all_reduce(lm_loss)
+                lm_loss /= world
             if st.grad_clip is not None:
                 torch.nn.utils.clip_grad_norm_(params, st.grad_clip)
             opt.step()
             step += 1
-            window.append(lm_loss)
+            window.append(lm_loss.item())
             bar.update(1)
             if step % st.log_every == 0 or step == st.steps:
                 now = argmaxes()
@@ -199,11 +219,10 @@ def train_masks(
                     on_log(entry)
             if step % st.checkpoint_every == 0 or step == st.steps:
                 checkpoint()
-        hard = {k: mod.hard_mask().reshape(base_weight(linears[k]).shape).cpu() for k, mod in mods.items()}
         logits = {k: mod.logits.detach().cpu() for k, mod in mods.items()}
     finally:
         bar.close()
         for lin in linears.values():
             if parametrize.is_parametrized(lin, "weight"):
                 parametrize.remove_parametrizations(lin, "weight", leave_parametrized=False)
-    return hard, logits, history
+    return logits, history

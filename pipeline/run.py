@@ -1,7 +1,12 @@
 """Running a recipe: the stages a config lists, in order, into a run directory.
 
-A run directory holds `config.yaml` (the resolved config), `run.log`, `status.json`, one mask artifact
-per mask-producing stage under `artifacts/`, and `results.json` + `results.md`.
+A run directory holds `config.yaml` (the resolved config), `run.log`, `status.json`, `metrics.jsonl`
+(every logged training step), one mask artifact per mask-producing stage under `artifacts/`, the last
+checkpoints of each learning stage, and `results.json` + `results.md`.
+
+`run` only orders the stages and records what they produced; a backend executes them. `LocalBackend`
+runs each stage in this process; `workers.RayBackend` runs the same stage functions on Ray (a Ray
+Train worker group for learning, tasks and actors for the rest), so this module never imports Ray.
 """
 
 from __future__ import annotations
@@ -19,11 +24,13 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from pipeline import MaskpipeError, __version__
-from pipeline.artifacts import check_compatible, load_artifact, load_soft_logits, save_artifact, write_json
+from pipeline.artifacts import (check_compatible, load_artifact, load_soft_logits, read_manifest, save_artifact,
+                                write_json, write_text)
+from pipeline.checkpoint import CheckpointDir
 from pipeline.config import Config, EvalStage, LearnStage, ModelConfig, OneshotStage, dump_config
 from pipeline.data import TokenStream, calibration_blocks, eval_text
 from pipeline.evaluate import Perplexity, perplexity
-from pipeline.learn import train_masks
+from pipeline.learn import hard_mask, train_masks
 from pipeline.models import base_weight, load_model, load_tokenizer, prunable_linears
 from pipeline.oneshot import oneshot_masks
 from pipeline.sparsity import masked
@@ -40,6 +47,16 @@ class Variant:
     artifact: Path | None = None
     updated_weights: Path | None = None
     info: dict[str, Any] = field(default_factory=dict)
+
+    def record(self) -> dict[str, Any]:
+        return {**self.info, "artifact": str(self.artifact) if self.artifact else None,
+                "updated_weights": str(self.updated_weights) if self.updated_weights else None}
+
+    @classmethod
+    def from_record(cls, name: str, rec: dict[str, Any]) -> Variant:
+        info = {k: v for k, v in rec.items() if k not in ("artifact", "updated_weights")}
+        return cls(name, artifact=Path(rec["artifact"]) if rec.get("artifact") else None,
+                   updated_weights=Path(rec["updated_weights"]) if rec.get("updated_weights") else None, info=info)
 
 
 class Session:
@@ -121,68 +138,116 @@ def oneshot_stage(cfg: Config, s: Session, st: OneshotStage, out_dir: Path) -> l
                     info={**info, "weight_update": True, "note": "weights updated: not a mask over frozen weights"})]
 
 
-def learn_stage(cfg: Config, s: Session, st: LearnStage, out_dir: Path, ckpt_dir: Path,
-                variants: dict[str, Variant]) -> list[Variant]:
-    """MaskLLM mask learning; resumes from the latest checkpoint in `ckpt_dir / st.name`."""
+class MetricsLog:
+    """A learning stage's `on_log`: the run log, `metrics.jsonl` and, if asked, TensorBoard events.
+    On a resume, lines past the checkpoint's step are dropped: the resumed run logs them again."""
+
+    def __init__(self, run_dir: Path, stage: str, tensorboard: bool = False):
+        self.path, self.stage = run_dir / "metrics.jsonl", stage
+        self.writer = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(run_dir / "tensorboard" / stage))
+
+    def __call__(self, entry: dict) -> None:
+        log.info("%s: %s", self.stage, " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                                for k, v in entry.items()))
+        if "resumed_from_step" in entry:
+            keep = [line for line in read_metrics(self.path)
+                    if line["stage"] != self.stage or line["step"] <= entry["resumed_from_step"]]
+            write_text(self.path, "".join(json.dumps(line) + "\n" for line in keep))
+            return
+        with self.path.open("a") as f:
+            f.write(json.dumps({"stage": self.stage, **entry}) + "\n")
+        if self.writer is not None:
+            for k, v in entry.items():
+                if k != "step":
+                    self.writer.add_scalar(f"{self.stage}/{k}", v, entry["step"])
+            self.writer.flush()
+
+
+def read_metrics(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line] if path.exists() else []
+
+
+def learn_stage(cfg: Config, s: Session, st: LearnStage, out_dir: Path, prior: Path | None, store, on_log,
+                rank: int = 0, world_size: int = 1) -> list[Variant]:
+    """MaskLLM mask learning from `prior` (an artifact, or None), resuming from `store`; the caller's
+    rank among `world_size` data-parallel workers (each its share of every batch). Rank 0 writes the
+    artifact to `out_dir / st.name` and returns its variant; other ranks return nothing."""
     n, m = cfg.stage_pattern(st)
     priors = init_logits = None
     prior_info: dict[str, Any] = {}
-    if st.prior is not None:
-        source = variants[st.prior.stage].artifact if st.prior.stage else Path(st.prior.artifact)
-        priors, manifest = s.load_artifact(source)
+    if prior is not None:
+        priors, manifest = s.load_artifact(prior)
         if manifest["pattern"] != f"{n}:{m}":
-            raise MaskpipeError(f"{st.name}: prior {source} is {manifest['pattern']}, the stage learns {n}:{m}")
+            raise MaskpipeError(f"{st.name}: prior {prior} is {manifest['pattern']}, the stage learns {n}:{m}")
         if st.prior.soft:
-            init_logits, priors = load_soft_logits(source), None
-        prior_info = {"artifact": str(source), "method": manifest["method"].get("name"),
+            init_logits, priors = load_soft_logits(prior), None
+        prior_info = {"artifact": str(prior), "method": manifest["method"].get("name"),
                       "strength": st.prior.strength, "soft": st.prior.soft}
-    stream = TokenStream(cfg.data[st.data], s.tokenizer, st.seqlen, cfg.seed)
+    stream = TokenStream(cfg.data[st.data], s.tokenizer, st.seqlen, cfg.seed, rank, world_size)
     tokens = st.steps * st.grad_accum * st.batch_size * st.seqlen
-    log.info("%s: learning %d:%d masks for %d linears, %d steps, %d tokens", st.name, n, m, len(s.linears),
-             st.steps, tokens)
-
-    def on_log(entry: dict) -> None:
-        log.info("%s: %s", st.name, " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                                               for k, v in entry.items()))
-
+    log.info("%s: learning %d:%d masks for %d linears, %d steps, %d tokens on %d worker(s)", st.name, n, m,
+             len(s.linears), st.steps, tokens, world_size)
     t0 = time.perf_counter()
-    masks, logits, history = train_masks(
-        s.model, s.linears, st, n, m, stream, seed=cfg.seed, ckpt_dir=ckpt_dir / st.name, priors=priors,
-        init_logits=init_logits, on_log=on_log,
-    )
+    logits, history = train_masks(s.model, s.linears, st, n, m, stream, seed=cfg.seed, store=store, priors=priors,
+                                  init_logits=init_logits, on_log=on_log)
     seconds = time.perf_counter() - t0
+    if rank != 0:
+        return []
+    masks = {k: hard_mask(v, n, m).reshape(base_weight(s.linears[k]).shape) for k, v in logits.items()}
     soft = {k: v.to(getattr(torch, st.save_logits)) for k, v in logits.items()} if st.save_logits else None
     artifact = save_artifact(
         out_dir / st.name, masks, s.linears, base_model=s.base_model_info(), pattern=f"{n}:{m}",
         method={"name": "maskllm", "params": st.model_dump(mode="json", exclude={"stage", "name", "data"}),
-                "prior": prior_info, "seconds": round(seconds, 2), "final": history[-1] if history else {}},
+                "prior": prior_info, "seconds": round(seconds, 2), "workers": world_size,
+                "final": history[-1] if history else {}},
         data={"corpus": st.data, "sources": [x.path for x in cfg.data[st.data].sources], "tokens": tokens},
         config=cfg.model_dump(mode="json"), soft_logits=soft,
     )
     log.info("%s: mask artifact written to %s (%.1f s)", st.name, artifact, seconds)
-    info = {"method": "maskllm", "pattern": f"{n}:{m}", "seconds": round(seconds, 2), "tokens": tokens,
+    return [learned_variant(st, artifact)]
+
+
+def learned_variant(st: LearnStage, artifact: Path) -> Variant:
+    """A learning stage's row, read back from its artifact (all that a worker group leaves behind)."""
+    manifest = read_manifest(artifact)
+    method = manifest["method"]
+    info = {"method": "maskllm", "pattern": manifest["pattern"], "seconds": method["seconds"],
+            "tokens": manifest["data"]["tokens"], "workers": method["workers"],
             "prior": st.prior and (st.prior.stage or Path(st.prior.artifact).name)}
-    return [Variant(st.name, artifact=artifact, info=info)]
+    return Variant(st.name, artifact=artifact, info=info)
+
+
+def prior_source(st: LearnStage, variants: dict[str, Variant]) -> Path | None:
+    if st.prior is None:
+        return None
+    return variants[st.prior.stage].artifact if st.prior.stage else Path(st.prior.artifact)
+
+
+def eval_texts(cfg: Config, st: EvalStage, tokenizer) -> dict[str, torch.Tensor]:
+    texts = {}
+    for key in st.data:
+        texts[key] = tokenizer(eval_text(cfg.data[key]), return_tensors="pt").input_ids[0]
+        log.info("%s: corpus %s has %d tokens", st.name, key, len(texts[key]))
+    return texts
+
+
+def eval_cell(s: Session, st: EvalStage, v: Variant, key: str, ids: torch.Tensor) -> dict:
+    """Perplexity of one variant on one corpus."""
+    with s.running(v) as model:
+        p: Perplexity = perplexity(model, ids, st.seqlen, st.stride, st.batch_size, desc=f"{v.name}/{key}")
+    log.info("%s: %s on %s: ppl %.3f over %d tokens", st.name, v.name, key, p.ppl, p.tokens)
+    return {"ppl": p.ppl, "nll": p.nll, "tokens": p.tokens, "windows": p.windows, "seqlen": st.seqlen,
+            "stride": st.stride}
 
 
 def eval_stage(cfg: Config, s: Session, st: EvalStage, variants: list[Variant]) -> dict[str, dict[str, dict]]:
     """Perplexity of every variant on every corpus: {variant: {corpus: {ppl, tokens, ...}}}."""
-    texts = {}
-    for key in st.data:
-        ids = s.tokenizer(eval_text(cfg.data[key]), return_tensors="pt").input_ids[0]
-        texts[key] = ids
-        log.info("%s: corpus %s has %d tokens", st.name, key, len(ids))
-    results: dict[str, dict[str, dict]] = {}
-    for v in variants:
-        with s.running(v) as model:
-            for key, ids in texts.items():
-                p: Perplexity = perplexity(model, ids, st.seqlen, st.stride, st.batch_size, desc=f"{v.name}/{key}")
-                log.info("%s: %s on %s: ppl %.3f over %d tokens", st.name, v.name, key, p.ppl, p.tokens)
-                results.setdefault(v.name, {})[key] = {
-                    "ppl": p.ppl, "nll": p.nll, "tokens": p.tokens, "windows": p.windows,
-                    "seqlen": st.seqlen, "stride": st.stride,
-                }
-    return results
+    texts = eval_texts(cfg, st, s.tokenizer)
+    return {v.name: {key: eval_cell(s, st, v, key, ids) for key, ids in texts.items()} for v in variants}
 
 
 def results_table(results: dict[str, dict[str, dict]], variants: dict[str, Variant]) -> str:
@@ -214,20 +279,60 @@ def new_run_dir(cfg: Config) -> Path:
     return path
 
 
-def run(cfg: Config, run_dir: Path | None = None) -> Path:
-    """Run every stage of `cfg` in order; returns the run directory.
+@contextmanager
+def logs_to(run_dir: Path):
+    """The maskpipe log of this process, at INFO, also appended to the run's `run.log`: the driver's,
+    and that of any Ray worker that runs one of the run's stages."""
+    handler = logging.FileHandler(run_dir / "run.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    level = log.level
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)
+        handler.close()
+
+
+class LocalBackend:
+    """Every stage in this process, on one device, the model loaded once."""
+
+    def __init__(self):
+        self._session: Session | None = None
+
+    def session(self, cfg: Config) -> Session:
+        if self._session is None:
+            torch.manual_seed(cfg.seed)
+            self._session = Session(cfg.model)
+        return self._session
+
+    def oneshot(self, cfg: Config, st: OneshotStage, run_dir: Path) -> list[Variant]:
+        return oneshot_stage(cfg, self.session(cfg), st, run_dir / "artifacts")
+
+    def learn(self, cfg: Config, st: LearnStage, run_dir: Path, prior: Path | None) -> list[Variant]:
+        store = CheckpointDir(run_dir / "checkpoints" / st.name, st.keep_checkpoints)
+        return learn_stage(cfg, self.session(cfg), st, run_dir / "artifacts", prior, store,
+                           MetricsLog(run_dir, st.name, cfg.tensorboard))
+
+    def evaluate(self, cfg: Config, st: EvalStage, run_dir: Path, variants: list[Variant]) -> dict[str, dict[str, dict]]:
+        return eval_stage(cfg, self.session(cfg), st, variants)
+
+
+def run(cfg: Config, run_dir: Path | None = None, backend=None) -> Path:
+    """Run every stage of `cfg` in order with `backend` (default: `LocalBackend`); returns the run
+    directory.
 
     Given the directory of an interrupted run of the same config, it resumes: finished stages are
     skipped and a learning stage continues from its latest checkpoint."""
+    backend = backend or LocalBackend()
     run_dir = Path(run_dir or new_run_dir(cfg))
     run_dir.mkdir(parents=True, exist_ok=True)
     snapshot = dump_config(cfg)
     if (run_dir / "config.yaml").exists() and (run_dir / "config.yaml").read_text() != snapshot:
         raise MaskpipeError(f"{run_dir}: holds a run of another config; resume it with its own config.yaml")
-    (run_dir / "config.yaml").write_text(snapshot)
-    handler = logging.FileHandler(run_dir / "run.log")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-    log.addHandler(handler)
+    write_text(run_dir / "config.yaml", snapshot)
     status = {"status": "running", "stage": None, "maskpipe_version": __version__,
               "started": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
     write_json(run_dir / "status.json", status)
@@ -235,41 +340,40 @@ def run(cfg: Config, run_dir: Path | None = None) -> Path:
     results: dict[str, Any] = (json.loads(results_file.read_text()) if results_file.exists()
                                else {"stages": {}, "perplexity": {}, "done": []})
     variants: dict[str, Variant] = {"dense": Variant("dense")}
-    for name, rec in results["stages"].items():
-        variants[name] = Variant(name, artifact=Path(rec["artifact"]), info=rec,
-                                 updated_weights=Path(rec["updated_weights"]) if rec.get("updated_weights") else None)
-    try:
-        torch.manual_seed(cfg.seed)
-        s = Session(cfg.model)
-        for st in cfg.stages:
-            if st.name in results["done"]:
-                log.info("%s: already done in %s, skipped", st.name, run_dir)
-                continue
-            status["stage"] = st.name
+    variants |= {name: Variant.from_record(name, rec) for name, rec in results["stages"].items()}
+    with logs_to(run_dir):
+        try:
+            for st in cfg.stages:
+                if st.name in results["done"]:
+                    log.info("%s: already done in %s, skipped", st.name, run_dir)
+                    continue
+                status["stage"] = st.name
+                write_json(run_dir / "status.json", status)
+                new: list[Variant] = []
+                if isinstance(st, OneshotStage):
+                    new = backend.oneshot(cfg, st, run_dir)
+                elif isinstance(st, LearnStage):
+                    new = backend.learn(cfg, st, run_dir, prior_source(st, variants))
+                elif isinstance(st, EvalStage):
+                    chosen = [v for name, v in variants.items()
+                              if name != "dense" and (st.masks == "all" or name in st.masks)]
+                    chosen = ([variants["dense"]] if st.dense else []) + chosen
+                    results["perplexity"].update(backend.evaluate(cfg, st, run_dir, chosen))
+                for v in new:
+                    variants[v.name] = v
+                    results["stages"][v.name] = v.record()
+                results["done"].append(st.name)
+                write_json(results_file, results)
+            if results["perplexity"]:
+                write_text(run_dir / "results.md", results_table(results["perplexity"], variants))
+            status["status"] = "completed"
+        except KeyboardInterrupt:
+            status["status"] = "stopped"
+            raise
+        except BaseException as e:
+            status.update(status="failed", error=f"{type(e).__name__}: {e}")
+            raise
+        finally:
+            status["finished"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
             write_json(run_dir / "status.json", status)
-            new: list[Variant] = []
-            if isinstance(st, OneshotStage):
-                new = oneshot_stage(cfg, s, st, run_dir / "artifacts")
-            elif isinstance(st, LearnStage):
-                new = learn_stage(cfg, s, st, run_dir / "artifacts", run_dir / "checkpoints", variants)
-            elif isinstance(st, EvalStage):
-                chosen = [v for name, v in variants.items() if name != "dense" and (st.masks == "all" or name in st.masks)]
-                results["perplexity"].update(eval_stage(cfg, s, st, ([variants["dense"]] if st.dense else []) + chosen))
-            for v in new:
-                variants[v.name] = v
-                results["stages"][v.name] = {**v.info, "artifact": str(v.artifact),
-                                             "updated_weights": str(v.updated_weights) if v.updated_weights else None}
-            results["done"].append(st.name)
-            write_json(results_file, results)
-        if results["perplexity"]:
-            (run_dir / "results.md").write_text(results_table(results["perplexity"], variants))
-        status["status"] = "completed"
-    except BaseException as e:
-        status.update(status="failed", error=f"{type(e).__name__}: {e}")
-        raise
-    finally:
-        status["finished"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-        write_json(run_dir / "status.json", status)
-        log.removeHandler(handler)
-        handler.close()
     return run_dir

@@ -1,4 +1,6 @@
 import json
+import os
+import subprocess
 
 import pytest
 import torch
@@ -8,7 +10,7 @@ from jobs.cli import main
 from pipeline.artifacts import MASKS_FILE, load_artifact
 from pipeline.config import load_config
 from pipeline.run import run
-from tests.conftest import CORPORA, MICRO
+from tests.conftest import CORPORA, MICRO, ROOT
 
 
 def test_validate_ok_and_error(in_root, capsys):
@@ -80,20 +82,25 @@ def test_rerun_of_a_finished_run_skips_its_stages(in_root, tmp_path):
 
 
 @pytest.mark.slow
-def test_maskpipe_run_tiny_yaml(in_root, tmp_path, capsys):
-    """The README's main command on the embedded default."""
-    assert main(["run", "configs/tiny.yaml", "--run-dir", str(tmp_path / "tiny")]) == 0
-    out = capsys.readouterr().out
-    assert "| dense |" in out and "| maskllm |" in out
+def test_maskpipe_run_tiny_yaml(tmp_path):
+    """The README's main command on the embedded default, as a user types it: a fresh process that
+    starts its own local Ray instance."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
+    out = subprocess.run(["maskpipe", "run", "configs/tiny.yaml", "--run-dir", str(tmp_path / "tiny")], cwd=ROOT,
+                         env=env, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "| dense |" in out.stdout and "| maskllm |" in out.stdout
     results = json.loads((tmp_path / "tiny" / "results.json").read_text())
-    ppl = {k: v["kjv"]["ppl"] for k, v in results["perplexity"].items()}
     for name in ("magnitude", "wanda", "sparsegpt", "maskllm"):
         load_artifact(tmp_path / "tiny" / "artifacts" / name)
-    assert ppl["dense"] < ppl["sparsegpt"]
+    assert results["stages"]["maskllm"]["workers"] == 2
+    ppl = results["perplexity"]
+    assert ppl["dense"]["kjv"]["ppl"] < ppl["sparsegpt"]["kjv"]["ppl"]
     # the learned mask beats its own one-shot prior, on both corpora
     for corpus in ("kjv", "pydocs"):
-        assert results["perplexity"]["maskllm"][corpus]["ppl"] < results["perplexity"]["sparsegpt"][corpus]["ppl"]
+        assert ppl["maskllm"][corpus]["ppl"] < ppl["sparsegpt"][corpus]["ppl"]
     assert json.loads((tmp_path / "tiny" / "status.json").read_text())["status"] == "completed"
+    assert "resumed_from_step" not in (tmp_path / "tiny" / "run.log").read_text()
 
 
 def test_learned_mask_transfers_as_a_prior_of_a_new_run(in_root, tmp_path):

@@ -69,18 +69,32 @@ def test_exact_resume_across_epochs_with_shuffle_mixing_and_ranks(small, tokeniz
             assert torch.equal(next(resumed), blocks[j]), f"resumed at block {k}, block {j} differs"
 
 
-def test_ranks_get_disjoint_records_that_cover_the_corpus_and_packing_keeps_every_token(small, tokenizer):
-    # One source, so no oversampling: every record exactly once per epoch, across ranks.
+def test_ranks_deal_out_the_single_rank_stream_and_packing_keeps_every_token(small, tokenizer):
     data = corpus(small["kjv"], shuffle_buffer=8)
-    seen = []
-    for rank in (0, 1):
-        stream = TokenStream(data, tokenizer, SEQLEN, seed=0, rank=rank, world_size=2)
-        blocks = stream.next_batch(25)
-        assert blocks.shape == (25, SEQLEN) and blocks.dtype == torch.long
-        seen.append(documents(blocks, tokenizer.eos_token_id)[:12])  # this rank's 12 records of epoch 0
+    single = TokenStream(data, tokenizer, SEQLEN, seed=0).next_batch(24)
+    ranks = [TokenStream(data, tokenizer, SEQLEN, seed=0, rank=r, world_size=3).next_batch(8) for r in range(3)]
+    assert single.shape == (24, SEQLEN) and single.dtype == torch.long
+    for r in range(3):
+        assert torch.equal(ranks[r], single[r::3])
+    # One source, so no oversampling: every record whole, exactly once per epoch, blank one skipped.
     records = {token_ids(tokenizer, r) for r in small["kjv_records"]}
-    assert set(seen[0]).isdisjoint(seen[1])
-    assert set(seen[0]) | set(seen[1]) == records  # every record whole, blank one skipped
+    assert set(documents(single, tokenizer.eos_token_id)[: len(records)]) == records
+
+
+def test_state_is_global_so_a_run_resumes_on_another_number_of_ranks(small, tokenizer):
+    data = corpus(small["kjv"], small["py"], shuffle_buffer=8)
+    single = TokenStream(data, tokenizer, SEQLEN, seed=1)
+    single.next_batch(4)
+    expected = single.next_batch(6)
+    two = [TokenStream(data, tokenizer, SEQLEN, seed=1, rank=r, world_size=2) for r in range(2)]
+    for s in two:
+        s.next_batch(2)  # a global batch of 4 on two ranks
+    assert two[0].state_dict() == two[1].state_dict()
+    three = [TokenStream(data, tokenizer, SEQLEN, seed=1, rank=r, world_size=3) for r in range(3)]
+    for s in three:
+        s.load_state_dict(json.loads(json.dumps(two[0].state_dict())))
+    got = torch.stack([b for blocks in zip(*(s.next_batch(2) for s in three)) for b in blocks])
+    assert torch.equal(got, expected)
 
 
 def test_unshuffled_stream_is_the_corpus_in_order(small, tokenizer):
@@ -154,10 +168,10 @@ def test_eval_text_follows_the_wikitext_protocol():
 
 def test_state_from_a_different_stream_is_refused(small, tokenizer):
     data = corpus(small["kjv"], shuffle_buffer=8)
-    stream = TokenStream(data, tokenizer, SEQLEN, rank=0, world_size=2)
+    stream = TokenStream(data, tokenizer, SEQLEN)
     next(stream)
     state = stream.state_dict()
     with pytest.raises(MaskpipeError, match="seqlen: saved 64, this stream 32"):
-        TokenStream(data, tokenizer, 32, rank=0, world_size=2).load_state_dict(state)
-    with pytest.raises(MaskpipeError, match="world_size: saved 2, this stream 1"):
-        TokenStream(data, tokenizer, SEQLEN).load_state_dict(state)
+        TokenStream(data, tokenizer, 32).load_state_dict(state)
+    with pytest.raises(MaskpipeError, match="seed: saved 0, this stream 5"):
+        TokenStream(data, tokenizer, SEQLEN, seed=5).load_state_dict(state)

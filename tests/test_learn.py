@@ -4,10 +4,10 @@ import pytest
 import torch
 from torch.nn.utils import parametrize
 
-from pipeline.checkpoint import checkpoints
+from pipeline.checkpoint import CheckpointDir
 from pipeline.config import DataConfig, LearnStage
 from pipeline.data import TokenStream
-from pipeline.learn import (GumbelNMMask, add_learned_masks, cosine_lr, linear_schedule, nm_candidates,
+from pipeline.learn import (GumbelNMMask, add_learned_masks, cosine_lr, hard_mask, linear_schedule, nm_candidates,
                             prior_logits, train_masks)
 from pipeline.models import base_weight
 from pipeline.sparsity import is_nm, nm_mask
@@ -93,19 +93,19 @@ def test_interrupted_and_resumed_run_ends_with_the_same_mask(micro, micro_cfg, t
     model, linears = micro
     before = {k: base_weight(l).detach().clone() for k, l in linears.items()}
     st = _stage()
-    masks, logits, history = train_masks(model, linears, st, 2, 4, _stream(tokenizer), seed=0,
-                                         ckpt_dir=tmp_path / "full")
+    logits, history = train_masks(model, linears, st, 2, 4, _stream(tokenizer), seed=0,
+                                  store=CheckpointDir(tmp_path / "full", keep=2))
     assert [h["step"] for h in history] == list(range(1, 7))
     assert history[0]["tau"] == 4.0 and history[-1]["tau"] == pytest.approx(0.05)
     assert history[0]["kappa"] == 100.0 and history[-1]["kappa"] == pytest.approx(500.0)
-    assert all(is_nm(m, 2, 4) for m in masks.values())
-    assert [p.name for p in checkpoints(tmp_path / "full")] == ["step-00000004", "step-00000006"]
+    assert all(is_nm(hard_mask(v, 2, 4).reshape(base_weight(linears[k]).shape), 2, 4) for k, v in logits.items())
+    assert [p.name for p in CheckpointDir(tmp_path / "full", keep=2).list()] == ["step-00000004", "step-00000006"]
 
     # Logs every 3 steps, checkpoints every 2: killed at step 6 (after its log, before its checkpoint), the
     # run resumes from step 4 in the middle of a log window, whose losses and mask-change baseline it keeps.
     st = _stage(log_every=3)
-    masks, logits, history = train_masks(model, linears, st, 2, 4, _stream(tokenizer), seed=0,
-                                         ckpt_dir=tmp_path / "full3")
+    logits, history = train_masks(model, linears, st, 2, 4, _stream(tokenizer), seed=0,
+                                  store=CheckpointDir(tmp_path / "full3", keep=2))
     assert [h["step"] for h in history] == [3, 6]
 
     class Killed(Exception):
@@ -116,14 +116,15 @@ def test_interrupted_and_resumed_run_ends_with_the_same_mask(micro, micro_cfg, t
             raise Killed
 
     with pytest.raises(Killed):
-        train_masks(model, linears, st, 2, 4, _stream(tokenizer), seed=0, ckpt_dir=tmp_path / "cut", on_log=die_at_6)
+        train_masks(model, linears, st, 2, 4, _stream(tokenizer), seed=0, store=CheckpointDir(tmp_path / "cut", keep=2),
+                    on_log=die_at_6)
     assert not any(parametrize.is_parametrized(l) for l in linears.values())
     resumed_from = []
-    masks2, logits2, history2 = train_masks(model, linears, st, 2, 4, _stream(tokenizer), seed=0,
-                                            ckpt_dir=tmp_path / "cut", on_log=resumed_from.append)
-    assert resumed_from[0]["step"] == 4
+    logits2, history2 = train_masks(model, linears, st, 2, 4, _stream(tokenizer), seed=0,
+                                    store=CheckpointDir(tmp_path / "cut", keep=2), on_log=resumed_from.append)
+    assert resumed_from[0] == {"resumed_from_step": 4}
     assert history2 == history
     for k in logits:
-        assert torch.equal(logits[k], logits2[k]) and torch.equal(masks[k], masks2[k])
+        assert torch.equal(logits[k], logits2[k])
     for k, l in linears.items():  # frozen weights never moved
         assert torch.equal(base_weight(l), before[k])

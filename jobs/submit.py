@@ -1,0 +1,214 @@
+"""Runs on a Ray cluster: `maskpipe submit | status | logs | stop | resume | runs`.
+
+A submitted run is a Ray job whose entrypoint is `maskpipe run RUN_DIR/config.yaml --run-dir RUN_DIR`,
+with the project as the job's working directory. The run directory is created by `submit` before
+anything runs, so it must be on storage that the cluster's nodes see at the same path (on one machine,
+any local directory). It is the run's whole state: the resolved config, status, metrics, checkpoints,
+artifacts and `jobs.json`, the run's Ray submissions, newest last. `resume` submits the same entrypoint
+again, which continues from what the directory holds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shlex
+import time
+from pathlib import Path
+
+from pipeline import MaskpipeError
+
+ROOT = Path(__file__).resolve().parents[1]
+TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
+# What a job needs of the project: the code and the vendored fixtures, not history or earlier runs.
+EXCLUDES = [".git", ".ci", "runs", "docs", "benchmarks", "**/__pycache__", "*.egg-info", ".pytest_cache"]
+
+
+def run_dir_of(run: str, runs_dir: str) -> Path:
+    """RUN is a run directory or the id (directory name) of a run under `runs_dir`."""
+    for path in (Path(run), Path(runs_dir) / run):
+        if path.is_dir():
+            if not (path / "config.yaml").is_file():
+                raise MaskpipeError(f"{path}: not a run directory (no config.yaml)")
+            return path.resolve()
+    raise MaskpipeError(f"no run {run!r}: neither a directory nor a run id under {runs_dir}/")
+
+
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def _submissions(run_dir: Path) -> dict:
+    jobs = _read_json(run_dir / "jobs.json")
+    if not jobs.get("submissions"):
+        raise MaskpipeError(f"{run_dir}: was not submitted to a cluster (run in the foreground; see run.log)")
+    return jobs
+
+
+def _submit(run_dir: Path, address: str | None) -> str:
+    from cluster import job_client
+    from pipeline.artifacts import write_json
+
+    jobs = _read_json(run_dir / "jobs.json")
+    submissions = jobs.get("submissions", [])
+    entrypoint = (f"python -m jobs.cli run {shlex.quote(str(run_dir / 'config.yaml'))} "
+                  f"--run-dir {shlex.quote(str(run_dir))}")
+    client = job_client(address)
+    job_id = client.submit_job(
+        entrypoint=entrypoint,
+        submission_id=f"{run_dir.name}-{len(submissions)}" if submissions else run_dir.name,
+        runtime_env={"working_dir": str(ROOT), "excludes": EXCLUDES},
+        metadata={"maskpipe_run": str(run_dir)},
+    )
+    write_json(run_dir / "jobs.json", {"address": client.get_address(), "submissions": submissions + [job_id]})
+    return job_id
+
+
+def _job_status(run_dir: Path) -> str | None:
+    """The Ray status of the run's newest job; None if it never was a job, "unreachable" if the
+    cluster does not answer."""
+    from cluster import job_client
+
+    jobs = _read_json(run_dir / "jobs.json")
+    if not jobs.get("submissions"):
+        return None
+    try:
+        return str(job_client(jobs["address"]).get_job_status(jobs["submissions"][-1]).value)
+    except Exception:  # noqa: BLE001 - a cluster that is gone is a state to show, not an error
+        return "unreachable"
+
+
+def run_summary(run_dir: Path) -> dict:
+    from pipeline.config import yaml_load
+    from pipeline.run import read_metrics
+
+    status = _read_json(run_dir / "status.json")
+    metrics = read_metrics(run_dir / "metrics.jsonl")
+    last = metrics[-1] if metrics else {}
+    state = status.get("status", "submitted")
+    if state in ("running", "submitted"):
+        job = _job_status(run_dir)
+        # A job killed outright never wrote its end; Ray knows it ended.
+        if job in TERMINAL and job != "SUCCEEDED":
+            state = f"{job.lower()} (job)"
+    return {"run": run_dir.name, "config": yaml_load((run_dir / "config.yaml").read_text()).get("name", ""),
+            "stage": status.get("stage") or "", "step": last.get("step", ""),
+            "status": state, "last": f"loss {last['loss']:.4f}" if "loss" in last else ""}
+
+
+def cmd_submit(a) -> None:
+    from pipeline.config import dump_config, load_config
+    from pipeline.run import new_run_dir
+
+    cfg = load_config(a.config, a.overrides)
+    run_dir = Path(a.run_dir or new_run_dir(cfg)).resolve()
+    if (run_dir / "config.yaml").exists():
+        raise MaskpipeError(f"{run_dir}: already holds a run; continue it with `maskpipe resume {run_dir}`")
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.yaml").write_text(dump_config(cfg))
+    job = _submit(run_dir, a.address)
+    print(f"submitted run {run_dir.name} (Ray job {job})\nrun directory: {run_dir}")
+
+
+def cmd_resume(a) -> None:
+    run_dir = run_dir_of(a.run, a.runs_dir)
+    status = _read_json(run_dir / "status.json").get("status")
+    if status == "completed":
+        print(f"{run_dir.name}: already completed")
+        return
+    job = _job_status(run_dir)
+    if job is not None and job not in TERMINAL and job != "unreachable":
+        raise MaskpipeError(f"{run_dir.name}: its job is still {job}; stop it first (`maskpipe stop {a.run}`)")
+    address = a.address or _read_json(run_dir / "jobs.json").get("address")
+    print(f"resumed run {run_dir.name} (Ray job {_submit(run_dir, address)})")
+
+
+def cmd_status(a) -> None:
+    run_dir = run_dir_of(a.run, a.runs_dir)
+    summary = run_summary(run_dir)
+    status = _read_json(run_dir / "status.json")
+    jobs = _read_json(run_dir / "jobs.json")
+    summary |= {"job": jobs.get("submissions", [None])[-1], "job status": _job_status(run_dir),
+                "started": status.get("started"), "finished": status.get("finished"), "error": status.get("error"),
+                "directory": str(run_dir)}
+    for k, v in summary.items():
+        if v not in (None, ""):
+            print(f"{k:>10}: {v}")
+
+
+def cmd_logs(a) -> None:
+    from cluster import job_client
+
+    run_dir = run_dir_of(a.run, a.runs_dir)
+    jobs = _submissions(run_dir)
+    client = job_client(jobs["address"])
+    job = jobs["submissions"][-1]
+    if not a.follow:
+        print(client.get_job_logs(job), end="")
+        return
+
+    async def tail() -> None:
+        async for lines in client.tail_job_logs(job):
+            print(lines, end="", flush=True)
+
+    asyncio.run(tail())
+
+
+def cmd_stop(a) -> None:
+    from cluster import job_client
+
+    run_dir = run_dir_of(a.run, a.runs_dir)
+    jobs = _submissions(run_dir)
+    client = job_client(jobs["address"])
+    job = jobs["submissions"][-1]
+    client.stop_job(job)
+    deadline = time.monotonic() + a.timeout
+    while (state := str(client.get_job_status(job).value)) not in TERMINAL and time.monotonic() < deadline:
+        time.sleep(0.5)
+    print(f"{run_dir.name}: job {job} {state.lower()}; continue it with `maskpipe resume {a.run}`")
+
+
+def cmd_runs(a) -> None:
+    root = Path(a.runs_dir)
+    runs = sorted((p for p in root.iterdir() if (p / "config.yaml").is_file()), key=lambda p: p.stat().st_mtime) \
+        if root.is_dir() else []
+    if not runs:
+        print(f"no runs under {root}/")
+        return
+    rows = [run_summary(p) for p in runs]
+    cols = ["run", "config", "stage", "step", "status", "last"]
+    widths = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in cols}
+    print("  ".join(c.ljust(widths[c]) for c in cols))
+    for r in rows:
+        print("  ".join(str(r[c]).ljust(widths[c]) for c in cols))
+
+
+def add_job_commands(sub) -> None:
+    def runs_dir(p) -> None:
+        p.add_argument("--runs-dir", default="runs", help="where run ids are looked up (a config's output_dir)")
+
+    s = sub.add_parser("submit", help="submit a run to a Ray cluster as a Ray job; prints the run id")
+    s.add_argument("config")
+    s.add_argument("overrides", nargs="*", help="key.path=value overrides")
+    s.add_argument("--address", default=None, help="the cluster's dashboard, http://HEAD:8265 (default $RAY_ADDRESS)")
+    s.add_argument("--run-dir", default=None, help="run directory (default: OUTPUT_DIR/NAME-TIMESTAMP)")
+    s.set_defaults(fn=cmd_submit)
+
+    for name, fn, text in [("status", cmd_status, "a run's stage, step, status and job"),
+                           ("logs", cmd_logs, "a submitted run's output"),
+                           ("stop", cmd_stop, "stop a submitted run (resumable)"),
+                           ("resume", cmd_resume, "submit a stopped or failed run again; it continues from its checkpoint")]:
+        p = sub.add_parser(name, help=text)
+        p.add_argument("run", help="run directory or run id")
+        runs_dir(p)
+        if name == "logs":
+            p.add_argument("--follow", "-f", action="store_true", help="stream until the job ends")
+        if name == "stop":
+            p.add_argument("--timeout", type=float, default=60, help="seconds to wait for the job to end")
+        if name == "resume":
+            p.add_argument("--address", default=None, help="another cluster's dashboard (default: the run's)")
+        p.set_defaults(fn=fn)
+
+    r = sub.add_parser("runs", help="a table of runs: id, config, stage, step, status, last metric")
+    runs_dir(r)
+    r.set_defaults(fn=cmd_runs)

@@ -1,0 +1,65 @@
+"""`RayBackend`: the stages of `pipeline.run.run` on a Ray cluster.
+
+A one-shot stage runs as one Ray task on one worker's resources; a learning stage as a Ray Train
+worker group (`workers.learn`); an evaluation as `workers.num_workers` actors, each holding the model
+once, that share out the (variant × corpus) cells. Every task and actor gets `resources_per_worker`
+(one GPU each with `use_gpu`), so evaluations fan out one device each.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import ray
+from ray.util import ActorPool
+
+from pipeline.config import Config, EvalStage, LearnStage, OneshotStage
+from pipeline.run import Session, Variant, eval_cell, eval_texts, logs_to, oneshot_stage
+from workers.learn import learn_on_ray
+
+
+def _oneshot(cfg: Config, st: OneshotStage, run_dir: Path) -> list[Variant]:
+    with logs_to(run_dir):
+        return oneshot_stage(cfg, Session(cfg.model), st, run_dir / "artifacts")
+
+
+@ray.remote
+class Evaluator:
+    """One device's share of an evaluation stage: the model loaded once, cells evaluated in turn."""
+
+    def __init__(self, cfg: Config, st: EvalStage, run_dir: Path):
+        self.session, self.st, self.run_dir = Session(cfg.model), st, run_dir
+        self.texts = eval_texts(cfg, st, self.session.tokenizer)
+
+    def cell(self, v: Variant, key: str) -> tuple[str, str, dict]:
+        with logs_to(self.run_dir):
+            return v.name, key, eval_cell(self.session, self.st, v, key, self.texts[key])
+
+
+class RayBackend:
+    def __init__(self, cfg: Config):
+        w = cfg.workers
+        res = dict(w.resources_per_worker)
+        self.options = {"num_cpus": res.pop("CPU", 1), "num_gpus": res.pop("GPU", 1 if w.use_gpu else 0)}
+        if "memory" in res:
+            self.options["memory"] = res.pop("memory")
+        if res:
+            self.options["resources"] = res
+        self.num_workers = w.num_workers
+
+    def oneshot(self, cfg: Config, st: OneshotStage, run_dir: Path) -> list[Variant]:
+        return ray.get(ray.remote(_oneshot).options(**self.options).remote(cfg, st, run_dir))
+
+    def learn(self, cfg: Config, st: LearnStage, run_dir: Path, prior: Path | None) -> list[Variant]:
+        return learn_on_ray(cfg, st, run_dir, prior)
+
+    def evaluate(self, cfg: Config, st: EvalStage, run_dir: Path, variants: list[Variant]) -> dict[str, dict[str, dict]]:
+        cells = [(v, key) for v in variants for key in st.data]
+        actors = [Evaluator.options(**self.options).remote(cfg, st, run_dir)
+                  for _ in range(min(self.num_workers, len(cells)))]
+        results: dict[str, dict[str, dict]] = {v.name: {} for v in variants}
+        for name, key, res in ActorPool(actors).map_unordered(lambda a, c: a.cell.remote(*c), cells):
+            results[name][key] = res
+        for a in actors:
+            ray.kill(a)
+        return {name: {key: r[key] for key in st.data} for name, r in results.items()}
