@@ -1,3 +1,4 @@
+import os
 from pathlib import Path
 
 import pytest
@@ -8,7 +9,8 @@ FIXTURES = ROOT / "tests" / "fixtures"
 MICRO = FIXTURES / "models" / "micro-llama"
 CORPORA = FIXTURES / "corpora"
 
-torch.set_num_threads(2)
+# Both cores of the CI machine, unless the caller asks for fewer (e.g. beside other work).
+torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", 2)))
 
 
 @pytest.fixture(scope="session")

@@ -16,7 +16,7 @@ import pytest
 import torch
 import yaml
 
-from jobs.cli import main
+from cluster import connect
 from pipeline.artifacts import load_soft_logits
 from pipeline.config import config_from_dict
 from pipeline.run import read_metrics, run
@@ -40,14 +40,18 @@ def head(tmp_path_factory):
     port, dash = _free_port(), _free_port()
     env = {**os.environ, "RAY_AUTH_MODE": "token"}
     temp = Path(f"/tmp/maskpipe-ray-{os.getpid()}")
-    subprocess.run(["ray", "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
-                    "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--num-cpus=4",
-                    "--include-dashboard=true", f"--temp-dir={temp}", "--disable-usage-stats"],
-                   check=True, env=env, capture_output=True)
-    ray.init(address=f"127.0.0.1:{port}")
-    yield f"http://127.0.0.1:{dash}"
-    ray.shutdown()
-    subprocess.run(["ray", "stop", "--force"], env=env, capture_output=True)
+    started = subprocess.run(["ray", "start", "--head", f"--port={port}", "--dashboard-host=127.0.0.1",
+                              f"--dashboard-port={dash}", "--num-cpus=4", "--include-dashboard=true",
+                              f"--temp-dir={temp}", "--disable-usage-stats"],
+                             env=env, capture_output=True, text=True)
+    try:
+        assert started.returncode == 0, started.stderr[-3000:]
+        # The head binds the node's own address, which `ray start` prints for other nodes to join.
+        connect(re.search(r"ray start --address='([^']+)'", started.stdout + started.stderr).group(1))
+        yield f"http://127.0.0.1:{dash}"
+    finally:
+        ray.shutdown()
+        subprocess.run(["ray", "stop", "--force"], env=env, capture_output=True)
 
 
 def learn_config(tmp_path: Path, workers: int) -> dict:
@@ -98,9 +102,10 @@ def test_two_workers_learn_what_one_process_learns(single, two_workers):
     run_dir, logits = two_workers
     assert json.loads((run_dir / "results.json").read_text())["stages"]["maskllm"]["workers"] == 2
     # Same blocks and Gumbel noise per step; only the order of float additions differs (DDP's average
-    # of two half-batch gradients against one whole-batch gradient), after 120 Adam steps.
+    # of two half-batch gradients against one whole-batch gradient). After 120 Adam steps at lr 1e-2
+    # (logits travel ~1) a few logits differ by up to ~5e-3: the stated tolerance is 1e-2.
     for k in single:
-        torch.testing.assert_close(logits[k], single[k], atol=2e-3, rtol=0)
+        torch.testing.assert_close(logits[k], single[k], atol=1e-2, rtol=0)
     agree = sum(int((logits[k].argmax(-1) == single[k].argmax(-1)).sum()) for k in single)
     assert agree / sum(v[..., 0].numel() for v in single.values()) > 0.999
 
