@@ -20,12 +20,14 @@ from safetensors.torch import load_file, save_file
 
 from pipeline import MaskpipeError, __version__
 from pipeline.artifacts import check_compatible, load_artifact, load_soft_logits, save_artifact, write_json
-from pipeline.config import Config, EvalStage, LearnStage, ModelConfig, OneshotStage, dump_config
+from pipeline.config import Config, EvalStage, LearnStage, ModelConfig, OneshotStage, RetrievalStage, dump_config
 from pipeline.data import TokenStream, calibration_blocks, eval_text
 from pipeline.evaluate import Perplexity, perplexity
 from pipeline.learn import train_masks
 from pipeline.models import base_weight, load_model, load_tokenizer, prunable_linears
 from pipeline.oneshot import oneshot_masks
+from pipeline.retrieval import (accuracy, multikey_samples, niah_heatmap, niah_samples, passkey_samples, score,
+                                split_sentences)
 from pipeline.sparsity import masked
 
 log = logging.getLogger("maskpipe")
@@ -185,6 +187,59 @@ def eval_stage(cfg: Config, s: Session, st: EvalStage, variants: list[Variant]) 
     return results
 
 
+def retrieval_stage(cfg: Config, s: Session, st: RetrievalStage, variants: list[Variant],
+                    out_dir: Path) -> dict[str, dict[str, dict]]:
+    """Retrieval accuracy of every variant: {variant: {task: {acc, n, cells}}}; every sample's record
+    goes to `out_dir / st.name / <variant>.json`, and each NIAH grid to a heatmap PNG beside it."""
+    def sentences(key: str | None) -> list[str] | None:
+        return None if key is None else split_sentences(eval_text(cfg.data[key]))
+
+    tasks = {}
+    if st.passkey:
+        tasks["passkey"] = (passkey_samples(s.tokenizer, st.passkey.lengths, st.passkey.samples, cfg.seed), ("length",))
+    if st.niah:
+        tasks["niah"] = (niah_samples(s.tokenizer, sentences(st.niah.data), st.niah.lengths, st.niah.depths,
+                                      st.niah.samples, cfg.seed), ("length", "depth"))
+    if st.multikey:
+        mk = st.multikey
+        tasks["multikey"] = (multikey_samples(s.tokenizer, mk.lengths, mk.samples, cfg.seed, mk.keys, mk.values,
+                                              sentences(mk.data)), ("length",))
+    folder = out_dir / st.name
+    results: dict[str, dict[str, dict]] = {}
+    for v in variants:
+        records = {}
+        with s.running(v) as model:
+            for task, (samples, by) in tasks.items():
+                records[task] = score(model, s.tokenizer, samples, desc=f"{v.name}/{task}")
+                results.setdefault(v.name, {})[task] = {**accuracy(records[task]), **accuracy(records[task], by)}
+                log.info("%s: %s %s: exact match %.3f over %d samples", st.name, v.name, task,
+                         results[v.name][task]["acc"], len(samples))
+        if "niah" in results[v.name]:
+            png = niah_heatmap(results[v.name]["niah"]["cells"], folder / f"{v.name}-niah.png",
+                               f"{v.name}: needle in a haystack, exact match")
+            results[v.name]["niah"]["heatmap"] = str(png)
+        write_json(folder / f"{v.name}.json", {"summary": results[v.name], "samples": records})
+    return results
+
+
+def retrieval_table(results: dict[str, dict[str, dict]]) -> str:
+    """Exact-match accuracy per variant and task: overall, then per length."""
+    tasks = [t for t in ("passkey", "niah", "multikey") if any(t in r for r in results.values())]
+    lengths = {t: sorted({c["length"] for r in results.values() if t in r for c in r[t]["cells"]}) for t in tasks}
+
+    def at(cells: list[dict], length: int) -> float:
+        chosen = [c for c in cells if c["length"] == length]
+        return sum(c["acc"] * c["n"] for c in chosen) / sum(c["n"] for c in chosen)
+
+    head = "| variant | " + " | ".join(f"{t} (by length {'/'.join(map(str, lengths[t]))})" for t in tasks) + " |"
+    lines = [head, "|" + " --- |" * (len(tasks) + 1)]
+    for name, row in results.items():
+        cells = [f"{row[t]['acc']:.2f} (" + "/".join(f"{at(row[t]['cells'], L):.2f}" for L in lengths[t]) + ")"
+                 if t in row else "" for t in tasks]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def results_table(results: dict[str, dict[str, dict]], variants: dict[str, Variant]) -> str:
     corpora = sorted({c for r in results.values() for c in r})
     head = "| variant | " + " | ".join(f"PPL {c}" for c in corpora) + " | method | tokens seen | method time (s) |"
@@ -233,7 +288,8 @@ def run(cfg: Config, run_dir: Path | None = None) -> Path:
     write_json(run_dir / "status.json", status)
     results_file = run_dir / "results.json"
     results: dict[str, Any] = (json.loads(results_file.read_text()) if results_file.exists()
-                               else {"stages": {}, "perplexity": {}, "done": []})
+                               else {"stages": {}, "perplexity": {}, "retrieval": {}, "done": []})
+    results.setdefault("retrieval", {})  # a run directory from before retrieval stages existed
     variants: dict[str, Variant] = {"dense": Variant("dense")}
     for name, rec in results["stages"].items():
         variants[name] = Variant(name, artifact=Path(rec["artifact"]), info=rec,
@@ -255,14 +311,20 @@ def run(cfg: Config, run_dir: Path | None = None) -> Path:
             elif isinstance(st, EvalStage):
                 chosen = [v for name, v in variants.items() if name != "dense" and (st.masks == "all" or name in st.masks)]
                 results["perplexity"].update(eval_stage(cfg, s, st, ([variants["dense"]] if st.dense else []) + chosen))
+            elif isinstance(st, RetrievalStage):
+                chosen = [v for name, v in variants.items() if name != "dense" and (st.masks == "all" or name in st.masks)]
+                results["retrieval"].update(retrieval_stage(cfg, s, st, ([variants["dense"]] if st.dense else []) + chosen,
+                                                            run_dir / "retrieval"))
             for v in new:
                 variants[v.name] = v
                 results["stages"][v.name] = {**v.info, "artifact": str(v.artifact),
                                              "updated_weights": str(v.updated_weights) if v.updated_weights else None}
             results["done"].append(st.name)
             write_json(results_file, results)
-        if results["perplexity"]:
-            (run_dir / "results.md").write_text(results_table(results["perplexity"], variants))
+        tables = ([results_table(results["perplexity"], variants)] if results["perplexity"] else []) + (
+            [retrieval_table(results["retrieval"])] if results["retrieval"] else [])
+        if tables:
+            (run_dir / "results.md").write_text("\n".join(tables))
         status["status"] = "completed"
     except BaseException as e:
         status.update(status="failed", error=f"{type(e).__name__}: {e}")
