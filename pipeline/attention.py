@@ -117,9 +117,10 @@ def binarize(gates: torch.Tensor, *, fraction: float | None = None, threshold: f
     return streaming.reshape(gates.shape)
 
 
-def random_streaming(shape: tuple[int, int], fraction: float, seed: int) -> torch.Tensor:
-    """The baseline of a learned plan: the same number of streaming heads, chosen uniformly at random."""
-    return binarize(torch.rand(shape, generator=torch.Generator().manual_seed(seed)), fraction=fraction)
+def random_scores(shape: tuple[int, int], seed: int) -> torch.Tensor:
+    """Stand-ins for gates, uniform at random: binarised at a learned plan's fraction they give the
+    random baseline with the same budget."""
+    return torch.rand(shape, generator=torch.Generator().manual_seed(seed))
 
 
 def moa_windows(gates: torch.Tensor, streaming: torch.Tensor, windows: list[int]) -> torch.Tensor:
@@ -384,7 +385,7 @@ def train_gates(model: nn.Module, tokenizer, st, stream, *, sink: int, window: i
                 dense = model.base_model(input_ids=x, use_cache=False).last_hidden_state[targets]
             with planned(model, streaming, gates):
                 mixed = model.base_model(input_ids=x, use_cache=False).last_hidden_state[targets]
-            distance = (mixed - dense).pow(2).mean()
+            distance = (mixed - dense).pow(2).sum(-1).mean()  # squared L2 per answer position, as DuoAttention
             loss = distance + st.reg * gates.abs().mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()

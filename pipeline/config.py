@@ -215,6 +215,56 @@ class RetrievalStage(StageBase):
         return self
 
 
+class AttentionStage(StageBase):
+    """A per-head attention plan: `learned` gates (DuoAttention) binarised at a target fraction of
+    streaming KV heads (or a gate threshold), or a `random` plan with the same budget."""
+
+    stage: Literal["attention"]
+    method: Literal["learned", "random"] = "learned"
+    streaming: float | None = Field(default=0.5, ge=0, le=1)  # fraction of KV heads that stream
+    threshold: float | None = Field(default=None, ge=0, le=1)  # learned only: heads with gate < threshold stream
+    sink: int | None = Field(default=None, gt=0)  # tokens; default seqlen/64
+    window: int | None = Field(default=None, gt=0)  # recent tokens; default seqlen/8
+    windows: list[int] | None = Field(default=None, min_length=1)  # MoA-style: streaming windows ranked by gate
+    gates_from: str | None = None  # an earlier learned attention stage: re-binarise its gates, no training
+    masks: str | None = None  # an earlier N:M stage: its masks stay on while learning and join the artifact
+    data: str | None = None  # haystack corpus of the synthetic passkey samples (learned)
+    steps: int = Field(default=100, gt=0)
+    batch_size: int = Field(default=4, gt=0)
+    seqlen: int = Field(default=512, gt=1)  # also the context the sink/window defaults scale with
+    needles: int = Field(default=2, gt=0)  # passkeys per sample
+    lr: float = Field(default=0.02, gt=0)
+    warmup_steps: int = Field(default=0, ge=0)
+    reg: float = Field(default=0.05, ge=0)  # λ of λ·mean|α|
+    log_every: int = Field(default=10, gt=0)
+    checkpoint_every: int = Field(default=50, gt=0)
+    keep_checkpoints: int = Field(default=2, gt=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _threshold_replaces_fraction(cls, v: Any) -> Any:
+        if isinstance(v, dict) and v.get("threshold") is not None and "streaming" not in v:
+            v = {**v, "streaming": None}
+        return v
+
+    @model_validator(mode="after")
+    def _checks(self) -> AttentionStage:
+        if (self.streaming is None) == (self.threshold is None):
+            raise ValueError("streaming: give exactly one of streaming (a fraction of heads) or threshold")
+        if self.method == "random":
+            if self.threshold is not None or self.gates_from is not None:
+                raise ValueError("method: a random plan takes a streaming fraction, no threshold or gates_from")
+        elif self.gates_from is None and self.data is None:
+            raise ValueError("data: learning gates needs a haystack corpus")
+        return self
+
+    def sink_window(self) -> tuple[int, int]:
+        from pipeline.attention import default_sink_window
+
+        sink, window = default_sink_window(self.seqlen)
+        return self.sink or sink, self.window or window
+
+
 class PriorConfig(Strict):
     """Where a learned mask starts: an earlier stage's mask, or any mask artifact (transfer)."""
 
@@ -265,8 +315,9 @@ class LearnStage(StageBase):
         return v
 
 
-Stage = Annotated[Union[OneshotStage, LearnStage, EvalStage, RetrievalStage], Field(discriminator="stage")]
-STAGE_KINDS = ("oneshot", "learn", "eval", "retrieval")
+Stage = Annotated[Union[OneshotStage, LearnStage, EvalStage, RetrievalStage, AttentionStage],
+                  Field(discriminator="stage")]
+STAGE_KINDS = ("oneshot", "learn", "eval", "retrieval", "attention")
 
 
 def data_refs(st) -> dict[str, str]:
@@ -313,6 +364,11 @@ class Config(Strict):
             if isinstance(st, LearnStage) and st.prior is not None and st.prior.stage is not None:
                 if st.prior.stage not in seen:
                     raise _KeyError(f"{where}.prior.stage", f"no earlier stage named {st.prior.stage!r}")
+            if isinstance(st, AttentionStage):
+                for key in ("gates_from", "masks"):
+                    ref = getattr(st, key)
+                    if ref is not None and ref not in seen:
+                        raise _KeyError(f"{where}.{key}", f"no earlier stage named {ref!r}")
             if isinstance(st, (EvalStage, RetrievalStage)) and st.masks != "all":
                 for ref in st.masks:
                     if ref not in seen:

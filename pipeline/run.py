@@ -19,8 +19,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from pipeline import MaskpipeError, __version__
+from pipeline.attention import (AttentionPlan, binarize, check_plan, kv_heads, moa_windows, plan_cost, planned,
+                                random_scores, train_gates)
 from pipeline.artifacts import check_compatible, load_artifact, load_soft_logits, save_artifact, write_json
-from pipeline.config import Config, EvalStage, LearnStage, ModelConfig, OneshotStage, RetrievalStage, dump_config
+from pipeline.config import (AttentionStage, Config, EvalStage, LearnStage, ModelConfig, OneshotStage, RetrievalStage,
+                             dump_config)
 from pipeline.data import TokenStream, calibration_blocks, eval_text
 from pipeline.evaluate import Perplexity, perplexity
 from pipeline.learn import train_masks
@@ -61,18 +64,26 @@ class Session:
         }
 
     def load_artifact(self, path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        """An artifact's masks and manifest, checked against this base model."""
+        """An artifact's masks and manifest, masks and attention plan checked against this base model."""
         masks, manifest = load_artifact(path)
         check_compatible(manifest, self.linears, str(path))
+        if "attention" in manifest:
+            check_plan(manifest["attention"], self.model, str(path))
         return masks, manifest
 
     def masks_of(self, variant: Variant) -> dict[str, torch.Tensor]:
         return {} if variant.artifact is None else self.load_artifact(variant.artifact)[0]
 
+    def plan_of(self, variant: Variant) -> AttentionPlan | None:
+        manifest = {} if variant.artifact is None else self.load_artifact(variant.artifact)[1]
+        return AttentionPlan.from_json(manifest["attention"]) if "attention" in manifest else None
+
     @contextmanager
     def running(self, variant: Variant):
-        """The model as `variant` describes it; the base weights are restored on exit."""
-        masks = self.masks_of(variant)  # checked against the base model before its weights are swapped
+        """The model as `variant` describes it (masks, attention plan); the base weights are restored on exit."""
+        # checked against the base model before its weights are swapped
+        masks, manifest = ({}, {}) if variant.artifact is None else self.load_artifact(variant.artifact)
+        plan = AttentionPlan.from_json(manifest["attention"]) if "attention" in manifest else None
         saved = {}
         try:
             if variant.updated_weights is not None:
@@ -80,7 +91,7 @@ class Session:
                     base = base_weight(self.linears[name])
                     saved[name] = base.detach().clone()
                     base.data.copy_(w)
-            with masked(self.linears, masks):
+            with masked(self.linears, masks), planned(self.model, plan):
                 yield self.model
         finally:
             for name, w in saved.items():
@@ -165,6 +176,68 @@ def learn_stage(cfg: Config, s: Session, st: LearnStage, out_dir: Path, ckpt_dir
     info = {"method": "maskllm", "pattern": f"{n}:{m}", "seconds": round(seconds, 2), "tokens": tokens,
             "prior": st.prior and (st.prior.stage or Path(st.prior.artifact).name)}
     return [Variant(st.name, artifact=artifact, info=info)]
+
+
+def attention_stage(cfg: Config, s: Session, st: AttentionStage, out_dir: Path, ckpt_dir: Path,
+                    variants: dict[str, Variant]) -> list[Variant]:
+    """A per-head attention plan: learned gates (resuming from `ckpt_dir / st.name`), an earlier stage's
+    gates re-binarised, or random scores; written as an artifact with the N:M masks of `st.masks`."""
+    sink, window = st.sink_window()
+    shape = kv_heads(s.model)[:2]
+    base = variants[st.masks] if st.masks else Variant("dense")
+    if base.updated_weights is not None:
+        raise MaskpipeError(f"{st.name}: masks: {st.masks} updated its weights; an artifact carries masks over "
+                            "frozen weights only")
+    masks, manifest = ({}, {}) if base.artifact is None else s.load_artifact(base.artifact)
+    gates, history, tokens, data_info = None, [], 0, {}
+    t0 = time.perf_counter()
+    if st.method == "random":
+        scores = random_scores(shape, cfg.seed)
+    elif st.gates_from:
+        scores = gates = s.plan_of(variants[st.gates_from]).gate
+        if bool(gates.isnan().any()):
+            raise MaskpipeError(f"{st.name}: gates_from: {st.gates_from} has no learned gates")
+    else:
+        stream = TokenStream(cfg.data[st.data], s.tokenizer, st.seqlen, cfg.seed)
+        tokens = st.steps * st.batch_size * st.seqlen
+        data_info = {"corpus": st.data, "sources": [x.path for x in cfg.data[st.data].sources], "tokens": tokens}
+        log.info("%s: learning gates of %d x %d KV heads against streaming sink %d + window %d, %d steps",
+                 st.name, *shape, sink, window, st.steps)
+
+        def on_log(entry: dict) -> None:
+            log.info("%s: %s", st.name, " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                                   for k, v in entry.items()))
+
+        with s.running(base):
+            scores = gates = train_gates(s.model, s.tokenizer, st, stream, sink=sink, window=window, seed=cfg.seed,
+                                         ckpt_dir=ckpt_dir / st.name, on_log=on_log)[0]
+    seconds = time.perf_counter() - t0
+    streaming = binarize(scores, fraction=st.streaming, threshold=st.threshold)
+    plan = AttentionPlan(streaming, torch.full(shape, sink),
+                         moa_windows(scores, streaming, st.windows) if st.windows else torch.full(shape, window),
+                         gates if gates is not None else torch.full(shape, float("nan")))
+    cost = plan_cost(plan, st.seqlen, *head_geometry(s.model))
+    params = st.model_dump(mode="json", exclude={"stage", "name", "data", "masks"}) | {"sink": sink, "window": window}
+    artifact = save_artifact(
+        out_dir / st.name, masks, s.linears, base_model=s.base_model_info(), pattern=manifest.get("pattern"),
+        method={"name": f"attention-{st.method}", "params": params, "seconds": round(seconds, 2),
+                "masks_from": manifest.get("method")},
+        data=data_info, metrics={f"at_{st.seqlen}_tokens": cost}, config=cfg.model_dump(mode="json"),
+        attention=plan.to_json(s.model),
+    )
+    log.info("%s: %d of %d KV heads streaming (KV cache %.0f%% of dense at %d tokens); artifact %s",
+             st.name, int(streaming.sum()), streaming.numel(), 100 * cost["kv_cache_fraction"], st.seqlen, artifact)
+    info = {"method": f"attention-{st.method}", "streaming": plan.streaming_fraction(), "sink": sink,
+            "window": st.windows or window, "seconds": round(seconds, 2), "tokens": tokens,
+            "prior": st.gates_from or None}
+    return [Variant(st.name, artifact=artifact, info=info)]
+
+
+def head_geometry(model) -> tuple[int, int, int]:
+    """(head_dim, query heads per KV head, bytes per cached element) for KV-cache and FLOP counts."""
+    c = model.config.get_text_config()
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    return head_dim, kv_heads(model)[2], next(model.parameters()).element_size()
 
 
 def eval_stage(cfg: Config, s: Session, st: EvalStage, variants: list[Variant]) -> dict[str, dict[str, dict]]:
@@ -308,6 +381,8 @@ def run(cfg: Config, run_dir: Path | None = None) -> Path:
                 new = oneshot_stage(cfg, s, st, run_dir / "artifacts")
             elif isinstance(st, LearnStage):
                 new = learn_stage(cfg, s, st, run_dir / "artifacts", run_dir / "checkpoints", variants)
+            elif isinstance(st, AttentionStage):
+                new = attention_stage(cfg, s, st, run_dir / "artifacts", run_dir / "checkpoints", variants)
             elif isinstance(st, EvalStage):
                 chosen = [v for name, v in variants.items() if name != "dense" and (st.masks == "all" or name in st.masks)]
                 results["perplexity"].update(eval_stage(cfg, s, st, ([variants["dense"]] if st.dense else []) + chosen))

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from pipeline.attention import (AttentionPlan, LayerHeads, attended_keys, binarize, kv_heads, moa_windows,
-                                plan_cost, planned, planned_attention, random_streaming, uniform_plan)
+                                plan_cost, planned, planned_attention, random_scores, uniform_plan)
 
 
 class Attn(torch.nn.Module):
@@ -88,8 +88,8 @@ def test_binarize_random_and_moa_windows():
     gates = torch.tensor([[0.9, 0.1, 0.5], [0.2, 0.8, 0.3]])
     assert binarize(gates, fraction=0.5).tolist() == [[False, True, False], [True, False, True]]
     assert binarize(gates, threshold=0.25).tolist() == [[False, True, False], [True, False, False]]
-    r = random_streaming((6, 8), 0.75, seed=0)
-    assert int(r.sum()) == 36 and torch.equal(r, random_streaming((6, 8), 0.75, seed=0))
+    r = binarize(random_scores((6, 8), seed=0), fraction=0.75)
+    assert int(r.sum()) == 36 and torch.equal(r, binarize(random_scores((6, 8), seed=0), fraction=0.75))
     w = moa_windows(gates, binarize(gates, fraction=0.5), [16, 64, 32])
     assert w.tolist() == [[0, 16, 0], [32, 0, 64]]  # lowest gate, smallest window
 
