@@ -126,17 +126,30 @@ def cmd_retrieval(a) -> None:
 
 def cmd_apply(a) -> None:
     from pipeline.artifacts import materialize
+    from pipeline.attention import plan_cost
     from pipeline.config import ModelConfig
-    from pipeline.run import Session, Variant
+    from pipeline.run import Session, head_geometry
 
     session = Session(ModelConfig(**_model_cfg(a)))
-    masks = session.masks_of(Variant(Path(a.masks).name, artifact=Path(a.masks)))
-    kept = sum(int(m.sum()) for m in masks.values())
-    total = sum(m.numel() for m in masks.values())
-    print(f"{a.masks}: fits {a.model}: {len(masks)} layers, {1 - kept / total:.2%} of their weights masked")
+    masks, manifest = session.load_artifact(Path(a.masks))
+    if masks:
+        kept = sum(int(m.sum()) for m in masks.values())
+        total = sum(m.numel() for m in masks.values())
+        print(f"{a.masks}: fits {a.model}: {len(masks)} layers, {1 - kept / total:.2%} of their weights masked")
+    plan = manifest.get("attention")
+    if plan is not None:
+        from pipeline.attention import AttentionPlan
+
+        p = AttentionPlan.from_json(plan)
+        length = session.model.config.get_text_config().max_position_embeddings
+        cost = plan_cost(p, length, *head_geometry(session.model))
+        print(f"{a.masks}: fits {a.model}: attention plan with {int(p.streaming.sum())} of {p.streaming.numel()} KV "
+              f"heads streaming; at {length} tokens the KV cache is {cost['kv_cache_fraction']:.1%} and attention "
+              f"FLOPs {cost['attention_flops_fraction']:.1%} of dense")
     if a.out:
+        # The plan travels in maskpipe.json: running it needs maskpipe's attention implementation.
         out = materialize(session.model, session.tokenizer, session.linears, masks, a.out,
-                          {"base_model": a.model, "revision": a.revision, "masks": str(a.masks)})
+                          {"base_model": a.model, "revision": a.revision, "masks": str(a.masks), "attention": plan})
         print(f"materialized model written to {out}")
 
 
@@ -198,7 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
     rt.add_argument("--out", required=True, help="directory for results.json, per-sample records and heatmaps")
     rt.set_defaults(fn=cmd_retrieval)
 
-    ap = sub.add_parser("apply", help="check an artifact against a model; optionally write the masked model")
+    ap = sub.add_parser("apply", help="check an artifact (masks and/or attention plan) against a model; optionally "
+                                      "write the masked model")
     _model_args(ap)
     ap.add_argument("--masks", required=True, help="mask artifact directory")
     ap.add_argument("--out", default=None, help="write a materialized model directory (weights ⊙ mask)")

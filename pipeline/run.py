@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from pipeline import MaskpipeError, __version__
 from pipeline.attention import (AttentionPlan, binarize, check_plan, kv_heads, moa_windows, plan_cost, planned,
-                                random_scores, train_gates)
+                                random_scores, train_gates, uniform_plan)
 from pipeline.artifacts import check_compatible, load_artifact, load_soft_logits, save_artifact, write_json
 from pipeline.config import (AttentionStage, Config, EvalStage, LearnStage, ModelConfig, OneshotStage, RetrievalStage,
                              dump_config)
@@ -278,13 +278,16 @@ def retrieval_stage(cfg: Config, s: Session, st: RetrievalStage, variants: list[
         tasks["multikey"] = (multikey_samples(s.tokenizer, mk.lengths, mk.samples, cfg.seed, mk.keys, mk.values,
                                               sentences(mk.data)), ("length",))
     folder = out_dir / st.name
+    longest = max(sample.length for samples, _ in tasks.values() for sample in samples)
     results: dict[str, dict[str, dict]] = {}
     for v in variants:
+        plan = s.plan_of(v) or uniform_plan(kv_heads(s.model)[:2], False, 0, 0)
+        results[v.name] = {"cost": {"length": longest, **plan_cost(plan, longest, *head_geometry(s.model))}}
         records = {}
         with s.running(v) as model:
             for task, (samples, by) in tasks.items():
                 records[task] = score(model, s.tokenizer, samples, desc=f"{v.name}/{task}")
-                results.setdefault(v.name, {})[task] = {**accuracy(records[task]), **accuracy(records[task], by)}
+                results[v.name][task] = {**accuracy(records[task]), **accuracy(records[task], by)}
                 log.info("%s: %s %s: exact match %.3f over %d samples", st.name, v.name, task,
                          results[v.name][task]["acc"], len(samples))
         if "niah" in results[v.name]:
@@ -296,7 +299,8 @@ def retrieval_stage(cfg: Config, s: Session, st: RetrievalStage, variants: list[
 
 
 def retrieval_table(results: dict[str, dict[str, dict]]) -> str:
-    """Exact-match accuracy per variant and task: overall, then per length."""
+    """Exact-match accuracy per variant and task (overall, then per length), and what the variant's
+    attention costs at the longest length: KV cache and attention FLOPs of a prefill, as a share of dense."""
     tasks = [t for t in ("passkey", "niah", "multikey") if any(t in r for r in results.values())]
     lengths = {t: sorted({c["length"] for r in results.values() if t in r for c in r[t]["cells"]}) for t in tasks}
 
@@ -304,11 +308,16 @@ def retrieval_table(results: dict[str, dict[str, dict]]) -> str:
         chosen = [c for c in cells if c["length"] == length]
         return sum(c["acc"] * c["n"] for c in chosen) / sum(c["n"] for c in chosen)
 
-    head = "| variant | " + " | ".join(f"{t} (by length {'/'.join(map(str, lengths[t]))})" for t in tasks) + " |"
-    lines = [head, "|" + " --- |" * (len(tasks) + 1)]
+    longest = max(r["cost"]["length"] for r in results.values())
+    head = ("| variant | " + " | ".join(f"{t} (by length {'/'.join(map(str, lengths[t]))})" for t in tasks)
+            + f" | KV cache at {longest} | attention FLOPs at {longest} |")
+    lines = [head, "|" + " --- |" * (len(tasks) + 3)]
     for name, row in results.items():
         cells = [f"{row[t]['acc']:.2f} (" + "/".join(f"{at(row[t]['cells'], L):.2f}" for L in lengths[t]) + ")"
                  if t in row else "" for t in tasks]
+        cost = row["cost"]
+        cells += [f"{cost['kv_cache_bytes'] / 2**10:,.0f} KiB ({cost['kv_cache_fraction']:.0%})",
+                  f"{cost['attention_flops'] / 1e6:,.0f} M ({cost['attention_flops_fraction']:.0%})"]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

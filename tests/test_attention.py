@@ -1,4 +1,5 @@
 import math
+import re
 
 import pytest
 import torch
@@ -105,3 +106,75 @@ def test_plan_json_round_trip_and_costs():
     assert cost["kv_cache_fraction"] == pytest.approx((20 + 300) / 400)
     assert cost["kv_cache_bytes"] == 2 * 32 * 2 * (20 + 300)
     assert 0.75 < cost["attention_flops_fraction"] < 1
+
+
+def _gate_stage(**kw):
+    from pipeline.config import AttentionStage
+
+    return AttentionStage.model_validate({"stage": "attention", "data": "d", "steps": 4, "batch_size": 1,
+                                          "seqlen": 128, "needles": 2, "log_every": 1, "checkpoint_every": 2,
+                                          "keep_checkpoints": 2, **kw})
+
+
+def _stream(tokenizer):
+    from pipeline.config import DataConfig
+    from pipeline.data import TokenStream
+    from tests.conftest import CORPORA
+
+    return TokenStream(DataConfig.model_validate({"sources": [str(CORPORA / "kjv.train.txt")], "shuffle_buffer": 8}),
+                       tokenizer, 128, seed=0)
+
+
+def test_passkey_batches_mark_the_key_digits_and_resume_exactly(tokenizer):
+    import random
+
+    from pipeline.attention import passkey_batch
+
+    rng, stream = random.Random(0), _stream(tokenizer)
+    passkey_batch(rng, stream, tokenizer, 2, 128, needles=2)
+    rng_state, stream_state = rng.getstate(), stream.state_dict()
+    ids, targets = passkey_batch(rng, stream, tokenizer, 2, 128, needles=2)
+    assert ids.shape == targets.shape == (2, 128)
+    for row, t in zip(ids, targets):
+        text = tokenizer.decode(row)
+        keys = re.findall(r"The pass key is (\d+)\. Remember", text)
+        assert len(keys) == 2 and text.count("What is the pass key? The pass key is") == 2
+        predicted = tokenizer.decode(row[1:][t[:-1]]).replace(" ", "")
+        assert predicted == "".join(keys)  # exactly the answer digits are predicted from target positions
+    rng2, stream2 = random.Random(), _stream(tokenizer)
+    rng2.setstate(rng_state)
+    stream2.load_state_dict(stream_state)
+    ids2, targets2 = passkey_batch(rng2, stream2, tokenizer, 2, 128, needles=2)
+    assert torch.equal(ids, ids2) and torch.equal(targets, targets2)
+
+
+def test_gate_learning_trains_only_gates_and_resumes_exactly(micro, tokenizer, tmp_path):
+    from pipeline.attention import train_gates
+    from pipeline.checkpoint import checkpoints
+
+    model, _ = micro
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    st = _gate_stage()
+    gates, history = train_gates(model, tokenizer, st, _stream(tokenizer), sink=4, window=16, seed=0,
+                                 ckpt_dir=tmp_path / "full")
+    assert gates.shape == kv_heads(model)[:2] and bool(((gates >= 0) & (gates <= 1)).all())
+    assert not torch.equal(gates, torch.ones_like(gates))
+    assert [h["step"] for h in history] == [1, 2, 3, 4]
+    assert [p.name for p in checkpoints(tmp_path / "full")] == ["step-00000002", "step-00000004"]
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+    class Killed(Exception):
+        pass
+
+    def die_at_3(entry):
+        if entry.get("step") == 3:
+            raise Killed
+
+    with pytest.raises(Killed):
+        train_gates(model, tokenizer, st, _stream(tokenizer), sink=4, window=16, seed=0, ckpt_dir=tmp_path / "cut",
+                    on_log=die_at_3)
+    assert model.config._attn_implementation == "sdpa"
+    events = []
+    gates2, history2 = train_gates(model, tokenizer, st, _stream(tokenizer), sink=4, window=16, seed=0,
+                                   ckpt_dir=tmp_path / "cut", on_log=events.append)
+    assert events[0]["step"] == 2 and history2 == history and torch.equal(gates2, gates)
