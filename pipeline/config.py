@@ -227,6 +227,7 @@ class AttentionStage(StageBase):
     window: int | None = Field(default=None, gt=0)  # recent tokens; default seqlen/8
     windows: list[int] | None = Field(default=None, min_length=1)  # MoA-style: streaming windows ranked by gate
     gates_from: str | None = None  # an earlier learned attention stage: re-binarise its gates, no training
+    seed: int | None = None  # random: the draw (defaults to the config's seed)
     masks: str | None = None  # an earlier N:M stage: its masks stay on while learning and join the artifact
     data: str | None = None  # haystack corpus of the synthetic passkey samples (learned)
     steps: int = Field(default=100, gt=0)

@@ -192,7 +192,7 @@ def attention_stage(cfg: Config, s: Session, st: AttentionStage, out_dir: Path, 
     gates, history, tokens, data_info = None, [], 0, {}
     t0 = time.perf_counter()
     if st.method == "random":
-        scores = random_scores(shape, cfg.seed)
+        scores = random_scores(shape, cfg.seed if st.seed is None else st.seed)
     elif st.gates_from:
         scores = gates = s.plan_of(variants[st.gates_from]).gate
         if bool(gates.isnan().any()):
