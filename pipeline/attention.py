@@ -241,7 +241,9 @@ def planned_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
     if attention_mask is not None and attention_mask.dtype != torch.bool:
         raise MaskpipeError(f"{IMPLEMENTATION}: expected a boolean attention mask, got {attention_mask.dtype}")
     group, offset = query.shape[1] // key.shape[1], key.shape[2] - query.shape[2]
-    use_flex = attention_mask is None and (heads.backend == "flex" or (heads.backend == "auto" and query.is_cuda))
+    # Decoding steps (one query) take SDPA: their mask is one row, and a block mask per new length would cost more.
+    use_flex = attention_mask is None and query.shape[2] > 1 and (
+        heads.backend == "flex" or (heads.backend == "auto" and query.is_cuda))
     if use_flex:
         out = _flex(heads, query, key, value, offset, scaling, group)
     else:
