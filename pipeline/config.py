@@ -234,9 +234,11 @@ class AttentionStage(StageBase):
     batch_size: int = Field(default=4, gt=0)
     seqlen: int = Field(default=512, gt=1)  # also the context the sink/window defaults scale with
     needles: int = Field(default=2, gt=0)  # passkeys per sample
-    lr: float = Field(default=0.02, gt=0)
+    # Adam moves a gate by about lr per step, so lr ~ 2-4/steps lets an unneeded gate fall from 1 to 0.
+    lr: float = Field(default=0.05, gt=0)
     warmup_steps: int = Field(default=0, ge=0)
-    reg: float = Field(default=0.05, ge=0)  # λ of λ·mean|α|
+    # λ of λ·mean|α|; DuoAttention's 0.05·Σ|α| over 48 heads is λ = 2.4 here
+    reg: float = Field(default=2.0, ge=0)
     log_every: int = Field(default=10, gt=0)
     checkpoint_every: int = Field(default=50, gt=0)
     keep_checkpoints: int = Field(default=2, gt=0)
