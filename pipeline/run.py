@@ -209,8 +209,9 @@ def attention_stage(cfg: Config, s: Session, st: AttentionStage, out_dir: Path, 
                                                    for k, v in entry.items()))
 
         with s.running(base):
-            scores = gates = train_gates(s.model, s.tokenizer, st, stream, sink=sink, window=window, seed=cfg.seed,
-                                         ckpt_dir=ckpt_dir / st.name, on_log=on_log)[0]
+            gates, history = train_gates(s.model, s.tokenizer, st, stream, sink=sink, window=window, seed=cfg.seed,
+                                         ckpt_dir=ckpt_dir / st.name, on_log=on_log)
+        scores = gates
     seconds = time.perf_counter() - t0
     streaming = binarize(scores, fraction=st.streaming, threshold=st.threshold)
     plan = AttentionPlan(streaming, torch.full(shape, sink),
@@ -221,7 +222,7 @@ def attention_stage(cfg: Config, s: Session, st: AttentionStage, out_dir: Path, 
     artifact = save_artifact(
         out_dir / st.name, masks, s.linears, base_model=s.base_model_info(), pattern=manifest.get("pattern"),
         method={"name": f"attention-{st.method}", "params": params, "seconds": round(seconds, 2),
-                "masks_from": manifest.get("method")},
+                "masks_from": manifest.get("method"), "final": history[-1] if history else {}},
         data=data_info, metrics={f"at_{st.seqlen}_tokens": cost}, config=cfg.model_dump(mode="json"),
         attention=plan.to_json(s.model),
     )
