@@ -152,3 +152,21 @@ def test_attention_stages_and_retrieval_in_a_run(in_root, tmp_path, capsys):
                  str(tmp_path / "r" / "artifacts" / "duo50"), "--passkey", "192", "--samples", "2",
                  "--out", str(tmp_path / "cli")]) == 0
     assert "| duo50 |" in capsys.readouterr().out
+
+
+def test_one_artifact_carries_nm_masks_and_an_attention_plan(in_root, tmp_path, capsys):
+    stages = ("stages=[{stage: oneshot, method: magnitude}, {stage: attention, name: both, method: random, "
+              "masks: magnitude, seqlen: 128}, {stage: retrieval, passkey: {lengths: [96], samples: 2}}]")
+    run_dir = run(load_config("configs/tiny.yaml", [stages]), tmp_path / "r")
+    masks, manifest = load_artifact(run_dir / "artifacts" / "both")
+    magnitude, _ = load_artifact(run_dir / "artifacts" / "magnitude")
+    assert manifest["pattern"] == "2:4" and all(torch.equal(masks[k], magnitude[k]) for k in magnitude)
+    assert manifest["attention"]["streaming_fraction"] == 0.5
+    results = json.loads((run_dir / "results.json").read_text())
+    assert set(results["retrieval"]) == {"dense", "magnitude", "both"}
+    assert results["retrieval"]["both"]["cost"]["kv_cache_fraction"] < 1
+    assert main(["apply", "--model", str(MICRO), "--dtype", "float32", "--masks", str(run_dir / "artifacts" / "both"),
+                 "--out", str(tmp_path / "applied")]) == 0
+    out = capsys.readouterr().out
+    assert "50.00% of their weights masked" in out and "attention plan with 4 of 8 KV heads streaming" in out
+    assert json.loads((tmp_path / "applied" / "maskpipe.json").read_text())["attention"] == manifest["attention"]
