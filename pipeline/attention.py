@@ -29,8 +29,8 @@ from tqdm.auto import tqdm
 
 from pipeline import MaskpipeError
 from pipeline.models import decoder_blocks, decoder_linears, fingerprint
-from pipeline.retrieval import PASSKEY_DIGITS, PASSKEY_INTRO, PASSKEY_NEEDLE, PASSKEY_QUESTION, build_prompt, \
-    random_number, split_sentences
+from pipeline.retrieval import (PASSKEY_DIGITS, PASSKEY_INTRO, PASSKEY_NEEDLE, PASSKEY_QUESTION, build_prompt,
+                                random_number, split_sentences)
 
 IMPLEMENTATION = "maskpipe_heads"  # the name the plans run under in transformers' AttentionInterface
 FULL, STREAMING = "full", "streaming"
@@ -92,13 +92,15 @@ def kv_heads(model: nn.Module) -> tuple[int, int, int]:
 
 
 def default_sink_window(context: int) -> tuple[int, int]:
-    """Streaming defaults scaled to the context: sink 1/64 and window 1/8 of it (8 + 64 at 512 tokens);
-    DuoAttention's 128 + 256 sits at similar fractions of the ~2k-token contexts it profiles at."""
+    """Streaming defaults scaled to the context: sink 1/64 and window 1/8 of it (8 + 64 at 512 tokens).
+    The window is DuoAttention's 256 recent tokens at a 2k context; the sink is smaller than its 128, as
+    a few first tokens already absorb the attention sink (StreamingLLM keeps 4)."""
     return max(context // 64, 1), max(context // 8, 1)
 
 
 def uniform_plan(shape: tuple[int, int], streaming: torch.Tensor | bool, sink: int, window: int,
                  gate: torch.Tensor | None = None) -> AttentionPlan:
+    """A plan whose streaming heads (a [layers, kv_heads] mask, or True/False for all) share one sink and window."""
     streaming = torch.as_tensor(streaming, dtype=torch.bool).expand(shape).clone()
     return AttentionPlan(streaming, torch.full(shape, sink), torch.full(shape, window),
                          torch.full(shape, math.nan) if gate is None else gate.detach().float().cpu().clone())
@@ -177,8 +179,10 @@ class LayerHeads:
     def allowed(self, kv_head, q_pos, k_pos):
         """The one definition of the pattern: causal, and for a streaming head only sink or recent keys.
         Broadcasts over tensors (the SDPA mask) and runs per element as a FlexAttention mask_mod."""
-        far_ok = ~self.streaming[kv_head] | (k_pos < self.sink[kv_head]) | (q_pos - k_pos < self.window[kv_head])
-        return (k_pos <= q_pos) & far_ok
+        full_head = ~self.streaming[kv_head]
+        is_sink = k_pos < self.sink[kv_head]
+        is_recent = q_pos - k_pos < self.window[kv_head]
+        return (k_pos <= q_pos) & (full_head | is_sink | is_recent)
 
 
 def attention_modules(model: nn.Module) -> list[nn.Module]:
