@@ -261,12 +261,6 @@ class AttentionStage(StageBase):
             raise ValueError("data: learning gates needs a haystack corpus")
         return self
 
-    def sink_window(self) -> tuple[int, int]:
-        from pipeline.attention import default_sink_window
-
-        sink, window = default_sink_window(self.seqlen)
-        return self.sink or sink, self.window or window
-
 
 class PriorConfig(Strict):
     """Where a learned mask starts: an earlier stage's mask, or any mask artifact (transfer)."""

@@ -19,8 +19,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from pipeline import MaskpipeError, __version__
-from pipeline.attention import (AttentionPlan, binarize, check_plan, kv_heads, moa_windows, plan_cost, planned,
-                                random_scores, train_gates, uniform_plan)
+from pipeline.attention import (AttentionPlan, binarize, check_plan, default_sink_window, kv_heads, moa_windows,
+                                plan_cost, planned, random_scores, train_gates, uniform_plan)
 from pipeline.artifacts import check_compatible, load_artifact, load_soft_logits, save_artifact, write_json
 from pipeline.config import (AttentionStage, Config, EvalStage, LearnStage, ModelConfig, OneshotStage, RetrievalStage,
                              dump_config)
@@ -182,7 +182,8 @@ def attention_stage(cfg: Config, s: Session, st: AttentionStage, out_dir: Path, 
                     variants: dict[str, Variant]) -> list[Variant]:
     """A per-head attention plan: learned gates (resuming from `ckpt_dir / st.name`), an earlier stage's
     gates re-binarised, or random scores; written as an artifact with the N:M masks of `st.masks`."""
-    sink, window = st.sink_window()
+    default_sink, default_window = default_sink_window(st.seqlen)
+    sink, window = st.sink or default_sink, st.window or default_window
     shape = kv_heads(s.model)[:2]
     base = variants[st.masks] if st.masks else Variant("dense")
     if base.updated_weights is not None:
