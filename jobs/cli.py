@@ -115,19 +115,57 @@ def cmd_eval(a) -> None:
         write_json(a.out, results)
 
 
+def cmd_retrieval(a) -> None:
+    from pipeline.artifacts import write_json
+    from pipeline.config import config_from_dict
+    from pipeline.run import Session, Variant, retrieval_stage, retrieval_table
+
+    stage = {"stage": "retrieval", "name": "retrieval", "dense": a.dense or not a.masks}
+    raw = {"name": "retrieval", "seed": a.seed, "model": _model_cfg(a), "stages": [stage], "data": {}}
+    if a.passkey:
+        stage["passkey"] = {"lengths": a.passkey, "samples": a.samples}
+    if a.niah:
+        if not a.data:
+            raise MaskpipeError("retrieval: --niah needs --data, the haystack corpus")
+        raw["data"]["haystack"] = _data_cfg(a, "test", "document")
+        stage["niah"] = {"data": "haystack", "lengths": a.niah, "depths": a.depths, "samples": a.niah_samples}
+    if a.multikey:
+        stage["multikey"] = {"lengths": a.multikey, "samples": a.samples, "keys": a.keys, "values": a.values}
+    cfg = config_from_dict(raw, "command line")
+    variants = [Variant("dense")] if cfg.stages[0].dense else []
+    variants += [Variant(Path(p).name, artifact=Path(p)) for p in a.masks]
+    results = retrieval_stage(cfg, Session(cfg.model), cfg.stages[0], variants, Path(a.out))
+    print(retrieval_table(results))
+    write_json(Path(a.out) / "results.json", results)
+    print(f"samples, NIAH heatmaps and results.json in {a.out}")
+
+
 def cmd_apply(a) -> None:
     from pipeline.artifacts import materialize
+    from pipeline.attention import plan_cost
     from pipeline.config import ModelConfig
-    from pipeline.run import Session, Variant
+    from pipeline.run import Session, head_geometry
 
     session = Session(ModelConfig(**_model_cfg(a)))
-    masks = session.masks_of(Variant(Path(a.masks).name, artifact=Path(a.masks)))
-    kept = sum(int(m.sum()) for m in masks.values())
-    total = sum(m.numel() for m in masks.values())
-    print(f"{a.masks}: fits {a.model}: {len(masks)} layers, {1 - kept / total:.2%} of their weights masked")
+    masks, manifest = session.load_artifact(Path(a.masks))
+    if masks:
+        kept = sum(int(m.sum()) for m in masks.values())
+        total = sum(m.numel() for m in masks.values())
+        print(f"{a.masks}: fits {a.model}: {len(masks)} layers, {1 - kept / total:.2%} of their weights masked")
+    plan = manifest.get("attention")
+    if plan is not None:
+        from pipeline.attention import AttentionPlan
+
+        p = AttentionPlan.from_json(plan)
+        length = session.model.config.get_text_config().max_position_embeddings
+        cost = plan_cost(p, length, *head_geometry(session.model))
+        print(f"{a.masks}: fits {a.model}: attention plan with {int(p.streaming.sum())} of {p.streaming.numel()} KV "
+              f"heads streaming; at {length} tokens the KV cache is {cost['kv_cache_fraction']:.1%} and attention "
+              f"FLOPs {cost['attention_flops_fraction']:.1%} of dense")
     if a.out:
+        # The plan travels in maskpipe.json: running it needs maskpipe's attention implementation.
         out = materialize(session.model, session.tokenizer, session.linears, masks, a.out,
-                          {"base_model": a.model, "revision": a.revision, "masks": str(a.masks)})
+                          {"base_model": a.model, "revision": a.revision, "masks": str(a.masks), "attention": plan})
         print(f"materialized model written to {out}")
 
 
@@ -175,7 +213,25 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", default=None, help="write the results as JSON here")
     e.set_defaults(fn=cmd_eval)
 
-    ap = sub.add_parser("apply", help="check an artifact against a model; optionally write the masked model")
+    rt = sub.add_parser("retrieval", help="passkey, needle-in-a-haystack and multi-key retrieval (greedy, exact match)")
+    _model_args(rt)
+    rt.add_argument("--masks", nargs="*", default=[], help="artifacts to evaluate (N:M masks and/or attention plans)")
+    rt.add_argument("--dense", action="store_true", help="also evaluate the dense model when --masks is given")
+    rt.add_argument("--passkey", type=int, nargs="*", default=[], metavar="LEN", help="passkey prompt lengths (tokens)")
+    rt.add_argument("--samples", type=int, default=10, help="passkey and multi-key samples per length")
+    rt.add_argument("--niah", type=int, nargs="*", default=[], metavar="LEN", help="NIAH context lengths (tokens)")
+    rt.add_argument("--depths", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0], help="NIAH needle depths")
+    rt.add_argument("--niah-samples", type=int, default=2, help="NIAH samples per cell")
+    _data_args(rt, required=False)
+    rt.add_argument("--multikey", type=int, nargs="*", default=[], metavar="LEN", help="multi-key prompt lengths")
+    rt.add_argument("--keys", type=int, default=4, help="multi-key: keys in the haystack (1 asked, the rest distract)")
+    rt.add_argument("--values", type=int, default=1, help="multi-key: values per key (all must be retrieved)")
+    rt.add_argument("--seed", type=int, default=0)
+    rt.add_argument("--out", required=True, help="directory for results.json, per-sample records and heatmaps")
+    rt.set_defaults(fn=cmd_retrieval)
+
+    ap = sub.add_parser("apply", help="check an artifact (masks and/or attention plan) against a model; optionally "
+                                      "write the masked model")
     _model_args(ap)
     ap.add_argument("--masks", required=True, help="mask artifact directory")
     ap.add_argument("--out", default=None, help="write a materialized model directory (weights ⊙ mask)")

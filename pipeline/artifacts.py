@@ -8,6 +8,10 @@ An artifact is a directory:
   logits.safetensors optional soft state of a learned mask: per layer [out, in/M, C(M,N)] logits over
                      the candidates in lexicographic order, so the artifact can seed another task's mask
 
+An artifact may instead, or also, carry a per-head attention plan (manifest key `attention`: per layer
+and KV head its pattern, sink, window and gate, and the fingerprint of the base model's decoder
+linears); an artifact with only a plan has no masks, `pattern` null and `layers` empty.
+
 It never holds base weights, and it never applies to a model whose fingerprint or shapes differ.
 """
 
@@ -110,16 +114,20 @@ def save_artifact(
     linears: dict[str, nn.Linear],
     *,
     base_model: dict[str, Any],
-    pattern: str,
+    pattern: str | None,
     method: dict[str, Any],
     data: dict[str, Any] | None = None,
     metrics: dict[str, Any] | None = None,
     config: dict[str, Any] | None = None,
     soft_logits: dict[str, torch.Tensor] | None = None,
+    attention: dict[str, Any] | None = None,
 ) -> Path:
     """Write an artifact atomically. `base_model` holds name_or_path and revision; the fingerprint
-    is computed here over exactly the layers the artifact masks."""
-    n, m = parse_pattern(pattern)
+    is computed here over exactly the layers the artifact masks, or for a plan alone is the plan's
+    (`AttentionPlan.to_json(model)`: the fingerprint of every decoder linear)."""
+    if not masks and attention is None:
+        raise MaskpipeError("an artifact needs masks, an attention plan or both")
+    n, m = parse_pattern(pattern) if masks else (0, 0)
     packed, layers = {}, {}
     for name in sorted(masks):
         mask = masks[name].bool()
@@ -132,8 +140,9 @@ def save_artifact(
         "format_version": FORMAT_VERSION,
         "maskpipe_version": __version__,
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "base_model": {**base_model, "fingerprint": fingerprint({k: linears[k] for k in masks})},
-        "pattern": pattern,
+        "base_model": {**base_model, "fingerprint": fingerprint({k: linears[k] for k in masks}) if masks
+                       else attention["fingerprint"]},
+        "pattern": pattern if masks else None,
         "encoding": ENCODING,
         "layers": layers,
         "method": method,
@@ -141,6 +150,8 @@ def save_artifact(
         "metrics": metrics or {},
         "config": config or {},
     }
+    if attention is not None:
+        manifest["attention"] = attention
     if soft_logits is not None:
         manifest["soft"] = {"file": LOGITS_FILE, "dtype": str(next(iter(soft_logits.values())).dtype).split(".")[-1],
                             "candidates": "itertools.combinations(range(M), N) order"}
@@ -182,13 +193,13 @@ def load_artifact(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, 
         packed = load_file(str(path / MASKS_FILE))
     except (SafetensorError, OSError) as e:
         raise MaskpipeError(f"{path / MASKS_FILE}: unreadable ({e})") from None
-    n, m = parse_pattern(manifest["pattern"])
     if set(packed) != set(manifest["layers"]):
         raise MaskpipeError(f"{path}: {MASKS_FILE} and {MANIFEST_FILE} list different layers")
     masks = {}
     for name, info in manifest["layers"].items():
         if _sha256(packed[name]) != info["sha256"]:
             raise MaskpipeError(f"{path / MASKS_FILE}: {name}: checksum mismatch (corrupted artifact)")
+        n, m = parse_pattern(manifest["pattern"])
         masks[name] = unpack(packed[name], info["shape"])
         if not is_nm(masks[name], n, m):
             raise MaskpipeError(f"{path}: {name}: mask is not {manifest['pattern']}")
@@ -207,8 +218,11 @@ def load_soft_logits(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def check_compatible(manifest: dict[str, Any], linears: dict[str, nn.Linear], source: str = "artifact") -> None:
-    """Refuse, before anything is touched, an artifact made for another model or other shapes."""
+    """Refuse, before anything is touched, masks made for another model or other shapes (an attention
+    plan is checked against the model by `pipeline.attention.check_plan`)."""
     layers = manifest["layers"]
+    if not layers:
+        return
     missing = sorted(set(layers) - set(linears))
     if missing:
         raise MaskpipeError(

@@ -165,6 +165,103 @@ class EvalStage(StageBase):
         return self
 
 
+class PasskeyTask(Strict):
+    """Passkey retrieval in the standard filler, the needle at uniformly random depths."""
+
+    lengths: list[int] = Field(min_length=1)  # prompt lengths in tokens of the model's tokenizer
+    samples: int = Field(default=10, gt=0)  # per length
+
+
+class NiahTask(Strict):
+    """Needle in a haystack: the passkey needle at every depth of every length, in a corpus haystack."""
+
+    data: str  # the haystack corpus, a key of `data` (read whole, cut into sentences)
+    lengths: list[int] = Field(min_length=1)
+    depths: list[float] = Field(default=[0.0, 0.25, 0.5, 0.75, 1.0], min_length=1)
+    samples: int = Field(default=2, gt=0)  # per cell
+
+    @field_validator("depths")
+    @classmethod
+    def _fractions(cls, v: list[float]) -> list[float]:
+        if any(not 0 <= d <= 1 for d in v):
+            raise ValueError(f"expected fractions in [0, 1], got {v}")
+        return v
+
+
+class MultiKeyTask(Strict):
+    """RULER multi-key (distractor keys) / multi-value (several values per key) retrieval."""
+
+    lengths: list[int] = Field(min_length=1)
+    samples: int = Field(default=10, gt=0)
+    keys: int = Field(default=4, gt=0)
+    values: int = Field(default=1, gt=0)
+    data: str | None = None  # haystack corpus; the standard filler when omitted
+
+
+class RetrievalStage(StageBase):
+    """Greedy exact-match retrieval of every variant (dense, masks, attention plans)."""
+
+    stage: Literal["retrieval"]
+    passkey: PasskeyTask | None = None
+    niah: NiahTask | None = None
+    multikey: MultiKeyTask | None = None
+    dense: bool = True
+    masks: list[str] | Literal["all"] = "all"  # names of earlier stages whose artifacts to evaluate
+
+    @model_validator(mode="after")
+    def _some_task(self) -> RetrievalStage:
+        if self.passkey is None and self.niah is None and self.multikey is None:
+            raise ValueError("passkey: give at least one of passkey, niah, multikey")
+        return self
+
+
+class AttentionStage(StageBase):
+    """A per-head attention plan: `learned` gates (DuoAttention) binarised at a target fraction of
+    streaming KV heads (or a gate threshold), or a `random` plan with the same budget."""
+
+    stage: Literal["attention"]
+    method: Literal["learned", "random"] = "learned"
+    streaming: float | None = Field(default=0.5, ge=0, le=1)  # fraction of KV heads that stream
+    threshold: float | None = Field(default=None, ge=0, le=1)  # learned only: heads with gate < threshold stream
+    sink: int | None = Field(default=None, gt=0)  # tokens; default seqlen/64
+    window: int | None = Field(default=None, gt=0)  # recent tokens; default seqlen/8
+    windows: list[int] | None = Field(default=None, min_length=1)  # MoA-style: streaming windows ranked by gate
+    gates_from: str | None = None  # an earlier learned attention stage: re-binarise its gates, no training
+    seed: int | None = None  # random: the draw (defaults to the config's seed)
+    masks: str | None = None  # an earlier N:M stage: its masks stay on while learning and join the artifact
+    data: str | None = None  # haystack corpus of the synthetic passkey samples (learned)
+    steps: int = Field(default=100, gt=0)
+    batch_size: int = Field(default=4, gt=0)
+    seqlen: int = Field(default=512, gt=1)  # also the context the sink/window defaults scale with
+    needles: int = Field(default=2, gt=0)  # passkeys per sample
+    # Adam moves a gate by about lr per step, so lr ~ 2-4/steps lets an unneeded gate fall from 1 to 0.
+    lr: float = Field(default=0.05, gt=0)
+    warmup_steps: int = Field(default=0, ge=0)
+    # λ of λ·mean|α|; DuoAttention's 0.05·Σ|α| over 48 heads is λ = 2.4 here
+    reg: float = Field(default=2.0, ge=0)
+    log_every: int = Field(default=10, gt=0)
+    checkpoint_every: int = Field(default=50, gt=0)
+    keep_checkpoints: int = Field(default=2, gt=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _threshold_replaces_fraction(cls, v: Any) -> Any:
+        if isinstance(v, dict) and v.get("threshold") is not None and "streaming" not in v:
+            v = {**v, "streaming": None}
+        return v
+
+    @model_validator(mode="after")
+    def _checks(self) -> AttentionStage:
+        if (self.streaming is None) == (self.threshold is None):
+            raise ValueError("streaming: give exactly one of streaming (a fraction of heads) or threshold")
+        if self.method == "random":
+            if self.threshold is not None or self.gates_from is not None:
+                raise ValueError("method: a random plan takes a streaming fraction, no threshold or gates_from")
+        elif self.gates_from is None and self.data is None:
+            raise ValueError("data: learning gates needs a haystack corpus")
+        return self
+
+
 class PriorConfig(Strict):
     """Where a learned mask starts: an earlier stage's mask, or any mask artifact (transfer)."""
 
@@ -230,7 +327,19 @@ class WorkersConfig(Strict):
     storage_path: str | None = None
 
 
-Stage = Annotated[Union[OneshotStage, LearnStage, EvalStage], Field(discriminator="stage")]
+Stage = Annotated[Union[OneshotStage, LearnStage, EvalStage, RetrievalStage, AttentionStage],
+                  Field(discriminator="stage")]
+STAGE_KINDS = ("oneshot", "learn", "eval", "retrieval", "attention")
+
+
+def data_refs(st) -> dict[str, str]:
+    """key path (within the stage) -> corpus name, for every corpus a stage reads."""
+    if isinstance(st, EvalStage):
+        return {"data": ref for ref in st.data} if len(st.data) == 1 else {f"data.{i}": r for i, r in enumerate(st.data)}
+    if isinstance(st, RetrievalStage):
+        return {f"{task}.data": getattr(st, task).data for task in ("niah", "multikey")
+                if getattr(st, task) is not None and getattr(st, task).data is not None}
+    return {"data": st.data} if st.data is not None else {}
 
 
 class Config(Strict):
@@ -263,17 +372,21 @@ class Config(Strict):
             where = f"stages.{i}"
             if st.name in seen:
                 raise _KeyError(f"{where}.name", f"duplicate stage name {st.name!r}")
-            refs = list(st.data) if isinstance(st, EvalStage) else [st.data]
-            for ref in refs:
-                if ref is not None and ref not in self.data:
-                    raise _KeyError(f"{where}.data", f"no corpus named {ref!r} under data (have {sorted(self.data)})")
+            for key, ref in data_refs(st).items():
+                if ref not in self.data:
+                    raise _KeyError(f"{where}.{key}", f"no corpus named {ref!r} under data (have {sorted(self.data)})")
             if isinstance(st, LearnStage) and st.prior is not None and st.prior.stage is not None:
                 if st.prior.stage not in seen:
                     raise _KeyError(f"{where}.prior.stage", f"no earlier stage named {st.prior.stage!r}")
             if isinstance(st, LearnStage) and st.batch_size % max(self.workers.num_workers, 1):
                 raise _KeyError(f"{where}.batch_size", f"{st.batch_size} blocks do not split evenly over "
                                                        f"{self.workers.num_workers} workers (workers.num_workers)")
-            if isinstance(st, EvalStage) and st.masks != "all":
+            if isinstance(st, AttentionStage):
+                for key in ("gates_from", "masks"):
+                    ref = getattr(st, key)
+                    if ref is not None and ref not in seen:
+                        raise _KeyError(f"{where}.{key}", f"no earlier stage named {ref!r}")
+            if isinstance(st, (EvalStage, RetrievalStage)) and st.masks != "all":
                 for ref in st.masks:
                     if ref not in seen:
                         raise _KeyError(f"{where}.masks", f"no earlier stage named {ref!r}")
@@ -295,7 +408,7 @@ class _KeyError(ValueError):
 def _format(err: ValidationError, source: str) -> str:
     lines = []
     for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"] if p not in ("oneshot", "learn", "eval"))
+        loc = ".".join(str(p) for p in e["loc"] if p not in STAGE_KINDS)
         ctx_err = (e.get("ctx") or {}).get("error")
         if isinstance(ctx_err, _KeyError):
             loc, msg = ctx_err.loc, ctx_err.msg

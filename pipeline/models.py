@@ -72,8 +72,8 @@ def decoder_blocks(model: nn.Module) -> nn.ModuleList:
     )
 
 
-def prunable_linears(model: nn.Module, cfg: ModelConfig) -> dict[str, nn.Linear]:
-    """`nn.Linear` layers inside decoder blocks whose names match the config's include/exclude globs."""
+def decoder_linears(model: nn.Module) -> dict[str, nn.Linear]:
+    """Every `nn.Linear` inside the decoder blocks, by module name: what a base-model fingerprint covers."""
     blocks = decoder_blocks(model)
     prefix = next(n for n, m in model.named_modules() if m is blocks)
     found: dict[str, nn.Linear] = {}
@@ -83,12 +83,18 @@ def prunable_linears(model: nn.Module, cfg: ModelConfig) -> dict[str, nn.Linear]
                 f"unsupported architecture {type(model).__name__}: {name} is a GPT-2 style Conv1D "
                 "(transposed weight); maskpipe prunes nn.Linear layers only"
             )
-        if not isinstance(module, nn.Linear):
-            continue
-        if any(fnmatch.fnmatchcase(name, p) for p in cfg.prune.include) and not any(
-            fnmatch.fnmatchcase(name, p) for p in cfg.prune.exclude
-        ):
+        if isinstance(module, nn.Linear):
             found[name] = module
+    return found
+
+
+def prunable_linears(model: nn.Module, cfg: ModelConfig) -> dict[str, nn.Linear]:
+    """`nn.Linear` layers inside decoder blocks whose names match the config's include/exclude globs."""
+    found = {
+        name: module for name, module in decoder_linears(model).items()
+        if any(fnmatch.fnmatchcase(name, p) for p in cfg.prune.include)
+        and not any(fnmatch.fnmatchcase(name, p) for p in cfg.prune.exclude)
+    }
     if not found:
         raise MaskpipeError(
             f"model {cfg.name_or_path!r}: no nn.Linear in the decoder blocks matches "

@@ -26,13 +26,18 @@ from safetensors.torch import load_file, save_file
 from pipeline import MaskpipeError, __version__
 from pipeline.artifacts import (check_compatible, load_artifact, load_soft_logits, read_manifest, save_artifact,
                                 write_json, write_text)
+from pipeline.attention import (AttentionPlan, binarize, check_plan, default_sink_window, kv_heads, moa_windows,
+                                plan_cost, planned, random_scores, train_gates, uniform_plan)
 from pipeline.checkpoint import CheckpointDir
-from pipeline.config import Config, EvalStage, LearnStage, ModelConfig, OneshotStage, dump_config
+from pipeline.config import (AttentionStage, Config, EvalStage, LearnStage, ModelConfig, OneshotStage, RetrievalStage,
+                             dump_config)
 from pipeline.data import TokenStream, calibration_blocks, eval_text
 from pipeline.evaluate import Perplexity, perplexity
 from pipeline.learn import hard_mask, train_masks
 from pipeline.models import base_weight, load_model, load_tokenizer, prunable_linears
 from pipeline.oneshot import oneshot_masks
+from pipeline.retrieval import (accuracy, multikey_samples, niah_heatmap, niah_samples, passkey_samples, score,
+                                split_sentences)
 from pipeline.sparsity import masked
 
 log = logging.getLogger("maskpipe")
@@ -76,18 +81,26 @@ class Session:
         }
 
     def load_artifact(self, path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        """An artifact's masks and manifest, checked against this base model."""
+        """An artifact's masks and manifest, masks and attention plan checked against this base model."""
         masks, manifest = load_artifact(path)
         check_compatible(manifest, self.linears, str(path))
+        if "attention" in manifest:
+            check_plan(manifest["attention"], self.model, str(path))
         return masks, manifest
 
     def masks_of(self, variant: Variant) -> dict[str, torch.Tensor]:
         return {} if variant.artifact is None else self.load_artifact(variant.artifact)[0]
 
+    def plan_of(self, variant: Variant) -> AttentionPlan | None:
+        manifest = {} if variant.artifact is None else self.load_artifact(variant.artifact)[1]
+        return AttentionPlan.from_json(manifest["attention"]) if "attention" in manifest else None
+
     @contextmanager
     def running(self, variant: Variant):
-        """The model as `variant` describes it; the base weights are restored on exit."""
-        masks = self.masks_of(variant)  # checked against the base model before its weights are swapped
+        """The model as `variant` describes it (masks, attention plan); the base weights are restored on exit."""
+        # checked against the base model before its weights are swapped
+        masks, manifest = ({}, {}) if variant.artifact is None else self.load_artifact(variant.artifact)
+        plan = AttentionPlan.from_json(manifest["attention"]) if "attention" in manifest else None
         saved = {}
         try:
             if variant.updated_weights is not None:
@@ -95,7 +108,7 @@ class Session:
                     base = base_weight(self.linears[name])
                     saved[name] = base.detach().clone()
                     base.data.copy_(w)
-            with masked(self.linears, masks):
+            with masked(self.linears, masks), planned(self.model, plan):
                 yield self.model
         finally:
             for name, w in saved.items():
@@ -244,10 +257,131 @@ def eval_cell(s: Session, st: EvalStage, v: Variant, key: str, ids: torch.Tensor
             "stride": st.stride}
 
 
+def attention_stage(cfg: Config, s: Session, st: AttentionStage, out_dir: Path, store, on_log,
+                    variants: dict[str, Variant]) -> list[Variant]:
+    """A per-head attention plan: learned gates (resuming from `store`), an earlier stage's gates
+    re-binarised, or random scores; written as an artifact with the N:M masks of `st.masks`."""
+    default_sink, default_window = default_sink_window(st.seqlen)
+    sink, window = st.sink or default_sink, st.window or default_window
+    shape = kv_heads(s.model)[:2]
+    base = variants[st.masks] if st.masks else Variant("dense")
+    if base.updated_weights is not None:
+        raise MaskpipeError(f"{st.name}: masks: {st.masks} updated its weights; an artifact carries masks over "
+                            "frozen weights only")
+    masks, manifest = ({}, {}) if base.artifact is None else s.load_artifact(base.artifact)
+    gates, history, tokens, data_info = None, [], 0, {}
+    t0 = time.perf_counter()
+    if st.method == "random":
+        scores = random_scores(shape, cfg.seed if st.seed is None else st.seed)
+    elif st.gates_from:
+        scores = gates = s.plan_of(variants[st.gates_from]).gate
+        if bool(gates.isnan().any()):
+            raise MaskpipeError(f"{st.name}: gates_from: {st.gates_from} has no learned gates")
+    else:
+        stream = TokenStream(cfg.data[st.data], s.tokenizer, st.seqlen, cfg.seed)
+        tokens = st.steps * st.batch_size * st.seqlen
+        data_info = {"corpus": st.data, "sources": [x.path for x in cfg.data[st.data].sources], "tokens": tokens}
+        log.info("%s: learning gates of %d x %d KV heads against streaming sink %d + window %d, %d steps",
+                 st.name, *shape, sink, window, st.steps)
+        with s.running(base):
+            gates, history = train_gates(s.model, s.tokenizer, st, stream, sink=sink, window=window, seed=cfg.seed,
+                                         store=store, on_log=on_log)
+        scores = gates
+    seconds = time.perf_counter() - t0
+    streaming = binarize(scores, fraction=st.streaming, threshold=st.threshold)
+    plan = AttentionPlan(streaming, torch.full(shape, sink),
+                         moa_windows(scores, streaming, st.windows) if st.windows else torch.full(shape, window),
+                         gates if gates is not None else torch.full(shape, float("nan")))
+    cost = plan_cost(plan, st.seqlen, *head_geometry(s.model))
+    params = st.model_dump(mode="json", exclude={"stage", "name", "data", "masks"}) | {"sink": sink, "window": window}
+    artifact = save_artifact(
+        out_dir / st.name, masks, s.linears, base_model=s.base_model_info(), pattern=manifest.get("pattern"),
+        method={"name": f"attention-{st.method}", "params": params, "seconds": round(seconds, 2),
+                "masks_from": manifest.get("method"), "final": history[-1] if history else {}},
+        data=data_info, metrics={f"at_{st.seqlen}_tokens": cost}, config=cfg.model_dump(mode="json"),
+        attention=plan.to_json(s.model),
+    )
+    log.info("%s: %d of %d KV heads streaming (KV cache %.0f%% of dense at %d tokens); artifact %s",
+             st.name, int(streaming.sum()), streaming.numel(), 100 * cost["kv_cache_fraction"], st.seqlen, artifact)
+    info = {"method": f"attention-{st.method}", "streaming": plan.streaming_fraction(), "sink": sink,
+            "window": st.windows or window, "seconds": round(seconds, 2), "tokens": tokens,
+            "prior": st.gates_from or None}
+    return [Variant(st.name, artifact=artifact, info=info)]
+
+
+def head_geometry(model) -> tuple[int, int, int]:
+    """(head_dim, query heads per KV head, bytes per cached element) for KV-cache and FLOP counts."""
+    c = model.config.get_text_config()
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    return head_dim, kv_heads(model)[2], next(model.parameters()).element_size()
+
+
 def eval_stage(cfg: Config, s: Session, st: EvalStage, variants: list[Variant]) -> dict[str, dict[str, dict]]:
     """Perplexity of every variant on every corpus: {variant: {corpus: {ppl, tokens, ...}}}."""
     texts = eval_texts(cfg, st, s.tokenizer)
     return {v.name: {key: eval_cell(s, st, v, key, ids) for key, ids in texts.items()} for v in variants}
+
+
+def retrieval_stage(cfg: Config, s: Session, st: RetrievalStage, variants: list[Variant],
+                    out_dir: Path) -> dict[str, dict[str, dict]]:
+    """Retrieval accuracy of every variant: {variant: {task: {acc, n, cells}}}; every sample's record
+    goes to `out_dir / st.name / <variant>.json`, and each NIAH grid to a heatmap PNG beside it."""
+    def sentences(key: str | None) -> list[str] | None:
+        return None if key is None else split_sentences(eval_text(cfg.data[key]))
+
+    tasks = {}
+    if st.passkey:
+        tasks["passkey"] = (passkey_samples(s.tokenizer, st.passkey.lengths, st.passkey.samples, cfg.seed), ("length",))
+    if st.niah:
+        tasks["niah"] = (niah_samples(s.tokenizer, sentences(st.niah.data), st.niah.lengths, st.niah.depths,
+                                      st.niah.samples, cfg.seed), ("length", "depth"))
+    if st.multikey:
+        mk = st.multikey
+        tasks["multikey"] = (multikey_samples(s.tokenizer, mk.lengths, mk.samples, cfg.seed, mk.keys, mk.values,
+                                              sentences(mk.data)), ("length",))
+    folder = out_dir / st.name
+    longest = max(sample.length for samples, _ in tasks.values() for sample in samples)
+    results: dict[str, dict[str, dict]] = {}
+    for v in variants:
+        plan = s.plan_of(v) or uniform_plan(kv_heads(s.model)[:2], False, 0, 0)
+        results[v.name] = {"cost": {"length": longest, **plan_cost(plan, longest, *head_geometry(s.model))}}
+        records = {}
+        with s.running(v) as model:
+            for task, (samples, by) in tasks.items():
+                records[task] = score(model, s.tokenizer, samples, desc=f"{v.name}/{task}")
+                results[v.name][task] = {**accuracy(records[task]), **accuracy(records[task], by)}
+                log.info("%s: %s %s: exact match %.3f over %d samples", st.name, v.name, task,
+                         results[v.name][task]["acc"], len(samples))
+        if "niah" in results[v.name]:
+            png = niah_heatmap(results[v.name]["niah"]["cells"], folder / f"{v.name}-niah.png",
+                               f"{v.name}: needle in a haystack, exact match")
+            results[v.name]["niah"]["heatmap"] = str(png)
+        write_json(folder / f"{v.name}.json", {"summary": results[v.name], "samples": records})
+    return results
+
+
+def retrieval_table(results: dict[str, dict[str, dict]]) -> str:
+    """Exact-match accuracy per variant and task (overall, then per length), and what the variant's
+    attention costs at the longest length: KV cache and attention FLOPs of a prefill, as a share of dense."""
+    tasks = [t for t in ("passkey", "niah", "multikey") if any(t in r for r in results.values())]
+    lengths = {t: sorted({c["length"] for r in results.values() if t in r for c in r[t]["cells"]}) for t in tasks}
+
+    def at(cells: list[dict], length: int) -> float:
+        chosen = [c for c in cells if c["length"] == length]
+        return sum(c["acc"] * c["n"] for c in chosen) / sum(c["n"] for c in chosen)
+
+    longest = max(r["cost"]["length"] for r in results.values())
+    head = ("| variant | " + " | ".join(f"{t} (by length {'/'.join(map(str, lengths[t]))})" for t in tasks)
+            + f" | KV cache at {longest} | attention FLOPs at {longest} |")
+    lines = [head, "|" + " --- |" * (len(tasks) + 3)]
+    for name, row in results.items():
+        cells = [f"{row[t]['acc']:.2f} (" + "/".join(f"{at(row[t]['cells'], L):.2f}" for L in lengths[t]) + ")"
+                 if t in row else "" for t in tasks]
+        cost = row["cost"]
+        cells += [f"{cost['kv_cache_bytes'] / 2**10:,.0f} KiB ({cost['kv_cache_fraction']:.0%})",
+                  f"{cost['attention_flops'] / 1e6:,.0f} M ({cost['attention_flops_fraction']:.0%})"]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def results_table(results: dict[str, dict[str, dict]], variants: dict[str, Variant]) -> str:
@@ -316,8 +450,16 @@ class LocalBackend:
         return learn_stage(cfg, self.session(cfg), st, run_dir / "artifacts", prior, store,
                            MetricsLog(run_dir, st.name, cfg.tensorboard))
 
+    def attention(self, cfg: Config, st: AttentionStage, run_dir: Path, variants: dict[str, Variant]) -> list[Variant]:
+        store = CheckpointDir(run_dir / "checkpoints" / st.name, st.keep_checkpoints)
+        return attention_stage(cfg, self.session(cfg), st, run_dir / "artifacts", store,
+                               MetricsLog(run_dir, st.name, cfg.tensorboard), variants)
+
     def evaluate(self, cfg: Config, st: EvalStage, run_dir: Path, variants: list[Variant]) -> dict[str, dict[str, dict]]:
         return eval_stage(cfg, self.session(cfg), st, variants)
+
+    def retrieval(self, cfg: Config, st: RetrievalStage, run_dir: Path, variants: list[Variant]) -> dict[str, dict]:
+        return retrieval_stage(cfg, self.session(cfg), st, variants, run_dir / "retrieval")
 
 
 def run(cfg: Config, run_dir: Path | None = None, backend=None) -> Path:
@@ -338,7 +480,8 @@ def run(cfg: Config, run_dir: Path | None = None, backend=None) -> Path:
     write_json(run_dir / "status.json", status)
     results_file = run_dir / "results.json"
     results: dict[str, Any] = (json.loads(results_file.read_text()) if results_file.exists()
-                               else {"stages": {}, "perplexity": {}, "done": []})
+                               else {"stages": {}, "perplexity": {}, "retrieval": {}, "done": []})
+    results.setdefault("retrieval", {})  # a run directory from before retrieval stages existed
     variants: dict[str, Variant] = {"dense": Variant("dense")}
     variants |= {name: Variant.from_record(name, rec) for name, rec in results["stages"].items()}
     with logs_to(run_dir):
@@ -354,18 +497,25 @@ def run(cfg: Config, run_dir: Path | None = None, backend=None) -> Path:
                     new = backend.oneshot(cfg, st, run_dir)
                 elif isinstance(st, LearnStage):
                     new = backend.learn(cfg, st, run_dir, prior_source(st, variants))
-                elif isinstance(st, EvalStage):
+                elif isinstance(st, AttentionStage):
+                    new = backend.attention(cfg, st, run_dir, variants)
+                else:
                     chosen = [v for name, v in variants.items()
                               if name != "dense" and (st.masks == "all" or name in st.masks)]
                     chosen = ([variants["dense"]] if st.dense else []) + chosen
-                    results["perplexity"].update(backend.evaluate(cfg, st, run_dir, chosen))
+                    if isinstance(st, EvalStage):
+                        results["perplexity"].update(backend.evaluate(cfg, st, run_dir, chosen))
+                    else:
+                        results["retrieval"].update(backend.retrieval(cfg, st, run_dir, chosen))
                 for v in new:
                     variants[v.name] = v
                     results["stages"][v.name] = v.record()
                 results["done"].append(st.name)
                 write_json(results_file, results)
-            if results["perplexity"]:
-                write_text(run_dir / "results.md", results_table(results["perplexity"], variants))
+            tables = ([results_table(results["perplexity"], variants)] if results["perplexity"] else []) + (
+                [retrieval_table(results["retrieval"])] if results["retrieval"] else [])
+            if tables:
+                write_text(run_dir / "results.md", "\n".join(tables))
             status["status"] = "completed"
         except KeyboardInterrupt:
             status["status"] = "stopped"

@@ -125,3 +125,55 @@ def test_materialized_model_loads_and_matches_masked_logits(tmp_path, micro, mic
     assert torch.allclose(reloaded(x).logits, expected, atol=1e-5)
     for k, lin in prunable_linears(reloaded, micro_cfg).items():
         assert torch.equal(lin.weight != 0, masks[k] & (lin.weight != 0)) and is_nm(masks[k], 2, 4)
+
+
+def test_an_artifact_carries_an_attention_plan_with_or_without_masks(tmp_path, micro, micro_cfg, capsys):
+    from jobs.cli import main
+    from pipeline.attention import AttentionPlan, check_plan, kv_heads, uniform_plan
+    from pipeline.run import Session, Variant
+    from tests.conftest import MICRO
+
+    model, linears = micro
+    shape = kv_heads(model)[:2]
+    streaming = torch.zeros(shape, dtype=torch.bool)
+    streaming[0] = True
+    plan = uniform_plan(shape, streaming, 2, 8, torch.rand(shape))
+    only = save_artifact(tmp_path / "plan", {}, linears, base_model=BASE, pattern=None,
+                         method={"name": "attention-learned"}, attention=plan.to_json(model))
+    both = save_artifact(tmp_path / "both", magnitude(linears), linears, base_model=BASE, pattern="2:4",
+                         method={"name": "attention-learned"}, attention=plan.to_json(model))
+    masks, manifest = load_artifact(only)
+    assert masks == {} and manifest["pattern"] is None and manifest["layers"] == {}
+    assert manifest["base_model"]["fingerprint"] == manifest["attention"]["fingerprint"]
+    back = check_plan(manifest["attention"], model, str(only))
+    assert torch.equal(back.streaming, plan.streaming) and torch.allclose(back.gate, plan.gate, atol=1e-6)
+    masks, manifest = load_artifact(both)
+    assert set(masks) == set(linears) and AttentionPlan.from_json(manifest["attention"]).shape == shape
+    with pytest.raises(MaskpipeError, match="needs masks, an attention plan or both"):
+        save_artifact(tmp_path / "none", {}, linears, base_model=BASE, pattern=None, method={"name": "x"})
+
+    # a session runs each: the plan alone, the masks alone, both together
+    s = Session(micro_cfg)
+    x = torch.randint(0, 2048, (1, 40))
+    logits = {}
+    for name, art in [("dense", None), ("plan", only), ("both", both)]:
+        with s.running(Variant(name, artifact=art)) as m:
+            logits[name] = m(input_ids=x).logits
+    with s.running(Variant("masks", artifact=write(tmp_path, s.linears, magnitude(s.linears)))) as m:
+        logits["masks"] = m(input_ids=x).logits
+    assert torch.equal(logits["plan"][:, :10], logits["dense"][:, :10])  # streaming starts past sink + window
+    assert not torch.allclose(logits["plan"], logits["dense"], atol=1e-3)
+    assert not torch.allclose(logits["both"], logits["masks"], atol=1e-3)
+    assert s.model.config._attn_implementation == "sdpa"
+
+    assert main(["apply", "--model", str(MICRO), "--dtype", "float32", "--masks", str(both)]) == 0
+    out = capsys.readouterr().out
+    assert "50.00% of their weights masked" in out and f"attention plan with {shape[1]} of {streaming.numel()} KV" in out
+
+    # another base model: the plan is refused by its fingerprint, a plan for other heads by its shape
+    other = AutoModelForCausalLM.from_config(model.config)
+    with pytest.raises(MaskpipeError, match="fingerprint mismatch"):
+        check_plan(manifest["attention"], other, "art")
+    wrong = uniform_plan((shape[0], shape[1] + 1), True, 2, 8).to_json(model)
+    with pytest.raises(MaskpipeError, match="attention plan is for 4 layers x 3 KV heads"):
+        check_plan(wrong, model, "art")

@@ -133,3 +133,47 @@ def test_weight_update_baseline_row_is_evaluated_and_the_base_restored(in_root, 
     # the fingerprint is checked before the updated weights go in; the update recovers what the mask costs
     assert ppl["dense"] < ppl["wu"] < ppl["mask"]
     assert "(weight update)" in (tmp_path / "r" / "results.md").read_text()
+
+
+def test_attention_stages_and_retrieval_in_a_run(in_root, tmp_path, capsys):
+    """configs/tiny-attention.yaml, shortened: learned, random and all-streaming plans, each an artifact
+    that retrieval and perplexity stages evaluate beside the dense model; a rerun resumes nothing twice."""
+    overrides = ["stages.0.steps=4", "stages.4.data=[kjv]", "stages.3.passkey.samples=2", "stages.3.multikey.samples=1",
+                 "stages.3.niah.depths=[0.0, 1.0]", "stages.3.niah.samples=1"]
+    assert main(["run", "configs/tiny-attention.yaml", *overrides, "--run-dir", str(tmp_path / "r")]) == 0
+    out = capsys.readouterr().out
+    assert "| dense |" in out and "| duo50 |" in out and "KV cache at 320" in out
+    results = json.loads((tmp_path / "r" / "results.json").read_text())
+    assert set(results["retrieval"]) == set(results["perplexity"]) == {"dense", "duo50", "random50", "all-streaming"}
+    cost = {k: v["cost"] for k, v in results["retrieval"].items()}
+    assert cost["dense"]["kv_cache_fraction"] == 1.0
+    assert cost["duo50"]["kv_cache_bytes"] == cost["random50"]["kv_cache_bytes"] < cost["dense"]["kv_cache_bytes"]
+    assert cost["all-streaming"]["attention_flops"] < cost["duo50"]["attention_flops"]
+    _, manifest = load_artifact(tmp_path / "r" / "artifacts" / "duo50")
+    heads = [h for layer in manifest["attention"]["layers"] for h in layer]
+    assert sum(h["pattern"] == "streaming" for h in heads) == len(heads) // 2
+    assert all(0 <= h["gate"] <= 1 and h["sink"] == 4 and h["window"] == 32 for h in heads)
+    assert (tmp_path / "r" / "retrieval" / "retrieval" / "duo50-niah.png").is_file()
+    # the artifact is usable outside the run, by the retrieval command
+    assert main(["retrieval", "--model", "tests/fixtures/models/micro-llama", "--dtype", "float32", "--masks",
+                 str(tmp_path / "r" / "artifacts" / "duo50"), "--passkey", "192", "--samples", "2",
+                 "--out", str(tmp_path / "cli")]) == 0
+    assert "| duo50 |" in capsys.readouterr().out
+
+
+def test_one_artifact_carries_nm_masks_and_an_attention_plan(in_root, tmp_path, capsys):
+    stages = ("stages=[{stage: oneshot, method: magnitude}, {stage: attention, name: both, method: random, "
+              "masks: magnitude, seqlen: 128}, {stage: retrieval, passkey: {lengths: [96], samples: 2}}]")
+    run_dir = run(load_config("configs/tiny.yaml", [stages]), tmp_path / "r")
+    masks, manifest = load_artifact(run_dir / "artifacts" / "both")
+    magnitude, _ = load_artifact(run_dir / "artifacts" / "magnitude")
+    assert manifest["pattern"] == "2:4" and all(torch.equal(masks[k], magnitude[k]) for k in magnitude)
+    assert manifest["attention"]["streaming_fraction"] == 0.5
+    results = json.loads((run_dir / "results.json").read_text())
+    assert set(results["retrieval"]) == {"dense", "magnitude", "both"}
+    assert results["retrieval"]["both"]["cost"]["kv_cache_fraction"] < 1
+    assert main(["apply", "--model", str(MICRO), "--dtype", "float32", "--masks", str(run_dir / "artifacts" / "both"),
+                 "--out", str(tmp_path / "applied")]) == 0
+    out = capsys.readouterr().out
+    assert "50.00% of their weights masked" in out and "attention plan with 4 of 8 KV heads streaming" in out
+    assert json.loads((tmp_path / "applied" / "maskpipe.json").read_text())["attention"] == manifest["attention"]

@@ -44,6 +44,18 @@ def error_of(mutate, source="f.yaml"):
         (lambda r: r.pop("model"), "f.yaml: model: Field required"),
         (lambda r: r["data"].update(d={"sources": ["a", "b"], "weights": [1]}), "f.yaml: data.d.weights: 1 weights for 2 sources"),
         (lambda r: r["stages"][1].update(stride=4096, seqlen=128), "f.yaml: stages.1.stride: must be <= seqlen"),
+        (lambda r: r["stages"].append({"stage": "attention"}), "f.yaml: stages.2.data: learning gates needs a haystack corpus"),
+        (lambda r: r["stages"].append({"stage": "attention", "gates_from": "later"}),
+         "f.yaml: stages.2.gates_from: no earlier stage named 'later'"),
+        (lambda r: r["stages"].append({"stage": "attention", "method": "random", "threshold": 0.3}),
+         "f.yaml: stages.2.method: a random plan takes a streaming fraction"),
+        (lambda r: r["stages"].append({"stage": "attention", "data": "c", "streaming": 1.5}),
+         "f.yaml: stages.2.streaming: Input should be less than or equal to 1"),
+        (lambda r: r["stages"].append({"stage": "retrieval", "niah": {"data": "nope", "lengths": [64]}}),
+         "f.yaml: stages.2.niah.data: no corpus named 'nope'"),
+        (lambda r: r["stages"].append({"stage": "retrieval", "niah": {"data": "c", "lengths": [64], "depths": [2]}}),
+         "f.yaml: stages.2.niah.depths: expected fractions in [0, 1]"),
+        (lambda r: r["stages"].append({"stage": "retrieval"}), "f.yaml: stages.2.passkey: give at least one of"),
     ],
 )
 def test_errors_name_file_and_key(mutate, expected):

@@ -1,8 +1,9 @@
 """`RayBackend`: the stages of `pipeline.run.run` on a Ray cluster.
 
-A one-shot stage runs as one Ray task on one worker's resources; a learning stage as a Ray Train
-worker group (`workers.learn`); an evaluation as `workers.num_workers` actors, each holding the model
-once, that share out the (variant × corpus) cells. Every task and actor gets `resources_per_worker`
+A learning stage runs as a Ray Train worker group (`workers.learn`); an evaluation as
+`workers.num_workers` actors, each holding the model once, that share out the (variant × corpus)
+cells; one-shot, attention-gate and retrieval stages as one Ray task each, on one worker's resources,
+running exactly what `LocalBackend` runs in-process. Every task and actor gets `resources_per_worker`
 (one GPU each with `use_gpu`), so evaluations fan out one device each.
 """
 
@@ -13,14 +14,14 @@ from pathlib import Path
 import ray
 from ray.util import ActorPool
 
-from pipeline.config import Config, EvalStage, LearnStage, OneshotStage
-from pipeline.run import Session, Variant, eval_cell, eval_texts, logs_to, oneshot_stage
+from pipeline.config import AttentionStage, Config, EvalStage, LearnStage, OneshotStage, RetrievalStage
+from pipeline.run import LocalBackend, Session, Variant, eval_cell, eval_texts, logs_to
 from workers.learn import learn_on_ray
 
 
-def _oneshot(cfg: Config, st: OneshotStage, run_dir: Path) -> list[Variant]:
+def _on_one_worker(kind: str, cfg: Config, st, run_dir: Path, *args):
     with logs_to(run_dir):
-        return oneshot_stage(cfg, Session(cfg.model), st, run_dir / "artifacts")
+        return getattr(LocalBackend(), kind)(cfg, st, run_dir, *args)
 
 
 @ray.remote
@@ -47,8 +48,17 @@ class RayBackend:
             self.options["resources"] = res
         self.num_workers = w.num_workers
 
+    def _task(self, kind: str, cfg: Config, st, run_dir: Path, *args):
+        return ray.get(ray.remote(_on_one_worker).options(**self.options).remote(kind, cfg, st, run_dir, *args))
+
     def oneshot(self, cfg: Config, st: OneshotStage, run_dir: Path) -> list[Variant]:
-        return ray.get(ray.remote(_oneshot).options(**self.options).remote(cfg, st, run_dir))
+        return self._task("oneshot", cfg, st, run_dir)
+
+    def attention(self, cfg: Config, st: AttentionStage, run_dir: Path, variants: dict[str, Variant]) -> list[Variant]:
+        return self._task("attention", cfg, st, run_dir, variants)
+
+    def retrieval(self, cfg: Config, st: RetrievalStage, run_dir: Path, variants: list[Variant]) -> dict[str, dict]:
+        return self._task("retrieval", cfg, st, run_dir, variants)
 
     def learn(self, cfg: Config, st: LearnStage, run_dir: Path, prior: Path | None) -> list[Variant]:
         return learn_on_ray(cfg, st, run_dir, prior)

@@ -1,0 +1,419 @@
+"""Per-head attention plans: each KV head keeps full causal attention or becomes a streaming head
+(the first `sink` tokens plus a window of the `window` most recent ones), as in DuoAttention (Xiao et
+al. 2024, arXiv 2410.10819); streaming heads may get windows of different sizes, as in MoA (Fu et al.
+2024, arXiv 2406.14909).
+
+Under grouped-query attention a plan is per KV head, and every query head of a group follows it, so
+a streaming head's KV cache really is `sink + window` tokens. Plans run inside any Hugging Face model
+that dispatches attention through transformers' AttentionInterface: on CUDA through FlexAttention
+(a block mask from a per-head `mask_mod`, so masked blocks are never computed), elsewhere through
+SDPA with an explicit boolean mask (exact, but dense compute).
+
+Learning (DuoAttention): a gate α ∈ [0, 1] per KV head mixes the outputs of full and streaming
+attention, α·full + (1 − α)·streaming; only the gates train, to keep the mixed model's final hidden
+states on the answers of synthetic passkey samples close to the dense model's, plus λ·mean|α|. The
+gates are then binarised: the heads with the lowest gates stream.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from pipeline import MaskpipeError
+from pipeline.models import decoder_blocks, decoder_linears, fingerprint
+from pipeline.retrieval import (PASSKEY_DIGITS, PASSKEY_INTRO, PASSKEY_NEEDLE, PASSKEY_QUESTION, build_prompt,
+                                random_number, split_sentences)
+
+IMPLEMENTATION = "maskpipe_heads"  # the name the plans run under in transformers' AttentionInterface
+FULL, STREAMING = "full", "streaming"
+
+
+# ---------------------------------------------------------------------------------------------- plans
+
+
+@dataclass
+class AttentionPlan:
+    """Per (layer, KV head): streaming or full, its sink and window (ignored for full heads), and the
+    learned gate it was chosen by (NaN for plans that were not learned). Tensors are [layers, kv_heads]."""
+
+    streaming: torch.Tensor  # bool
+    sink: torch.Tensor  # long
+    window: torch.Tensor  # long
+    gate: torch.Tensor  # float
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.streaming.shape)
+
+    def streaming_fraction(self) -> float:
+        return self.streaming.float().mean().item()
+
+    def to_json(self, model: nn.Module | None = None) -> dict[str, Any]:
+        layers = [[{"pattern": STREAMING if s else FULL, "sink": int(k), "window": int(w),
+                    "gate": None if math.isnan(g) else round(float(g), 6)}
+                   for s, k, w, g in zip(*(t[i].tolist() for t in (self.streaming, self.sink, self.window, self.gate)))]
+                  for i in range(self.shape[0])]
+        out = {"layers": layers, "kv_heads": self.shape[1], "streaming_fraction": self.streaming_fraction()}
+        if model is not None:
+            out["fingerprint"] = fingerprint(decoder_linears(model))
+        return out
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any], source: str = "attention plan") -> AttentionPlan:
+        try:
+            heads = [[(h["pattern"], h["sink"], h["window"], h["gate"]) for h in layer] for layer in obj["layers"]]
+            patterns = {p for layer in heads for p, *_ in layer}
+        except (KeyError, TypeError) as e:
+            raise MaskpipeError(f"{source}: malformed attention plan ({type(e).__name__}: {e})") from None
+        if patterns - {FULL, STREAMING} or len({len(layer) for layer in heads}) != 1:
+            raise MaskpipeError(f"{source}: malformed attention plan (patterns {sorted(patterns)}, "
+                                f"heads per layer {sorted({len(layer) for layer in heads})})")
+        return cls(
+            streaming=torch.tensor([[p == STREAMING for p, *_ in layer] for layer in heads]),
+            sink=torch.tensor([[k for _, k, _, _ in layer] for layer in heads]),
+            window=torch.tensor([[w for _, _, w, _ in layer] for layer in heads]),
+            gate=torch.tensor([[math.nan if g is None else g for *_, g in layer] for layer in heads]),
+        )
+
+
+def kv_heads(model: nn.Module) -> tuple[int, int, int]:
+    """(layers, KV heads per layer, query heads per KV head) of a decoder-only model."""
+    c = model.config.get_text_config()
+    kv = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
+    return c.num_hidden_layers, kv, c.num_attention_heads // kv
+
+
+def default_sink_window(context: int) -> tuple[int, int]:
+    """Streaming defaults scaled to the context: sink 1/64 and window 1/8 of it (8 + 64 at 512 tokens).
+    The window is DuoAttention's 256 recent tokens at a 2k context; the sink is smaller than its 128, as
+    a few first tokens already absorb the attention sink (StreamingLLM keeps 4)."""
+    return max(context // 64, 1), max(context // 8, 1)
+
+
+def uniform_plan(shape: tuple[int, int], streaming: torch.Tensor | bool, sink: int, window: int,
+                 gate: torch.Tensor | None = None) -> AttentionPlan:
+    """A plan whose streaming heads (a [layers, kv_heads] mask, or True/False for all) share one sink and window."""
+    streaming = torch.as_tensor(streaming, dtype=torch.bool).expand(shape).clone()
+    return AttentionPlan(streaming, torch.full(shape, sink), torch.full(shape, window),
+                         torch.full(shape, math.nan) if gate is None else gate.detach().float().cpu().clone())
+
+
+def binarize(gates: torch.Tensor, *, fraction: float | None = None, threshold: float | None = None) -> torch.Tensor:
+    """Streaming heads from gates: the round(fraction · heads) lowest gates (ties broken by head order),
+    or every head whose gate is below `threshold`."""
+    if (fraction is None) == (threshold is None):
+        raise MaskpipeError("binarize: give exactly one of fraction or threshold")
+    if threshold is not None:
+        return gates < threshold
+    order = torch.sort(gates.flatten(), stable=True).indices
+    streaming = torch.zeros(gates.numel(), dtype=torch.bool)
+    streaming[order[: round(fraction * gates.numel())]] = True
+    return streaming.reshape(gates.shape)
+
+
+def random_scores(shape: tuple[int, int], seed: int) -> torch.Tensor:
+    """Stand-ins for gates, uniform at random: binarised at a learned plan's fraction they give the
+    random baseline with the same budget."""
+    return torch.rand(shape, generator=torch.Generator().manual_seed(seed))
+
+
+def moa_windows(gates: torch.Tensor, streaming: torch.Tensor, windows: list[int]) -> torch.Tensor:
+    """MoA-style heterogeneous windows: the streaming heads, ranked by gate, split into len(windows)
+    equal groups; the lower a head's gate (the less it needs far context), the smaller its window."""
+    out = torch.zeros(gates.shape, dtype=torch.long)
+    idx = streaming.flatten().nonzero().flatten()
+    ranked = idx[torch.sort(gates.flatten()[idx], stable=True).indices]
+    for group, w in zip(torch.tensor_split(ranked, len(windows)), sorted(windows)):
+        out.view(-1)[group] = w
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- cost
+
+
+def attended_keys(length: int, sink: int, window: int | None) -> int:
+    """Query-key pairs a causal head computes over a prefill of `length` tokens (window None: full)."""
+    q = torch.arange(1, length + 1)  # keys visible to each query under causal attention
+    if window is None:
+        return int(q.sum())
+    recent = q.clamp(max=window)
+    return int((recent + (q - recent).clamp(max=sink)).sum())
+
+
+def plan_cost(plan: AttentionPlan, length: int, head_dim: int, group: int, dtype_bytes: int = 2) -> dict[str, float]:
+    """KV-cache bytes after a prefill of `length` tokens (per sequence) and attention FLOPs of that
+    prefill (QKᵀ and PV, 2 FLOPs per multiply-add), beside the full-attention figures."""
+    kv_tokens = flops = 0
+    for s, k, w in zip(plan.streaming.flatten().tolist(), plan.sink.flatten().tolist(), plan.window.flatten().tolist()):
+        kv_tokens += min(length, k + w) if s else length
+        flops += 4 * head_dim * group * attended_keys(length, k, w if s else None)
+    heads = plan.streaming.numel()
+    full_flops = 4 * head_dim * group * heads * attended_keys(length, 0, None)
+    return {"kv_cache_bytes": 2 * head_dim * dtype_bytes * kv_tokens, "kv_cache_fraction": kv_tokens / (heads * length),
+            "attention_flops": flops, "attention_flops_fraction": flops / full_flops}
+
+
+# ---------------------------------------------------------------------------------------------- execution
+
+
+@dataclass
+class LayerHeads:
+    """What one attention module runs: the layer's row of a plan (on the module's device), the gates
+    mixing in full attention while they learn, and the backend."""
+
+    streaming: torch.Tensor
+    sink: torch.Tensor
+    window: torch.Tensor
+    gate: torch.Tensor | None
+    backend: str
+    block_masks: dict = field(default_factory=dict)  # FlexAttention block masks by (Lq, Lk, device)
+
+    def allowed(self, kv_head, q_pos, k_pos):
+        """The one definition of the pattern: causal, and for a streaming head only sink or recent keys.
+        Broadcasts over tensors (the SDPA mask) and runs per element as a FlexAttention mask_mod."""
+        full_head = ~self.streaming[kv_head]
+        is_sink = k_pos < self.sink[kv_head]
+        is_recent = q_pos - k_pos < self.window[kv_head]
+        return (k_pos <= q_pos) & (full_head | is_sink | is_recent)
+
+
+def attention_modules(model: nn.Module) -> list[nn.Module]:
+    """The self-attention module of each decoder block (the one that carries `layer_idx`)."""
+    mods = []
+    for block in decoder_blocks(model):
+        found = [m for m in block.modules() if hasattr(m, "layer_idx") and "Attention" in type(m).__name__]
+        if len(found) != 1:
+            raise MaskpipeError(f"unsupported architecture {type(model).__name__}: expected one attention module "
+                                f"with a layer_idx per decoder block, found {len(found)}")
+        mods.append(found[0])
+    return mods
+
+
+def _sdpa(query, key, value, mask, scaling, group):
+    from transformers.integrations.sdpa_attention import repeat_kv
+
+    return torch.nn.functional.scaled_dot_product_attention(
+        query, repeat_kv(key, group), repeat_kv(value, group), attn_mask=mask, scale=scaling)
+
+
+def _flex(heads: LayerHeads, query, key, value, offset, scaling, group):
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return heads.allowed(h // group, q_idx + offset, kv_idx)
+
+    # One block mask per layer and shape: building it is the expensive part of a short forward.
+    cache_key = (query.shape[2], key.shape[2], str(query.device))
+    if cache_key not in heads.block_masks:
+        heads.block_masks[cache_key] = create_block_mask(mask_mod, None, query.shape[1], query.shape[2],
+                                                         key.shape[2], device=query.device)
+    run = flex_attention if query.device.type == "cpu" else _compiled_flex()
+    return run(query, key, value, block_mask=heads.block_masks[cache_key], scale=scaling, enable_gqa=group > 1)
+
+
+def _compiled_flex():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    global _COMPILED_FLEX
+    if _COMPILED_FLEX is None:
+        _COMPILED_FLEX = torch.compile(flex_attention, dynamic=False)
+    return _COMPILED_FLEX
+
+
+_COMPILED_FLEX = None
+
+
+def planned_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                      attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
+                      **kwargs) -> tuple[torch.Tensor, None]:
+    """The AttentionInterface function: query [B, Hq, Lq, D], key/value [B, Hkv, Lk, D] (the cache
+    included), so query i sits at position Lk − Lq + i. Returns ([B, Lq, Hq, D], None)."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    heads: LayerHeads | None = getattr(module, "maskpipe_heads", None)
+    if heads is None or (not bool(heads.streaming.any()) and heads.gate is None):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
+                                      **kwargs)
+    if attention_mask is not None and attention_mask.dtype != torch.bool:
+        raise MaskpipeError(f"{IMPLEMENTATION}: expected a boolean attention mask, got {attention_mask.dtype}")
+    group, offset = query.shape[1] // key.shape[1], key.shape[2] - query.shape[2]
+    # Decoding steps (one query) take SDPA: their mask is one row, and a block mask per new length would cost more.
+    use_flex = attention_mask is None and query.shape[2] > 1 and (
+        heads.backend == "flex" or (heads.backend == "auto" and query.is_cuda))
+    if use_flex:
+        out = _flex(heads, query, key, value, offset, scaling, group)
+    else:
+        q_pos = torch.arange(query.shape[2], device=query.device)[:, None] + offset
+        k_pos = torch.arange(key.shape[2], device=query.device)[None, :]
+        kv_head = torch.arange(query.shape[1], device=query.device)[:, None, None] // group
+        mask = heads.allowed(kv_head, q_pos, k_pos)[None]  # [1, Hq, Lq, Lk]
+        if attention_mask is not None:
+            mask = mask & attention_mask
+        out = _sdpa(query, key, value, mask, scaling, group)
+    if heads.gate is not None:
+        full, _ = sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
+        alpha = heads.gate.to(out.dtype).repeat_interleave(group)[None, :, None, None]
+        out = alpha * full.transpose(1, 2) + (1 - alpha) * out
+    return out.transpose(1, 2).contiguous(), None
+
+
+def register() -> None:
+    """Make IMPLEMENTATION a transformers attention implementation (masks built as for SDPA)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(IMPLEMENTATION, planned_attention)
+    AttentionMaskInterface.register(IMPLEMENTATION, sdpa_mask)
+
+
+@contextmanager
+def planned(model: nn.Module, plan: AttentionPlan | None, gates: torch.Tensor | None = None, backend: str = "auto"):
+    """Run `model` under `plan` (None: unchanged); with `gates` [layers, kv_heads] each head's output
+    is gate·full + (1 − gate)·planned, differentiably in the gates. Restores the model on exit."""
+    if plan is None:
+        yield model
+        return
+    modules = attention_modules(model)
+    if plan.shape != kv_heads(model)[:2]:
+        raise MaskpipeError(f"attention plan is for {plan.shape[0]} layers x {plan.shape[1]} KV heads, the model has "
+                            f"{kv_heads(model)[0]} x {kv_heads(model)[1]}")
+    register()
+    previous = model.config._attn_implementation
+    device = next(model.parameters()).device
+    model.set_attn_implementation(IMPLEMENTATION)
+    try:
+        for i, mod in enumerate(modules):
+            mod.maskpipe_heads = LayerHeads(plan.streaming[i].to(device), plan.sink[i].to(device),
+                                            plan.window[i].to(device), None if gates is None else gates[i], backend)
+        yield model
+    finally:
+        for mod in modules:
+            mod.__dict__.pop("maskpipe_heads", None)
+        model.set_attn_implementation(previous)
+
+
+def check_plan(plan_json: dict[str, Any], model: nn.Module, source: str) -> AttentionPlan:
+    """The plan of an artifact, refused before use if it was made for another base model."""
+    plan = AttentionPlan.from_json(plan_json, source)
+    if plan.shape != kv_heads(model)[:2]:
+        raise MaskpipeError(f"{source}: attention plan is for {plan.shape[0]} layers x {plan.shape[1]} KV heads, "
+                            f"the model has {kv_heads(model)[0]} x {kv_heads(model)[1]}")
+    ours = fingerprint(decoder_linears(model))
+    if plan_json.get("fingerprint") != ours:
+        raise MaskpipeError(f"{source}: base model fingerprint mismatch: the attention plan was made for "
+                            f"{plan_json.get('fingerprint')}, this model is {ours}")
+    return plan
+
+
+# ---------------------------------------------------------------------------------------------- learning
+
+
+def passkey_batch(rng: random.Random, stream, tokenizer, batch_size: int, seqlen: int, needles: int
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Synthetic multi-passkey samples, right-padded to `seqlen`: a haystack of whole sentences from the
+    next block of `stream` with `needles` passkeys at random depths, then for each passkey in order
+    "What is the pass key? The pass key is KEY." Returns (ids [B, seqlen], targets [B, seqlen] bool: the
+    positions whose next token is a key digit, i.e. the hidden states that must retrieve it)."""
+    pad = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+    ids, targets = [], []
+    for _ in range(batch_size):
+        haystack = split_sentences(tokenizer.decode(next(stream), skip_special_tokens=True))
+        keys = [random_number(rng, PASSKEY_DIGITS) for _ in range(needles)]
+        depths = sorted(rng.random() for _ in keys)  # keys are asked in the order they appear
+        tail, answer = [], []
+        for i, key in enumerate(keys):
+            for text, is_answer in ((" " + PASSKEY_QUESTION, False), (" " + key, True), (".", False)):
+                if i == 0 and text == " " + PASSKEY_QUESTION:
+                    continue  # the prompt itself ends with the first question
+                piece = tokenizer(text, add_special_tokens=False).input_ids
+                tail += piece
+                answer += [is_answer] * len(piece)
+        prompt, _ = build_prompt(tokenizer, PASSKEY_INTRO, haystack, [PASSKEY_NEEDLE.format(key=k) for k in keys],
+                                 depths, PASSKEY_QUESTION, seqlen - len(tail))
+        row = prompt + tail
+        is_target = [False] * len(prompt) + answer
+        ids.append(row + [pad] * (seqlen - len(row)))
+        targets.append(is_target[1:] + [False] * (seqlen - len(row) + 1))  # position t predicts token t + 1
+    return torch.tensor(ids), torch.tensor(targets)
+
+
+def train_gates(model: nn.Module, tokenizer, st, stream, *, sink: int, window: int, seed: int, store,
+                on_log=None) -> tuple[torch.Tensor, list[dict]]:
+    """Learn a gate per KV head (DuoAttention) with every model weight frozen, resuming from
+    `store.latest()` if there is a checkpoint. Returns the gates [layers, kv_heads] and the log history."""
+    from pipeline.checkpoint import load_optimizer_state, optimizer_state
+    from pipeline.learn import cosine_lr
+
+    device = next(model.parameters()).device
+    shape = kv_heads(model)[:2]
+    gates = nn.Parameter(torch.ones(shape, device=device))  # start as the dense model
+    opt = torch.optim.AdamW([gates], lr=st.lr, weight_decay=0.0)
+    rng = random.Random(seed)
+    streaming = uniform_plan(shape, True, sink, window)
+    step, history, window_losses = 0, [], []
+    saved = store.latest()
+    if saved is not None:
+        tensors, meta = saved
+        with torch.no_grad():
+            gates.copy_(tensors["gates"])
+        load_optimizer_state(opt, tensors, meta)
+        stream.load_state_dict(meta["stream"])
+        rng.setstate(_tuples(meta["rng"]))
+        step, history, window_losses = meta["step"], meta["history"], meta["loss_window"]
+        if on_log:
+            on_log({"resumed_from_step": step})
+
+    def checkpoint() -> None:
+        opt_tensors, opt_meta = optimizer_state(opt)
+        store.save(step, {"gates": gates} | opt_tensors,
+                   {**opt_meta, "stream": stream.state_dict(), "rng": rng.getstate(), "history": history,
+                    "loss_window": window_losses})
+
+    model.eval()
+    bar = tqdm(total=st.steps, initial=step, desc="gate learning", disable=None)
+    try:
+        while step < st.steps:
+            lr = cosine_lr(st.lr, step, st.steps, st.warmup_steps)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            x, targets = passkey_batch(rng, stream, tokenizer, st.batch_size, st.seqlen, st.needles)
+            x, targets = x.to(device), targets.to(device)
+            with torch.no_grad():
+                dense = model.base_model(input_ids=x, use_cache=False).last_hidden_state[targets]
+            with planned(model, streaming, gates):
+                mixed = model.base_model(input_ids=x, use_cache=False).last_hidden_state[targets]
+            distance = (mixed - dense).pow(2).sum(-1).mean()  # squared L2 per answer position, as DuoAttention
+            loss = distance + st.reg * gates.abs().mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            with torch.no_grad():
+                gates.clamp_(0, 1)
+            step += 1
+            window_losses.append(distance.item())
+            bar.update(1)
+            if step % st.log_every == 0 or step == st.steps:
+                entry = {"step": step, "distance": sum(window_losses) / len(window_losses), "lr": lr,
+                         "gate_mean": gates.mean().item(), "gates_below_half": (gates < 0.5).float().mean().item()}
+                window_losses = []
+                history.append(entry)
+                if on_log:
+                    on_log(entry)
+            if step % st.checkpoint_every == 0 or step == st.steps:
+                checkpoint()
+    finally:
+        bar.close()
+    return gates.detach().cpu(), history
+
+
+def _tuples(state):
+    """random.Random's state back from JSON, which turned its tuples into lists."""
+    return tuple(_tuples(s) for s in state) if isinstance(state, list) else state

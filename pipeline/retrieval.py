@@ -1,0 +1,217 @@
+"""Long-context retrieval evaluations for any causal LM: passkey, needle-in-a-haystack, multi-key.
+
+Every prompt is an intro, a haystack of whole sentences with needles inserted at sentence boundaries,
+and a question whose answer the model must complete; lengths are in tokens of the model's own
+tokenizer. Decoding is greedy and scoring is exact match on the first number(s) generated. Samples
+are drawn from seeded generators, so every variant of a model sees the same prompts.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from dataclasses import dataclass, field
+from itertools import cycle, islice
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from pipeline import MaskpipeError
+
+# The passkey template of Mohtashami & Jaggi (2023), as the fixture models were trained on it.
+PASSKEY_INTRO = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
+                 "I will quiz you about the important information there.")
+FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
+PASSKEY_NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key."
+PASSKEY_QUESTION = "What is the pass key? The pass key is"
+PASSKEY_DIGITS = 5
+
+# RULER's multi-key / multi-value needle-in-a-haystack (Hsieh et al. 2024).
+MULTIKEY_INTRO = ("Some special magic numbers are hidden within the following text. Make sure to memorize it. "
+                  "I will quiz you about the numbers afterwards.")
+MULTIKEY_NEEDLE = "One of the special magic numbers for {key} is: {value}."
+MULTIKEY_QUESTION = ("What is the special magic number for {key} mentioned in the provided text? "
+                     "The special magic number for {key} mentioned in the provided text is")
+MULTIVALUE_QUESTION = ("What are all the special magic numbers for {key} mentioned in the provided text? "
+                       "The special magic numbers for {key} mentioned in the provided text are")
+MULTIKEY_DIGITS = 7
+MULTIKEY_WORDS = ("apple", "river", "garden", "silver", "mountain", "window", "forest", "candle", "harbor",
+                  "meadow", "thunder", "lantern", "velvet", "compass", "island", "marble", "falcon", "orchard",
+                  "pepper", "saddle", "tunnel", "violet", "walnut", "anchor", "bridge", "cactus", "dolphin")
+
+
+def split_sentences(text: str) -> list[str]:
+    """Sentences (or lines without end punctuation), whitespace-normalised, empty ones dropped."""
+    return [s for s in (" ".join(p.split()) for p in re.split(r"(?<=[.!?])\s+|\n+", text)) if s]
+
+
+def random_number(rng: random.Random, digits: int) -> str:
+    return str(rng.randint(10 ** (digits - 1), 10**digits - 1))
+
+
+@dataclass
+class Sample:
+    ids: list[int]  # the prompt, ending where the answer starts
+    answers: list[str]  # every number the model must produce
+    length: int  # the requested length in tokens; len(ids) <= length
+    depth: float  # of the (first) needle, as a fraction of the haystack's sentences
+    info: dict = field(default_factory=dict)
+
+
+def build_prompt(tokenizer, intro: str, haystack: list[str], needles: list[str], depths: list[float],
+                 question: str, length: int) -> tuple[list[int], float]:
+    """Token ids of intro + haystack (sentences, in order) with each needle at the sentence boundary
+    nearest its depth + question, with as many haystack sentences as fit in `length` tokens.
+    Returns the ids and the first needle's realised depth."""
+    fixed = len(tokenizer(" ".join([intro, *needles, question])).input_ids)
+    if fixed > length:
+        raise MaskpipeError(f"retrieval: a prompt of {length} tokens cannot hold its intro, needles and question "
+                            f"({fixed} tokens)")
+    sizes = [len(ids) for ids in tokenizer([" " + s for s in haystack], add_special_tokens=False).input_ids]
+    n, used = 0, fixed
+    while n < len(haystack) and used + sizes[n] <= length:
+        used, n = used + sizes[n], n + 1
+    while True:  # per-sentence counts only approximate the joined text's: drop sentences until it fits
+        hay = list(haystack[:n])
+        at = sorted((round(d * n), i) for i, d in enumerate(depths))
+        for offset, (pos, i) in enumerate(at):
+            hay.insert(pos + offset, needles[i])
+        ids = tokenizer(" ".join([intro, *hay, question])).input_ids
+        if len(ids) <= length or n == 0:
+            return ids, (round(depths[0] * n) / n if n else 0.0)
+        n -= 1
+
+
+def _haystack(rng: random.Random, pool: list[str], n: int) -> list[str]:
+    """`n` consecutive sentences of `pool` from a random start, wrapping around."""
+    start = rng.randrange(len(pool))
+    return list(islice(cycle(pool[start:] + pool[:start]), n))
+
+
+def passkey_samples(tokenizer, lengths: list[int], samples: int, seed: int,
+                    haystack: list[str] | None = None) -> list[Sample]:
+    """Passkey retrieval: the needle at a uniformly random depth of a filler haystack (or of `haystack`)."""
+    rng = random.Random(f"passkey-{seed}")
+    pool = haystack or split_sentences(FILLER)
+    out = []
+    for length in lengths:
+        for _ in range(samples):
+            key = random_number(rng, PASSKEY_DIGITS)
+            ids, depth = build_prompt(tokenizer, PASSKEY_INTRO, _haystack(rng, pool, length),
+                                      [PASSKEY_NEEDLE.format(key=key)], [rng.random()], PASSKEY_QUESTION, length)
+            out.append(Sample(ids, [key], length, depth))
+    return out
+
+
+def niah_samples(tokenizer, haystack: list[str], lengths: list[int], depths: list[float], samples: int,
+                 seed: int) -> list[Sample]:
+    """Needle in a haystack: the passkey needle at each depth of each length, in a corpus haystack."""
+    rng = random.Random(f"niah-{seed}")
+    out = []
+    for length in lengths:
+        for depth in depths:
+            for _ in range(samples):
+                key = random_number(rng, PASSKEY_DIGITS)
+                ids, _ = build_prompt(tokenizer, PASSKEY_INTRO, _haystack(rng, haystack, length),
+                                      [PASSKEY_NEEDLE.format(key=key)], [depth], PASSKEY_QUESTION, length)
+                out.append(Sample(ids, [key], length, depth))
+    return out
+
+
+def multikey_samples(tokenizer, lengths: list[int], samples: int, seed: int, keys: int, values: int,
+                     haystack: list[str] | None = None) -> list[Sample]:
+    """RULER multi-key (`keys` > 1: distractor keys) / multi-value (`values` > 1: every value of the
+    asked key must come out) retrieval; needles at uniformly random depths."""
+    if keys > len(MULTIKEY_WORDS):
+        raise MaskpipeError(f"retrieval.multikey.keys: at most {len(MULTIKEY_WORDS)}, got {keys}")
+    rng = random.Random(f"multikey-{seed}")
+    pool = haystack or split_sentences(FILLER)
+    template = MULTIKEY_QUESTION if values == 1 else MULTIVALUE_QUESTION
+    out = []
+    for length in lengths:
+        for _ in range(samples):
+            names = rng.sample(MULTIKEY_WORDS, keys)
+            needles = [(k, random_number(rng, MULTIKEY_DIGITS)) for k in names for _ in range(values)]
+            rng.shuffle(needles)
+            depths = [rng.random() for _ in needles]
+            asked = names[0]
+            ids, _ = build_prompt(tokenizer, MULTIKEY_INTRO, _haystack(rng, pool, length),
+                                  [MULTIKEY_NEEDLE.format(key=k, value=v) for k, v in needles], depths,
+                                  template.format(key=asked), length)
+            first = next(i for i, (k, _) in enumerate(needles) if k == asked)
+            out.append(Sample(ids, [v for k, v in needles if k == asked], length, depths[first], {"key": asked}))
+    return out
+
+
+@torch.no_grad()
+def greedy_decode(model: nn.Module, ids: list[int], max_new_tokens: int) -> list[int]:
+    """Greedy continuation of one prompt, with the model's KV cache."""
+    device = next(model.parameters()).device
+    out = model(input_ids=torch.tensor([ids], device=device), use_cache=True)
+    new = []
+    for _ in range(max_new_tokens):
+        token = out.logits[0, -1].argmax()
+        new.append(int(token))
+        if len(new) == max_new_tokens:
+            break
+        out = model(input_ids=token.view(1, 1), past_key_values=out.past_key_values, use_cache=True)
+    return new
+
+
+def exact_match(generated: str, answers: list[str]) -> bool:
+    """The first len(answers) numbers generated are exactly the answers (in any order)."""
+    return sorted(re.findall(r"\d+", generated)[: len(answers)]) == sorted(answers)
+
+
+def score(model: nn.Module, tokenizer, samples: list[Sample], desc: str = "retrieval") -> list[dict]:
+    """One record per sample: its length, depth, answers, the generation and whether it matched."""
+    from tqdm.auto import tqdm
+
+    records = []
+    for s in tqdm(samples, desc=desc, leave=False, disable=None):
+        budget = len(tokenizer(" " + ", ".join(s.answers), add_special_tokens=False).input_ids) + 2
+        text = tokenizer.decode(greedy_decode(model, s.ids, budget), skip_special_tokens=True)
+        records.append({"length": s.length, "tokens": len(s.ids), "depth": round(s.depth, 4), "answers": s.answers,
+                        "generated": text, "correct": exact_match(text, s.answers), **s.info})
+    return records
+
+
+def accuracy(records: list[dict], by: tuple[str, ...] = ()) -> dict:
+    """Exact-match accuracy overall, or per group of the `by` keys: {"acc", "n"} or a list of cells."""
+    if not by:
+        return {"acc": sum(r["correct"] for r in records) / max(len(records), 1), "n": len(records)}
+    groups: dict[tuple, list[dict]] = {}
+    for r in records:
+        groups.setdefault(tuple(r[k] for k in by), []).append(r)
+    return {"cells": [{**dict(zip(by, key)), **accuracy(rs)} for key, rs in groups.items()]}
+
+
+def niah_heatmap(cells: list[dict], path: str | Path, title: str) -> Path:
+    """Accuracy per (depth, length) cell as a heatmap PNG (depths down, lengths across)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lengths = sorted({c["length"] for c in cells})
+    depths = sorted({c["depth"] for c in cells})
+    grid = [[next((c["acc"] for c in cells if c["length"] == L and c["depth"] == d), float("nan")) for L in lengths]
+            for d in depths]
+    fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(lengths), 1.0 + 0.5 * len(depths)))
+    im = ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
+    ax.set_xticks(range(len(lengths)), [str(L) for L in lengths])
+    ax.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths])
+    ax.set_xlabel("context length (tokens)")
+    ax.set_ylabel("needle depth")
+    ax.set_title(title, fontsize=9)
+    for i, row in enumerate(grid):
+        for j, v in enumerate(row):
+            ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=8)
+    fig.colorbar(im, ax=ax, fraction=0.05)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -1,0 +1,67 @@
+import json
+
+import pytest
+
+from jobs.cli import main
+from pipeline.retrieval import (FILLER, PASSKEY_INTRO, PASSKEY_QUESTION, build_prompt, exact_match,
+                                multikey_samples, niah_samples, passkey_samples, split_sentences)
+from tests.conftest import CORPORA, MICRO
+
+NEEDLE = "The pass key is 12345. Remember it. 12345 is the pass key."
+
+
+@pytest.mark.parametrize("depth", [0.0, 0.5, 1.0])
+def test_prompt_fits_its_length_with_the_needle_at_a_sentence_boundary(tokenizer, depth):
+    hay = split_sentences(FILLER) * 40
+    ids, realised = build_prompt(tokenizer, PASSKEY_INTRO, hay, [NEEDLE], [depth], PASSKEY_QUESTION, 200)
+    assert 190 <= len(ids) <= 200
+    text = tokenizer.decode(ids)
+    assert text.startswith(PASSKEY_INTRO) and text.endswith(PASSKEY_QUESTION)
+    before, after = text[len(PASSKEY_INTRO):-len(PASSKEY_QUESTION)].split(NEEDLE)
+    assert before.strip() == "" or before.strip().endswith(".")
+    assert after.strip() == "" or after.strip()[0].isupper()
+    assert realised == pytest.approx(depth, abs=0.05)
+    if depth == 0.0:
+        assert before.strip() == ""
+    if depth == 1.0:
+        assert after.strip() == ""
+
+
+def test_samples_are_fixed_by_the_seed_and_lengths_are_tokens(tokenizer):
+    a = passkey_samples(tokenizer, [96, 160], 3, seed=0)
+    assert [s.ids for s in a] == [s.ids for s in passkey_samples(tokenizer, [96, 160], 3, seed=0)]
+    assert [s.answers for s in a] != [s.answers for s in passkey_samples(tokenizer, [96, 160], 3, seed=1)]
+    assert all(s.length - 12 <= len(s.ids) <= s.length for s in a)
+    hay = split_sentences((CORPORA / "kjv.valid.txt").read_text())
+    grid = niah_samples(tokenizer, hay, [128], [0.0, 1.0], 2, seed=0)
+    assert [(s.length, s.depth) for s in grid] == [(128, 0.0)] * 2 + [(128, 1.0)] * 2
+    mk = multikey_samples(tokenizer, [320], 2, seed=0, keys=3, values=2)
+    text = tokenizer.decode(mk[0].ids)
+    assert len(mk[0].answers) == 2 and text.count("One of the special magic numbers for") == 6
+    assert all(f"for {mk[0].info['key']} is: {v}." in text for v in mk[0].answers)
+
+
+def test_exact_match():
+    assert exact_match(" 12345. Remember", ["12345"])
+    assert not exact_match(" 123456", ["12345"]) and not exact_match(" 1234 5", ["12345"])
+    assert not exact_match(" the key", ["12345"])
+    assert exact_match(" 22 and 11.", ["11", "22"]) and not exact_match(" 22 and 33", ["11", "22"])
+
+
+def test_retrieval_cli_on_the_micro_model(tmp_path, capsys):
+    out = tmp_path / "r"
+    assert main(["retrieval", "--model", str(MICRO), "--dtype", "float32", "--passkey", "96", "160", "--samples", "4",
+                 "--niah", "96", "160", "--depths", "0", "0.5", "1", "--niah-samples", "1",
+                 "--data", str(CORPORA / "kjv.valid.txt"), "--multikey", "128", "--keys", "2",
+                 "--out", str(out)]) == 0
+    table = capsys.readouterr().out
+    assert "| dense |" in table and "passkey (by length 96/160)" in table
+    results = json.loads((out / "results.json").read_text())["dense"]
+    assert results["passkey"]["n"] == 8 and results["multikey"]["n"] == 4
+    assert {(c["length"], c["depth"]) for c in results["niah"]["cells"]} == {(L, d) for L in (96, 160)
+                                                                            for d in (0.0, 0.5, 1.0)}
+    assert (out / "retrieval" / "dense-niah.png").stat().st_size > 0
+    samples = json.loads((out / "retrieval" / "dense.json").read_text())["samples"]
+    assert len(samples["niah"]) == 6 and all("generated" in r for r in samples["niah"])
+    # the micro model was trained on this passkey template: the dense model retrieves
+    assert results["passkey"]["acc"] >= 0.75 and results["niah"]["acc"] >= 0.5
