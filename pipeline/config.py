@@ -56,8 +56,9 @@ class SparsityConfig(Strict):
 
     @field_validator("pattern")
     @classmethod
-    def _pattern(cls, v: str) -> str:
-        parse_pattern(v)
+    def _pattern(cls, v: str | None) -> str | None:
+        if v is not None:  # a stage without its own pattern, as a dumped config spells it
+            parse_pattern(v)
         return v
 
     @property

@@ -3,7 +3,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import ConfigError, apply_overrides, config_from_dict, load_config, parse_pattern
+from pipeline.config import (ConfigError, apply_overrides, config_from_dict, dump_config, load_config, parse_pattern,
+                             yaml_load)
 from tests.conftest import ROOT
 
 BASE = {
@@ -16,9 +17,11 @@ BASE = {
 
 @pytest.mark.parametrize("path", sorted([*(ROOT / "configs").glob("*.yaml"), *(ROOT / "benchmarks").glob("*.yaml")]),
                          ids=lambda p: f"{p.parent.name}/{p.name}")
-def test_every_shipped_config_validates(path):
+def test_every_shipped_config_validates_and_its_snapshot_reloads(path):
     cfg = load_config(path)
     assert cfg.stages and cfg.model.name_or_path
+    # A run directory's config.yaml is what a submitted or resumed run loads.
+    assert config_from_dict(yaml_load(dump_config(cfg))) == cfg
 
 
 def error_of(mutate, source="f.yaml"):
