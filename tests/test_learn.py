@@ -128,3 +128,19 @@ def test_interrupted_and_resumed_run_ends_with_the_same_mask(micro, micro_cfg, t
         assert torch.equal(logits[k], logits2[k])
     for k, l in linears.items():  # frozen weights never moved
         assert torch.equal(base_weight(l), before[k])
+
+
+def test_metrics_log_drops_steps_past_a_resume_and_writes_tensorboard_events(tmp_path):
+    from pipeline.run import MetricsLog, read_metrics
+
+    log = MetricsLog(tmp_path, "learn", tensorboard=True)
+    other = MetricsLog(tmp_path, "other")
+    for step in (5, 10, 15):
+        log({"step": step, "loss": 1.0 / step})
+    other({"step": 5, "loss": 0.5})
+    log({"resumed_from_step": 10})  # the checkpoint was at 10: step 15 will be logged again
+    log({"step": 15, "loss": 0.2})
+    lines = read_metrics(tmp_path / "metrics.jsonl")
+    assert [(m["stage"], m["step"]) for m in lines] == [("learn", 5), ("learn", 10), ("other", 5), ("learn", 15)]
+    assert lines[-1]["loss"] == 0.2
+    assert list((tmp_path / "tensorboard" / "learn").glob("events.out.tfevents.*"))
