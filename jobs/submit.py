@@ -38,11 +38,14 @@ def _read_json(path: Path) -> dict:
     return json.loads(path.read_text()) if path.exists() else {}
 
 
-def _submissions(run_dir: Path) -> dict:
+def _latest_job(run_dir: Path):
+    """(Jobs client of the run's cluster, id of its newest job)."""
+    from cluster import job_client
+
     jobs = _read_json(run_dir / "jobs.json")
     if not jobs.get("submissions"):
         raise MaskpipeError(f"{run_dir}: was not submitted to a cluster (run in the foreground; see run.log)")
-    return jobs
+    return job_client(jobs["address"]), jobs["submissions"][-1]
 
 
 def _submit(run_dir: Path, address: str | None) -> str:
@@ -67,18 +70,18 @@ def _submit(run_dir: Path, address: str | None) -> str:
 def _job_status(run_dir: Path) -> str | None:
     """The Ray status of the run's newest job; None if it never was a job, "unreachable" if the
     cluster does not answer."""
-    from cluster import job_client
-
-    jobs = _read_json(run_dir / "jobs.json")
-    if not jobs.get("submissions"):
+    if not _read_json(run_dir / "jobs.json").get("submissions"):
         return None
     try:
-        return str(job_client(jobs["address"]).get_job_status(jobs["submissions"][-1]).value)
+        client, job = _latest_job(run_dir)
+        return str(client.get_job_status(job).value)
     except Exception:  # noqa: BLE001 - a cluster that is gone is a state to show, not an error
         return "unreachable"
 
 
-def run_summary(run_dir: Path) -> dict:
+def run_summary(run_dir: Path, job: str | None = None) -> dict:
+    """One row of `maskpipe runs`. The cluster is asked about the run's job (unless `job` already
+    says) only while the run directory says it is running."""
     from pipeline.config import yaml_load
     from pipeline.run import read_metrics
 
@@ -87,7 +90,7 @@ def run_summary(run_dir: Path) -> dict:
     last = metrics[-1] if metrics else {}
     state = status.get("status", "submitted")
     if state in ("running", "submitted"):
-        job = _job_status(run_dir)
+        job = job or _job_status(run_dir)
         # A job killed outright never wrote its end; Ray knows it ended.
         if job in TERMINAL and job != "SUCCEEDED":
             state = f"{job.lower()} (job)"
@@ -125,10 +128,11 @@ def cmd_resume(a) -> None:
 
 def cmd_status(a) -> None:
     run_dir = run_dir_of(a.run, a.runs_dir)
-    summary = run_summary(run_dir)
+    job = _job_status(run_dir)
+    summary = run_summary(run_dir, job)
     status = _read_json(run_dir / "status.json")
     jobs = _read_json(run_dir / "jobs.json")
-    summary |= {"job": jobs.get("submissions", [None])[-1], "job status": _job_status(run_dir),
+    summary |= {"job": jobs.get("submissions", [None])[-1], "job status": job,
                 "started": status.get("started"), "finished": status.get("finished"), "error": status.get("error"),
                 "directory": str(run_dir)}
     for k, v in summary.items():
@@ -137,12 +141,7 @@ def cmd_status(a) -> None:
 
 
 def cmd_logs(a) -> None:
-    from cluster import job_client
-
-    run_dir = run_dir_of(a.run, a.runs_dir)
-    jobs = _submissions(run_dir)
-    client = job_client(jobs["address"])
-    job = jobs["submissions"][-1]
+    client, job = _latest_job(run_dir_of(a.run, a.runs_dir))
     if not a.follow:
         print(client.get_job_logs(job), end="")
         return
@@ -155,12 +154,8 @@ def cmd_logs(a) -> None:
 
 
 def cmd_stop(a) -> None:
-    from cluster import job_client
-
     run_dir = run_dir_of(a.run, a.runs_dir)
-    jobs = _submissions(run_dir)
-    client = job_client(jobs["address"])
-    job = jobs["submissions"][-1]
+    client, job = _latest_job(run_dir)
     client.stop_job(job)
     deadline = time.monotonic() + a.timeout
     while (state := str(client.get_job_status(job).value)) not in TERMINAL and time.monotonic() < deadline:

@@ -63,10 +63,10 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
 
 
 class CheckpointDir:
-    """The last `keep` checkpoints of one stage in a local directory. Only rank 0 writes."""
+    """The last `keep` checkpoints of one stage in a local directory (one process writes them)."""
 
-    def __init__(self, path: str | Path, keep: int, rank: int = 0):
-        self.path, self.keep, self.rank = Path(path), keep, rank
+    def __init__(self, path: str | Path, keep: int):
+        self.path, self.keep = Path(path), keep
 
     def list(self) -> list[Path]:
         """Complete checkpoints, oldest first (temporary folders of interrupted saves are not listed)."""
@@ -79,8 +79,6 @@ class CheckpointDir:
         return read_checkpoint(found[-1]) if found else None
 
     def save(self, step: int, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
-        if self.rank != 0:
-            return
         with atomic_dir(self.path / f"step-{step:08d}") as tmp:
             write_checkpoint(tmp, step, tensors, meta)
         for old in self.list()[: -self.keep]:

@@ -89,18 +89,20 @@ class Session:
         return masks, manifest
 
     def masks_of(self, variant: Variant) -> dict[str, torch.Tensor]:
-        return {} if variant.artifact is None else self.load_artifact(variant.artifact)[0]
+        return self.contents(variant)[0]
+
+    def contents(self, variant: Variant) -> tuple[dict[str, torch.Tensor], AttentionPlan | None]:
+        """A variant's N:M masks and attention plan, checked against this base model."""
+        masks, manifest = ({}, {}) if variant.artifact is None else self.load_artifact(variant.artifact)
+        return masks, AttentionPlan.from_json(manifest["attention"]) if "attention" in manifest else None
 
     def plan_of(self, variant: Variant) -> AttentionPlan | None:
-        manifest = {} if variant.artifact is None else self.load_artifact(variant.artifact)[1]
-        return AttentionPlan.from_json(manifest["attention"]) if "attention" in manifest else None
+        return self.contents(variant)[1]
 
     @contextmanager
     def running(self, variant: Variant):
         """The model as `variant` describes it (masks, attention plan); the base weights are restored on exit."""
-        # checked against the base model before its weights are swapped
-        masks, manifest = ({}, {}) if variant.artifact is None else self.load_artifact(variant.artifact)
-        plan = AttentionPlan.from_json(manifest["attention"]) if "attention" in manifest else None
+        masks, plan = self.contents(variant)  # checked against the base model before its weights are swapped
         saved = {}
         try:
             if variant.updated_weights is not None:
