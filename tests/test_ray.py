@@ -18,6 +18,7 @@ import yaml
 
 from cluster import connect
 from jobs.cli import main
+from jobs.submit import TERMINAL, _job_status
 from pipeline.artifacts import load_soft_logits
 from pipeline.config import config_from_dict
 from pipeline.run import read_metrics, run
@@ -188,6 +189,10 @@ def test_submit_tiny_yaml_to_a_ray_head(head, tmp_path):
     run_id = re.search(r"submitted run (\S+)", out).group(1)
     run_dir = tmp_path / run_id
     assert wait_for_status(run_dir)["status"] == "completed"
+    # The driver writes its last status just before its process, and so the Ray job, ends.
+    deadline = time.monotonic() + 60
+    while _job_status(run_dir) not in TERMINAL and time.monotonic() < deadline:
+        time.sleep(0.5)
     status = cli("status", run_id, "--runs-dir", str(tmp_path))
     assert re.search(r"status: completed", status) and "job status: SUCCEEDED" in status
     logs = cli("logs", run_id, "--runs-dir", str(tmp_path))
