@@ -124,7 +124,8 @@ def save_artifact(
 ) -> Path:
     """Write an artifact atomically. `base_model` holds name_or_path and revision; the fingerprint
     is computed here over exactly the layers the artifact masks, or for a plan alone is the plan's
-    (`AttentionPlan.to_json(model)`: the fingerprint of every decoder linear)."""
+    (`AttentionPlan.to_json(model)`: the fingerprint of every decoder linear), unless `base_model`
+    brings one computed earlier (a sharded trainer leaves the weights partitioned)."""
     if not masks and attention is None:
         raise MaskpipeError("an artifact needs masks, an attention plan or both")
     n, m = parse_pattern(pattern) if masks else (0, 0)
@@ -140,8 +141,8 @@ def save_artifact(
         "format_version": FORMAT_VERSION,
         "maskpipe_version": __version__,
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "base_model": {**base_model, "fingerprint": fingerprint({k: linears[k] for k in masks}) if masks
-                       else attention["fingerprint"]},
+        "base_model": {"fingerprint": fingerprint({k: linears[k] for k in masks}) if masks
+                       else attention["fingerprint"], **base_model},
         "pattern": pattern if masks else None,
         "encoding": ENCODING,
         "layers": layers,

@@ -349,7 +349,6 @@ def train_gates(model: nn.Module, tokenizer, st, stream, *, sink: int, window: i
                 on_log=None) -> tuple[torch.Tensor, list[dict]]:
     """Learn a gate per KV head (DuoAttention) with every model weight frozen, resuming from
     `store.latest()` if there is a checkpoint. Returns the gates [layers, kv_heads] and the log history."""
-    from pipeline.checkpoint import load_optimizer_state, optimizer_state
     from pipeline.learn import cosine_lr
 
     device = next(model.parameters()).device
@@ -359,22 +358,22 @@ def train_gates(model: nn.Module, tokenizer, st, stream, *, sink: int, window: i
     rng = random.Random(seed)
     streaming = uniform_plan(shape, True, sink, window)
     step, history, window_losses = 0, [], []
-    saved = store.latest()
-    if saved is not None:
-        tensors, meta = saved
-        with torch.no_grad():
-            gates.copy_(tensors["gates"])
-        load_optimizer_state(opt, tensors, meta)
-        stream.load_state_dict(meta["stream"])
-        rng.setstate(_tuples(meta["rng"]))
-        step, history, window_losses = meta["step"], meta["history"], meta["loss_window"]
-        if on_log:
-            on_log({"resumed_from_step": step})
+    with store.latest() as ckpt:
+        if ckpt is not None:
+            with torch.no_grad():
+                gates.copy_(ckpt.read("gates"))
+            opt.state[gates] = {"step": torch.tensor(float(ckpt.step)),
+                                **{k: ckpt.read(k).to(device) for k in ("exp_avg", "exp_avg_sq")}}
+            stream.load_state_dict(ckpt.meta["stream"])
+            rng.setstate(_tuples(ckpt.meta["rng"]))
+            step, history, window_losses = ckpt.step, ckpt.meta["history"], ckpt.meta["loss_window"]
+            if on_log:
+                on_log({"resumed_from_step": step})
 
     def checkpoint() -> None:
-        opt_tensors, opt_meta = optimizer_state(opt)
-        store.save(step, {"gates": gates} | opt_tensors,
-                   {**opt_meta, "stream": stream.state_dict(), "rng": rng.getstate(), "history": history,
+        state = opt.state[gates]
+        store.save(step, {"gates": gates, "exp_avg": state["exp_avg"], "exp_avg_sq": state["exp_avg_sq"]},
+                   {"stream": stream.state_dict(), "rng": rng.getstate(), "history": history,
                     "loss_window": window_losses})
 
     model.eval()

@@ -1,85 +1,151 @@
-"""Atomic, pickle-free training checkpoints: tensors in safetensors, everything else in JSON.
+"""Atomic, pickle-free training checkpoints that any number of workers can write and read.
 
-A checkpoint is a folder holding `state.safetensors` and `state.json`. A learning loop sees only a
-store with `latest()` and `save()`: `CheckpointDir` keeps them as `step-00000100/` folders of a local
-directory, each written through `atomic_dir`, so a kill during a save leaves the previous checkpoint
-intact, and the oldest beyond `keep` are removed only after a new one is complete. Ray Train workers
-use a store with the same two methods that reports the folder to Ray (`workers/learn.py`).
+A checkpoint is a folder: `state.json` (step, stream position, log history, ...) and one
+`shard-RRRRR.safetensors` per rank that holds state. A tensor is stored as row ranges: each rank
+writes the rows it owns (the file's metadata says where they start), so sharded training never
+gathers its mask state to save it, and a reader asks for any rows of any tensor, whatever number of
+ranks wrote them. That is how a run resumes on a different number of workers, and how the shards are
+consolidated.
+
+A learning loop sees only a store: `save(step, tensors, meta)`, called by every rank, and `latest()`,
+a context manager that yields the newest `Checkpoint` or None. `CheckpointDir` keeps them as
+`step-00000100/` folders of a directory every rank sees, each completed by one rename, so a kill
+during a save leaves the previous checkpoint intact; the oldest beyond `keep` are removed only after a
+new one is complete. Ray Train workers use a store with the same two methods (`workers/learn.py`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
-from safetensors.torch import load_file, save_file
+import torch.distributed as dist
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from pipeline import MaskpipeError
-from pipeline.artifacts import atomic_dir
 
-TENSORS, META = "state.safetensors", "state.json"
-
-
-def optimizer_state(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Split an optimizer's state_dict into flat tensors and JSON-able metadata."""
-    sd = opt.state_dict()
-    tensors, scalars = {}, {}
-    for idx, st in sd["state"].items():
-        for k, v in st.items():
-            if torch.is_tensor(v):
-                tensors[f"optimizer.{idx}.{k}"] = v
-            else:
-                scalars[f"{idx}.{k}"] = v
-    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+META = "state.json"
 
 
-def load_optimizer_state(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
-    state: dict[int, dict[str, Any]] = {}
-    for key, v in tensors.items():
-        if key.startswith("optimizer."):
-            _, idx, k = key.split(".", 2)
-            state.setdefault(int(idx), {})[k] = v
-    for key, v in meta["scalars"].items():
-        idx, k = key.split(".", 1)
-        state.setdefault(int(idx), {})[k] = v
-    groups = [{**g, "betas": tuple(g["betas"])} if "betas" in g else g for g in meta["param_groups"]]
-    opt.load_state_dict({"state": state, "param_groups": groups})
+class Rows(NamedTuple):
+    """Rows [start, start + len(tensor)) of a tensor that is larger than what one rank holds."""
+    tensor: torch.Tensor
+    start: int
 
 
-def write_checkpoint(path: Path, step: int, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path / TENSORS))
-    (path / META).write_text(json.dumps({"step": step, **meta}, indent=1))
+def rank_world() -> tuple[int, int]:
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
 
-def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    path = Path(path)
-    try:
-        return load_file(str(path / TENSORS)), json.loads((path / META).read_text())
-    except Exception as e:  # noqa: BLE001 - any unreadable checkpoint is the same error to the user
-        raise MaskpipeError(f"{path}: unreadable checkpoint ({type(e).__name__}: {e})") from None
+def write_shard(path: Path, tensors: dict[str, torch.Tensor | Rows], meta: dict[str, Any] | None,
+                rank: int) -> None:
+    """This rank's part of a checkpoint; rank 0 also writes the JSON state."""
+    rows = {k: v if isinstance(v, Rows) else Rows(v, 0) for k, v in tensors.items()}
+    save_file({k: r.tensor.detach().contiguous().cpu() for k, r in rows.items()},
+              str(path / f"shard-{rank:05d}.safetensors"), metadata={k: str(r.start) for k, r in rows.items()})
+    if meta is not None:
+        (path / META).write_text(json.dumps(meta, indent=1))
+
+
+class Checkpoint:
+    """Reads a checkpoint folder: `meta`, and any rows of any tensor across the shards."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        try:
+            self.meta = json.loads((self.path / META).read_text())
+            self._index: dict[str, list[tuple[int, int, Path]]] = {}
+            for f in sorted(self.path.glob("shard-*.safetensors")):
+                with safe_open(str(f), "pt") as sf:
+                    starts = sf.metadata() or {}
+                    for k in sf.keys():
+                        start = int(starts[k])
+                        shape = sf.get_slice(k).get_shape()
+                        self._index.setdefault(k, []).append((start, start + (shape[0] if shape else 0), f))
+        except Exception as e:  # noqa: BLE001 - any unreadable checkpoint is the same error to the user
+            raise MaskpipeError(f"{self.path}: unreadable checkpoint ({type(e).__name__}: {e})") from None
+
+    @property
+    def step(self) -> int:
+        return self.meta["step"]
+
+    def keys(self) -> list[str]:
+        return sorted(self._index)
+
+    def read(self, key: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """Rows [start, stop) of `key` (all rows by default), assembled from every shard that has some."""
+        if key not in self._index:
+            raise MaskpipeError(f"{self.path}: checkpoint has no tensor {key!r}")
+        parts = sorted(self._index[key])
+        stop = parts[-1][1] if stop is None else stop
+        if parts[-1][1] == 0:  # a 0-dim tensor: no rows
+            with safe_open(str(parts[0][2]), "pt") as sf:
+                return sf.get_tensor(key)
+        pieces, at = [], start
+        if start >= stop:  # a rank that owns no rows of a small tensor
+            with safe_open(str(parts[0][2]), "pt") as sf:
+                return sf.get_slice(key)[0:0]
+        for a, b, f in parts:
+            if b <= at or at >= stop:
+                continue
+            if a > at:
+                break
+            with safe_open(str(f), "pt") as sf:
+                pieces.append(sf.get_slice(key)[at - a: min(b, stop) - a])
+            at = min(b, stop)
+        if at < stop:
+            raise MaskpipeError(f"{self.path}: {key}: rows {at}..{stop} are in no shard (incomplete checkpoint)")
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {k: self.read(k) for k in self._index}
 
 
 class CheckpointDir:
-    """The last `keep` checkpoints of one stage in a local directory (one process writes them)."""
+    """The last `keep` checkpoints of one stage in a directory that every rank sees."""
 
     def __init__(self, path: str | Path, keep: int):
         self.path, self.keep = Path(path), keep
 
     def list(self) -> list[Path]:
-        """Complete checkpoints, oldest first (temporary folders of interrupted saves are not listed)."""
+        """Complete checkpoints, oldest first (the temporary folders of unfinished saves are not listed)."""
         if not self.path.is_dir():
             return []
-        return sorted(p for p in self.path.glob("step-*") if (p / META).is_file() and (p / TENSORS).is_file())
+        return sorted(p for p in self.path.glob("step-*") if (p / META).is_file())
 
-    def latest(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
+    @contextlib.contextmanager
+    def latest(self):
         found = self.list()
-        return read_checkpoint(found[-1]) if found else None
+        yield Checkpoint(found[-1]) if found else None
 
-    def save(self, step: int, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
-        with atomic_dir(self.path / f"step-{step:08d}") as tmp:
-            write_checkpoint(tmp, step, tensors, meta)
-        for old in self.list()[: -self.keep]:
-            shutil.rmtree(old)
+    def save(self, step: int, tensors: dict[str, torch.Tensor | Rows], meta: dict[str, Any]) -> None:
+        rank, world = rank_world()
+        final = self.path / f"step-{step:08d}"
+        tmp = self.path / f".step-{step:08d}.tmp"
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)  # left by a save that was killed
+            tmp.mkdir(parents=True)
+        _barrier(world)
+        write_shard(tmp, tensors, {"step": step, **meta} if rank == 0 else None, rank)
+        for f in tmp.iterdir():
+            if f.name.startswith(f"shard-{rank:05d}") or (rank == 0 and f.name == META):
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
+        _barrier(world)
+        if rank == 0:
+            shutil.rmtree(final, ignore_errors=True)
+            os.rename(tmp, final)
+            for old in self.list()[: -self.keep]:
+                shutil.rmtree(old)
+        _barrier(world)
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        dist.barrier()

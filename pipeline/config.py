@@ -302,6 +302,10 @@ class LearnStage(StageBase):
     checkpoint_every: int = Field(default=100, gt=0)
     keep_checkpoints: int = Field(default=3, gt=0)
     save_logits: Literal["bfloat16", "float16", "float32"] | None = "bfloat16"
+    # Leaner mask state (see pipeline.learn.GumbelNMMask and docs/RESULTS.md): "positions" keeps M
+    # logits per group instead of C(M,N); bfloat16 logits also keep AdamW's moments in bfloat16.
+    logits_per_group: Literal["candidates", "positions"] = "candidates"
+    logits_dtype: Literal["float32", "bfloat16"] = "float32"
 
     _pattern = field_validator("pattern")(SparsityConfig._pattern.__func__)
 
@@ -326,6 +330,19 @@ class WorkersConfig(Strict):
     # Ray Train storage for the learning stages' checkpoints: a path every node sees, or a pyarrow URI
     # such as s3://bucket/prefix. Default: the run directory's `train/`.
     storage_path: str | None = None
+    # How a learning stage spreads the model and the mask state over the workers (pipeline.shard):
+    # ddp replicates everything, fsdp (FSDP2) and deepspeed (ZeRO `zero_stage` 2 or 3) shard it.
+    strategy: Literal["none", "ddp", "fsdp", "deepspeed"] = "ddp"
+    zero_stage: Literal[2, 3] = 3
+    activation_checkpointing: bool = False  # recompute each decoder block in the backward pass
+
+    @model_validator(mode="after")
+    def _strategy_fits(self) -> WorkersConfig:
+        if self.strategy in ("fsdp", "deepspeed") and self.num_workers == 0:
+            raise _KeyError("workers.strategy", f"{self.strategy} runs on Ray workers: set workers.num_workers ≥ 1")
+        if self.strategy == "none" and self.num_workers > 1:
+            raise _KeyError("workers.strategy", f"none runs one worker, not {self.num_workers}: use ddp, fsdp or deepspeed")
+        return self
 
 
 Stage = Annotated[Union[OneshotStage, LearnStage, EvalStage, RetrievalStage, AttentionStage],

@@ -8,7 +8,6 @@ argmax candidate. Only the logits train; the base weights stay frozen underneath
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import math
 from functools import lru_cache
@@ -16,12 +15,13 @@ from functools import lru_cache
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 from torch.nn.utils import parametrize
 from tqdm.auto import tqdm
 
 from pipeline import MaskpipeError
-from pipeline.models import base_weight
+from pipeline.checkpoint import Rows
+from pipeline.models import base_weight, decoder_blocks
+from pipeline.shard import MOMENTS, make_strategy
 from pipeline.sparsity import check_divisible
 
 
@@ -32,36 +32,75 @@ def nm_candidates(n: int, m: int) -> torch.Tensor:
     return torch.tensor(rows, dtype=torch.bool)
 
 
+class _MaskedWeight(torch.autograd.Function):
+    """W ⊙ M, whose backward also carries the gradient of the sparse-weight regulariser −λ·‖W⊙M‖²
+    (∂/∂M = −2λ·W²·M). Adding it here, inside each layer, rather than as a loss term over every
+    weight keeps each block's gradients local to that block: no masked weight outlives its block's
+    backward, which is what sharded training and activation checkpointing need."""
+
+    @staticmethod
+    def forward(ctx, weight, mask, lam):
+        ctx.save_for_backward(weight, mask)
+        ctx.lam = lam
+        return weight * mask
+
+    @staticmethod
+    def backward(ctx, grad):
+        weight, mask = ctx.saved_tensors
+        grad_mask = grad * weight
+        if ctx.lam:
+            grad_mask = grad_mask - 2 * ctx.lam * weight * weight * mask
+        return None, grad_mask, None
+
+
 class GumbelNMMask(nn.Module):
     """Weight parametrization W -> W * mask(logits): soft Gumbel-softmax sample in training mode,
-    hard argmax candidate in eval mode. `tau` and `kappa` are set by the trainer's schedules."""
+    hard argmax candidate in eval mode. The trainer sets `tau`, `kappa`, `lam` (the regulariser's λ,
+    already divided by the accumulation steps) and `noise_seed` before every forward.
+
+    `per_group="candidates"` is MaskLLM: one logit per candidate, C(M,N) per group. `"positions"`
+    keeps one logit per weight, a candidate's logit being the sum of its kept positions' (M per
+    group: 4 instead of 6 at 2:4, 8 instead of 70 at 4:8); MaskLLM's prior is of that form already."""
 
     def __init__(self, shape: torch.Size, n: int, m: int, generator: torch.Generator | None = None,
-                 init_std: float = 0.01):
+                 init_std: float = 0.01, per_group: str = "candidates", dtype: torch.dtype = torch.float32):
         super().__init__()
         out_features, in_features = shape
         cands = nm_candidates(n, m)
         self.n, self.m = n, m
         self.register_buffer("candidates", cands.float(), persistent=False)
-        logits = torch.randn(out_features, in_features // m, len(cands), generator=generator) * init_std
-        self.logits = nn.Parameter(logits)
-        self.generator = generator
-        self.tau, self.kappa = 4.0, 100.0
+        width = len(cands) if per_group == "candidates" else m
+        logits = torch.randn(out_features, in_features // m, width, generator=generator) * init_std
+        self.logits = nn.Parameter(logits.to(dtype))
+        self.per_group = per_group
+        self.tau, self.kappa, self.lam, self.noise_seed = 4.0, 100.0, 0.0, 0
+
+    def candidate_logits(self) -> torch.Tensor:
+        return candidate_logits(self.logits.float(), self.n, self.m, self.per_group)
 
     def soft_mask(self) -> torch.Tensor:
-        # Gumbel noise from the trainer's own generator, so that a resumed run draws the same noise.
-        # In place: the noise is as large as the logits, and drawing it is most of the mask's own cost.
-        u = torch.rand(self.logits.shape, generator=self.generator, device=self.logits.device)
-        gumbel = u.clamp_min_(1e-10).log_().neg_().clamp_min_(1e-10).log_().neg_()
-        probs = torch.softmax((self.logits * self.kappa + gumbel) / self.tau, dim=-1)
+        # The noise depends only on the seed the trainer sets: a resumed run, every data-parallel rank
+        # and an activation-checkpointing recomputation all draw the same noise.
+        gen = torch.Generator(device=self.logits.device).manual_seed(self.noise_seed)
+        u = torch.rand(self.logits.shape[:-1] + (len(self.candidates),), generator=gen, device=self.logits.device)
+        gumbel = u.clamp_min_(1e-10).log_().neg_().clamp_min_(1e-10).log_().neg_()  # in place: as large as the logits
+        probs = torch.softmax((self.candidate_logits() * self.kappa + gumbel) / self.tau, dim=-1)
         return probs @ self.candidates  # [out, groups, M]: never a [groups, C, M] intermediate
 
     def hard_mask(self) -> torch.Tensor:
-        return hard_mask(self.logits, self.n, self.m)
+        return hard_mask(self.candidate_logits(), self.n, self.m)
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        mask = self.soft_mask() if self.training else self.hard_mask()
-        return weight * mask.reshape(weight.shape).to(weight.dtype)
+        if not self.training:
+            return weight * self.hard_mask().reshape(weight.shape).to(weight.dtype)
+        return _MaskedWeight.apply(weight, self.soft_mask().reshape(weight.shape).to(weight.dtype), self.lam)
+
+
+def candidate_logits(logits: torch.Tensor, n: int, m: int, per_group: str = "candidates") -> torch.Tensor:
+    """[out, G, C] logits over the candidates, from either parametrization."""
+    if per_group == "candidates":
+        return logits
+    return logits @ nm_candidates(n, m).to(logits.device, logits.dtype).T
 
 
 def hard_mask(logits: torch.Tensor, n: int, m: int) -> torch.Tensor:
@@ -69,19 +108,32 @@ def hard_mask(logits: torch.Tensor, n: int, m: int) -> torch.Tensor:
     return nm_candidates(n, m).to(logits.device)[logits.argmax(-1)]
 
 
-def prior_logits(logits: torch.Tensor, prior: torch.Tensor, n: int, m: int, strength: float) -> torch.Tensor:
+def prior_logits(logits: torch.Tensor, prior: torch.Tensor, n: int, m: int, strength: float,
+                 per_group: str = "candidates") -> torch.Tensor:
     """MaskLLM's prior, generalised to N:M: each candidate's logit rises by
     (2·overlap/N − 1) · std(logits) · strength, overlap = kept positions shared with the prior mask.
-    For 2:4 this is the paper's (overlap − 1) · std · strength."""
-    cands = nm_candidates(n, m).to(logits.device).float()  # [C, M]
+    For 2:4 this is the paper's (overlap − 1) · std · strength. With one logit per position the same
+    rise, up to a constant per group, is 2·prior/N · std · strength on each kept position."""
     groups = prior.reshape(logits.shape[0], -1, m).float()  # [out, G, M]
+    std = candidate_logits(logits.float(), n, m, per_group).std()
+    if per_group == "positions":
+        return logits + (2 * groups / n * std * strength).to(logits.dtype)
+    cands = nm_candidates(n, m).to(logits.device).float()  # [C, M]
     overlap = groups @ cands.T  # [out, G, C]
-    return logits + (2 * overlap / n - 1) * logits.std() * strength
+    return logits + ((2 * overlap / n - 1) * std * strength).to(logits.dtype)
+
+
+def positions_from_candidates(logits: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """Per-position logits whose sums best match candidate logits (least squares): how a stored soft
+    state (always per candidate) seeds a per-position run."""
+    cands = nm_candidates(n, m).to(logits.device).float()
+    return logits.float() @ torch.linalg.pinv(cands).T
 
 
 def add_learned_masks(
     linears: dict[str, nn.Linear], n: int, m: int, generator: torch.Generator,
     priors: dict[str, torch.Tensor] | None = None, strength: float = 3.0, init_std: float = 0.01,
+    per_group: str = "candidates", dtype: torch.dtype = torch.float32,
 ) -> dict[str, GumbelNMMask]:
     """Put a GumbelNMMask on every linear; returns name -> mask module (whose logits are what trains)."""
     for name, lin in linears.items():
@@ -89,10 +141,11 @@ def add_learned_masks(
     masks = {}
     for name in sorted(linears):
         lin = linears[name]
-        mod = GumbelNMMask(base_weight(lin).shape, n, m, generator, init_std).to(lin.weight.device)
+        mod = GumbelNMMask(base_weight(lin).shape, n, m, generator, init_std, per_group, dtype).to(lin.weight.device)
         if priors is not None and name in priors:
             with torch.no_grad():
-                mod.logits.copy_(prior_logits(mod.logits, priors[name].to(mod.logits.device), n, m, strength))
+                mod.logits.copy_(prior_logits(mod.logits, priors[name].to(mod.logits.device), n, m, strength,
+                                              per_group))
         parametrize.register_parametrization(lin, "weight", mod, unsafe=True)
         masks[name] = mod
     return masks
@@ -109,71 +162,81 @@ def cosine_lr(base: float, step: int, total: int, warmup: int) -> float:
     return base * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
-def mask_change_rate(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> float:
-    """Fraction of groups whose argmax candidate flipped (MaskLLM's mask-change rate)."""
-    changed = sum(int((before[k] != after[k]).sum()) for k in after)
-    return changed / sum(v.numel() for v in after.values())
-
-
 def train_masks(
     model: nn.Module, linears: dict[str, nn.Linear], st, n: int, m: int, stream, *, seed: int, store,
     priors: dict[str, torch.Tensor] | None = None, init_logits: dict[str, torch.Tensor] | None = None,
-    on_log=None,
+    on_log=None, strategy: str = "ddp", zero_stage: int = 3, activation_checkpointing: bool = False,
 ) -> tuple[dict[str, torch.Tensor], list[dict]]:
     """Learn N:M masks for `linears` on token blocks from `stream` (a TokenStream), resuming from
-    `store.latest()` if there is a checkpoint. Returns (logits, log history); the model is left without
-    parametrizations, its base weights untouched.
+    `store.latest()` if there is a checkpoint. Returns (logits over the candidates, log history); the
+    model is left without parametrizations, its base weights untouched.
 
     Under torch.distributed every rank runs this with its own share of each global batch of
-    `st.batch_size` blocks; DDP averages the logits' gradients. Every rank draws the same Gumbel
-    noise, so the step equals one process's step on the whole batch."""
-    from pipeline.checkpoint import load_optimizer_state, optimizer_state
-
+    `st.batch_size` blocks, and `strategy` (`pipeline.shard`) decides how the logits and their
+    optimizer state are spread; every rank draws the same Gumbel noise, so the step equals one
+    process's step on the whole batch."""
     world = dist.get_world_size() if dist.is_initialized() else 1
     if st.batch_size % world:
         raise MaskpipeError(f"batch_size {st.batch_size} is not divisible by the {world} workers")
     device = base_weight(next(iter(linears.values()))).device
-    generator = torch.Generator(device=device).manual_seed(seed)
-    mods = add_learned_masks(linears, n, m, generator, priors, st.prior.strength if st.prior else 3.0, st.init_std)
+    generator = torch.Generator().manual_seed(seed)  # the initial logits only
+    mods = add_learned_masks(linears, n, m, generator, priors, st.prior.strength if st.prior else 3.0, st.init_std,
+                             st.logits_per_group, getattr(torch, st.logits_dtype))
+    order = sorted(mods)
     if init_logits is not None:
         with torch.no_grad():
             for k, mod in mods.items():
-                mod.logits.copy_(init_logits[k].to(mod.logits))
-    params = [mods[k].logits for k in sorted(mods)]
-    opt = torch.optim.AdamW(params, lr=st.lr, weight_decay=st.weight_decay)
-    forward = DistributedDataParallel(model) if world > 1 else model
+                init = init_logits[k].to(mod.logits.device)
+                mod.logits.copy_(init if st.logits_per_group == "candidates" else positions_from_candidates(init, n, m))
+    if activation_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.eval()  # no dropout; the masks alone train
+    for mod in mods.values():
+        mod.train()
+    if activation_checkpointing:  # transformers checkpoints a block only while the block says it trains
+        for block in decoder_blocks(model):
+            block.training = True
+    shard = make_strategy(strategy, model, mods, lr=st.lr,
+                          weight_decay=st.weight_decay, grad_clip=st.grad_clip,
+                          micro_batch=st.batch_size // world, grad_accum=st.grad_accum, zero_stage=zero_stage)
+    # The logits may now be strategy-owned views (FSDP2's DTensors, ZeRO's partitions): read them through `shard`.
 
     def argmaxes() -> dict[str, torch.Tensor]:
-        return {k: mod.logits.detach().argmax(-1) for k, mod in mods.items()}
+        """The argmax candidate of every group in the rows this rank owns."""
+        return {k: candidate_logits(shard.owned(k).float(), n, m, st.logits_per_group).argmax(-1).to(torch.uint8)
+                for k in order}
+
+    def change_rate(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> float:
+        """Fraction of groups whose argmax candidate flipped (MaskLLM's mask-change rate), over all ranks."""
+        counts = torch.tensor([float(sum(int((before[k] != after[k]).sum()) for k in order)),
+                               float(sum(after[k].numel() for k in order))])
+        if world > 1:
+            dist.all_reduce(counts)
+        return (counts[0] / counts[1]).item()
 
     step, history = 0, []
     window: list[float] = []  # LM losses since the last log: one batch's loss is too noisy to read
     last = argmaxes()  # the mask-change baseline: argmax candidates at the last log
-    saved = store.latest()
-    if saved is not None:
-        tensors, meta = saved
-        with torch.no_grad():
-            for k, mod in mods.items():
-                mod.logits.copy_(tensors[f"logits.{k}"])
-        load_optimizer_state(opt, tensors, meta)
-        generator.set_state(tensors["rng.gumbel"])
-        stream.load_state_dict(meta["stream"])
-        step, history, window = meta["step"], meta["history"], meta["loss_window"]
-        last = {k: tensors[f"argmax.{k}"].long() for k in mods}
-        if on_log:
-            on_log({"resumed_from_step": step})
+    with store.latest() as ckpt:
+        if ckpt is not None:
+            shard.load(ckpt)
+            meta = ckpt.meta
+            stream.load_state_dict(meta["stream"])
+            step, history, window = meta["step"], meta["history"], meta["loss_window"]
+            last = {k: ckpt.read(f"argmax.{k}", *shard.rows(k)) for k in order}
+            if on_log:
+                on_log({"resumed_from_step": step})
 
     def checkpoint() -> None:
-        opt_tensors, opt_meta = optimizer_state(opt)
-        tensors = {f"logits.{k}": mod.logits for k, mod in mods.items()} | opt_tensors
-        tensors |= {f"argmax.{k}": v.to(torch.int32) for k, v in last.items()}
-        tensors["rng.gumbel"] = generator.get_state()
-        store.save(step, tensors, {**opt_meta, "stream": stream.state_dict(), "history": history,
-                                   "loss_window": window})
+        tensors = {}
+        for k in order:
+            start = shard.rows(k)[0]
+            for what in ("logits", *MOMENTS):
+                tensors[f"{what}.{k}"] = Rows(shard.owned(k, what), start)
+            tensors[f"argmax.{k}"] = Rows(last[k], start)
+        store.save(step, tensors, {"stream": stream.state_dict(), "history": history, "loss_window": window,
+                                   "world_size": world, "strategy": strategy})
 
-    model.eval()
-    for mod in mods.values():
-        mod.train()
     use_bf16 = device.type == "cuda"
     bar = tqdm(total=st.steps, initial=step, desc="mask learning", disable=None)
     try:
@@ -182,46 +245,42 @@ def train_masks(
             kappa = linear_schedule(*st.kappa, step, st.steps)
             lam = st.sparse_reg * (1 - step / st.steps)
             lr = cosine_lr(st.lr, step, st.steps, st.warmup_steps)
-            for mod in mods.values():
-                mod.tau, mod.kappa = tau, kappa
-            for group in opt.param_groups:
-                group["lr"] = lr
-            opt.zero_grad(set_to_none=True)
+            shard.set_lr(lr)
+            shard.zero_grad()
             lm_loss = torch.zeros((), device=device)
             for micro in range(st.grad_accum):
+                for i, k in enumerate(order):
+                    mod = mods[k]
+                    mod.tau, mod.kappa, mod.lam = tau, kappa, lam / st.grad_accum
+                    mod.noise_seed = (seed * 1_000_003 + (step * st.grad_accum + micro) * len(order) + i) % 2**63
                 x = stream.next_batch(st.batch_size // world).to(device)
-                sync = micro == st.grad_accum - 1 or world == 1
-                # One Gumbel sample per linear per micro-batch, shared by the forward and the regulariser.
-                with (parametrize.cached(), torch.autocast(device.type, torch.bfloat16, enabled=use_bf16),
-                      contextlib.nullcontext() if sync else forward.no_sync()):
-                    loss = forward(input_ids=x, labels=x, use_cache=False).loss
-                    total = loss
-                    if lam > 0:
-                        total = total - lam * sum(lin.weight.float().pow(2).sum() for lin in linears.values())
-                    (total / st.grad_accum).backward()
+                with shard.sync(micro == st.grad_accum - 1), torch.autocast(device.type, torch.bfloat16,
+                                                                            enabled=use_bf16):
+                    loss = shard.forward(input_ids=x, labels=x, use_cache=False).loss
+                    shard.backward(loss / st.grad_accum)
                 lm_loss += loss.detach().float() / st.grad_accum
             if world > 1:
                 dist.all_reduce(lm_loss)
                 lm_loss /= world
-            if st.grad_clip is not None:
-                torch.nn.utils.clip_grad_norm_(params, st.grad_clip)
-            opt.step()
+            shard.step()
             step += 1
             window.append(lm_loss.item())
             bar.update(1)
             if step % st.log_every == 0 or step == st.steps:
                 now = argmaxes()
                 entry = {"step": step, "loss": sum(window) / len(window), "tau": tau, "kappa": kappa, "lambda": lam,
-                         "lr": lr, "mask_change": mask_change_rate(last, now)}
+                         "lr": lr, "mask_change": change_rate(last, now)}
                 last, window = now, []
                 history.append(entry)
                 if on_log:
                     on_log(entry)
             if step % st.checkpoint_every == 0 or step == st.steps:
                 checkpoint()
-        logits = {k: mod.logits.detach().cpu() for k, mod in mods.items()}
+        logits = {k: candidate_logits(v.float(), n, m, st.logits_per_group) for k, v in shard.full_logits().items()}
     finally:
         bar.close()
+        if activation_checkpointing:
+            model.gradient_checkpointing_disable()
         for lin in linears.values():
             if parametrize.is_parametrized(lin, "weight"):
                 parametrize.remove_parametrizations(lin, "weight", leave_parametrized=False)

@@ -34,7 +34,7 @@ from pipeline.config import (AttentionStage, Config, EvalStage, LearnStage, Mode
 from pipeline.data import TokenStream, calibration_blocks, eval_text
 from pipeline.evaluate import Perplexity, perplexity
 from pipeline.learn import hard_mask, train_masks
-from pipeline.models import base_weight, load_model, load_tokenizer, prunable_linears
+from pipeline.models import base_weight, fingerprint, load_model, load_tokenizer, prunable_linears
 from pipeline.oneshot import oneshot_masks
 from pipeline.retrieval import (accuracy, multikey_samples, niah_heatmap, niah_samples, passkey_samples, score,
                                 split_sentences)
@@ -206,16 +206,21 @@ def learn_stage(cfg: Config, s: Session, st: LearnStage, out_dir: Path, prior: P
     tokens = st.steps * st.grad_accum * st.batch_size * st.seqlen
     log.info("%s: learning %d:%d masks for %d linears, %d steps, %d tokens on %d worker(s)", st.name, n, m,
              len(s.linears), st.steps, tokens, world_size)
+    # Read before training: a sharded strategy leaves the model's weights partitioned.
+    shapes = {k: base_weight(lin).shape for k, lin in s.linears.items()}
+    base_model = {**s.base_model_info(), "fingerprint": fingerprint(s.linears)}
+    w = cfg.workers
     t0 = time.perf_counter()
     logits, history = train_masks(s.model, s.linears, st, n, m, stream, seed=cfg.seed, store=store, priors=priors,
-                                  init_logits=init_logits, on_log=on_log)
+                                  init_logits=init_logits, on_log=on_log, strategy=w.strategy,
+                                  zero_stage=w.zero_stage, activation_checkpointing=w.activation_checkpointing)
     seconds = time.perf_counter() - t0
     if rank != 0:
         return []
-    masks = {k: hard_mask(v, n, m).reshape(base_weight(s.linears[k]).shape) for k, v in logits.items()}
+    masks = {k: hard_mask(v, n, m).reshape(shapes[k]) for k, v in logits.items()}
     soft = {k: v.to(getattr(torch, st.save_logits)) for k, v in logits.items()} if st.save_logits else None
     artifact = save_artifact(
-        out_dir / st.name, masks, s.linears, base_model=s.base_model_info(), pattern=f"{n}:{m}",
+        out_dir / st.name, masks, s.linears, base_model=base_model, pattern=f"{n}:{m}",
         method={"name": "maskllm", "params": st.model_dump(mode="json", exclude={"stage", "name", "data"}),
                 "prior": prior_info, "seconds": round(seconds, 2), "workers": world_size,
                 "final": history[-1] if history else {}},

@@ -16,35 +16,35 @@ from pathlib import Path
 
 import ray.train
 import torch
-from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from pipeline.checkpoint import read_checkpoint, write_checkpoint
+from pipeline.checkpoint import Checkpoint, write_shard
 from pipeline.config import Config, LearnStage
 from pipeline.run import MetricsLog, Session, Variant, learn_stage, learned_variant, logs_to
 
 
 class RayCheckpoints:
-    """A checkpoint store for `train_masks` on a Ray Train worker. Every rank calls `save`, because
-    `ray.train.report` is collective; rank 0's folder is the checkpoint."""
+    """A checkpoint store for `train_masks` on a Ray Train worker. Every rank writes the rows it owns
+    into its own folder and reports it (`ray.train.report` is collective); Ray Train gathers the
+    ranks' files into one checkpoint in its storage."""
 
     def __init__(self, rank: int):
         self.rank = rank
 
+    @contextlib.contextmanager
     def latest(self):
         ckpt = ray.train.get_checkpoint()
         if ckpt is None:
-            return None
+            yield None
+            return
         with ckpt.as_directory() as path:
-            return read_checkpoint(path)
+            yield Checkpoint(path)
 
-    def save(self, step: int, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    def save(self, step: int, tensors: dict, meta: dict) -> None:
         with tempfile.TemporaryDirectory() as tmp:
-            ckpt = None
-            if self.rank == 0:
-                write_checkpoint(Path(tmp), step, tensors, meta)
-                ckpt = Checkpoint.from_directory(tmp)
-            ray.train.report({"step": step}, checkpoint=ckpt)
+            write_shard(Path(tmp), tensors, {"step": step, **meta} if self.rank == 0 else None, self.rank)
+            ray.train.report({"step": step}, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
 
 def learn_loop(config: dict) -> None:

@@ -1,0 +1,224 @@
+"""How the mask state is spread over data-parallel ranks: `none`, `ddp`, `fsdp` or `deepspeed`.
+
+MaskLLM's state is the logits and their Adam moments, about 24 bytes per masked weight at 2:4 against 2
+for the frozen bf16 weight, so the logits and the optimizer state are what a large model must shard:
+
+  none / ddp  every rank holds the whole model, the logits and AdamW; DDP averages the gradients
+  fsdp        PyTorch FSDP2 (`fully_shard` per decoder block, then the root): frozen weights, logits and
+              AdamW state are sharded by rows and gathered one block at a time
+  deepspeed   DeepSpeed ZeRO stage 2 (gradients and optimizer state sharded) or 3 (parameters too)
+
+Whatever the strategy, rank r of W *owns* rows chunk r of every logits tensor, as `torch.chunk` would
+cut them (FSDP2's own row shards), and saves exactly those rows (`pipeline.checkpoint`). So a
+checkpoint never depends on the strategy or the number of ranks that wrote it: a run resumes on another
+world size, or switches strategy, by reading the rows it now owns.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from pipeline import MaskpipeError
+from pipeline.checkpoint import Checkpoint, rank_world
+from pipeline.models import decoder_blocks
+
+STRATEGIES = ("none", "ddp", "fsdp", "deepspeed")
+MOMENTS = ("exp_avg", "exp_avg_sq")  # AdamW's state besides its step count
+
+
+def owned_rows(n: int, rank: int, world: int) -> tuple[int, int]:
+    """Rows [start, stop) of an n-row tensor that `rank` owns: `torch.chunk`'s split, as FSDP2 shards."""
+    size = math.ceil(n / world)
+    start = min(rank * size, n)
+    return start, min(start + size, n)
+
+
+class Strategy:
+    """The plain data-parallel strategy (`none` on one rank, `ddp` on several); the sharded ones
+    override how parameters are wrapped, read and written."""
+
+    def __init__(self, model: nn.Module, masks: dict[str, nn.Module], *, lr: float, weight_decay: float,
+                 grad_clip: float | None, micro_batch: int, grad_accum: int, zero_stage: int = 3):
+        self.rank, self.world = rank_world()
+        self.masks, self.grad_clip = masks, grad_clip
+        self.forward = self._wrap(model, micro_batch, grad_accum, zero_stage)
+        self.optimizer = self._optimizer(lr, weight_decay)
+
+    @property
+    def params(self) -> dict[str, nn.Parameter]:
+        """Each mask's logits, as the strategy holds them now (FSDP2 swaps in sharded parameters)."""
+        return {k: mod.logits for k, mod in self.masks.items()}
+
+    def _wrap(self, model, micro_batch, grad_accum, zero_stage):
+        return DistributedDataParallel(model) if self.world > 1 else model
+
+    def _optimizer(self, lr, weight_decay):
+        return torch.optim.AdamW([self.params[k] for k in sorted(self.params)], lr=lr, weight_decay=weight_decay)
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def sync(self, last_micro: bool):
+        """A context for one micro-batch's forward and backward: gradients are averaged over ranks on
+        the last micro-batch of a step only."""
+        return contextlib.nullcontext() if last_micro or self.world == 1 else self.forward.no_sync()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def step(self) -> None:
+        if self.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(list(self.params.values()), self.grad_clip)
+        self.optimizer.step()
+
+    # The rows this rank owns, and writing them back. `what` is "logits" or an AdamW moment.
+    def _full(self, name: str, what: str) -> torch.Tensor:
+        p = self.params[name]
+        return p if what == "logits" else self.optimizer.state[p][what]
+
+    def owned(self, name: str, what: str = "logits") -> torch.Tensor:
+        start, stop = self.rows(name)
+        return self._full(name, what).detach()[start:stop]
+
+    def full_logits(self) -> dict[str, torch.Tensor]:
+        """Every logits tensor whole, on every rank (a collective for the sharded strategies)."""
+        return {k: p.detach().cpu() for k, p in self.params.items()}
+
+    def rows(self, name: str) -> tuple[int, int]:
+        p = self.params[name]
+        return owned_rows(getattr(p, "ds_shape", p.shape)[0], self.rank, self.world)  # ZeRO-3 leaves shape [0]
+
+    @torch.no_grad()
+    def load(self, ckpt: Checkpoint) -> None:
+        """Logits and AdamW state from a checkpoint written with any strategy and world size."""
+        for name, p in self.params.items():
+            self.optimizer.state[p] = {"step": torch.tensor(float(ckpt.step))}
+            for what in ("logits", *MOMENTS):
+                if what != "logits":
+                    self.optimizer.state[p][what] = torch.zeros_like(p)
+                self._load(name, what, lambda a=0, b=None, key=f"{what}.{name}": ckpt.read(key, a, b))
+
+    def _load(self, name: str, what: str, read) -> None:
+        self._full(name, what).copy_(read())
+
+
+class FSDP(Strategy):
+    """FSDP2: each decoder block is a unit that all-gathers its frozen weights and logits for its
+    forward and backward and frees them after; gradients are reduce-scattered to the owning rows.
+    Per-parameter sharding lets a unit mix frozen weights and trainable logits (FSDP1 could not)."""
+
+    def _wrap(self, model, micro_batch, grad_accum, zero_stage):
+        from torch.distributed.fsdp import fully_shard
+
+        for block in decoder_blocks(model):
+            fully_shard(block)
+        fully_shard(model)
+        for name, p in self.params.items():
+            start, stop = self.rows(name)
+            if p.to_local().shape[0] != stop - start:
+                raise MaskpipeError(f"{name}: FSDP's row shard is not torch.chunk's; maskpipe's checkpoints assume it")
+        return model
+
+    def sync(self, last_micro: bool):
+        self.forward.set_requires_gradient_sync(last_micro)
+        return contextlib.nullcontext()
+
+    def owned(self, name: str, what: str = "logits") -> torch.Tensor:
+        return self._full(name, what).detach().to_local()
+
+    def full_logits(self) -> dict[str, torch.Tensor]:
+        return {k: p.detach().full_tensor().cpu() for k, p in self.params.items()}
+
+    def _load(self, name: str, what: str, read) -> None:
+        self._full(name, what).to_local().copy_(read(*self.rows(name)))
+
+
+class DeepSpeed(Strategy):
+    """DeepSpeed ZeRO stage 2 or 3 through `deepspeed.initialize`. ZeRO fixes what trains at
+    initialization (the logits already exist with requires_grad) and, at stage 3, partitions every
+    parameter into flat shards, so parameters are read and written through DeepSpeed's own
+    `safe_get_full_*`/`safe_set_full_*` (collectives at stage 3), never through `.data`."""
+
+    def _wrap(self, model, micro_batch, grad_accum, zero_stage):
+        import deepspeed
+
+        self.zero_stage = zero_stage
+        bf16 = next(iter(self.params.values())).device.type == "cuda"
+        config = {
+            "train_micro_batch_size_per_gpu": micro_batch,
+            "gradient_accumulation_steps": grad_accum,
+            "gradient_clipping": self.grad_clip or 0.0,
+            "zero_optimization": {"stage": zero_stage},
+            "bf16": {"enabled": bf16},
+            "zero_allow_untested_optimizer": True,  # plain torch AdamW: fused DeepSpeed Adam needs a build
+            "steps_per_print": 1 << 30,
+        }
+        base = super()._optimizer(0.0, 0.0)  # lr and weight decay are set below, lr by the schedule
+        self.engine, self._ds_optimizer, _, _ = deepspeed.initialize(model=model, optimizer=base, config=config)
+        return self.engine
+
+    def _optimizer(self, lr, weight_decay):
+        for group in self._ds_optimizer.param_groups:
+            group["lr"], group["weight_decay"] = lr, weight_decay
+        return self._ds_optimizer
+
+    def sync(self, last_micro: bool):
+        return contextlib.nullcontext()  # the engine counts micro-batches itself
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.engine.backward(loss, scale_wrt_gas=False)  # the caller already divided by grad_accum
+        self.engine.step()  # an optimizer step only at the accumulation boundary
+
+    def step(self) -> None:
+        pass  # done by the last micro-batch's backward
+
+    def _full(self, name: str, what: str) -> torch.Tensor:
+        from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+        p = self.params[name]
+        return safe_get_full_fp32_param(p) if what == "logits" else safe_get_full_optimizer_state(p, what)
+
+    def full_logits(self) -> dict[str, torch.Tensor]:
+        return {k: self._full(k, "logits").cpu() for k in sorted(self.params)}
+
+    @torch.no_grad()
+    def load(self, ckpt: Checkpoint) -> None:
+        import deepspeed
+        from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+        # ZeRO creates AdamW's state at the first step; a resumed run needs it now, with the step
+        # count that AdamW's bias correction reads.
+        zero = self._ds_optimizer
+        flats = zero.fp32_partitioned_groups_flat if self.zero_stage == 3 else zero.single_partition_of_fp32_groups
+        for flat in flats:
+            zero.optimizer.state[flat] = {"step": torch.tensor(float(ckpt.step)),
+                                          **{w: torch.zeros_like(flat) for w in MOMENTS}}
+        for name in sorted(self.params):
+            p = self.params[name]
+            full = ckpt.read(f"logits.{name}").to(p.device)
+            safe_set_full_fp32_param(p, full)  # the optimizer's master copy; the forward reads the parameter:
+            with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
+                p.data.copy_(full)
+            for what in MOMENTS:
+                safe_set_full_optimizer_state(p, ckpt.read(f"{what}.{name}").to(p.device), what)
+
+
+def make_strategy(name: str, model: nn.Module, masks: dict[str, nn.Module], **kw) -> Strategy:
+    """`masks`: name -> the module whose `logits` parameter trains."""
+    if name not in STRATEGIES:
+        raise MaskpipeError(f"unknown strategy {name!r}: expected one of {', '.join(STRATEGIES)}")
+    _, world = rank_world()
+    if name == "none" and world > 1:
+        raise MaskpipeError(f"strategy 'none' runs on one worker, not {world}: use ddp, fsdp or deepspeed")
+    if name in ("fsdp", "deepspeed") and not torch.distributed.is_initialized():
+        raise MaskpipeError(f"strategy {name!r} needs a process group: run it on Ray workers (workers.num_workers ≥ 1)")
+    return {"fsdp": FSDP, "deepspeed": DeepSpeed}.get(name, Strategy)(model, masks, **kw)
