@@ -169,6 +169,31 @@ def cmd_apply(a) -> None:
         print(f"materialized model written to {out}")
 
 
+def cmd_plan(a) -> None:
+    from transformers import AutoConfig
+
+    from pipeline.config import LearnStage, load_config
+    from pipeline.plan import model_shape, parse_bytes, plan_report
+
+    cfg = load_config(a.config, a.overrides)
+    learn = [s for s in cfg.stages if isinstance(s, LearnStage) and (a.stage is None or s.name == a.stage)]
+    if not learn:
+        raise MaskpipeError(f"{a.config}: no learning stage" + (f" named {a.stage!r}" if a.stage else ""))
+    source = a.hf_config or cfg.model.name_or_path
+    try:
+        hf = AutoConfig.from_pretrained(source, revision=None if a.hf_config else cfg.model.revision,
+                                        trust_remote_code=cfg.model.trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise MaskpipeError(f"{source}: cannot read the model's config ({e}); give --hf-config DIR") from None
+    try:
+        capacity = parse_bytes(a.gpu_memory)
+    except ValueError as e:
+        raise MaskpipeError(f"--gpu-memory: {e}") from None
+    shape = model_shape(hf, cfg.model)
+    for st in learn:
+        print(plan_report(cfg, st, shape, a.gpus or max(cfg.workers.num_workers, 1), capacity))
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="maskpipe", description="Learn sparsity masks over frozen LLM weights.")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -229,6 +254,16 @@ def build_parser() -> argparse.ArgumentParser:
     rt.add_argument("--seed", type=int, default=0)
     rt.add_argument("--out", required=True, help="directory for results.json, per-sample records and heatmaps")
     rt.set_defaults(fn=cmd_retrieval)
+
+    pl = sub.add_parser("plan", help="per-device memory of a config's learning stages, for every strategy")
+    pl.add_argument("config")
+    pl.add_argument("overrides", nargs="*", help="key.path=value overrides, e.g. workers.strategy=fsdp")
+    pl.add_argument("--gpus", type=int, default=None, help="devices (default workers.num_workers)")
+    pl.add_argument("--gpu-memory", default="80GiB", help="memory per device, e.g. 80GiB")
+    pl.add_argument("--hf-config", default=None,
+                    help="directory or file with the model's config.json (default: the config's model)")
+    pl.add_argument("--stage", default=None, help="only this learning stage")
+    pl.set_defaults(fn=cmd_plan)
 
     ap = sub.add_parser("apply", help="check an artifact (masks and/or attention plan) against a model; optionally "
                                       "write the masked model")

@@ -269,7 +269,7 @@ def train_masks(
             if step % st.log_every == 0 or step == st.steps:
                 now = argmaxes()
                 entry = {"step": step, "loss": sum(window) / len(window), "tau": tau, "kappa": kappa, "lambda": lam,
-                         "lr": lr, "mask_change": change_rate(last, now)}
+                         "lr": lr, "mask_change": change_rate(last, now), "state_bytes": shard.state_bytes()}
                 last, window = now, []
                 history.append(entry)
                 if on_log:

@@ -36,6 +36,7 @@ from pipeline.evaluate import Perplexity, perplexity
 from pipeline.learn import hard_mask, train_masks
 from pipeline.models import base_weight, fingerprint, load_model, load_tokenizer, prunable_linears
 from pipeline.oneshot import oneshot_masks
+from pipeline.plan import model_shape, plan_report
 from pipeline.retrieval import (accuracy, multikey_samples, niah_heatmap, niah_samples, passkey_samples, score,
                                 split_sentences)
 from pipeline.sparsity import masked
@@ -206,6 +207,12 @@ def learn_stage(cfg: Config, s: Session, st: LearnStage, out_dir: Path, prior: P
     tokens = st.steps * st.grad_accum * st.batch_size * st.seqlen
     log.info("%s: learning %d:%d masks for %d linears, %d steps, %d tokens on %d worker(s)", st.name, n, m,
              len(s.linears), st.steps, tokens, world_size)
+    if rank == 0:
+        device = base_weight(next(iter(s.linears.values()))).device
+        cuda = device.type == "cuda"
+        capacity = torch.cuda.get_device_properties(device).total_memory if cuda else None
+        log.info("%s: memory plan\n%s", st.name,
+                 plan_report(cfg, st, model_shape(s.model.config, cfg.model), world_size, capacity, cuda))
     # Read before training: a sharded strategy leaves the model's weights partitioned.
     shapes = {k: base_weight(lin).shape for k, lin in s.linears.items()}
     base_model = {**s.base_model_info(), "fingerprint": fingerprint(s.linears)}

@@ -80,6 +80,17 @@ class Strategy:
             torch.nn.utils.clip_grad_norm_(list(self.params.values()), self.grad_clip)
         self.optimizer.step()
 
+    def state_bytes(self) -> int:
+        """Mask state allocated on this rank: logits, their gradients and AdamW's moments."""
+        def local(t):
+            return t.to_local() if hasattr(t, "to_local") else t
+
+        total = 0
+        for p in self.params.values():
+            states = [v for v in self.optimizer.state.get(p, {}).values() if torch.is_tensor(v) and v.dim()]
+            total += sum(local(t).numel() * t.element_size() for t in [p, p, *states])  # p twice: its gradient
+        return total
+
     # The rows this rank owns, and writing them back. `what` is "logits" or an AdamW moment.
     def _full(self, name: str, what: str) -> torch.Tensor:
         p = self.params[name]
@@ -189,6 +200,12 @@ class DeepSpeed(Strategy):
 
     def full_logits(self) -> dict[str, torch.Tensor]:
         return {k: self._full(k, "logits").cpu() for k in sorted(self.params)}
+
+    def state_bytes(self) -> int:
+        # ZeRO keeps the parameter (partitioned at stage 3) and a partition of an fp32 master copy,
+        # fp32 gradients and fp32 moments.
+        return sum(p.ds_tensor.numel() * (p.element_size() + 16) if hasattr(p, "ds_tensor")
+                   else p.numel() * (p.element_size() + 16 / self.world) for p in self.params.values())
 
     @torch.no_grad()
     def load(self, ckpt: Checkpoint) -> None:
