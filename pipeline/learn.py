@@ -189,7 +189,7 @@ def train_masks(
                 init = init_logits[k].to(mod.logits.device)
                 mod.logits.copy_(init if st.logits_per_group == "candidates" else positions_from_candidates(init, n, m))
     if activation_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     model.eval()  # no dropout; the masks alone train
     for mod in mods.values():
         mod.train()
@@ -280,7 +280,7 @@ def train_masks(
     finally:
         bar.close()
         if activation_checkpointing:
-            model.gradient_checkpointing_disable()
+            model.activation_checkpointing_disable()
         for lin in linears.values():
             if parametrize.is_parametrized(lin, "weight"):
                 parametrize.remove_parametrizations(lin, "weight", leave_parametrized=False)
