@@ -52,18 +52,26 @@ LAYER_KEYS = {1: ("shape", "sha256"), 2: ("shape", "offset", "nbytes", "sha256")
 
 
 @contextmanager
-def atomic_dir(dest: str | Path):
+def atomic_dir(dest: str | Path, replaces: str | None = None):
     """Yield a temporary sibling directory; on success it replaces `dest`, on failure it vanishes.
 
     A reader sees the old directory or the new one, never a half-written one: the old one is moved
-    aside (not deleted) before the rename, and removed only after the new one is in place.
+    aside (not deleted) before the rename, and removed only after the new one is in place. With
+    `replaces`, an existing non-empty `dest` is replaced only if it holds that file, i.e. is what the
+    caller writes: a mistyped output path never deletes someone's directory.
     """
     dest = Path(dest)
+    if replaces and dest.exists() and any(dest.iterdir()) and not (dest / replaces).is_file():
+        raise MaskpipeError(f"{dest}: exists and holds no {replaces}; refusing to replace it (choose a new directory)")
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
     try:
         yield tmp
-        for f in tmp.rglob("*"):
+        umask = os.umask(0)
+        os.umask(umask)
+        for f in [tmp, *tmp.rglob("*")]:
+            # mkdtemp and safetensors create owner-only files; what we publish is for everyone to read
+            os.chmod(f, (0o777 if f.is_dir() else 0o666) & ~umask)
             if f.is_file():
                 with open(f, "rb") as fh:
                     os.fsync(fh.fileno())
@@ -152,7 +160,7 @@ def save_artifact(
     if soft_logits is not None:
         manifest["soft"] = {"file": LOGITS_FILE, "dtype": str(next(iter(soft_logits.values())).dtype).split(".")[-1],
                             "candidates": "itertools.combinations(range(M), N) order"}
-    with atomic_dir(path) as tmp:
+    with atomic_dir(path, replaces=MANIFEST_FILE) as tmp:
         blob = np.concatenate(encoded) if encoded else np.zeros(0, dtype=np.uint8)
         save_file({BLOB: torch.from_numpy(blob)}, str(tmp / MASKS_FILE), metadata={"format": FORMAT})
         if soft_logits is not None:
@@ -267,16 +275,47 @@ def check_compatible(manifest: dict[str, Any], linears: dict[str, nn.Linear], so
         )
 
 
+def check_disjoint(manifests: dict[str, dict[str, Any]]) -> None:
+    """Refuse artifacts that cannot apply together, by their manifests alone: two that mask the same
+    layer, two attention plans, or artifacts made for different architectures. (Each is checked against
+    the base model's fingerprint and shapes on its own: see `check_compatible`.)"""
+    owner: dict[str, str] = {}
+    for source, manifest in manifests.items():
+        for layer in manifest["layers"]:
+            if layer in owner:
+                raise MaskpipeError(f"{owner[layer]} and {source} both mask {layer}: artifacts applied together "
+                                    "must mask different layers")
+            owner[layer] = source
+    plans = [source for source, manifest in manifests.items() if "attention" in manifest]
+    if len(plans) > 1:
+        raise MaskpipeError(f"{plans[0]} and {plans[1]} both carry an attention plan: apply at most one")
+    archs = {source: manifest["base_model"].get("architecture") for source, manifest in manifests.items()}
+    if len(set(archs.values()) - {None}) > 1:
+        raise MaskpipeError("the artifacts were made for different architectures: "
+                            + ", ".join(f"{source} for {arch}" for source, arch in archs.items()))
+
+
 @torch.no_grad()
 def materialize(model: nn.Module, tokenizer, linears: dict[str, nn.Linear], masks: dict[str, torch.Tensor],
-                out: str | Path, provenance: dict[str, Any]) -> Path:
-    """Write a model directory that `transformers` loads, with weights ⊙ mask (dense storage).
+                out: str | Path, provenance: dict[str, Any], patterns: dict[str, str]) -> Path:
+    """Write a model directory that `transformers` loads, with weights ⊙ mask (dense storage, as
+    llm-compressor saves 2:4 models). `config.json` records the sparsity under `maskpipe_sparsity`
+    (`patterns`: layer -> N:M); `maskpipe.json` holds `provenance`.
 
     This multiplies the in-memory weights of `model`: call it on a model loaded for the export."""
     for name, mask in masks.items():
         w = base_weight(linears[name])
         w.mul_(mask.to(device=w.device, dtype=w.dtype))
-    with atomic_dir(out) as tmp:
+    structures = sorted(set(patterns.values()))
+    kept, total = sum(int(m.sum()) for m in masks.values()), sum(m.numel() for m in masks.values())
+    model.config.maskpipe_sparsity = {
+        "format": "dense",
+        "sparsity_structure": structures[0] if len(structures) == 1 else structures or None,
+        "global_sparsity": round(1 - kept / total, 6) if total else 0.0,  # over the masked layers
+        "targets": sorted(masks),
+        "provenance": "maskpipe.json",
+    }
+    with atomic_dir(out, replaces="maskpipe.json") as tmp:
         model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)

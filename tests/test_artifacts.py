@@ -65,8 +65,7 @@ def test_format_1_artifacts_still_read(micro_cfg):
     path = FIXTURES / "artifacts" / "micro-llama-magnitude-2of4-v1"
     masks, manifest = load_artifact(path)
     assert manifest["format_version"] == 1 and manifest["encoding"] == "packbits-le"
-    cfg = micro_cfg.model_copy(update={"prune": {"include": ["model.layers.0.*"]}})
-    cfg = ModelConfig.model_validate(cfg.model_dump())
+    cfg = ModelConfig.model_validate({**micro_cfg.model_dump(), "prune": {"include": ["model.layers.0.*"]}})
     linears = prunable_linears(load_model(cfg), cfg)
     check_compatible(manifest, linears)
     assert masks.keys() == linears.keys()
@@ -135,11 +134,23 @@ def test_materialized_model_loads_and_matches_masked_logits(tmp_path, micro, mic
     x = torch.randint(0, 2048, (1, 32))
     with masked(linears, masks):
         expected = model(x).logits
-    out = materialize(model, tokenizer, linears, masks, tmp_path / "sparse", {"masks": "test"})
+    out = materialize(model, tokenizer, linears, masks, tmp_path / "sparse", {"masks": "test"},
+                      {k: "2:4" for k in masks})
     reloaded = AutoModelForCausalLM.from_pretrained(out)
     assert torch.allclose(reloaded(x).logits, expected, atol=1e-5)
     for k, lin in prunable_linears(reloaded, micro_cfg).items():
         assert torch.equal(lin.weight != 0, masks[k] & (lin.weight != 0)) and is_nm(masks[k], 2, 4)
+    # the sparsity travels in config.json, in the fields compressed-tensors uses for its sparsity config
+    sparsity = reloaded.config.maskpipe_sparsity
+    assert sparsity["format"] == "dense" and sparsity["sparsity_structure"] == "2:4"
+    assert sparsity["global_sparsity"] == 0.5 and sparsity["targets"] == sorted(masks)
+    assert json.loads((out / "maskpipe.json").read_text()) == {"masks": "test"}
+    # a mistyped --out never deletes a directory that is not a materialized model
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    with pytest.raises(MaskpipeError, match="holds no maskpipe.json; refusing to replace it"):
+        materialize(model, tokenizer, linears, masks, tmp_path / "mine", {}, {})
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep"
 
 
 def test_an_artifact_carries_an_attention_plan_with_or_without_masks(tmp_path, micro, micro_cfg, capsys):
