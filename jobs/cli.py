@@ -176,6 +176,23 @@ def cmd_apply(a) -> None:
         print(f"materialized model written to {out}")
 
 
+def cmd_publish(a) -> None:
+    from pipeline.artifacts import read_manifest
+    from pipeline.publish import looks_like_hub_id, publish, push, resolve
+
+    artifact, run = resolve(a.source, a.stage)
+    out = publish(artifact, run, a.out, repo=a.push, base_model=a.base_model, license=a.license)
+    print(f"{artifact}{f' (run {run})' if run else ''}: published to {out}")
+    base = a.base_model or read_manifest(artifact)["base_model"]["name_or_path"]
+    if not looks_like_hub_id(base):
+        print(f"warning: the base model {base!r} is no hub id, so the card has no base_model; name it with "
+              "--base-model ORG/NAME", file=sys.stderr)
+    if a.push:
+        files = push(out, a.push, dry_run=a.dry_run)
+        verb = "would upload" if a.dry_run else "uploaded"
+        print(f"{verb} to https://huggingface.co/{a.push}: " + ", ".join(files))
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="maskpipe", description="Learn sparsity masks over frozen LLM weights.")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -244,6 +261,18 @@ def build_parser() -> argparse.ArgumentParser:
                     help="artifact directories, applied together: each masks its own layers, at most one plan")
     ap.add_argument("--out", default=None, help="write a materialized model directory (weights ⊙ mask)")
     ap.set_defaults(fn=cmd_apply)
+
+    pb = sub.add_parser("publish", help="a folder ready for the Hugging Face Hub: an artifact and its model card")
+    pb.add_argument("source", help="a run directory (its learned artifact, or --stage) or an artifact directory")
+    pb.add_argument("--out", required=True, help="the folder to write (replaced if it holds an earlier publish)")
+    pb.add_argument("--stage", default=None, help="the run's stage whose artifact to publish")
+    pb.add_argument("--base-model", default=None,
+                    help="hub id of the base model for the card (default: the artifact's model name)")
+    pb.add_argument("--license", default="other", help="license of the card's front matter (default: other)")
+    pb.add_argument("--push", default=None, metavar="REPO",
+                    help="upload the folder to this Hub model repo (token from HF_TOKEN or a saved login)")
+    pb.add_argument("--dry-run", action="store_true", help="with --push: list what would be uploaded, upload nothing")
+    pb.set_defaults(fn=cmd_publish)
     return p
 
 
