@@ -221,8 +221,9 @@ def load_artifact(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, 
         blob = tensors.get(BLOB)
         size = sum(info["nbytes"] for info in layers.values())
         if blob is None or blob.dtype != torch.uint8 or blob.numel() != size:
-            raise MaskpipeError(f"{path / MASKS_FILE}: holds {'no tensor ' + BLOB if blob is None else blob.numel()} "
-                                f"bytes where the manifest lists {size} (truncated or corrupted artifact)")
+            found = f"no uint8 tensor {BLOB!r}" if blob is None or blob.dtype != torch.uint8 else f"{blob.numel()} bytes"
+            raise MaskpipeError(f"{path / MASKS_FILE}: holds {found} where the manifest lists {size} bytes "
+                                "(truncated or corrupted artifact)")
         blob = blob.numpy()
         stored = {name: blob[info["offset"] : info["offset"] + info["nbytes"]] for name, info in layers.items()}
     masks = {}
@@ -275,21 +276,21 @@ def check_compatible(manifest: dict[str, Any], linears: dict[str, nn.Linear], so
         )
 
 
-def check_disjoint(manifests: dict[str, dict[str, Any]]) -> None:
+def check_disjoint(manifests: list[tuple[str, dict[str, Any]]]) -> None:
     """Refuse artifacts that cannot apply together, by their manifests alone: two that mask the same
     layer, two attention plans, or artifacts made for different architectures. (Each is checked against
     the base model's fingerprint and shapes on its own: see `check_compatible`.)"""
     owner: dict[str, str] = {}
-    for source, manifest in manifests.items():
+    for source, manifest in manifests:
         for layer in manifest["layers"]:
             if layer in owner:
                 raise MaskpipeError(f"{owner[layer]} and {source} both mask {layer}: artifacts applied together "
                                     "must mask different layers")
             owner[layer] = source
-    plans = [source for source, manifest in manifests.items() if "attention" in manifest]
+    plans = [source for source, manifest in manifests if "attention" in manifest]
     if len(plans) > 1:
         raise MaskpipeError(f"{plans[0]} and {plans[1]} both carry an attention plan: apply at most one")
-    archs = {source: manifest["base_model"].get("architecture") for source, manifest in manifests.items()}
+    archs = {source: manifest["base_model"].get("architecture") for source, manifest in manifests}
     if len(set(archs.values()) - {None}) > 1:
         raise MaskpipeError("the artifacts were made for different architectures: "
                             + ", ".join(f"{source} for {arch}" for source, arch in archs.items()))

@@ -91,7 +91,7 @@ class Session:
     def load_artifacts(self, paths: list[Path]) -> tuple[dict[str, torch.Tensor], dict[Path, dict[str, Any]]]:
         """Artifacts applied together: their masks merged, each checked against this base model, all
         refused if two mask the same layer or carry a plan each (`check_disjoint`, before any mask loads)."""
-        check_disjoint({str(p): read_manifest(p) for p in paths})
+        check_disjoint([(str(p), read_manifest(p)) for p in paths])
         masks, manifests = {}, {}
         for path in paths:
             found, manifests[path] = self.load_artifact(path)
