@@ -128,8 +128,9 @@ def model_card(manifest: dict[str, Any], results: dict[str, Any] | None, stage: 
              f"| model | `{base['name_or_path']}` |", f"| revision | {revision} |",
              f"| architecture | {base.get('architecture', '')} |",
              f"| fingerprint | `{base['fingerprint']}` |", "",
-             "The fingerprint is a sha256 over the names, shapes and bfloat16 bytes of the masked layers' weights: "
-             "`maskpipe apply` refuses the artifact on any other model, or on other shapes, before touching anything."]
+             "The fingerprint is a sha256 over the names, shapes and bfloat16 bytes of the base weights the artifact "
+             "was made for (the masked layers; for a plan, every decoder linear): `maskpipe apply` refuses it on any "
+             "other model, or on other shapes, before touching anything."]
     body += ["", "## Results", ""] + (_ppl_table(results, stage) if results else
                                        ["No evaluation was recorded with this artifact (published without its run)."])
     params = method.get("params", {})
