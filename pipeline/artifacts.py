@@ -61,7 +61,7 @@ def atomic_dir(dest: str | Path, replaces: str | None = None):
     caller writes: a mistyped output path never deletes someone's directory.
     """
     dest = Path(dest)
-    if replaces and dest.exists() and any(dest.iterdir()) and not (dest / replaces).is_file():
+    if replaces and dest.exists() and (not dest.is_dir() or any(dest.iterdir())) and not (dest / replaces).is_file():
         raise MaskpipeError(f"{dest}: exists and holds no {replaces}; refusing to replace it (choose a new directory)")
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
