@@ -88,8 +88,9 @@ def _ppl_table(results: dict[str, Any], stage: str) -> list[str]:
             gap = ppl[best][c]["ppl"] - dense[c]["ppl"]
             if gap > 0:
                 closed = (ppl[best][c]["ppl"] - ppl[stage][c]["ppl"]) / gap
+                worse = " (it is worse than that mask)" if closed < 0 else ""
                 lines.append(f"\nOn {c}, {stage} closes {closed:.0%} of the gap between the best one-shot mask "
-                             f"({best}) and the dense model" + (" (it is worse than that mask)." if closed < 0 else "."))
+                             f"({best}) and the dense model{worse}.")
     scored = {c: next(ppl[r][c]["tokens"] for r in rows if c in ppl.get(r, {})) for c in corpora}
     if scored:
         lines.append("\nPerplexity: non-overlapping windows of each whole corpus (wikitext-2 protocol); tokens scored: "
@@ -121,9 +122,10 @@ def model_card(manifest: dict[str, Any], results: dict[str, Any] | None, stage: 
             f"(method `{method.get('name')}`). It holds no weights: anyone with the base model can apply it, "
             "export a sparse model from it, or start another task's mask from it."]
     if pattern:
+        encoding = manifest["encoding"]  # format 1 names it with a bare string
         body += ["", f"{len(manifest['layers'])} linear layers, {weights:,} weights masked, stored in "
                      f"{masks_bytes:,} bytes ({masks_bytes * 8 / weights:.3f} bits per weight; encoding "
-                     f"`{manifest['encoding']['name'] if isinstance(manifest['encoding'], dict) else manifest['encoding']}`)."]
+                     f"`{encoding['name'] if isinstance(encoding, dict) else encoding}`)."]
     body += ["", "## Base model", "", "| | |", "| --- | --- |",
              f"| model | `{base['name_or_path']}` |", f"| revision | {revision} |",
              f"| architecture | {base.get('architecture', '')} |",
@@ -134,13 +136,15 @@ def model_card(manifest: dict[str, Any], results: dict[str, Any] | None, stage: 
     body += ["", "## Results", ""] + (_ppl_table(results, stage) if results else
                                        ["No evaluation was recorded with this artifact (published without its run)."])
     params = method.get("params", {})
+    data_info = manifest["data"]
     facts = {"method": method.get("name"), "pattern": pattern, "prior": method.get("prior") or None,
-             "corpus": manifest["data"].get("corpus"), "sources": ", ".join(manifest["data"].get("sources", [])) or None,
-             "tokens": f"{manifest['data']['tokens']:,}" if "tokens" in manifest["data"] else None,
+             "corpus": data_info.get("corpus"), "sources": ", ".join(data_info.get("sources", [])) or None,
+             "tokens": f"{data_info['tokens']:,}" if "tokens" in data_info else None,
              **{k: params[k] for k in ("steps", "batch_size", "seqlen", "lr", "n_samples") if k in params},
              "time (s)": method.get("seconds"), "workers": method.get("workers")}
     body += ["", "## How it was made", "", "| | |", "| --- | --- |"]
-    body += [f"| {k} | {json.dumps(v) if isinstance(v, dict) else v} |" for k, v in facts.items() if v not in (None, "")]
+    body += [f"| {k} | {json.dumps(v) if isinstance(v, dict) else v} |" for k, v in facts.items()
+             if v not in (None, "")]
     if manifest.get("config"):
         body += ["", "<details><summary>Full config</summary>", "", "```yaml",
                  yaml.safe_dump(manifest["config"], sort_keys=False).rstrip(), "```", "", "</details>"]
