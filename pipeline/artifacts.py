@@ -21,6 +21,7 @@ Format 1 (one bitmap tensor per layer, `packbits-le`, 1 bit per weight) is still
 from __future__ import annotations
 
 import datetime as dt
+import glob
 import hashlib
 import json
 import os
@@ -56,7 +57,8 @@ def atomic_dir(dest: str | Path, replaces: str | None = None):
     """Yield a temporary sibling directory; on success it replaces `dest`, on failure it vanishes.
 
     A reader sees the old directory or the new one, never a half-written one: the old one is moved
-    aside (not deleted) before the rename, and removed only after the new one is in place. With
+    aside (not deleted) before the rename, and removed only after the new one is in place; a success
+    also removes what writers killed before it left beside `dest`. With
     `replaces`, an existing non-empty `dest` is replaced only if it holds that file, i.e. is what the
     caller writes: a mistyped output path never deletes someone's directory.
     """
@@ -82,6 +84,11 @@ def atomic_dir(dest: str | Path, replaces: str | None = None):
         os.rename(tmp, dest)
         if old is not None:
             shutil.rmtree(old)
+        # What killed writers of `dest` left behind: their temporary directories, or the version one
+        # had set aside just before it died. One writer per destination, so none of it is in use.
+        for pattern in (f".{glob.escape(dest.name)}.tmp-*", f".{glob.escape(dest.name)}.old-*"):
+            for debris in dest.parent.glob(pattern):
+                shutil.rmtree(debris, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -328,10 +328,12 @@ def test_killing_an_artifact_writer_leaves_the_previous_artifact(tmp_path):
     kill_mid_write("artifact", dest, tmp_path)
     loaded, manifest = load_artifact(dest)
     assert manifest["method"]["name"] == "first" and torch.equal(loaded["layer"], masks["layer"])
-    # the next write succeeds beside the dead writer's leftovers
+    # the dead writer left its temporary directory; the next write succeeds and removes it
+    assert len(list(tmp_path.glob(".art.tmp-*"))) == 1
     _, second = linear_and_masks(2)
     save_artifact(dest, second, linears, base_model={"name_or_path": "x"}, pattern="2:4", method={"name": "again"})
     assert torch.equal(load_artifact(dest)[0]["layer"], second["layer"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["art", "mid-write"]
 
 
 def test_killing_a_checkpoint_writer_leaves_the_previous_checkpoint(tmp_path):
@@ -341,6 +343,9 @@ def test_killing_a_checkpoint_writer_leaves_the_previous_checkpoint(tmp_path):
     tensors, meta = store.latest()
     assert meta == {"step": 1, "v": 1} and torch.equal(tensors["x"], torch.full((4,), 1.0))
     assert [p.name for p in store.list()] == ["step-00000001"]
+    # a resumed run saves step 2 again, over what the killed save left
+    store.save(2, {"x": torch.full((4,), 2.0)}, {"v": 2})
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["step-00000002"]
 
 
 def test_an_exception_mid_write_leaves_the_previous_artifact_and_no_debris(tmp_path, monkeypatch):
