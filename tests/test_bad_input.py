@@ -17,13 +17,14 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from safetensors.torch import load_file
 from torch import nn
 from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
 
 from jobs.cli import main
 from pipeline import encoding
 from pipeline.artifacts import MANIFEST_FILE, MASKS_FILE, load_artifact, save_artifact
-from pipeline.checkpoint import CheckpointDir
+from pipeline.checkpoint import META, CheckpointDir
 from pipeline.encoding import BITMAP, Codec, nm_rank, nm_unrank
 from pipeline.learn import nm_candidates
 from pipeline.sparsity import nm_mask
@@ -340,9 +341,10 @@ def test_killing_a_checkpoint_writer_leaves_the_previous_checkpoint(tmp_path):
     store = CheckpointDir(tmp_path / "ckpt", keep=1)
     store.save(1, {"x": torch.full((4,), 1.0)}, {"v": 1})
     kill_mid_write("checkpoint", tmp_path / "ckpt", tmp_path)
-    tensors, meta = store.latest()
-    assert meta == {"step": 1, "v": 1} and torch.equal(tensors["x"], torch.full((4,), 1.0))
-    assert [p.name for p in store.list()] == ["step-00000001"]
+    [latest] = store.list()  # read through the files, whichever tensor file(s) a checkpoint holds
+    assert latest.name == "step-00000001" and json.loads((latest / META).read_text()) == {"step": 1, "v": 1}
+    [tensors] = latest.glob("*.safetensors")
+    assert torch.equal(load_file(tensors)["x"], torch.full((4,), 1.0))
     # a resumed run saves step 2 again, over what the killed save left
     store.save(2, {"x": torch.full((4,), 2.0)}, {"v": 2})
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["step-00000002"]
