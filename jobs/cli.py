@@ -142,30 +142,37 @@ def cmd_retrieval(a) -> None:
 
 def cmd_apply(a) -> None:
     from pipeline.artifacts import materialize
-    from pipeline.attention import plan_cost
+    from pipeline.attention import AttentionPlan, plan_cost
     from pipeline.config import ModelConfig
     from pipeline.run import Session, head_geometry
 
     session = Session(ModelConfig(**_model_cfg(a)))
-    masks, manifest = session.load_artifact(Path(a.masks))
-    if masks:
-        kept = sum(int(m.sum()) for m in masks.values())
-        total = sum(m.numel() for m in masks.values())
-        print(f"{a.masks}: fits {a.model}: {len(masks)} layers, {1 - kept / total:.2%} of their weights masked")
-    plan = manifest.get("attention")
-    if plan is not None:
-        from pipeline.attention import AttentionPlan
-
-        p = AttentionPlan.from_json(plan)
-        length = session.model.config.get_text_config().max_position_embeddings
-        cost = plan_cost(p, length, *head_geometry(session.model))
-        print(f"{a.masks}: fits {a.model}: attention plan with {int(p.streaming.sum())} of {p.streaming.numel()} KV "
-              f"heads streaming; at {length} tokens the KV cache is {cost['kv_cache_fraction']:.1%} and attention "
-              f"FLOPs {cost['attention_flops_fraction']:.1%} of dense")
+    masks, manifests = session.load_artifacts([Path(p) for p in a.masks])
+    for path, manifest in manifests.items():
+        if manifest["layers"]:
+            kept = sum(int(masks[k].sum()) for k in manifest["layers"])
+            total = sum(masks[k].numel() for k in manifest["layers"])
+            print(f"{path}: fits {a.model}: {len(manifest['layers'])} layers at {manifest['pattern']}, "
+                  f"{1 - kept / total:.2%} of their weights masked")
+        if "attention" in manifest:
+            p = AttentionPlan.from_json(manifest["attention"])
+            length = session.model.config.get_text_config().max_position_embeddings
+            cost = plan_cost(p, length, *head_geometry(session.model))
+            print(f"{path}: fits {a.model}: attention plan with {int(p.streaming.sum())} of {p.streaming.numel()} KV "
+                  f"heads streaming; at {length} tokens the KV cache is {cost['kv_cache_fraction']:.1%} and "
+                  f"attention FLOPs {cost['attention_flops_fraction']:.1%} of dense")
+    if len(manifests) > 1:
+        print(f"together: {len(masks)} of {len(session.linears)} prunable layers masked"
+              + (", with an attention plan" if any("attention" in m for m in manifests.values()) else ""))
     if a.out:
         # The plan travels in maskpipe.json: running it needs maskpipe's attention implementation.
-        out = materialize(session.model, session.tokenizer, session.linears, masks, a.out,
-                          {"base_model": a.model, "revision": a.revision, "masks": str(a.masks), "attention": plan})
+        plan = next((m["attention"] for m in manifests.values() if "attention" in m), None)
+        provenance = {"base_model": a.model, "revision": a.revision, "attention": plan,
+                      "artifacts": [{"path": str(p), "pattern": m["pattern"], "method": m["method"].get("name"),
+                                     "fingerprint": m["base_model"]["fingerprint"], "layers": sorted(m["layers"])}
+                                    for p, m in manifests.items()]}
+        patterns = {layer: m["pattern"] for m in manifests.values() for layer in m["layers"]}
+        out = materialize(session.model, session.tokenizer, session.linears, masks, a.out, provenance, patterns)
         print(f"materialized model written to {out}")
 
 
@@ -192,6 +199,23 @@ def cmd_plan(a) -> None:
     shape = model_shape(hf, cfg.model)
     for st in learn:
         print(plan_report(cfg, st, shape, a.gpus or max(cfg.workers.num_workers, 1), capacity))
+
+
+def cmd_publish(a) -> None:
+    from pipeline.artifacts import read_manifest
+    from pipeline.publish import looks_like_hub_id, publish, push, resolve
+
+    artifact, run = resolve(a.source, a.stage)
+    out = publish(artifact, run, a.out, repo=a.push, base_model=a.base_model, license=a.license)
+    print(f"{artifact}{f' (run {run})' if run else ''}: published to {out}")
+    base = a.base_model or read_manifest(artifact)["base_model"]["name_or_path"]
+    if not looks_like_hub_id(base):
+        print(f"warning: the base model {base!r} is no hub id, so the card has no base_model; name it with "
+              "--base-model ORG/NAME", file=sys.stderr)
+    if a.push:
+        files = push(out, a.push, dry_run=a.dry_run)
+        verb = "would upload" if a.dry_run else "uploaded"
+        print(f"{verb} to https://huggingface.co/{a.push}: " + ", ".join(files))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -265,12 +289,25 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--stage", default=None, help="only this learning stage")
     pl.set_defaults(fn=cmd_plan)
 
-    ap = sub.add_parser("apply", help="check an artifact (masks and/or attention plan) against a model; optionally "
-                                      "write the masked model")
+    ap = sub.add_parser("apply", help="check artifacts (N:M masks and/or an attention plan) against a model; "
+                                      "optionally write the masked model")
     _model_args(ap)
-    ap.add_argument("--masks", required=True, help="mask artifact directory")
+    ap.add_argument("--masks", required=True, nargs="+",
+                    help="artifact directories, applied together: each masks its own layers, at most one plan")
     ap.add_argument("--out", default=None, help="write a materialized model directory (weights ⊙ mask)")
     ap.set_defaults(fn=cmd_apply)
+
+    pb = sub.add_parser("publish", help="a folder ready for the Hugging Face Hub: an artifact and its model card")
+    pb.add_argument("source", help="a run directory (its learned artifact, or --stage) or an artifact directory")
+    pb.add_argument("--out", required=True, help="the folder to write (replaced if it holds an earlier publish)")
+    pb.add_argument("--stage", default=None, help="the run's stage whose artifact to publish")
+    pb.add_argument("--base-model", default=None,
+                    help="hub id of the base model for the card (default: the artifact's model name)")
+    pb.add_argument("--license", default="other", help="license of the card's front matter (default: other)")
+    pb.add_argument("--push", default=None, metavar="REPO",
+                    help="upload the folder to this Hub model repo (token from HF_TOKEN or a saved login)")
+    pb.add_argument("--dry-run", action="store_true", help="with --push: list what would be uploaded, upload nothing")
+    pb.set_defaults(fn=cmd_publish)
     return p
 
 

@@ -1,10 +1,12 @@
-"""Mask artifacts: bit-packed masks stored apart from the base weights, with a manifest.
+"""Mask artifacts: compactly encoded masks stored apart from the base weights, with a manifest.
 
 An artifact is a directory:
-  masks.safetensors  one uint8 tensor per masked linear: the bool mask, flattened row-major and packed
-                     8 weights per byte (little-endian bit order)
-  manifest.json      format version, base model id/revision/fingerprint, pattern, per-layer shapes and
-                     checksums, method and its parameters, data summary, metrics, the full config
+  masks.safetensors  one uint8 tensor `masks`: every masked linear's mask, flattened row-major and
+                     encoded by `pipeline.encoding` (0.647 bits per weight at 2:4), the layers back to
+                     back in name order, each at the byte offset the manifest gives
+  manifest.json      format version, base model id/revision/fingerprint, pattern, encoding, per-layer
+                     shapes, offsets and sha256 checksums, method and its parameters, data summary,
+                     metrics, the full config
   logits.safetensors optional soft state of a learned mask: per layer [out, in/M, C(M,N)] logits over
                      the candidates in lexicographic order, so the artifact can seed another task's mask
 
@@ -13,11 +15,13 @@ and KV head its pattern, sink, window and gate, and the fingerprint of the base 
 linears); an artifact with only a plan has no masks, `pattern` null and `layers` empty.
 
 It never holds base weights, and it never applies to a model whose fingerprint or shapes differ.
+Format 1 (one bitmap tensor per layer, `packbits-le`, 1 bit per weight) is still read.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import glob
 import hashlib
 import json
 import os
@@ -35,29 +39,41 @@ from torch import nn
 
 from pipeline import MaskpipeError, __version__
 from pipeline.config import parse_pattern
+from pipeline.encoding import Codec
 from pipeline.models import base_weight, fingerprint
 from pipeline.sparsity import is_nm
 
 FORMAT = "maskpipe-masks"
-FORMAT_VERSION = 1
-ENCODING = "packbits-le"
+FORMAT_VERSION = 2
+READS = (1, 2)  # format 1: one packbits-le tensor per layer, 1 bit per weight
 MASKS_FILE, MANIFEST_FILE, LOGITS_FILE = "masks.safetensors", "manifest.json", "logits.safetensors"
+BLOB = "masks"  # the one tensor of a format-2 masks file
 REQUIRED = ("format", "format_version", "base_model", "pattern", "encoding", "layers", "method")
+LAYER_KEYS = {1: ("shape", "sha256"), 2: ("shape", "offset", "nbytes", "sha256")}
 
 
 @contextmanager
-def atomic_dir(dest: str | Path):
+def atomic_dir(dest: str | Path, replaces: str | None = None):
     """Yield a temporary sibling directory; on success it replaces `dest`, on failure it vanishes.
 
     A reader sees the old directory or the new one, never a half-written one: the old one is moved
-    aside (not deleted) before the rename, and removed only after the new one is in place.
+    aside (not deleted) before the rename, and removed only after the new one is in place; a success
+    also removes what writers killed before it left beside `dest`. With
+    `replaces`, an existing non-empty `dest` is replaced only if it holds that file, i.e. is what the
+    caller writes: a mistyped output path never deletes someone's directory.
     """
     dest = Path(dest)
+    if replaces and dest.exists() and (not dest.is_dir() or any(dest.iterdir())) and not (dest / replaces).is_file():
+        raise MaskpipeError(f"{dest}: exists and holds no {replaces}; refusing to replace it (choose a new directory)")
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
     try:
         yield tmp
-        for f in tmp.rglob("*"):
+        umask = os.umask(0)
+        os.umask(umask)
+        for f in [tmp, *tmp.rglob("*")]:
+            # mkdtemp and safetensors create owner-only files; what we publish is for everyone to read
+            os.chmod(f, (0o777 if f.is_dir() else 0o666) & ~umask)
             if f.is_file():
                 with open(f, "rb") as fh:
                     os.fsync(fh.fileno())
@@ -68,6 +84,11 @@ def atomic_dir(dest: str | Path):
         os.rename(tmp, dest)
         if old is not None:
             shutil.rmtree(old)
+        # What killed writers of `dest` left behind: their temporary directories, or the version one
+        # had set aside just before it died. One writer per destination, so none of it is in use.
+        for pattern in (f".{glob.escape(dest.name)}.tmp-*", f".{glob.escape(dest.name)}.old-*"):
+            for debris in dest.parent.glob(pattern):
+                shutil.rmtree(debris, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -93,19 +114,8 @@ def write_json(path: str | Path, obj: Any) -> None:
     write_text(path, json.dumps(obj, indent=2, default=str))
 
 
-def pack(mask: torch.Tensor) -> torch.Tensor:
-    bits = np.packbits(mask.detach().cpu().numpy().reshape(-1), bitorder="little")
-    return torch.from_numpy(bits)
-
-
-def unpack(packed: torch.Tensor, shape: list[int]) -> torch.Tensor:
-    numel = int(np.prod(shape))
-    bits = np.unpackbits(packed.numpy(), count=numel, bitorder="little")
-    return torch.from_numpy(bits.astype(bool)).reshape(shape)
-
-
-def _sha256(t: torch.Tensor) -> str:
-    return hashlib.sha256(t.numpy().tobytes()).hexdigest()
+def _sha256(data: np.ndarray) -> str:
+    return hashlib.sha256(data.tobytes()).hexdigest()
 
 
 def save_artifact(
@@ -128,23 +138,25 @@ def save_artifact(
     brings one computed earlier (a sharded trainer leaves the weights partitioned)."""
     if not masks and attention is None:
         raise MaskpipeError("an artifact needs masks, an attention plan or both")
-    n, m = parse_pattern(pattern) if masks else (0, 0)
-    packed, layers = {}, {}
+    codec = Codec.best(*parse_pattern(pattern)) if masks else None
+    encoded, layers, offset = [], {}, 0
     for name in sorted(masks):
         mask = masks[name].bool()
-        if not is_nm(mask, n, m):
+        if not is_nm(mask, codec.n, codec.m):
             raise MaskpipeError(f"{name}: mask is not {pattern}")
-        packed[name] = pack(mask)
-        layers[name] = {"shape": list(mask.shape), "sha256": _sha256(packed[name])}
+        encoded.append(codec.encode(mask))
+        layers[name] = {"shape": list(mask.shape), "offset": offset, "nbytes": len(encoded[-1]),
+                        "sha256": _sha256(encoded[-1])}
+        offset += len(encoded[-1])
     manifest = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "maskpipe_version": __version__,
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "base_model": {"fingerprint": fingerprint({k: linears[k] for k in masks}) if masks
-                       else attention["fingerprint"], **base_model},
+        "base_model": {"fingerprint": base_model.get("fingerprint") or (
+            fingerprint({k: linears[k] for k in masks}) if masks else attention["fingerprint"]), **base_model},
         "pattern": pattern if masks else None,
-        "encoding": ENCODING,
+        "encoding": codec.to_json() if codec else None,
         "layers": layers,
         "method": method,
         "data": data or {},
@@ -156,8 +168,9 @@ def save_artifact(
     if soft_logits is not None:
         manifest["soft"] = {"file": LOGITS_FILE, "dtype": str(next(iter(soft_logits.values())).dtype).split(".")[-1],
                             "candidates": "itertools.combinations(range(M), N) order"}
-    with atomic_dir(path) as tmp:
-        save_file(packed, str(tmp / MASKS_FILE), metadata={"format": FORMAT})
+    with atomic_dir(path, replaces=MANIFEST_FILE) as tmp:
+        blob = np.concatenate(encoded) if encoded else np.zeros(0, dtype=np.uint8)
+        save_file({BLOB: torch.from_numpy(blob)}, str(tmp / MASKS_FILE), metadata={"format": FORMAT})
         if soft_logits is not None:
             save_file({k: v.contiguous() for k, v in soft_logits.items()}, str(tmp / LOGITS_FILE))
         (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))
@@ -166,43 +179,70 @@ def save_artifact(
 
 def read_manifest(path: str | Path) -> dict[str, Any]:
     path = Path(path)
-    if not (path / MANIFEST_FILE).is_file():
+    where = path / MANIFEST_FILE
+    if not where.is_file():
         raise MaskpipeError(f"{path}: not a mask artifact (no {MANIFEST_FILE})")
     try:
-        manifest = json.loads((path / MANIFEST_FILE).read_text())
+        manifest = json.loads(where.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise MaskpipeError(f"{path / MANIFEST_FILE}: not valid JSON: {e}") from None
+        raise MaskpipeError(f"{where}: not valid JSON: {e}") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise MaskpipeError(f"{path / MANIFEST_FILE}: not a {FORMAT} manifest")
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise MaskpipeError(
-            f"{path / MANIFEST_FILE}: format_version {manifest.get('format_version')!r} is not one this "
-            f"maskpipe ({__version__}) reads (it reads {FORMAT_VERSION})"
-        )
+        raise MaskpipeError(f"{where}: not a {FORMAT} manifest")
+    version = manifest.get("format_version")
+    if version not in READS:
+        raise MaskpipeError(f"{where}: format_version {version!r} is not one this maskpipe ({__version__}) reads "
+                            f"(it reads {', '.join(map(str, READS))})")
     missing = [k for k in REQUIRED if k not in manifest]
     missing += [f"base_model.{k}" for k in ("name_or_path", "fingerprint") if k not in manifest.get("base_model", {})]
+    if isinstance(manifest.get("layers"), dict):
+        missing += [f"layers.{name}.{k}" for name, info in manifest["layers"].items() for k in LAYER_KEYS[version]
+                    if not isinstance(info, dict) or k not in info]
     if missing:
-        raise MaskpipeError(f"{path / MANIFEST_FILE}: missing keys: {', '.join(missing)}")
+        raise MaskpipeError(f"{where}: missing keys: {', '.join(missing)}")
     return manifest
 
 
+def _codec(manifest: dict[str, Any], where: Path) -> Codec:
+    try:
+        return Codec.from_json(*parse_pattern(manifest["pattern"]), manifest["encoding"])
+    except ValueError as e:
+        raise MaskpipeError(f"{where}: {e}") from None
+
+
 def load_artifact(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """(masks, manifest), every tensor checked against its checksum and its N:M pattern."""
+    """(masks, manifest), every layer checked against its checksum and its N:M pattern."""
     path = Path(path)
     manifest = read_manifest(path)
+    layers = manifest["layers"]
+    if not layers:
+        return {}, manifest
+    codec = _codec(manifest, path / MANIFEST_FILE)
     try:
-        packed = load_file(str(path / MASKS_FILE))
+        tensors = load_file(str(path / MASKS_FILE))
     except (SafetensorError, OSError) as e:
         raise MaskpipeError(f"{path / MASKS_FILE}: unreadable ({e})") from None
-    if set(packed) != set(manifest["layers"]):
-        raise MaskpipeError(f"{path}: {MASKS_FILE} and {MANIFEST_FILE} list different layers")
+    if manifest["format_version"] == 1:
+        if set(tensors) != set(layers):
+            raise MaskpipeError(f"{path}: {MASKS_FILE} and {MANIFEST_FILE} list different layers")
+        stored = {name: tensors[name].numpy() for name in layers}
+    else:
+        blob = tensors.get(BLOB)
+        size = sum(info["nbytes"] for info in layers.values())
+        if blob is None or blob.dtype != torch.uint8 or blob.numel() != size:
+            found = f"no uint8 tensor {BLOB!r}" if blob is None or blob.dtype != torch.uint8 else f"{blob.numel()} bytes"
+            raise MaskpipeError(f"{path / MASKS_FILE}: holds {found} where the manifest lists {size} bytes "
+                                "(truncated or corrupted artifact)")
+        blob = blob.numpy()
+        stored = {name: blob[info["offset"] : info["offset"] + info["nbytes"]] for name, info in layers.items()}
     masks = {}
-    for name, info in manifest["layers"].items():
-        if _sha256(packed[name]) != info["sha256"]:
+    for name, info in layers.items():
+        if _sha256(stored[name]) != info["sha256"]:
             raise MaskpipeError(f"{path / MASKS_FILE}: {name}: checksum mismatch (corrupted artifact)")
-        n, m = parse_pattern(manifest["pattern"])
-        masks[name] = unpack(packed[name], info["shape"])
-        if not is_nm(masks[name], n, m):
+        try:
+            masks[name] = codec.decode(stored[name], info["shape"])
+        except ValueError as e:
+            raise MaskpipeError(f"{path / MASKS_FILE}: {name}: {e}") from None
+        if not is_nm(masks[name], codec.n, codec.m):
             raise MaskpipeError(f"{path}: {name}: mask is not {manifest['pattern']}")
     return masks, manifest
 
@@ -244,16 +284,47 @@ def check_compatible(manifest: dict[str, Any], linears: dict[str, nn.Linear], so
         )
 
 
+def check_disjoint(manifests: list[tuple[str, dict[str, Any]]]) -> None:
+    """Refuse artifacts that cannot apply together, by their manifests alone: two that mask the same
+    layer, two attention plans, or artifacts made for different architectures. (Each is checked against
+    the base model's fingerprint and shapes on its own: see `check_compatible`.)"""
+    owner: dict[str, str] = {}
+    for source, manifest in manifests:
+        for layer in manifest["layers"]:
+            if layer in owner:
+                raise MaskpipeError(f"{owner[layer]} and {source} both mask {layer}: artifacts applied together "
+                                    "must mask different layers")
+            owner[layer] = source
+    plans = [source for source, manifest in manifests if "attention" in manifest]
+    if len(plans) > 1:
+        raise MaskpipeError(f"{plans[0]} and {plans[1]} both carry an attention plan: apply at most one")
+    archs = {source: manifest["base_model"].get("architecture") for source, manifest in manifests}
+    if len(set(archs.values()) - {None}) > 1:
+        raise MaskpipeError("the artifacts were made for different architectures: "
+                            + ", ".join(f"{source} for {arch}" for source, arch in archs.items()))
+
+
 @torch.no_grad()
 def materialize(model: nn.Module, tokenizer, linears: dict[str, nn.Linear], masks: dict[str, torch.Tensor],
-                out: str | Path, provenance: dict[str, Any]) -> Path:
-    """Write a model directory that `transformers` loads, with weights ⊙ mask (dense storage).
+                out: str | Path, provenance: dict[str, Any], patterns: dict[str, str]) -> Path:
+    """Write a model directory that `transformers` loads, with weights ⊙ mask (dense storage, as
+    llm-compressor saves 2:4 models). `config.json` records the sparsity under `maskpipe_sparsity`
+    (`patterns`: layer -> N:M); `maskpipe.json` holds `provenance`.
 
     This multiplies the in-memory weights of `model`: call it on a model loaded for the export."""
     for name, mask in masks.items():
         w = base_weight(linears[name])
         w.mul_(mask.to(device=w.device, dtype=w.dtype))
-    with atomic_dir(out) as tmp:
+    structures = sorted(set(patterns.values()))
+    kept, total = sum(int(m.sum()) for m in masks.values()), sum(m.numel() for m in masks.values())
+    model.config.maskpipe_sparsity = {
+        "format": "dense",
+        "sparsity_structure": structures[0] if len(structures) == 1 else structures or None,
+        "global_sparsity": round(1 - kept / total, 6) if total else 0.0,  # over the masked layers
+        "targets": sorted(masks),
+        "provenance": "maskpipe.json",
+    }
+    with atomic_dir(out, replaces="maskpipe.json") as tmp:
         model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)

@@ -139,9 +139,13 @@ class TokenStream:
         while len(self._buffer) < self.seqlen:
             record = next(self._records, None)
             if record is None:
-                # A whole epoch read from its start without a single token: nothing will ever come.
+                # A whole epoch read from its start without a single token: nothing will ever come; with
+                # fewer tokens than a block, every block would repeat the corpus.
                 if self._resumed_at == 0 and self._epoch_tokens == 0:
                     raise MaskpipeError(f"{self._where}: empty corpus, no record has any text")
+                if self._resumed_at == 0 and self._epoch_tokens < self.seqlen:
+                    raise MaskpipeError(f"{self._where}: the corpus has {self._epoch_tokens} tokens, fewer than one "
+                                        f"block of {self.seqlen} (seqlen)")
                 self._start_epoch(self._epoch + 1)
                 continue
             self._consumed += 1

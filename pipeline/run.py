@@ -24,8 +24,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from pipeline import MaskpipeError, __version__
-from pipeline.artifacts import (check_compatible, load_artifact, load_soft_logits, read_manifest, save_artifact,
-                                write_json, write_text)
+from pipeline.artifacts import (check_compatible, check_disjoint, load_artifact, load_soft_logits, read_manifest,
+                                save_artifact, write_json, write_text)
 from pipeline.attention import (AttentionPlan, binarize, check_plan, default_sink_window, kv_heads, moa_windows,
                                 plan_cost, planned, random_scores, train_gates, uniform_plan)
 from pipeline.checkpoint import CheckpointDir
@@ -88,6 +88,16 @@ class Session:
         if "attention" in manifest:
             check_plan(manifest["attention"], self.model, str(path))
         return masks, manifest
+
+    def load_artifacts(self, paths: list[Path]) -> tuple[dict[str, torch.Tensor], dict[Path, dict[str, Any]]]:
+        """Artifacts applied together: their masks merged, each checked against this base model, all
+        refused if two mask the same layer or carry a plan each (`check_disjoint`, before any mask loads)."""
+        check_disjoint([(str(p), read_manifest(p)) for p in paths])
+        masks, manifests = {}, {}
+        for path in paths:
+            found, manifests[path] = self.load_artifact(path)
+            masks |= found
+        return masks, manifests
 
     def masks_of(self, variant: Variant) -> dict[str, torch.Tensor]:
         return self.contents(variant)[0]

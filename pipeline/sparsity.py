@@ -65,3 +65,30 @@ def masked(linears: dict[str, nn.Linear], masks: dict[str, torch.Tensor]):
         yield
     finally:
         remove_masks(linears)
+
+
+SEMI_STRUCTURED_CAPABILITY = (8, 0)  # sparse tensor cores: Ampere and newer
+
+
+@torch.no_grad()
+def to_semi_structured(linears: dict[str, nn.Linear], masks: dict[str, torch.Tensor]) -> None:
+    """Replace each masked linear's weight by weight ⊙ mask in PyTorch's 2:4 semi-structured format
+    (`torch.sparse.to_sparse_semi_structured`: compressed values plus metadata, run by cuSPARSELt or
+    CUTLASS), for inference. It needs a CUDA GPU of compute capability 8.0 or newer and 2:4 masks. The
+    weights are replaced, not parametrized: use it on a model loaded for inference, never before a save."""
+    from torch.sparse import to_sparse_semi_structured
+
+    for name, mask in masks.items():
+        if not is_nm(mask, 2, 4):
+            raise MaskpipeError(f"{name}: semi-structured sparsity needs a 2:4 mask")
+        lin = linears[name]
+        device = lin.weight.device
+        if device.type != "cuda" or torch.cuda.get_device_capability(device) < SEMI_STRUCTURED_CAPABILITY:
+            raise MaskpipeError(f"{name}: 2:4 semi-structured kernels need a CUDA GPU of compute capability "
+                                f"{'.'.join(map(str, SEMI_STRUCTURED_CAPABILITY))} or newer; the weight is on {device}")
+        try:
+            sparse = to_sparse_semi_structured(lin.weight * mask.to(lin.weight))
+        except RuntimeError as e:
+            raise MaskpipeError(f"{name}: torch cannot make this weight semi-structured: {e}") from None
+        lin.weight = nn.Parameter(sparse, requires_grad=False)
+

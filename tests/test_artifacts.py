@@ -6,9 +6,11 @@ from transformers import AutoModelForCausalLM
 
 from pipeline import MaskpipeError
 from pipeline.artifacts import (MASKS_FILE, MANIFEST_FILE, atomic_dir, check_compatible, load_artifact,
-                                materialize, pack, read_manifest, save_artifact, unpack)
-from pipeline.models import prunable_linears
+                                materialize, read_manifest, save_artifact)
+from pipeline.config import ModelConfig
+from pipeline.models import load_model, prunable_linears
 from pipeline.sparsity import is_nm, masked, nm_mask
+from tests.conftest import FIXTURES, MICRO
 
 BASE = {"name_or_path": "micro-llama", "revision": None}
 
@@ -20,12 +22,6 @@ def magnitude(linears, n=2, m=4):
 def write(tmp_path, linears, masks, pattern="2:4"):
     return save_artifact(tmp_path / "art", masks, linears, base_model=BASE, pattern=pattern,
                          method={"name": "magnitude", "params": {}})
-
-
-@pytest.mark.parametrize("shape", [(3, 5), (7, 64), (1, 1)])
-def test_pack_roundtrip(shape):
-    mask = torch.rand(shape) > 0.5
-    assert torch.equal(unpack(pack(mask), list(shape)), mask)
 
 
 @pytest.mark.parametrize("pattern", ["2:4", "4:8", "1:4"])
@@ -45,17 +41,35 @@ def test_save_load_identical_and_exact_sparsity(tmp_path, micro, pattern):
             assert zeros == pytest.approx(1 - n / m)
 
 
-def test_artifact_is_small_and_holds_no_weights(tmp_path, micro):
+def test_a_2of4_artifact_takes_at_most_066_bits_per_weight_and_holds_no_weights(tmp_path, micro):
+    """The whole masks file, safetensors header included, over the weights it masks: log2(6)/4 = 0.646
+    is the limit, the encoding packs 17 groups in 44 bits (0.647)."""
     _, linears = micro
     path = write(tmp_path, linears, magnitude(linears))
     weights = sum(l.weight.numel() for l in linears.values())
-    masks_bytes = (path / MASKS_FILE).stat().st_size
-    assert masks_bytes <= weights * 2 / 16 + 4096  # <= 1/16 of bf16 weights (+ safetensors header)
+    bits = (path / MASKS_FILE).stat().st_size * 8 / weights
+    assert 0.646 < bits <= 0.66
     from safetensors.torch import load_file
-    assert all(t.dtype == torch.uint8 for t in load_file(path / MASKS_FILE).values())
+    [blob] = load_file(path / MASKS_FILE).values()
+    assert blob.dtype == torch.uint8 and blob.numel() * 8 / weights < 0.648  # each layer ends on a whole word and byte
     manifest = read_manifest(path)
+    assert manifest["format_version"] == 2 and manifest["encoding"]["name"] == "nm-combinadic"
+    assert (manifest["encoding"]["groups_per_word"], manifest["encoding"]["word_bits"]) == (17, 44)
     assert manifest["base_model"]["fingerprint"].startswith("sha256:") and manifest["pattern"] == "2:4"
     assert manifest["layers"]["model.layers.0.mlp.down_proj"]["shape"] == [128, 384]
+    assert (path / MANIFEST_FILE).stat().st_size < 16_384
+
+
+def test_format_1_artifacts_still_read(micro_cfg):
+    """A format-1 artifact (bitmaps, written by maskpipe 0.1.0 before the compact encoding) of block 0."""
+    path = FIXTURES / "artifacts" / "micro-llama-magnitude-2of4-v1"
+    masks, manifest = load_artifact(path)
+    assert manifest["format_version"] == 1 and manifest["encoding"] == "packbits-le"
+    cfg = ModelConfig.model_validate({**micro_cfg.model_dump(), "prune": {"include": ["model.layers.0.*"]}})
+    linears = prunable_linears(load_model(cfg), cfg)
+    check_compatible(manifest, linears)
+    assert masks.keys() == linears.keys()
+    assert all(torch.equal(masks[k], m) for k, m in magnitude(linears).items())
 
 
 def test_other_model_is_refused_before_anything_changes(tmp_path, micro, micro_cfg):
@@ -120,11 +134,23 @@ def test_materialized_model_loads_and_matches_masked_logits(tmp_path, micro, mic
     x = torch.randint(0, 2048, (1, 32))
     with masked(linears, masks):
         expected = model(x).logits
-    out = materialize(model, tokenizer, linears, masks, tmp_path / "sparse", {"masks": "test"})
+    out = materialize(model, tokenizer, linears, masks, tmp_path / "sparse", {"masks": "test"},
+                      {k: "2:4" for k in masks})
     reloaded = AutoModelForCausalLM.from_pretrained(out)
     assert torch.allclose(reloaded(x).logits, expected, atol=1e-5)
     for k, lin in prunable_linears(reloaded, micro_cfg).items():
         assert torch.equal(lin.weight != 0, masks[k] & (lin.weight != 0)) and is_nm(masks[k], 2, 4)
+    # the sparsity travels in config.json, in the fields compressed-tensors uses for its sparsity config
+    sparsity = reloaded.config.maskpipe_sparsity
+    assert sparsity["format"] == "dense" and sparsity["sparsity_structure"] == "2:4"
+    assert sparsity["global_sparsity"] == 0.5 and sparsity["targets"] == sorted(masks)
+    assert json.loads((out / "maskpipe.json").read_text()) == {"masks": "test"}
+    # a mistyped --out never deletes a directory that is not a materialized model
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    with pytest.raises(MaskpipeError, match="holds no maskpipe.json; refusing to replace it"):
+        materialize(model, tokenizer, linears, masks, tmp_path / "mine", {}, {})
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep"
 
 
 def test_an_artifact_carries_an_attention_plan_with_or_without_masks(tmp_path, micro, micro_cfg, capsys):

@@ -1,8 +1,13 @@
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
 from pipeline import MaskpipeError
-from pipeline.sparsity import check_divisible, is_nm, masked, nm_mask
+from pipeline.sparsity import check_divisible, is_nm, masked, nm_mask, to_semi_structured
+from tests.conftest import ROOT
 
 
 @pytest.mark.parametrize("n,m", [(1, 2), (2, 4), (4, 8), (1, 4), (3, 8)])
@@ -38,3 +43,18 @@ def test_masked_forward_and_base_weights_untouched(micro):
     for k, l in linears.items():
         assert l.weight is before[k][0] and torch.equal(l.weight, before[k][1])
     assert torch.equal(model(x).logits, dense)
+
+
+def test_semi_structured_export_needs_2of4_masks_and_a_cuda_gpu(micro):
+    """What can be checked without a GPU: the conversion refuses other patterns and other devices with a
+    clear message, and the benchmark says it measured nothing."""
+    _, linears = micro
+    name, lin = "model.layers.0.mlp.up_proj", linears["model.layers.0.mlp.up_proj"]
+    with pytest.raises(MaskpipeError, match=f"{name}: semi-structured sparsity needs a 2:4 mask"):
+        to_semi_structured(linears, {name: nm_mask(lin.weight.abs(), 4, 8)})
+    with pytest.raises(MaskpipeError, match="need a CUDA GPU of compute capability 8.0 or newer; the weight is on cpu"):
+        to_semi_structured(linears, {name: nm_mask(lin.weight.abs(), 2, 4)})  # the micro fixture loads on CPU
+    assert lin.weight.layout == torch.strided  # untouched
+    out = subprocess.run([sys.executable, "benchmarks/semi_structured.py"], cwd=ROOT, capture_output=True, text=True,
+                         env={**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(ROOT)}, timeout=120)
+    assert out.returncode == 2 and "found no CUDA GPU. Nothing measured." in out.stderr, out.stderr

@@ -1,0 +1,195 @@
+"""Publishing an artifact: a folder ready for the Hugging Face Hub, the artifact plus a model card.
+
+The card (`README.md`) opens with YAML front matter rendered by huggingface_hub's `ModelCardData`
+(base model, license, tags), then says what the artifact is for (base model, revision, fingerprint), how
+well it does (the run's perplexity and retrieval, beside the dense model and the one-shot baselines),
+how it was made (method, data, tokens, config) and how to apply it, in three lines.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+from typing import Any
+
+import yaml
+from huggingface_hub import ModelCard, ModelCardData
+
+from pipeline import MaskpipeError
+from pipeline.artifacts import LOGITS_FILE, MANIFEST_FILE, MASKS_FILE, atomic_dir, read_manifest
+
+ONESHOT = ("magnitude", "wanda", "sparsegpt")
+CARD = "README.md"
+
+
+def is_run(path: Path) -> bool:
+    return (path / "config.yaml").is_file() and (path / "results.json").is_file()
+
+
+def resolve(source: str | Path, stage: str | None = None) -> tuple[Path, Path | None]:
+    """(artifact directory, its run directory or None) for a run directory (its learned artifact, or
+    `stage`'s) or an artifact directory (inside a run's `artifacts/` or on its own)."""
+    source = Path(source)
+    if (source / MANIFEST_FILE).is_file():
+        run = source.parent.parent
+        return source, run if source.parent.name == "artifacts" and is_run(run) else None
+    if not is_run(source):
+        raise MaskpipeError(f"{source}: neither a run directory (config.yaml and results.json) nor a mask artifact "
+                            f"({MANIFEST_FILE})")
+    stages = json.loads((source / "results.json").read_text()).get("stages", {})
+    if stage is None:
+        learned = [name for name, rec in stages.items() if rec.get("method") == "maskllm"]
+        if len(learned) != 1:
+            raise MaskpipeError(f"{source}: {'several learned artifacts' if learned else 'no learned artifact'} "
+                                f"({', '.join(learned or stages) or 'no stage wrote one'}): choose one with --stage")
+        stage = learned[0]
+    if stage not in stages or not (source / "artifacts" / stage / MANIFEST_FILE).is_file():
+        raise MaskpipeError(f"{source}: no artifact of a stage {stage!r} (have: {', '.join(stages) or 'none'})")
+    return source / "artifacts" / stage, source
+
+
+def looks_like_hub_id(name: str) -> bool:
+    return name.count("/") == 1 and not name.startswith((".", "/", "~")) and not Path(name).exists()
+
+
+def _ppl_table(results: dict[str, Any], stage: str) -> list[str]:
+    """Perplexity and retrieval of the dense model, the one-shot baselines and `stage`, with the
+    change against dense and the share of the best one-shot mask's gap to dense that `stage` closes."""
+    ppl, retrieval, stages = results.get("perplexity", {}), results.get("retrieval", {}), results.get("stages", {})
+    rows = ["dense"] + [n for n, rec in stages.items() if rec.get("method") in ONESHOT and n != stage] + [stage]
+    rows = [r for r in rows if r in ppl or r in retrieval]
+    if stage not in rows:
+        return ["No evaluation of this artifact was recorded in its run."]
+    corpora = sorted({c for r in rows for c in ppl.get(r, {})})
+    tasks = [t for t in ("passkey", "niah", "multikey") if any(t in retrieval.get(r, {}) for r in rows)]
+    lines = ["| variant | " + " | ".join([f"PPL {c}" for c in corpora] + [f"{t} (exact match)" for t in tasks]) + " |",
+             "|" + " --- |" * (1 + len(corpora) + len(tasks))]
+    dense = ppl.get("dense", {})
+    for r in rows:
+        cells = []
+        for c in corpora:
+            value = ppl.get(r, {}).get(c, {}).get("ppl")
+            cell = "" if value is None else f"{value:.2f}"
+            if value is not None and r != "dense" and c in dense:
+                cell += f" ({value / dense[c]['ppl'] - 1:+.1%} vs dense)"
+            cells.append(cell)
+        cells += [f"{retrieval[r][t]['acc']:.2f}" if t in retrieval.get(r, {}) else "" for t in tasks]
+        label = f"**{r} (this artifact)**" if r == stage else r
+        if stages.get(r, {}).get("weight_update"):
+            label += " (weights updated: not a mask over frozen weights)"
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    for c in corpora:
+        masks_only = [r for r in rows if r not in ("dense", stage) and not stages.get(r, {}).get("weight_update")
+                      and c in ppl.get(r, {})]
+        if c in dense and c in ppl.get(stage, {}) and masks_only:
+            best = min(masks_only, key=lambda r: ppl[r][c]["ppl"])
+            gap = ppl[best][c]["ppl"] - dense[c]["ppl"]
+            if gap > 0:
+                closed = (ppl[best][c]["ppl"] - ppl[stage][c]["ppl"]) / gap
+                worse = " (it is worse than that mask)" if closed < 0 else ""
+                lines.append(f"\nOn {c}, {stage} closes {closed:.0%} of the gap between the best one-shot mask "
+                             f"({best}) and the dense model{worse}.")
+    scored = {c: next(ppl[r][c]["tokens"] for r in rows if c in ppl.get(r, {})) for c in corpora}
+    if scored:
+        lines.append("\nPerplexity: non-overlapping windows of each whole corpus (wikitext-2 protocol); tokens scored: "
+                     + ", ".join(f"{c} {t:,}" for c, t in scored.items()) + ".")
+    return lines
+
+
+FILES = {MASKS_FILE: "the masks, encoded as the manifest says", MANIFEST_FILE: "format, base model, layers, "
+         "checksums, method, data, config", LOGITS_FILE: "the learned logits (soft state), to seed another mask"}
+
+
+def model_card(manifest: dict[str, Any], results: dict[str, Any] | None, stage: str, *, repo: str | None,
+               base_model: str, license: str, files: list[tuple[str, int, str]]) -> ModelCard:
+    """The card of an artifact; `files` lists (name, bytes, what) of the files published with it."""
+    masks_bytes = next(size for name, size, _ in files if name == MASKS_FILE)
+    base = manifest["base_model"]
+    pattern, method = manifest["pattern"], manifest["method"]
+    weights = sum(math.prod(info["shape"]) for info in manifest["layers"].values())
+    tags = ["maskpipe", "sparsity", "pruning", *([pattern] if pattern else []), method.get("name", "mask")]
+    if "attention" in manifest:
+        tags.append("attention-plan")
+    data = ModelCardData(base_model=base_model if looks_like_hub_id(base_model) else None, license=license, tags=tags)
+    what = f"a {pattern} sparsity mask" if pattern else "a per-head attention plan"
+    if pattern and "attention" in manifest:
+        what += " and a per-head attention plan"
+    revision = base.get("revision") or "none recorded (the default branch, or a local copy)"
+    body = [f"# {stage}: {what} for {base_model}", "",
+            f"{what[0].upper() + what[1:]} over the frozen weights of `{base_model}`, made with maskpipe "
+            f"(method `{method.get('name')}`). It holds no weights: anyone with the base model can apply it, "
+            "export a sparse model from it, or start another task's mask from it."]
+    if pattern:
+        encoding = manifest["encoding"]  # format 1 names it with a bare string
+        body += ["", f"{len(manifest['layers'])} linear layers, {weights:,} weights masked, stored in "
+                     f"{masks_bytes:,} bytes ({masks_bytes * 8 / weights:.3f} bits per weight; encoding "
+                     f"`{encoding['name'] if isinstance(encoding, dict) else encoding}`)."]
+    body += ["", "## Base model", "", "| | |", "| --- | --- |",
+             f"| model | `{base['name_or_path']}` |", f"| revision | {revision} |",
+             f"| architecture | {base.get('architecture', '')} |",
+             f"| fingerprint | `{base['fingerprint']}` |", "",
+             "The fingerprint is a sha256 over the names, shapes and bfloat16 bytes of the base weights the artifact "
+             "was made for (the masked layers; for a plan, every decoder linear): `maskpipe apply` refuses it on any "
+             "other model, or on other shapes, before touching anything."]
+    body += ["", "## Results", ""] + (_ppl_table(results, stage) if results else
+                                       ["No evaluation was recorded with this artifact (published without its run)."])
+    params = method.get("params", {})
+    data_info = manifest["data"]
+    facts = {"method": method.get("name"), "pattern": pattern, "prior": method.get("prior") or None,
+             "corpus": data_info.get("corpus"), "sources": ", ".join(data_info.get("sources", [])) or None,
+             "tokens": f"{data_info['tokens']:,}" if "tokens" in data_info else None,
+             **{k: params[k] for k in ("steps", "batch_size", "seqlen", "lr", "n_samples") if k in params},
+             "time (s)": method.get("seconds"), "workers": method.get("workers")}
+    body += ["", "## How it was made", "", "| | |", "| --- | --- |"]
+    body += [f"| {k} | {json.dumps(v) if isinstance(v, dict) else v} |" for k, v in facts.items()
+             if v not in (None, "")]
+    if manifest.get("config"):
+        body += ["", "<details><summary>Full config</summary>", "", "```yaml",
+                 yaml.safe_dump(manifest["config"], sort_keys=False).rstrip(), "```", "", "</details>"]
+    body += ["", "## Files", "", "| file | bytes | what |", "| --- | --- | --- |"]
+    body += [f"| `{name}` | {size:,} | {what} |" for name, size, what in files]
+    folder = repo.split("/")[-1] if repo else stage
+    rev = f" --revision {base['revision']}" if base.get("revision") else ""
+    body += ["", "## How to apply", "", "```bash",
+             f"hf download {repo or 'REPO_ID'} --local-dir {folder}",
+             f"maskpipe apply --model {base_model}{rev} --masks {folder} --out {folder}-sparse",
+             f"python -c \"import transformers as t; t.AutoModelForCausalLM.from_pretrained('{folder}-sparse')\"",
+             "```", "",
+             "`apply` checks the fingerprint and shapes, then writes the weights ⊙ mask as a model directory that "
+             "transformers loads (its `config.json` records the sparsity). It also takes several artifacts "
+             "that mask different layers. To start a new task's mask from this one, give a learn stage "
+             f"`prior: {{artifact: {folder}}}`" + (" (add `soft: true` to start from its stored logits)."
+                                                  if manifest.get("soft") else ".")]
+    return ModelCard("---\n" + data.to_yaml() + "\n---\n\n" + "\n".join(body) + "\n")
+
+
+def publish(artifact: Path, run: Path | None, out: str | Path, *, repo: str | None = None,
+            base_model: str | None = None, license: str = "other") -> Path:
+    """Write `out`: the files of `artifact` and its model card (with the results of `run`), atomically."""
+    manifest = read_manifest(artifact)
+    results = json.loads((run / "results.json").read_text()) if run else None
+    files = [(name, (artifact / name).stat().st_size, what) for name, what in FILES.items()
+             if (artifact / name).is_file()]
+    card = model_card(manifest, results, artifact.name, repo=repo,
+                      base_model=base_model or manifest["base_model"]["name_or_path"], license=license, files=files)
+    with atomic_dir(out, replaces=MANIFEST_FILE) as tmp:
+        for name, _, _ in files:
+            shutil.copyfile(artifact / name, tmp / name)
+        card.save(tmp / CARD)
+    return Path(out)
+
+
+def push(folder: str | Path, repo: str, dry_run: bool = False) -> list[str]:
+    """Upload `folder` to the Hub model repo `repo` (created if missing; the token comes from the
+    environment, HF_TOKEN, or a saved login). With `dry_run`, only list what would go."""
+    from huggingface_hub import HfApi
+
+    files = sorted(str(p.relative_to(folder)) for p in Path(folder).rglob("*") if p.is_file())
+    if not dry_run:
+        api = HfApi()
+        api.create_repo(repo, repo_type="model", exist_ok=True)
+        api.upload_folder(repo_id=repo, folder_path=str(folder), repo_type="model",
+                          commit_message=f"maskpipe publish: {', '.join(files)}")
+    return files
