@@ -144,3 +144,43 @@ def test_metrics_log_drops_steps_past_a_resume_and_writes_tensorboard_events(tmp
     assert [(m["stage"], m["step"]) for m in lines] == [("learn", 5), ("learn", 10), ("other", 5), ("learn", 15)]
     assert lines[-1]["loss"] == 0.2
     assert list((tmp_path / "tensorboard" / "learn").glob("events.out.tfevents.*"))
+
+
+def test_regulariser_in_the_backward_is_the_gradient_of_the_loss_term():
+    """W ⊙ M's backward adds ∂(−λ‖W⊙M‖²)/∂M: the same gradient as the explicit loss term."""
+    from pipeline.learn import _MaskedWeight
+
+    torch.manual_seed(0)
+    w, mask, g = torch.randn(8, 16), torch.rand(8, 16, requires_grad=True), torch.randn(8, 16)
+    (_MaskedWeight.apply(w, mask, 0.3) * g).sum().backward()
+    ours = mask.grad.clone()
+    mask.grad = None
+    ((w * mask * g).sum() - 0.3 * (w * mask).pow(2).sum()).backward()
+    torch.testing.assert_close(ours, mask.grad)
+
+
+def test_gumbel_noise_depends_only_on_the_seed():
+    mod = GumbelNMMask(torch.Size([4, 16]), 2, 4, torch.Generator().manual_seed(0))
+    mod.train()
+    mod.noise_seed = 7
+    a, b = mod.soft_mask(), mod.soft_mask()
+    mod.noise_seed = 8
+    assert torch.equal(a, b) and not torch.equal(a, mod.soft_mask())
+
+
+@pytest.mark.parametrize("n,m", [(2, 4), (4, 8), (1, 4)])
+def test_per_position_logits_take_the_prior_and_export_over_candidates(n, m):
+    from pipeline.learn import candidate_logits, positions_from_candidates
+
+    torch.manual_seed(0)
+    prior = nm_mask(torch.randn(6, 4 * m), n, m)
+    mod = GumbelNMMask(torch.Size([6, 4 * m]), n, m, torch.Generator().manual_seed(0), per_group="positions")
+    assert mod.logits.shape[-1] == m
+    with torch.no_grad():
+        mod.logits.copy_(prior_logits(mod.logits, prior, n, m, 3.0, "positions"))
+    assert torch.equal(mod.hard_mask().reshape(6, 4 * m), prior)  # the prior's candidate wins every group
+    cands = candidate_logits(mod.logits, n, m, "positions")
+    assert cands.shape[-1] == math.comb(m, n)
+    # a stored soft state (over candidates) seeds a per-position run by least squares: exact when additive
+    torch.testing.assert_close(positions_from_candidates(cands, n, m) @ nm_candidates(n, m).float().T, cands,
+                               atol=1e-5, rtol=0)

@@ -56,7 +56,7 @@ def head(tmp_path_factory):
         subprocess.run(["ray", "stop", "--force"], env=env, capture_output=True)
 
 
-def learn_config(tmp_path: Path, workers: int) -> dict:
+def learn_config(tmp_path: Path, workers: int, strategy: str = "ddp") -> dict:
     """A learning-only recipe long enough to be interrupted; float32 logits are compared across runs."""
     return {
         "name": "dp", "seed": 0, "output_dir": str(tmp_path / "runs"),
@@ -65,7 +65,7 @@ def learn_config(tmp_path: Path, workers: int) -> dict:
                            "shuffle_buffer": 16}},
         "stages": [{"stage": "learn", "name": "maskllm", "data": "calib", "steps": STEPS, "batch_size": 4,
                     "seqlen": 64, "lr": 1e-2, "log_every": 5, "checkpoint_every": 10, "save_logits": "float32"}],
-        "workers": {"num_workers": workers, "max_failures": 2},
+        "workers": {"num_workers": workers, "max_failures": 2, "strategy": strategy},
     }
 
 
@@ -92,10 +92,11 @@ def single(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def two_workers(head, tmp_path_factory):
+    """Two Ray Train workers sharding the model and the mask state with FSDP2."""
     from workers.backend import RayBackend
 
     tmp = tmp_path_factory.mktemp("two")
-    cfg = config_from_dict(learn_config(tmp, 2))
+    cfg = config_from_dict(learn_config(tmp, 2, "fsdp"))
     run_dir = run(cfg, tmp / "run", RayBackend(cfg))
     return run_dir, learned_logits(run_dir)
 
@@ -103,8 +104,8 @@ def two_workers(head, tmp_path_factory):
 def test_two_workers_learn_what_one_process_learns(single, two_workers):
     run_dir, logits = two_workers
     assert json.loads((run_dir / "results.json").read_text())["stages"]["maskllm"]["workers"] == 2
-    # Same blocks and Gumbel noise per step; only the order of float additions differs (DDP's average
-    # of two half-batch gradients against one whole-batch gradient). After 80 Adam steps at lr 1e-2
+    # Same blocks and Gumbel noise per step; only the order of float additions differs (the
+    # reduce-scattered average of two half-batch gradients against one whole-batch gradient). After 80 Adam steps at lr 1e-2
     # (logits travel ~1) a few logits differ by up to ~5e-3: the stated tolerance is 1e-2.
     for k in single:
         torch.testing.assert_close(logits[k], single[k], atol=1e-2, rtol=0)
@@ -117,7 +118,7 @@ def test_a_killed_worker_restarts_from_the_last_checkpoint_and_ends_with_the_sam
 
     from workers.backend import RayBackend
 
-    cfg = config_from_dict(learn_config(tmp_path, 2))
+    cfg = config_from_dict(learn_config(tmp_path, 2, "fsdp"))
     run_dir = tmp_path / "run"
     errors = []
 

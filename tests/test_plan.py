@@ -1,0 +1,51 @@
+"""The memory plan: exact counts from the model's config, and what each strategy shards."""
+
+import pytest
+
+from jobs.cli import main
+from pipeline.plan import memory_plan, model_shape, parse_bytes
+
+
+def test_shape_counts_the_model_without_loading_it(micro, micro_cfg):
+    model, linears = micro
+    shape = model_shape(model.config, micro_cfg)
+    assert shape.params == sum(p.numel() for p in model.parameters())
+    assert shape.masked == sum(lin.weight.numel() for lin in linears.values())
+    assert shape.blocks == model.config.num_hidden_layers
+
+
+def test_what_each_strategy_shards(micro, micro_cfg):
+    shape = model_shape(micro[0].config, micro_cfg)
+    kw = dict(n=2, m=4, micro_batch=2, seqlen=64)
+    one = memory_plan(shape, strategy="none", world=1, **kw)
+    ddp = memory_plan(shape, strategy="ddp", world=8, **kw)
+    fsdp = memory_plan(shape, strategy="fsdp", world=8, **kw)
+    zero2 = memory_plan(shape, strategy="deepspeed", zero_stage=2, world=8, **kw)
+    assert one["mask logits"] == shape.masked // 4 * 6 * 4  # 6 fp32 logits per group of 4
+    assert ddp["frozen weights"] == one["frozen weights"] and ddp["gradients"] == 2 * one["gradients"]
+    for item in ("frozen weights", "mask logits", "optimizer state", "gradients"):
+        assert fsdp[item] == pytest.approx(one[item] / 8, rel=1e-3)
+    assert zero2["frozen weights"] == one["frozen weights"] and zero2["optimizer state"] < one["optimizer state"]
+    assert fsdp["gathered blocks"] > 0 == one["gathered blocks"]
+    ac = memory_plan(shape, strategy="none", world=1, activation_checkpointing=True, **kw)
+    assert ac["activations"] < one["activations"]
+    lean = memory_plan(shape, strategy="none", world=1, logits_per_group="positions", logits_dtype="bfloat16", **kw)
+    assert lean["mask logits"] == one["mask logits"] * 4 // 6 // 2
+
+
+def test_plan_command_for_llama2_7b_on_8_gpus(in_root, capsys):
+    """The recipe in configs/ fits 8 x 80 GB with FSDP and activation checkpointing; DDP does not."""
+    assert main(["plan", "configs/llama2-7b-2of4.yaml", "--gpus", "8", "--gpu-memory", "80GiB",
+                 "--hf-config", "configs/hf/llama-2-7b"]) == 0
+    out = capsys.readouterr().out
+    assert "6.74B parameters" in out and "per device, fsdp, activation checkpointing" in out
+    lines = {line.split()[0]: line for line in out.splitlines() if line.startswith("  ") and "|" in line}
+    assert lines["fsdp"].endswith("fits") and "too big" in lines["ddp"].split("|")[1]
+
+
+def test_plan_errors_name_what_is_wrong(in_root, capsys):
+    assert main(["plan", "configs/tiny.yaml", "--gpu-memory", "lots"]) == 2
+    assert "--gpu-memory" in capsys.readouterr().err
+    assert main(["plan", "configs/tiny-attention.yaml"]) == 2
+    assert "no learning stage" in capsys.readouterr().err
+    assert parse_bytes("80GiB") == 80 * 1024**3 and parse_bytes("1.5 GB") == 1_500_000_000
