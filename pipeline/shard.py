@@ -205,7 +205,7 @@ class DeepSpeed(Strategy):
         # ZeRO keeps the parameter (partitioned at stage 3) and a partition of an fp32 master copy,
         # fp32 gradients and fp32 moments.
         return sum(p.ds_tensor.numel() * (p.element_size() + 16) if hasattr(p, "ds_tensor")
-                   else p.numel() * (p.element_size() + 16 / self.world) for p in self.params.values())
+                   else p.numel() * p.element_size() + p.numel() * 16 // self.world for p in self.params.values())
 
     @torch.no_grad()
     def load(self, ckpt: Checkpoint) -> None:

@@ -41,6 +41,7 @@ def _learn(rank, world, port, strategy, out, ckpt_dir, stop_at, threads, kw):
     from pipeline.models import load_model, load_tokenizer, prunable_linears
 
     recompute = kw.pop("activation_checkpointing", False)
+    zero_stage = kw.pop("zero_stage", 3)
     cfg = ModelConfig(name_or_path=str(MICRO), dtype="float32", device="cpu")
     model, tokenizer = load_model(cfg), load_tokenizer(cfg)
     st = LearnStage.model_validate({"stage": "learn", "name": "learn", "data": "d", "steps": STEPS, "batch_size": 4,
@@ -56,7 +57,7 @@ def _learn(rank, world, port, strategy, out, ckpt_dir, stop_at, threads, kw):
     try:
         logits, history = train_masks(model, prunable_linears(model, cfg), st, 2, 4, stream, seed=0,
                                       store=CheckpointDir(ckpt_dir, keep=2), on_log=on_log, strategy=strategy,
-                                      activation_checkpointing=recompute)
+                                      zero_stage=zero_stage, activation_checkpointing=recompute)
         if rank == 0:
             save_file(logits, out)
     except Stop:
@@ -108,9 +109,9 @@ def test_two_ranks_learn_the_single_process_mask(single, tmp_path, strategy):
     torch.testing.assert_close(last.read(f"logits.{name}"), logits[name])
 
 
-def test_deepspeed_zero3_learns_the_single_process_mask(single, tmp_path):
-    pytest.importorskip("deepspeed")
-    logits, _ = learn(tmp_path, "zero3", "deepspeed", 2)
+@pytest.mark.parametrize("zero_stage", [2, 3])
+def test_deepspeed_zero_learns_the_single_process_mask(single, tmp_path, zero_stage):
+    logits, _ = learn(tmp_path, f"zero{zero_stage}", "deepspeed", 2, zero_stage=zero_stage)
     assert_same_mask(logits, single)
 
 
@@ -130,7 +131,6 @@ def test_sharded_checkpoint_resumes_on_another_world_size_and_strategy(single, t
 def test_deepspeed_resumes_a_checkpoint_of_another_strategy(single, tmp_path):
     """ZeRO-3 partitions into flat shards of its own; it reads and writes maskpipe's row shards through
     DeepSpeed's full-parameter accessors, so it resumes an FSDP checkpoint and its own resumes in one process."""
-    pytest.importorskip("deepspeed")
     _, ckpt = learn(tmp_path, "cut", "fsdp", 2, stop_at=4)
     _, ckpt2 = learn(tmp_path, "zero3", "deepspeed", 2, ckpt_dir=ckpt, stop_at=6)
     resumed, _ = learn(tmp_path, "resumed", "none", 1, ckpt_dir=ckpt2)
