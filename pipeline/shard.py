@@ -112,14 +112,12 @@ class Strategy:
     def load(self, ckpt: Checkpoint) -> None:
         """Logits and AdamW state from a checkpoint written with any strategy and world size."""
         for name, p in self.params.items():
-            self.optimizer.state[p] = {"step": torch.tensor(float(ckpt.step))}
+            self.optimizer.state[p] = {"step": torch.tensor(float(ckpt.step)), **{w: torch.zeros_like(p) for w in MOMENTS}}
             for what in ("logits", *MOMENTS):
-                if what != "logits":
-                    self.optimizer.state[p][what] = torch.zeros_like(p)
-                self._load(name, what, lambda a=0, b=None, key=f"{what}.{name}": ckpt.read(key, a, b))
+                self._load(name, what, ckpt)
 
-    def _load(self, name: str, what: str, read) -> None:
-        self._full(name, what).copy_(read())
+    def _load(self, name: str, what: str, ckpt: Checkpoint) -> None:
+        self._full(name, what).copy_(ckpt.read(f"{what}.{name}"))
 
 
 class FSDP(Strategy):
@@ -149,8 +147,8 @@ class FSDP(Strategy):
     def full_logits(self) -> dict[str, torch.Tensor]:
         return {k: p.detach().full_tensor().cpu() for k, p in self.params.items()}
 
-    def _load(self, name: str, what: str, read) -> None:
-        self._full(name, what).to_local().copy_(read(*self.rows(name)))
+    def _load(self, name: str, what: str, ckpt: Checkpoint) -> None:
+        self._full(name, what).to_local().copy_(ckpt.read(f"{what}.{name}", *self.rows(name)))
 
 
 class DeepSpeed(Strategy):
