@@ -47,8 +47,9 @@ def write_shard(path: Path, tensors: dict[str, torch.Tensor | Rows], meta: dict[
                 rank: int) -> None:
     """This rank's part of a checkpoint; rank 0 also writes the JSON state."""
     rows = {k: v if isinstance(v, Rows) else Rows(v, 0) for k, v in tensors.items()}
-    save_file({k: r.tensor.detach().contiguous().cpu() for k, r in rows.items()},
-              str(path / f"shard-{rank:05d}.safetensors"), metadata={k: str(r.start) for k, r in rows.items()})
+    if rows:  # a rank whose rows another rank writes (a replica) writes no shard
+        save_file({k: r.tensor.detach().contiguous().cpu() for k, r in rows.items()},
+                  str(path / f"shard-{rank:05d}.safetensors"), metadata={k: str(r.start) for k, r in rows.items()})
     if meta is not None:
         (path / META).write_text(json.dumps(meta, indent=1))
 

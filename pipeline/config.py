@@ -335,11 +335,17 @@ class WorkersConfig(Strict):
     strategy: Literal["none", "ddp", "fsdp", "deepspeed"] = "ddp"
     zero_stage: Literal[2, 3] = 3
     activation_checkpointing: bool = False  # recompute each decoder block in the backward pass
+    # fsdp only: shard within groups of this many workers (e.g. the GPUs of a node) and replicate
+    # across groups (hybrid sharding), so that parameters are gathered over the fast links only.
+    shard_group: int | None = Field(default=None, gt=0)
 
     @model_validator(mode="after")
     def _strategy_fits(self) -> WorkersConfig:
         if self.strategy in ("fsdp", "deepspeed") and self.num_workers == 0:
             raise _KeyError("workers.strategy", f"{self.strategy} runs on Ray workers: set workers.num_workers ≥ 1")
+        if self.shard_group is not None and (self.strategy != "fsdp" or self.num_workers % self.shard_group):
+            raise _KeyError("workers.shard_group", f"hybrid sharding needs strategy fsdp and a number of workers "
+                                                   f"that is a multiple of {self.shard_group}")
         if self.strategy == "none" and self.num_workers > 1:
             raise _KeyError("workers.strategy", f"none runs one worker, not {self.num_workers}: use ddp, fsdp or deepspeed")
         return self

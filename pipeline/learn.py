@@ -166,6 +166,7 @@ def train_masks(
     model: nn.Module, linears: dict[str, nn.Linear], st, n: int, m: int, stream, *, seed: int, store,
     priors: dict[str, torch.Tensor] | None = None, init_logits: dict[str, torch.Tensor] | None = None,
     on_log=None, strategy: str = "ddp", zero_stage: int = 3, activation_checkpointing: bool = False,
+    shard_group: int | None = None,
 ) -> tuple[dict[str, torch.Tensor], list[dict]]:
     """Learn N:M masks for `linears` on token blocks from `stream` (a TokenStream), resuming from
     `store.latest()` if there is a checkpoint. Returns (logits over the candidates, log history); the
@@ -198,7 +199,8 @@ def train_masks(
             block.training = True
     shard = make_strategy(strategy, model, mods, lr=st.lr,
                           weight_decay=st.weight_decay, grad_clip=st.grad_clip,
-                          micro_batch=st.batch_size // world, grad_accum=st.grad_accum, zero_stage=zero_stage)
+                          micro_batch=st.batch_size // world, grad_accum=st.grad_accum, zero_stage=zero_stage,
+                          shard_group=shard_group)
     # The logits may now be strategy-owned views (FSDP2's DTensors, ZeRO's partitions): read them through `shard`.
 
     def argmaxes() -> dict[str, torch.Tensor]:
@@ -209,7 +211,7 @@ def train_masks(
     def change_rate(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> float:
         """Fraction of groups whose argmax candidate flipped (MaskLLM's mask-change rate), over all ranks."""
         counts = torch.tensor([float(sum(int((before[k] != after[k]).sum()) for k in order)),
-                               float(sum(after[k].numel() for k in order))])
+                               float(sum(after[k].numel() for k in order))]) * shard.writes  # one copy of each row
         if world > 1:
             dist.all_reduce(counts)
         return (counts[0] / counts[1]).item()
@@ -229,7 +231,7 @@ def train_masks(
 
     def checkpoint() -> None:
         tensors = {}
-        for k in order:
+        for k in order if shard.writes else ():
             start = shard.rows(k)[0]
             for what in ("logits", *MOMENTS):
                 tensors[f"{what}.{k}"] = Rows(shard.owned(k, what), start)

@@ -76,8 +76,10 @@ def model_shape(hf_config, model_cfg) -> Shape:
 
 def memory_plan(shape: Shape, *, n: int, m: int, micro_batch: int, seqlen: int, strategy: str, world: int,
                 zero_stage: int = 3, activation_checkpointing: bool = False, logits_per_group: str = "candidates",
-                logits_dtype: str = "float32", model_dtype: str = "bfloat16", cuda: bool = True) -> dict[str, int]:
-    """Bytes per device for each item of `ITEMS`, for one rank of `world`."""
+                logits_dtype: str = "float32", model_dtype: str = "bfloat16", cuda: bool = True,
+                shard_group: int | None = None) -> dict[str, int]:
+    """Bytes per device for each item of `ITEMS`, for one rank of `world` (fsdp with `shard_group`:
+    sharded over groups of that many ranks, replicated across them)."""
     wb = DTYPES[model_dtype].itemsize
     ab = 2 if cuda else 4  # activations: bf16 autocast on CUDA, float32 on CPU
     width = math.comb(m, n) if logits_per_group == "candidates" else m
@@ -87,7 +89,8 @@ def memory_plan(shape: Shape, *, n: int, m: int, micro_batch: int, seqlen: int, 
     lb = 2 if deepspeed and cuda else DTYPES[logits_dtype].itemsize  # DeepSpeed's bf16 mode casts the logits
     shard_params = strategy == "fsdp" or (deepspeed and zero_stage == 3)
     shard_state = strategy == "fsdp" or deepspeed
-    p_div, s_div = (world if shard_params else 1), (world if shard_state else 1)
+    shards = shard_group if strategy == "fsdp" and shard_group else world
+    p_div, s_div = (shards if shard_params else 1), (shards if shard_state else 1)
 
     optimizer = logits * (12 if deepspeed else 2 * lb)  # DeepSpeed: fp32 master + two fp32 moments
     grads = logits * (4 if deepspeed else lb) * (2 if strategy == "ddp" and world > 1 else 1)
@@ -156,7 +159,8 @@ def stage_plan(cfg, st, shape: Shape, world: int, *, strategy: str | None = None
         zero_stage=zero_stage or w.zero_stage,
         activation_checkpointing=w.activation_checkpointing if activation_checkpointing is None
         else activation_checkpointing,
-        logits_per_group=st.logits_per_group, logits_dtype=st.logits_dtype, model_dtype=cfg.model.dtype, cuda=cuda)
+        logits_per_group=st.logits_per_group, logits_dtype=st.logits_dtype, model_dtype=cfg.model.dtype, cuda=cuda,
+        shard_group=w.shard_group)
 
 
 def plan_report(cfg, st, shape: Shape, world: int, capacity: int | None, cuda: bool = True) -> str:
@@ -168,6 +172,7 @@ def plan_report(cfg, st, shape: Shape, world: int, capacity: int | None, cuda: b
             f"{max(st.batch_size // world, 1)} x {st.seqlen} tokens per device and micro-batch, {world} device(s)")
     strategy = w.strategy if w.strategy != "none" or world == 1 else "ddp"
     label = f"{strategy}{f' ZeRO-{w.zero_stage}' if strategy == 'deepspeed' else ''}" + \
+        (f", sharded in groups of {w.shard_group}" if strategy == "fsdp" and w.shard_group else "") + \
         (", activation checkpointing" if w.activation_checkpointing else "")
     lines = [head, f"per device, {label}:",
              format_plan(stage_plan(cfg, st, shape, world, strategy=strategy, cuda=cuda), capacity), "",

@@ -230,7 +230,8 @@ def learn_stage(cfg: Config, s: Session, st: LearnStage, out_dir: Path, prior: P
     t0 = time.perf_counter()
     logits, history = train_masks(s.model, s.linears, st, n, m, stream, seed=cfg.seed, store=store, priors=priors,
                                   init_logits=init_logits, on_log=on_log, strategy=w.strategy,
-                                  zero_stage=w.zero_stage, activation_checkpointing=w.activation_checkpointing)
+                                  zero_stage=w.zero_stage, activation_checkpointing=w.activation_checkpointing,
+                                  shard_group=w.shard_group)
     seconds = time.perf_counter() - t0
     if rank != 0:
         return []

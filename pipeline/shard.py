@@ -5,11 +5,13 @@ for the frozen bf16 weight, so the logits and the optimizer state are what a lar
 
   none / ddp  every rank holds the whole model, the logits and AdamW; DDP averages the gradients
   fsdp        PyTorch FSDP2 (`fully_shard` per decoder block, then the root): frozen weights, logits and
-              AdamW state are sharded by rows and gathered one block at a time
+              AdamW state are sharded by rows and gathered one block at a time; with `shard_group` G,
+              hybrid sharding: sharded within each group of G ranks (a node), replicated across groups
   deepspeed   DeepSpeed ZeRO stage 2 (gradients and optimizer state sharded) or 3 (parameters too)
 
 Whatever the strategy, rank r of W *owns* rows chunk r of every logits tensor, as `torch.chunk` would
-cut them (FSDP2's own row shards), and saves exactly those rows (`pipeline.checkpoint`). So a
+cut them (FSDP2's own row shards; under hybrid sharding, chunk r mod G of G, saved by the first group),
+and saves exactly those rows (`pipeline.checkpoint`). So a
 checkpoint never depends on the strategy or the number of ranks that wrote it: a run resumes on another
 world size, or switches strategy, by reading the rows it now owns.
 """
@@ -43,8 +45,13 @@ class Strategy:
     override how parameters are wrapped, read and written."""
 
     def __init__(self, model: nn.Module, masks: dict[str, nn.Module], *, lr: float, weight_decay: float,
-                 grad_clip: float | None, micro_batch: int, grad_accum: int, zero_stage: int = 3):
+                 grad_clip: float | None, micro_batch: int, grad_accum: int, zero_stage: int = 3,
+                 shard_group: int | None = None):
         self.rank, self.world = rank_world()
+        # Rows are owned within a group of `group` ranks; only the first group's ranks write them
+        # (every group, when the state is replicated across groups as with hybrid sharding).
+        self.group = shard_group or self.world
+        self.group_rank, self.writes = self.rank % self.group, self.rank < self.group
         self.masks, self.grad_clip = masks, grad_clip
         self.forward = self._wrap(model, micro_batch, grad_accum, zero_stage)
         self.optimizer = self._optimizer(lr, weight_decay)
@@ -106,7 +113,7 @@ class Strategy:
 
     def rows(self, name: str) -> tuple[int, int]:
         p = self.params[name]
-        return owned_rows(getattr(p, "ds_shape", p.shape)[0], self.rank, self.world)  # ZeRO-3 leaves shape [0]
+        return owned_rows(getattr(p, "ds_shape", p.shape)[0], self.group_rank, self.group)  # ZeRO-3: shape [0]
 
     @torch.no_grad()
     def load(self, ckpt: Checkpoint) -> None:
@@ -126,11 +133,17 @@ class FSDP(Strategy):
     Per-parameter sharding lets a unit mix frozen weights and trainable logits (FSDP1 could not)."""
 
     def _wrap(self, model, micro_batch, grad_accum, zero_stage):
+        from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
 
+        mesh = None
+        if self.group < self.world:  # hybrid: shard within each group of ranks, replicate across groups
+            device = next(iter(self.params.values())).device.type
+            mesh = init_device_mesh(device, (self.world // self.group, self.group),
+                                    mesh_dim_names=("replicate", "shard"))
         for block in decoder_blocks(model):
-            fully_shard(block)
-        fully_shard(model)
+            fully_shard(block, mesh=mesh)
+        fully_shard(model, mesh=mesh)
         for name, p in self.params.items():
             start, stop = self.rows(name)
             if p.to_local().shape[0] != stop - start:
@@ -234,6 +247,9 @@ def make_strategy(name: str, model: nn.Module, masks: dict[str, nn.Module], **kw
     _, world = rank_world()
     if name == "none" and world > 1:
         raise MaskpipeError(f"strategy 'none' runs on one worker, not {world}: use ddp, fsdp or deepspeed")
+    if kw.get("shard_group") and (name != "fsdp" or world % kw["shard_group"]):
+        raise MaskpipeError(f"shard_group {kw['shard_group']} needs strategy fsdp and a multiple of it in ranks "
+                            f"(strategy {name}, {world} ranks)")
     if name in ("fsdp", "deepspeed") and not torch.distributed.is_initialized():
         raise MaskpipeError(f"strategy {name!r} needs a process group: run it on Ray workers (workers.num_workers ≥ 1)")
     return {"fsdp": FSDP, "deepspeed": DeepSpeed}.get(name, Strategy)(model, masks, **kw)

@@ -42,6 +42,7 @@ def _learn(rank, world, port, strategy, out, ckpt_dir, stop_at, threads, kw):
 
     recompute = kw.pop("activation_checkpointing", False)
     zero_stage = kw.pop("zero_stage", 3)
+    shard_group = kw.pop("shard_group", None)
     cfg = ModelConfig(name_or_path=str(MICRO), dtype="float32", device="cpu")
     model, tokenizer = load_model(cfg), load_tokenizer(cfg)
     st = LearnStage.model_validate({"stage": "learn", "name": "learn", "data": "d", "steps": STEPS, "batch_size": 4,
@@ -57,7 +58,8 @@ def _learn(rank, world, port, strategy, out, ckpt_dir, stop_at, threads, kw):
     try:
         logits, history = train_masks(model, prunable_linears(model, cfg), st, 2, 4, stream, seed=0,
                                       store=CheckpointDir(ckpt_dir, keep=2), on_log=on_log, strategy=strategy,
-                                      zero_stage=zero_stage, activation_checkpointing=recompute)
+                                      zero_stage=zero_stage, activation_checkpointing=recompute,
+                                      shard_group=shard_group)
         if rank == 0:
             save_file(logits, out)
     except Stop:
@@ -134,6 +136,20 @@ def test_deepspeed_resumes_a_checkpoint_of_another_strategy(single, tmp_path):
     _, ckpt = learn(tmp_path, "cut", "fsdp", 2, stop_at=4)
     _, ckpt2 = learn(tmp_path, "zero3", "deepspeed", 2, ckpt_dir=ckpt, stop_at=6)
     resumed, _ = learn(tmp_path, "resumed", "none", 1, ckpt_dir=ckpt2)
+    assert_same_mask(resumed, single)
+
+
+def test_hybrid_sharding_learns_the_single_process_mask_and_resumes_on_two_ranks(single, tmp_path):
+    """Four ranks as two groups of two (FSDP2 on a 2-D mesh: sharded within a group, replicated across):
+    the first group writes the rows, and the checkpoint resumes as plain FSDP on two ranks."""
+    logits, _ = learn(tmp_path, "hsdp", "fsdp", 4, shard_group=2)
+    assert_same_mask(logits, single)
+    _, ckpt = learn(tmp_path, "hsdp-cut", "fsdp", 4, shard_group=2, stop_at=6)
+    last = Checkpoint(CheckpointDir(ckpt, keep=2).list()[-1])
+    name = sorted(logits)[0]
+    assert sorted(f.name for f in last.path.glob("shard-*")) == ["shard-00000.safetensors", "shard-00001.safetensors"]
+    torch.testing.assert_close(last.read(f"logits.{name}").shape, logits[name].shape)
+    resumed, _ = learn(tmp_path, "hsdp-resumed", "fsdp", 2, ckpt_dir=ckpt)
     assert_same_mask(resumed, single)
 
 
