@@ -34,7 +34,8 @@ META = "state.json"
 
 
 class Rows(NamedTuple):
-    """Rows [start, start + len(tensor)) of a tensor that is larger than what one rank holds."""
+    """Rows [start, start + len(tensor)) of a tensor that is larger than what one rank holds (every
+    checkpointed tensor has at least one dimension: rows)."""
     tensor: torch.Tensor
     start: int
 
@@ -67,8 +68,7 @@ class Checkpoint:
                     starts = sf.metadata() or {}
                     for k in sf.keys():
                         start = int(starts[k])
-                        shape = sf.get_slice(k).get_shape()
-                        self._index.setdefault(k, []).append((start, start + (shape[0] if shape else 0), f))
+                        self._index.setdefault(k, []).append((start, start + sf.get_slice(k).get_shape()[0], f))
         except Exception as e:  # noqa: BLE001 - any unreadable checkpoint is the same error to the user
             raise MaskpipeError(f"{self.path}: unreadable checkpoint ({type(e).__name__}: {e})") from None
 
@@ -76,18 +76,12 @@ class Checkpoint:
     def step(self) -> int:
         return self.meta["step"]
 
-    def keys(self) -> list[str]:
-        return sorted(self._index)
-
     def read(self, key: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
         """Rows [start, stop) of `key` (all rows by default), assembled from every shard that has some."""
         if key not in self._index:
             raise MaskpipeError(f"{self.path}: checkpoint has no tensor {key!r}")
         parts = sorted(self._index[key])
         stop = parts[-1][1] if stop is None else stop
-        if parts[-1][1] == 0:  # a 0-dim tensor: no rows
-            with safe_open(str(parts[0][2]), "pt") as sf:
-                return sf.get_tensor(key)
         pieces, at = [], start
         if start >= stop:  # a rank that owns no rows of a small tensor
             with safe_open(str(parts[0][2]), "pt") as sf:
@@ -103,9 +97,6 @@ class Checkpoint:
         if at < stop:
             raise MaskpipeError(f"{self.path}: {key}: rows {at}..{stop} are in no shard (incomplete checkpoint)")
         return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
-
-    def tensors(self) -> dict[str, torch.Tensor]:
-        return {k: self.read(k) for k in self._index}
 
 
 class CheckpointDir:

@@ -19,7 +19,7 @@ from torch.nn.utils import parametrize
 from tqdm.auto import tqdm
 
 from pipeline import MaskpipeError
-from pipeline.checkpoint import Rows
+from pipeline.checkpoint import Rows, rank_world
 from pipeline.models import base_weight, decoder_blocks
 from pipeline.shard import MOMENTS, make_strategy
 from pipeline.sparsity import check_divisible
@@ -176,7 +176,7 @@ def train_masks(
     `st.batch_size` blocks, and `strategy` (`pipeline.shard`) decides how the logits and their
     optimizer state are spread; every rank draws the same Gumbel noise, so the step equals one
     process's step on the whole batch."""
-    world = dist.get_world_size() if dist.is_initialized() else 1
+    _, world = rank_world()
     if st.batch_size % world:
         raise MaskpipeError(f"batch_size {st.batch_size} is not divisible by the {world} workers")
     device = base_weight(next(iter(linears.values()))).device

@@ -223,9 +223,10 @@ def learn_stage(cfg: Config, s: Session, st: LearnStage, out_dir: Path, prior: P
         capacity = torch.cuda.get_device_properties(device).total_memory if cuda else None
         log.info("%s: memory plan\n%s", st.name,
                  plan_report(cfg, st, model_shape(s.model.config, cfg.model), world_size, capacity, cuda))
-    # Read before training: a sharded strategy leaves the model's weights partitioned.
+    # Read before training: a sharded strategy leaves the model's weights partitioned. Only rank 0
+    # writes the artifact, so only rank 0 hashes the weights.
     shapes = {k: base_weight(lin).shape for k, lin in s.linears.items()}
-    base_model = {**s.base_model_info(), "fingerprint": fingerprint(s.linears)}
+    base_model = {**s.base_model_info(), "fingerprint": fingerprint(s.linears)} if rank == 0 else None
     w = cfg.workers
     t0 = time.perf_counter()
     logits, history = train_masks(s.model, s.linears, st, n, m, stream, seed=cfg.seed, store=store, priors=priors,

@@ -48,24 +48,24 @@ class Strategy:
                  grad_clip: float | None, micro_batch: int, grad_accum: int, zero_stage: int = 3,
                  shard_group: int | None = None):
         self.rank, self.world = rank_world()
-        # Rows are owned within a group of `group` ranks; only the first group's ranks write them
-        # (every group, when the state is replicated across groups as with hybrid sharding).
+        # Rows are owned within groups of `group` ranks: the whole world, unless hybrid sharding
+        # replicates the state across groups. Only the first group writes them.
         self.group = shard_group or self.world
         self.group_rank, self.writes = self.rank % self.group, self.rank < self.group
         self.masks, self.grad_clip = masks, grad_clip
-        self.forward = self._wrap(model, micro_batch, grad_accum, zero_stage)
-        self.optimizer = self._optimizer(lr, weight_decay)
+        self.forward, self.optimizer = self._setup(model, lr, weight_decay, micro_batch, grad_accum, zero_stage)
+
+    def _adamw(self, lr: float, weight_decay: float) -> torch.optim.AdamW:
+        return torch.optim.AdamW([self.params[k] for k in sorted(self.params)], lr=lr, weight_decay=weight_decay)
 
     @property
     def params(self) -> dict[str, nn.Parameter]:
         """Each mask's logits, as the strategy holds them now (FSDP2 swaps in sharded parameters)."""
         return {k: mod.logits for k, mod in self.masks.items()}
 
-    def _wrap(self, model, micro_batch, grad_accum, zero_stage):
-        return DistributedDataParallel(model) if self.world > 1 else model
-
-    def _optimizer(self, lr, weight_decay):
-        return torch.optim.AdamW([self.params[k] for k in sorted(self.params)], lr=lr, weight_decay=weight_decay)
+    def _setup(self, model, lr, weight_decay, micro_batch, grad_accum, zero_stage):
+        """(the module to call forward on, the optimizer of the logits)."""
+        return DistributedDataParallel(model) if self.world > 1 else model, self._adamw(lr, weight_decay)
 
     def set_lr(self, lr: float) -> None:
         for group in self.optimizer.param_groups:
@@ -132,7 +132,7 @@ class FSDP(Strategy):
     forward and backward and frees them after; gradients are reduce-scattered to the owning rows.
     Per-parameter sharding lets a unit mix frozen weights and trainable logits (FSDP1 could not)."""
 
-    def _wrap(self, model, micro_batch, grad_accum, zero_stage):
+    def _setup(self, model, lr, weight_decay, micro_batch, grad_accum, zero_stage):
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
 
@@ -148,7 +148,7 @@ class FSDP(Strategy):
             start, stop = self.rows(name)
             if p.to_local().shape[0] != stop - start:
                 raise MaskpipeError(f"{name}: FSDP's row shard is not torch.chunk's; maskpipe's checkpoints assume it")
-        return model
+        return model, self._adamw(lr, weight_decay)  # over the sharded parameters fully_shard put in place
 
     def sync(self, last_micro: bool):
         self.forward.set_requires_gradient_sync(last_micro)
@@ -170,7 +170,7 @@ class DeepSpeed(Strategy):
     parameter into flat shards, so parameters are read and written through DeepSpeed's own
     `safe_get_full_*`/`safe_set_full_*` (collectives at stage 3), never through `.data`."""
 
-    def _wrap(self, model, micro_batch, grad_accum, zero_stage):
+    def _setup(self, model, lr, weight_decay, micro_batch, grad_accum, zero_stage):
         import deepspeed
 
         self.zero_stage = zero_stage
@@ -184,21 +184,17 @@ class DeepSpeed(Strategy):
             "zero_allow_untested_optimizer": True,  # plain torch AdamW: fused DeepSpeed Adam needs a build
             "steps_per_print": 1 << 30,
         }
-        base = super()._optimizer(0.0, 0.0)  # lr and weight decay are set below, lr by the schedule
-        self.engine, self._ds_optimizer, _, _ = deepspeed.initialize(model=model, optimizer=base, config=config)
-        return self.engine
-
-    def _optimizer(self, lr, weight_decay):
-        for group in self._ds_optimizer.param_groups:
-            group["lr"], group["weight_decay"] = lr, weight_decay
-        return self._ds_optimizer
+        # The optimizer is ZeRO's wrapper around this AdamW; its param_groups are AdamW's.
+        engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=self._adamw(lr, weight_decay),
+                                                       config=config)
+        return engine, optimizer
 
     def sync(self, last_micro: bool):
         return contextlib.nullcontext()  # the engine counts micro-batches itself
 
     def backward(self, loss: torch.Tensor) -> None:
-        self.engine.backward(loss, scale_wrt_gas=False)  # the caller already divided by grad_accum
-        self.engine.step()  # an optimizer step only at the accumulation boundary
+        self.forward.backward(loss, scale_wrt_gas=False)  # the caller already divided by grad_accum
+        self.forward.step()  # an optimizer step only at the accumulation boundary
 
     def step(self) -> None:
         pass  # done by the last micro-batch's backward
@@ -225,7 +221,7 @@ class DeepSpeed(Strategy):
 
         # ZeRO creates AdamW's state at the first step; a resumed run needs it now, with the step
         # count that AdamW's bias correction reads.
-        zero = self._ds_optimizer
+        zero = self.optimizer
         flats = zero.fp32_partitioned_groups_flat if self.zero_stage == 3 else zero.single_partition_of_fp32_groups
         for flat in flats:
             zero.optimizer.state[flat] = {"step": torch.tensor(float(ckpt.step)),
