@@ -44,15 +44,15 @@ def rank_world() -> tuple[int, int]:
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
 
-def write_shard(path: Path, tensors: dict[str, torch.Tensor | Rows], meta: dict[str, Any] | None,
+def write_shard(path: Path, step: int, tensors: dict[str, torch.Tensor | Rows], meta: dict[str, Any],
                 rank: int) -> None:
-    """This rank's part of a checkpoint; rank 0 also writes the JSON state."""
+    """This rank's part of a checkpoint; rank 0 also writes the JSON state (`step` and `meta`)."""
     rows = {k: v if isinstance(v, Rows) else Rows(v, 0) for k, v in tensors.items()}
     if rows:  # a rank whose rows another rank writes (a replica) writes no shard
         save_file({k: r.tensor.detach().contiguous().cpu() for k, r in rows.items()},
                   str(path / f"shard-{rank:05d}.safetensors"), metadata={k: str(r.start) for k, r in rows.items()})
-    if meta is not None:
-        (path / META).write_text(json.dumps(meta, indent=1))
+    if rank == 0:
+        (path / META).write_text(json.dumps({"step": step, **meta}, indent=1))
 
 
 class Checkpoint:
@@ -124,7 +124,7 @@ class CheckpointDir:
             shutil.rmtree(tmp, ignore_errors=True)  # left by a save that was killed
             tmp.mkdir(parents=True)
         _barrier(world)
-        write_shard(tmp, tensors, {"step": step, **meta} if rank == 0 else None, rank)
+        write_shard(tmp, step, tensors, meta, rank)
         for f in tmp.iterdir():
             if f.name.startswith(f"shard-{rank:05d}") or (rank == 0 and f.name == META):
                 with open(f, "rb") as fh:

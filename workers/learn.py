@@ -43,7 +43,7 @@ class RayCheckpoints:
 
     def save(self, step: int, tensors: dict, meta: dict) -> None:
         with tempfile.TemporaryDirectory() as tmp:
-            write_shard(Path(tmp), tensors, {"step": step, **meta} if self.rank == 0 else None, self.rank)
+            write_shard(Path(tmp), step, tensors, meta, self.rank)
             ray.train.report({"step": step}, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
 
