@@ -97,9 +97,12 @@ class Source(Strict):
 
 class DataConfig(Strict):
     sources: list[Source] = Field(min_length=1)
-    # Mixing probabilities for several sources; equal when omitted.
+    # Shares of the *tokens* each source contributes to the blend (normalised); equal when omitted.
     weights: list[float] | None = None
-    shuffle_buffer: int = Field(default=0, ge=0)
+    shuffle_buffer: int = Field(default=0, ge=0)  # records: a shuffle buffer per source, 0 = in file order
+    # Blocks: the blend is emitted in seeded random order within windows of this many blocks, so that a
+    # batch (and a calibration set) is spread over many documents; 0 = in order.
+    shuffle_blocks: int = Field(default=512, ge=0)
 
     @model_validator(mode="before")
     @classmethod

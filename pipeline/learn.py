@@ -25,6 +25,11 @@ from pipeline.shard import MOMENTS, make_strategy
 from pipeline.sparsity import check_divisible
 
 
+# Soft-mask probabilities below this are exact zeros: far above float32's subnormal range (< 1.2e-38),
+# far below anything that moves the mask (1e-12 of a weight) or a logit (its gradient is scaled by p).
+PROB_FLOOR = 1e-12
+
+
 @lru_cache(maxsize=None)
 def nm_candidates(n: int, m: int) -> torch.Tensor:
     """All C(M,N) masks of one group, [C, M] bool, in lexicographic order of kept positions."""
@@ -85,6 +90,10 @@ class GumbelNMMask(nn.Module):
         u = torch.rand(self.logits.shape[:-1] + (len(self.candidates),), generator=gen, device=self.logits.device)
         gumbel = u.clamp_min_(1e-10).log_().neg_().clamp_min_(1e-10).log_().neg_()  # in place: as large as the logits
         probs = torch.softmax((self.candidate_logits() * self.kappa + gumbel) / self.tau, dim=-1)
+        # As tau anneals, the losing candidates' probabilities underflow into float32 subnormals, and
+        # x86 matmuls with subnormal operands run ~100x slower (the last steps of a run took 15x the
+        # first). Below PROB_FLOOR a candidate changes neither the mask nor, through Adam's eps, its logit.
+        probs = probs.masked_fill(probs < PROB_FLOOR, 0.0)
         return probs @ self.candidates  # [out, groups, M]: never a [groups, C, M] intermediate
 
     def hard_mask(self) -> torch.Tensor:
