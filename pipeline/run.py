@@ -31,7 +31,7 @@ from pipeline.attention import (AttentionPlan, binarize, check_plan, default_sin
 from pipeline.checkpoint import CheckpointDir
 from pipeline.config import (AttentionStage, Config, EvalStage, LearnStage, ModelConfig, OneshotStage, RetrievalStage,
                              dump_config)
-from pipeline.data import TokenStream, calibration_blocks, eval_text
+from pipeline.data import TokenStream, eval_text
 from pipeline.evaluate import Perplexity, perplexity
 from pipeline.learn import hard_mask, train_masks
 from pipeline.models import base_weight, fingerprint, load_model, load_tokenizer, prunable_linears
@@ -133,9 +133,12 @@ def oneshot_stage(cfg: Config, s: Session, st: OneshotStage, out_dir: Path) -> l
     n, m = cfg.stage_pattern(st)
     calib, data_info = None, {}
     if st.data is not None:
-        calib = calibration_blocks(cfg.data[st.data], s.tokenizer, st.n_samples, st.seqlen, cfg.seed)
+        stream = TokenStream(cfg.data[st.data], s.tokenizer, st.seqlen, cfg.seed)
+        calib = stream.next_batch(st.n_samples)
         data_info = {"corpus": st.data, "sources": [x.path for x in cfg.data[st.data].sources],
-                     "n_samples": st.n_samples, "seqlen": st.seqlen, "tokens": calib.numel()}
+                     "n_samples": st.n_samples, "seqlen": st.seqlen, "tokens": calib.numel(),
+                     "token_shares": stream.token_shares()}
+        log.info("%s: calibration on %d tokens, shares %s", st.name, calib.numel(), _shares(stream))
     log.info("%s: %s %d:%d over %d linears", st.name, st.method, n, m, len(s.linears))
     t0 = time.perf_counter()
     masks, updated = oneshot_masks(
@@ -151,7 +154,7 @@ def oneshot_stage(cfg: Config, s: Session, st: OneshotStage, out_dir: Path) -> l
     )
     log.info("%s: mask artifact written to %s (%.1f s)", st.name, artifact, seconds)
     info = {"method": st.method, "pattern": f"{n}:{m}", "seconds": round(seconds, 2),
-            "tokens": data_info.get("tokens", 0)}
+            "tokens": data_info.get("tokens", 0), "token_shares": data_info.get("token_shares")}
     if updated is None:
         return [Variant(st.name, artifact=artifact, info=info)]
     # The weight update is a baseline row only: kept in the run directory, never in an artifact.
@@ -236,6 +239,7 @@ def learn_stage(cfg: Config, s: Session, st: LearnStage, out_dir: Path, prior: P
     seconds = time.perf_counter() - t0
     if rank != 0:
         return []
+    log.info("%s: learned on %d tokens, shares %s", st.name, stream.tokens(), _shares(stream))
     masks = {k: hard_mask(v, n, m).reshape(shapes[k]) for k, v in logits.items()}
     soft = {k: v.to(getattr(torch, st.save_logits)) for k, v in logits.items()} if st.save_logits else None
     artifact = save_artifact(
@@ -243,11 +247,16 @@ def learn_stage(cfg: Config, s: Session, st: LearnStage, out_dir: Path, prior: P
         method={"name": "maskllm", "params": st.model_dump(mode="json", exclude={"stage", "name", "data"}),
                 "prior": prior_info, "seconds": round(seconds, 2), "workers": world_size,
                 "final": history[-1] if history else {}},
-        data={"corpus": st.data, "sources": [x.path for x in cfg.data[st.data].sources], "tokens": tokens},
+        data={"corpus": st.data, "sources": [x.path for x in cfg.data[st.data].sources], "tokens": tokens,
+              "token_shares": stream.token_shares()},
         config=cfg.model_dump(mode="json"), soft_logits=soft,
     )
     log.info("%s: mask artifact written to %s (%.1f s)", st.name, artifact, seconds)
     return [learned_variant(st, artifact)]
+
+
+def _shares(stream: TokenStream) -> str:
+    return ", ".join(f"{Path(k).name} {v:.1%}" for k, v in stream.token_shares().items())
 
 
 def learned_variant(st: LearnStage, artifact: Path) -> Variant:
@@ -255,7 +264,8 @@ def learned_variant(st: LearnStage, artifact: Path) -> Variant:
     manifest = read_manifest(artifact)
     method = manifest["method"]
     info = {"method": "maskllm", "pattern": manifest["pattern"], "seconds": method["seconds"],
-            "tokens": manifest["data"]["tokens"], "workers": method["workers"],
+            "tokens": manifest["data"]["tokens"], "token_shares": manifest["data"].get("token_shares"),
+            "workers": method["workers"],
             "prior": st.prior and (st.prior.stage or Path(st.prior.artifact).name)}
     return Variant(st.name, artifact=artifact, info=info)
 
