@@ -271,7 +271,10 @@ class PriorConfig(Strict):
 
     stage: str | None = None
     artifact: str | None = None
-    strength: float = Field(default=3.0, ge=0)
+    # The prior candidate's logit margin is strength · init_std. MaskLLM's 3 suits its 2B-token runs,
+    # where logits travel far past the margin; at a few hundred steps it lets Gumbel noise flip groups
+    # before the gradient has any say (docs/RESULTS.md, "The default recipe").
+    strength: float = Field(default=10.0, ge=0)
     # Start from the artifact's stored logits (its soft state) instead of the prior rule on its mask.
     soft: bool = False
 
@@ -280,6 +283,10 @@ class PriorConfig(Strict):
         if (self.stage is None) == (self.artifact is None):
             raise ValueError("prior: give exactly one of stage or artifact")
         return self
+
+
+# A learn stage's default lr is LR_MARGINS · margin / steps (see LearnStage.lr).
+LR_MARGINS = 3.0
 
 
 class LearnStage(StageBase):
@@ -293,7 +300,10 @@ class LearnStage(StageBase):
     batch_size: int = Field(default=8, gt=0)
     seqlen: int = Field(default=2048, gt=1)
     grad_accum: int = Field(default=1, gt=0)
-    lr: float = Field(default=3e-4, gt=0)
+    # Omitted: scaled to the budget so that Adam can move a logit (about lr·steps/2 under the cosine
+    # schedule) LR_MARGINS/2 times the prior's margin, strength · init_std (init_std alone without a
+    # prior): enough to flip a group whose gradient agrees step after step, too little for noise.
+    lr: float = Field(default=None, gt=0, validate_default=False)
     warmup_steps: int = Field(default=0, ge=0)
     weight_decay: float = Field(default=0.0, ge=0)
     grad_clip: float | None = Field(default=1.0, gt=0)
@@ -311,6 +321,21 @@ class LearnStage(StageBase):
     logits_dtype: Literal["float32", "bfloat16"] = "float32"
 
     _pattern = field_validator("pattern")(SparsityConfig._pattern.__func__)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _budget_scaled_lr(cls, v: Any) -> Any:
+        if isinstance(v, dict) and v.get("lr") is None:
+            try:
+                prior, steps = v.get("prior"), int(v["steps"])
+                init_std = float(v.get("init_std", 0.01))
+                strength = (prior.strength if isinstance(prior, PriorConfig) else
+                            float((prior or {}).get("strength", PriorConfig.model_fields["strength"].default)))
+                margin = init_std * (strength if prior is not None else 1.0)
+                v = {**v, "lr": float(f"{LR_MARGINS * margin / max(steps, 1):.3g}")}
+            except (KeyError, TypeError, ValueError, AttributeError):
+                pass  # the field validators report the bad key
+        return v
 
     @field_validator("tau", "kappa")
     @classmethod

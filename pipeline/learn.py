@@ -190,7 +190,7 @@ def train_masks(
         raise MaskpipeError(f"batch_size {st.batch_size} is not divisible by the {world} workers")
     device = base_weight(next(iter(linears.values()))).device
     generator = torch.Generator().manual_seed(seed)  # the initial logits only
-    mods = add_learned_masks(linears, n, m, generator, priors, st.prior.strength if st.prior else 3.0, st.init_std,
+    mods = add_learned_masks(linears, n, m, generator, priors, st.prior.strength if st.prior else 0.0, st.init_std,
                              st.logits_per_group, getattr(torch, st.logits_dtype))
     order = sorted(mods)
     if init_logits is not None:

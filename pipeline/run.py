@@ -420,6 +420,16 @@ def retrieval_table(results: dict[str, dict[str, dict]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def gap_closed(results: dict[str, dict[str, dict]], name: str, prior: str | None, corpus: str) -> float | None:
+    """(PPL prior − PPL learned) / (PPL prior − PPL dense): the share of the prior mask's perplexity gap
+    that a learned mask closes on one corpus (above 1 when it beats the dense model)."""
+    try:
+        dense, start, got = (results[k][corpus]["ppl"] for k in ("dense", prior, name))
+    except (KeyError, TypeError):
+        return None
+    return (start - got) / (start - dense) if start != dense else None
+
+
 def results_table(results: dict[str, dict[str, dict]], variants: dict[str, Variant]) -> str:
     corpora = sorted({c for r in results.values() for c in r})
     head = "| variant | " + " | ".join(f"PPL {c}" for c in corpora) + " | method | tokens seen | method time (s) |"
@@ -430,6 +440,9 @@ def results_table(results: dict[str, dict[str, dict]], variants: dict[str, Varia
         method = info.get("method", "")
         if info.get("prior"):
             method += f" from {info['prior']}"
+        closed = [gap_closed(results, name, info.get("prior"), c) for c in corpora]
+        if any(x is not None for x in closed):
+            method += " (gap closed: " + ", ".join(f"{c} {x:.0%}" for c, x in zip(corpora, closed) if x is not None) + ")"
         cells = [f"{row[c]['ppl']:.2f}" if c in row else "" for c in corpora]
         lines.append(f"| {label} | " + " | ".join(cells)
                      + f" | {method} | {info.get('tokens', '')} | {info.get('seconds', '')} |")
