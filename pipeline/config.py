@@ -206,6 +206,7 @@ class RetrievalStage(StageBase):
     passkey: PasskeyTask | None = None
     niah: NiahTask | None = None
     multikey: MultiKeyTask | None = None
+    batch_size: int | None = Field(default=None, gt=0)  # prompts decoded together; None: all of a length
     dense: bool = True
     masks: list[str] | Literal["all"] = "all"  # names of earlier stages whose artifacts to evaluate
 
@@ -351,6 +352,32 @@ class WorkersConfig(Strict):
         return self
 
 
+class WandbConfig(Strict):
+    """Weights & Biases (`pip install 'maskpipe[wandb]'`); credentials from `wandb login` or WANDB_API_KEY."""
+
+    project: str
+    entity: str | None = None
+    name: str | None = None  # default: the run directory's name
+    mode: Literal["online", "offline", "disabled"] | None = None  # default: WANDB_MODE, else online
+    tags: list[str] = []
+
+
+class MLflowConfig(Strict):
+    """MLflow (`pip install 'maskpipe[mlflow]'`): a server URL or a local `file:` store."""
+
+    tracking_uri: str | None = None  # default: MLFLOW_TRACKING_URI, else MLflow's own default
+    experiment: str = "maskpipe"
+    run_name: str | None = None  # default: the run directory's name
+
+
+class LoggingConfig(Strict):
+    """Where learning metrics go besides `metrics.jsonl` (always written): see `pipeline.loggers`."""
+
+    tensorboard: bool = False
+    wandb: WandbConfig | None = None
+    mlflow: MLflowConfig | None = None
+
+
 Stage = Annotated[Union[OneshotStage, LearnStage, EvalStage, RetrievalStage, AttentionStage],
                   Field(discriminator="stage")]
 STAGE_KINDS = ("oneshot", "learn", "eval", "retrieval", "attention")
@@ -375,7 +402,8 @@ class Config(Strict):
     data: dict[str, DataConfig] = {}
     stages: list[Stage] = Field(min_length=1)
     workers: WorkersConfig = WorkersConfig()
-    tensorboard: bool = False  # also write learning metrics as TensorBoard events under the run directory
+    tensorboard: bool = False  # the same as logging.tensorboard (kept for configs that say it here)
+    logging: LoggingConfig = LoggingConfig()
 
     @model_validator(mode="before")
     @classmethod
@@ -387,6 +415,14 @@ class Config(Strict):
                     s = {**s, "name": s.get("method") or s.get("stage")}
                 stages.append(s)
             v = {**v, "stages": stages}
+        return v
+
+    @model_validator(mode="before")
+    @classmethod
+    def _tensorboard(cls, v: Any) -> Any:
+        # One home for the choice: a top-level `tensorboard: true` is `logging.tensorboard: true`.
+        if isinstance(v, dict) and v.get("tensorboard") is True and isinstance(v.get("logging", {}), dict):
+            v = {**v, "logging": {**(v.get("logging") or {}), "tensorboard": True}}
         return v
 
     @model_validator(mode="after")

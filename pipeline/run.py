@@ -34,6 +34,7 @@ from pipeline.config import (AttentionStage, Config, EvalStage, LearnStage, Mode
 from pipeline.data import TokenStream, calibration_blocks, eval_text
 from pipeline.evaluate import Perplexity, perplexity
 from pipeline.learn import hard_mask, train_masks
+from pipeline.loggers import MetricsLog, log_results, read_metrics, require  # noqa: F401 (read_metrics: jobs.submit)
 from pipeline.models import base_weight, fingerprint, load_model, load_tokenizer, prunable_linears
 from pipeline.oneshot import oneshot_masks
 from pipeline.plan import model_shape, plan_report
@@ -162,39 +163,6 @@ def oneshot_stage(cfg: Config, s: Session, st: OneshotStage, out_dir: Path) -> l
                 "baseline row, and the artifact holds only the mask", st.name)
     return [Variant(st.name, artifact=artifact, updated_weights=weights,
                     info={**info, "weight_update": True, "note": "weights updated: not a mask over frozen weights"})]
-
-
-class MetricsLog:
-    """A learning stage's `on_log`: the run log, `metrics.jsonl` and, if asked, TensorBoard events.
-    On a resume, lines past the checkpoint's step are dropped: the resumed run logs them again."""
-
-    def __init__(self, run_dir: Path, stage: str, tensorboard: bool = False):
-        self.path, self.stage = run_dir / "metrics.jsonl", stage
-        self.writer = None
-        if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.writer = SummaryWriter(str(run_dir / "tensorboard" / stage))
-
-    def __call__(self, entry: dict) -> None:
-        log.info("%s: %s", self.stage, " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                                                for k, v in entry.items()))
-        if "resumed_from_step" in entry:
-            keep = [line for line in read_metrics(self.path)
-                    if line["stage"] != self.stage or line["step"] <= entry["resumed_from_step"]]
-            write_text(self.path, "".join(json.dumps(line) + "\n" for line in keep))
-            return
-        with self.path.open("a") as f:
-            f.write(json.dumps({"stage": self.stage, **entry}) + "\n")
-        if self.writer is not None:
-            for k, v in entry.items():
-                if k != "step":
-                    self.writer.add_scalar(f"{self.stage}/{k}", v, entry["step"])
-            self.writer.flush()
-
-
-def read_metrics(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line] if path.exists() else []
 
 
 def learn_stage(cfg: Config, s: Session, st: LearnStage, out_dir: Path, prior: Path | None, store, on_log,
@@ -374,7 +342,8 @@ def retrieval_stage(cfg: Config, s: Session, st: RetrievalStage, variants: list[
         records = {}
         with s.running(v) as model:
             for task, (samples, by) in tasks.items():
-                records[task] = score(model, s.tokenizer, samples, desc=f"{v.name}/{task}")
+                records[task] = score(model, s.tokenizer, samples, desc=f"{v.name}/{task}",
+                                      batch_size=st.batch_size)
                 results[v.name][task] = {**accuracy(records[task]), **accuracy(records[task], by)}
                 log.info("%s: %s %s: exact match %.3f over %d samples", st.name, v.name, task,
                          results[v.name][task]["acc"], len(samples))
@@ -473,13 +442,19 @@ class LocalBackend:
 
     def learn(self, cfg: Config, st: LearnStage, run_dir: Path, prior: Path | None) -> list[Variant]:
         store = CheckpointDir(run_dir / "checkpoints" / st.name, st.keep_checkpoints)
-        return learn_stage(cfg, self.session(cfg), st, run_dir / "artifacts", prior, store,
-                           MetricsLog(run_dir, st.name, cfg.tensorboard))
+        metrics = MetricsLog(run_dir, st.name, cfg.logging, config=cfg.model_dump(mode="json"))
+        try:
+            return learn_stage(cfg, self.session(cfg), st, run_dir / "artifacts", prior, store, metrics)
+        finally:
+            metrics.close()
 
     def attention(self, cfg: Config, st: AttentionStage, run_dir: Path, variants: dict[str, Variant]) -> list[Variant]:
         store = CheckpointDir(run_dir / "checkpoints" / st.name, st.keep_checkpoints)
-        return attention_stage(cfg, self.session(cfg), st, run_dir / "artifacts", store,
-                               MetricsLog(run_dir, st.name, cfg.tensorboard), variants)
+        metrics = MetricsLog(run_dir, st.name, cfg.logging, config=cfg.model_dump(mode="json"))
+        try:
+            return attention_stage(cfg, self.session(cfg), st, run_dir / "artifacts", store, metrics, variants)
+        finally:
+            metrics.close()
 
     def evaluate(self, cfg: Config, st: EvalStage, run_dir: Path, variants: list[Variant]) -> dict[str, dict[str, dict]]:
         return eval_stage(cfg, self.session(cfg), st, variants)
@@ -494,6 +469,7 @@ def run(cfg: Config, run_dir: Path | None = None, backend=None) -> Path:
 
     Given the directory of an interrupted run of the same config, it resumes: finished stages are
     skipped and a learning stage continues from its latest checkpoint."""
+    require(cfg.logging)
     backend = backend or LocalBackend()
     run_dir = Path(run_dir or new_run_dir(cfg))
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -552,4 +528,5 @@ def run(cfg: Config, run_dir: Path | None = None, backend=None) -> Path:
         finally:
             status["finished"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
             write_json(run_dir / "status.json", status)
+            log_results(run_dir, cfg.logging, results, status["status"])
     return run_dir
