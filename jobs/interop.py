@@ -47,6 +47,33 @@ def cmd_export(a) -> None:
     print(f"{a.artifact}: exported as {a.format} to {out}")
 
 
+def cmd_lm_eval(a) -> None:
+    from jobs.cli import _model_cfg
+    from pipeline.artifacts import write_json, write_text
+    from pipeline.config import config_from_dict
+    from pipeline.run import Session, Variant
+    from pipeline.zeroshot import check_tasks, lm_eval_stage, zeroshot_table
+
+    stage = {"stage": "lm_eval", "name": "lm_eval", "tasks": a.tasks, "include_path": a.include_path,
+             "num_fewshot": a.num_fewshot, "batch_size": a.batch_size,
+             "limit": int(a.limit) if a.limit is not None and a.limit >= 1 else a.limit}
+    cfg = config_from_dict({"name": "lm-eval", "seed": a.seed, "model": _model_cfg(a), "stages": [stage]},
+                           "command line")
+    st = cfg.stages[0]
+    for p in a.masks:
+        if not Path(p).is_dir():
+            raise MaskpipeError(f"--masks: {p}: no such artifact directory")
+    check_tasks(st.tasks, st.include_path, ("--tasks", "--include-path"))  # before the model loads
+    variants = [Variant("dense")] if a.dense or not a.masks else []
+    variants += [Variant(Path(p).name, artifact=Path(p)) for p in a.masks]
+    results = lm_eval_stage(cfg, Session(cfg.model), st, variants)
+    table = zeroshot_table(results)
+    print(table)
+    write_json(Path(a.out) / "results.json", {"lm_eval": results})
+    write_text(Path(a.out) / "results.md", table)
+    print(f"results.json and results.md in {a.out}")
+
+
 def add_interop_commands(sub, model_args) -> None:
     """The `import` and `export` subcommands; `model_args` adds --model, --dtype, ... (from jobs.cli)."""
     imp = sub.add_parser("import", help="a maskpipe artifact from a published MaskLLM mask or DuoAttention plan")
@@ -78,3 +105,19 @@ def add_interop_commands(sub, model_args) -> None:
     eduo.add_argument("--out", required=True, help="the directory to write")
     for p in (eml, eduo):
         p.set_defaults(fn=cmd_export)
+
+    from pipeline.zeroshot import DEFAULT_TASKS
+
+    le = sub.add_parser("lm-eval", help="zero-shot task accuracy (lm-evaluation-harness) of a model, dense and/or "
+                                        "masked; needs the [lm-eval] extra")
+    model_args(le)
+    le.add_argument("--masks", nargs="*", default=[], help="artifacts to evaluate (N:M masks and/or attention plans)")
+    le.add_argument("--dense", action="store_true", help="also evaluate the dense model when --masks is given")
+    le.add_argument("--tasks", nargs="+", default=DEFAULT_TASKS, help=f"lm-eval tasks (default: {' '.join(DEFAULT_TASKS)})")
+    le.add_argument("--include-path", default=None, help="a folder of task YAMLs, e.g. configs/lm_eval")
+    le.add_argument("--num-fewshot", type=int, default=0)
+    le.add_argument("--limit", type=float, default=None, help="documents per task (a fraction if < 1)")
+    le.add_argument("--batch-size", type=int, default=8)
+    le.add_argument("--seed", type=int, default=0)
+    le.add_argument("--out", required=True, help="directory for results.json and results.md")
+    le.set_defaults(fn=cmd_lm_eval)

@@ -14,6 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pipeline import MaskpipeError
+from pipeline.zeroshot import DEFAULT_TASKS
 
 
 class ConfigError(MaskpipeError):
@@ -217,6 +218,20 @@ class RetrievalStage(StageBase):
         return self
 
 
+class LmEvalStage(StageBase):
+    """Zero-/few-shot task accuracy of every variant through lm-evaluation-harness (`pipeline.zeroshot`)."""
+
+    stage: Literal["lm_eval"]
+    tasks: list[str] = Field(default=DEFAULT_TASKS, min_length=1)  # lm-eval task (or group) names
+    include_path: str | None = None  # a folder of task YAMLs to add to lm-eval's registry
+    num_fewshot: int | None = Field(default=0, ge=0)  # None: each task's own default
+    limit: int | float | None = Field(default=None, gt=0)  # documents per task (a fraction if < 1); None: all
+    batch_size: int = Field(default=8, gt=0)
+    bootstrap_iters: int = Field(default=1000, ge=0)  # for the standard errors; 0 skips them
+    dense: bool = True
+    masks: list[str] | Literal["all"] = "all"  # names of earlier stages whose artifacts to evaluate
+
+
 class AttentionStage(StageBase):
     """A per-head attention plan: `learned` gates (DuoAttention) binarised at a target fraction of
     streaming KV heads (or a gate threshold), or a `random` plan with the same budget."""
@@ -378,9 +393,9 @@ class LoggingConfig(Strict):
     mlflow: MLflowConfig | None = None
 
 
-Stage = Annotated[Union[OneshotStage, LearnStage, EvalStage, RetrievalStage, AttentionStage],
+Stage = Annotated[Union[OneshotStage, LearnStage, EvalStage, RetrievalStage, AttentionStage, LmEvalStage],
                   Field(discriminator="stage")]
-STAGE_KINDS = ("oneshot", "learn", "eval", "retrieval", "attention")
+STAGE_KINDS = ("oneshot", "learn", "eval", "retrieval", "attention", "lm_eval")
 
 
 def data_refs(st) -> dict[str, str]:
@@ -390,6 +405,8 @@ def data_refs(st) -> dict[str, str]:
     if isinstance(st, RetrievalStage):
         return {f"{task}.data": getattr(st, task).data for task in ("niah", "multikey")
                 if getattr(st, task) is not None and getattr(st, task).data is not None}
+    if isinstance(st, LmEvalStage):
+        return {}  # lm-eval tasks bring their own data
     return {"data": st.data} if st.data is not None else {}
 
 
@@ -446,7 +463,7 @@ class Config(Strict):
                     ref = getattr(st, key)
                     if ref is not None and ref not in seen:
                         raise _KeyError(f"{where}.{key}", f"no earlier stage named {ref!r}")
-            if isinstance(st, (EvalStage, RetrievalStage)) and st.masks != "all":
+            if isinstance(st, (EvalStage, RetrievalStage, LmEvalStage)) and st.masks != "all":
                 for ref in st.masks:
                     if ref not in seen:
                         raise _KeyError(f"{where}.masks", f"no earlier stage named {ref!r}")

@@ -29,8 +29,8 @@ from pipeline.artifacts import (check_compatible, check_disjoint, load_artifact,
 from pipeline.attention import (AttentionPlan, binarize, check_plan, default_sink_window, kv_heads, moa_windows,
                                 plan_cost, planned, random_scores, train_gates, uniform_plan)
 from pipeline.checkpoint import CheckpointDir
-from pipeline.config import (AttentionStage, Config, EvalStage, LearnStage, ModelConfig, OneshotStage, RetrievalStage,
-                             dump_config)
+from pipeline.config import (AttentionStage, Config, EvalStage, LearnStage, LmEvalStage, ModelConfig, OneshotStage,
+                             RetrievalStage, dump_config)
 from pipeline.data import TokenStream, calibration_blocks, eval_text
 from pipeline.evaluate import Perplexity, perplexity
 from pipeline.learn import hard_mask, train_masks
@@ -41,6 +41,7 @@ from pipeline.plan import model_shape, plan_report
 from pipeline.retrieval import (accuracy, multikey_samples, niah_heatmap, niah_samples, passkey_samples, score,
                                 split_sentences)
 from pipeline.sparsity import masked
+from pipeline.zeroshot import check_tasks, lm_eval_stage, zeroshot_table
 
 log = logging.getLogger("maskpipe")
 
@@ -462,6 +463,9 @@ class LocalBackend:
     def retrieval(self, cfg: Config, st: RetrievalStage, run_dir: Path, variants: list[Variant]) -> dict[str, dict]:
         return retrieval_stage(cfg, self.session(cfg), st, variants, run_dir / "retrieval")
 
+    def lm_eval(self, cfg: Config, st: LmEvalStage, run_dir: Path, variants: list[Variant]) -> dict[str, dict]:
+        return lm_eval_stage(cfg, self.session(cfg), st, variants)
+
 
 def run(cfg: Config, run_dir: Path | None = None, backend=None) -> Path:
     """Run every stage of `cfg` in order with `backend` (default: `LocalBackend`); returns the run
@@ -484,10 +488,14 @@ def run(cfg: Config, run_dir: Path | None = None, backend=None) -> Path:
     results: dict[str, Any] = (json.loads(results_file.read_text()) if results_file.exists()
                                else {"stages": {}, "perplexity": {}, "retrieval": {}, "done": []})
     results.setdefault("retrieval", {})  # a run directory from before retrieval stages existed
+    results.setdefault("lm_eval", {})
     variants: dict[str, Variant] = {"dense": Variant("dense")}
     variants |= {name: Variant.from_record(name, rec) for name, rec in results["stages"].items()}
     with logs_to(run_dir):
         try:
+            for i, st in enumerate(cfg.stages):  # lm-eval tasks and their data, before any model work
+                if isinstance(st, LmEvalStage) and st.name not in results["done"]:
+                    check_tasks(st.tasks, st.include_path, (f"stages.{i}.tasks", f"stages.{i}.include_path"))
             for st in cfg.stages:
                 if st.name in results["done"]:
                     log.info("%s: already done in %s, skipped", st.name, run_dir)
@@ -507,6 +515,8 @@ def run(cfg: Config, run_dir: Path | None = None, backend=None) -> Path:
                     chosen = ([variants["dense"]] if st.dense else []) + chosen
                     if isinstance(st, EvalStage):
                         results["perplexity"].update(backend.evaluate(cfg, st, run_dir, chosen))
+                    elif isinstance(st, LmEvalStage):
+                        results["lm_eval"].update(backend.lm_eval(cfg, st, run_dir, chosen))
                     else:
                         results["retrieval"].update(backend.retrieval(cfg, st, run_dir, chosen))
                 for v in new:
@@ -515,7 +525,8 @@ def run(cfg: Config, run_dir: Path | None = None, backend=None) -> Path:
                 results["done"].append(st.name)
                 write_json(results_file, results)
             tables = ([results_table(results["perplexity"], variants)] if results["perplexity"] else []) + (
-                [retrieval_table(results["retrieval"])] if results["retrieval"] else [])
+                [retrieval_table(results["retrieval"])] if results["retrieval"] else []) + (
+                [zeroshot_table(results["lm_eval"])] if results["lm_eval"] else [])
             if tables:
                 write_text(run_dir / "results.md", "\n".join(tables))
             status["status"] = "completed"
