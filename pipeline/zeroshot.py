@@ -58,14 +58,12 @@ def check_tasks(tasks: list[str], include_path: str | None, keys: tuple[str, str
     if include_path is not None and not Path(include_path).is_dir():
         raise MaskpipeError(f"{path_key}: {include_path}: no such directory")
     tm = task_manager(include_path)
-    from lm_eval.tasks import get_task_dict
-
     for task in tasks:
         if task not in tm.all_tasks:
             hint = f" or under {include_path}" if include_path else " (add a folder of task YAMLs with include_path)"
             raise MaskpipeError(f"{where}: {task}: no such lm-eval task in its registry{hint}")
         try:
-            get_task_dict([task], tm)  # builds the task, which downloads (or reads) its dataset
+            tm.load([task])  # builds the task, which downloads (or reads) its dataset
         except Exception as e:  # datasets raises many kinds; all mean the same thing to the user
             first = str(e).strip().splitlines()[0] if str(e).strip() else ""
             raise MaskpipeError(f"{where}: {task}: its data cannot be loaded ({type(e).__name__}: {first})") from None
