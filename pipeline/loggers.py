@@ -197,10 +197,13 @@ class MetricsLog:
         if "resumed_from_step" in entry:
             self.jsonl.rewind(self.stage, entry["resumed_from_step"])
             return
-        metrics = {k: v for k, v in entry.items() if k != "step" and isinstance(v, (int, float))
-                   and not (isinstance(v, float) and math.isnan(v))}
-        for logger in self.loggers:
-            logger.log(self.stage, entry["step"], metrics)
+        rest = {k: v for k, v in entry.items() if k != "step"}
+        self.jsonl.log(self.stage, entry["step"], rest)  # the whole entry, as it came
+        # trackers take numbers only, and W&B / MLflow reject NaN
+        numbers = {k: v for k, v in rest.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+                   and not math.isnan(v)}
+        for logger in self.loggers[1:]:
+            logger.log(self.stage, entry["step"], numbers)
 
     def close(self) -> None:
         for logger in self.loggers:

@@ -19,6 +19,7 @@ metric names are lm-eval's, with its filter appended when it is not "none" (`exa
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Any
 
@@ -40,12 +41,23 @@ def _lm_eval():
     return lm_eval
 
 
-def task_manager(include_path: str | None):
-    """lm-eval's task registry, with the task YAMLs under `include_path` added."""
+@functools.lru_cache(maxsize=8)
+def task_manager(include_path: str | None, include_defaults: bool = True):
+    """lm-eval's task registry, with the task YAMLs under `include_path` added (indexing lm-eval's own
+    thousands of task YAMLs takes tens of seconds on a slow CPU, hence the cache and `include_defaults`)."""
     _lm_eval()
     from lm_eval.tasks import TaskManager
 
-    return TaskManager(include_path=include_path)
+    return TaskManager(include_path=include_path, include_defaults=include_defaults)
+
+
+def _registry(tasks: list[str], include_path: str | None):
+    """The include path alone when it defines every task, else it and lm-eval's own tasks."""
+    if include_path is not None:
+        local = task_manager(include_path, include_defaults=False)
+        if all(t in local.all_tasks for t in tasks):
+            return local
+    return task_manager(include_path)
 
 
 def check_tasks(tasks: list[str], include_path: str | None, keys: tuple[str, str] = ("tasks", "include_path")):
@@ -57,7 +69,7 @@ def check_tasks(tasks: list[str], include_path: str | None, keys: tuple[str, str
     where, path_key = keys
     if include_path is not None and not Path(include_path).is_dir():
         raise MaskpipeError(f"{path_key}: {include_path}: no such directory")
-    tm = task_manager(include_path)
+    tm = _registry(list(tasks), include_path)
     for task in tasks:
         if task not in tm.all_tasks:
             hint = f" or under {include_path}" if include_path else " (add a folder of task YAMLs with include_path)"
