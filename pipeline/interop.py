@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from pipeline import MaskpipeError
-from pipeline.artifacts import load_artifact, read_manifest, save_artifact, write_text
+from pipeline.artifacts import atomic_dir, load_artifact, read_manifest, save_artifact
 from pipeline.attention import AttentionPlan, kv_heads
 from pipeline.config import parse_pattern
 from pipeline.models import base_weight
@@ -246,13 +246,12 @@ def export_duo_attention(artifact: str | Path, out: str | Path) -> Path:
     learned = not bool(plan.gate.isnan().any())
     gates = plan.gate.double() if learned else (~plan.streaming).double()
     rows = "".join("\t".join(repr(round(float(g), 6)) for g in row) + "\n" for row in gates.tolist())
-    out = Path(out)
-    write_text(out / DUO_GATES, rows)
-    write_text(out / DUO_CONFIG, json.dumps({"sink_size": sinks.pop(), "recent_size": windows.pop(),
-                                             "streaming_fraction": plan.streaming_fraction(),
-                                             "gates": "learned" if learned else "binary (plan had no gates)",
-                                             "source": str(artifact)}, indent=2) + "\n")
-    return out
+    config = {"sink_size": sinks.pop(), "recent_size": windows.pop(), "streaming_fraction": plan.streaming_fraction(),
+              "gates": "learned" if learned else "binary (plan had no gates)", "source": str(artifact)}
+    with atomic_dir(out, replaces=DUO_GATES) as tmp:  # both files or neither; never over another directory
+        (tmp / DUO_GATES).write_text(rows)
+        (tmp / DUO_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+    return Path(out)
 
 
 def _file_sha256(path: Path) -> str:

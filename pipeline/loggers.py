@@ -169,7 +169,7 @@ class MLflowLogger:
         pass
 
 
-def trackers(run_dir: Path, cfg, config: dict | None = None) -> list:
+def trackers(run_dir: Path, cfg, config: dict | None = None) -> list[MetricLogger]:
     """The W&B / MLflow loggers that `cfg` (a `LoggingConfig`) asks for."""
     out = []
     if cfg is not None and cfg.wandb is not None:
@@ -188,7 +188,7 @@ class MetricsLog:
         self.stage = stage
         self.jsonl = JsonlLogger(run_dir)
         tb = tensorboard or (logging_cfg if isinstance(logging_cfg, bool) else logging_cfg.tensorboard)
-        self.loggers: list = [self.jsonl] + ([TensorBoardLogger(run_dir, stage)] if tb else [])
+        self.loggers: list[MetricLogger] = [self.jsonl] + ([TensorBoardLogger(run_dir, stage)] if tb else [])
         self.loggers += trackers(run_dir, None if isinstance(logging_cfg, bool) else logging_cfg, config)
 
     def __call__(self, entry: dict) -> None:
