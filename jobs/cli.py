@@ -14,6 +14,7 @@ import signal
 import sys
 from pathlib import Path
 
+from jobs.interop import add_interop_commands
 from jobs.submit import add_job_commands
 from pipeline import MaskpipeError
 
@@ -308,6 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="upload the folder to this Hub model repo (token from HF_TOKEN or a saved login)")
     pb.add_argument("--dry-run", action="store_true", help="with --push: list what would be uploaded, upload nothing")
     pb.set_defaults(fn=cmd_publish)
+    add_interop_commands(sub, _model_args)
     return p
 
 

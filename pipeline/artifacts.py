@@ -307,9 +307,11 @@ def check_disjoint(manifests: list[tuple[str, dict[str, Any]]]) -> None:
 @torch.no_grad()
 def materialize(model: nn.Module, tokenizer, linears: dict[str, nn.Linear], masks: dict[str, torch.Tensor],
                 out: str | Path, provenance: dict[str, Any], patterns: dict[str, str]) -> Path:
-    """Write a model directory that `transformers` loads, with weights ⊙ mask (dense storage, as
-    llm-compressor saves 2:4 models). `config.json` records the sparsity under `maskpipe_sparsity`
-    (`patterns`: layer -> N:M); `maskpipe.json` holds `provenance`.
+    """Write a model directory that `transformers` loads, with weights ⊙ mask: plain dense safetensors
+    with zeros, not a compressed-tensors checkpoint (no `quantization_config`, so vLLM and llm-compressor
+    see an ordinary dense model). `config.json` records the sparsity under `maskpipe_sparsity`
+    (`patterns`: layer -> N:M; field names borrowed from compressed-tensors' sparsity config, which no
+    loader reads from there); `maskpipe.json` holds `provenance`.
 
     This multiplies the in-memory weights of `model`: call it on a model loaded for the export."""
     for name, mask in masks.items():

@@ -14,6 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pipeline import MaskpipeError
+from pipeline.zeroshot import DEFAULT_TASKS
 
 
 class ConfigError(MaskpipeError):
@@ -209,6 +210,7 @@ class RetrievalStage(StageBase):
     passkey: PasskeyTask | None = None
     niah: NiahTask | None = None
     multikey: MultiKeyTask | None = None
+    batch_size: int | None = Field(default=None, gt=0)  # prompts decoded together; None: all of a length
     dense: bool = True
     masks: list[str] | Literal["all"] = "all"  # names of earlier stages whose artifacts to evaluate
 
@@ -217,6 +219,20 @@ class RetrievalStage(StageBase):
         if self.passkey is None and self.niah is None and self.multikey is None:
             raise ValueError("passkey: give at least one of passkey, niah, multikey")
         return self
+
+
+class LmEvalStage(StageBase):
+    """Zero-/few-shot task accuracy of every variant through lm-evaluation-harness (`pipeline.zeroshot`)."""
+
+    stage: Literal["lm_eval"]
+    tasks: list[str] = Field(default=DEFAULT_TASKS, min_length=1)  # lm-eval task (or group) names
+    include_path: str | None = None  # a folder of task YAMLs to add to lm-eval's registry
+    num_fewshot: int | None = Field(default=0, ge=0)  # None: each task's own default
+    limit: int | float | None = Field(default=None, gt=0)  # documents per task (a fraction if < 1); None: all
+    batch_size: int = Field(default=8, gt=0)
+    bootstrap_iters: int = Field(default=1000, ge=0)  # for the standard errors; 0 skips them
+    dense: bool = True
+    masks: list[str] | Literal["all"] = "all"  # names of earlier stages whose artifacts to evaluate
 
 
 class AttentionStage(StageBase):
@@ -379,9 +395,35 @@ class WorkersConfig(Strict):
         return self
 
 
-Stage = Annotated[Union[OneshotStage, LearnStage, EvalStage, RetrievalStage, AttentionStage],
+class WandbConfig(Strict):
+    """Weights & Biases (`pip install 'maskpipe[wandb]'`); credentials from `wandb login` or WANDB_API_KEY."""
+
+    project: str
+    entity: str | None = None
+    name: str | None = None  # default: the run directory's name
+    mode: Literal["online", "offline", "disabled"] | None = None  # default: WANDB_MODE, else online
+    tags: list[str] = []
+
+
+class MLflowConfig(Strict):
+    """MLflow (`pip install 'maskpipe[mlflow]'`): a server URL or a local `file:` store."""
+
+    tracking_uri: str | None = None  # default: MLFLOW_TRACKING_URI, else MLflow's own default
+    experiment: str = "maskpipe"
+    run_name: str | None = None  # default: the run directory's name
+
+
+class LoggingConfig(Strict):
+    """Where learning metrics go besides `metrics.jsonl` (always written): see `pipeline.loggers`."""
+
+    tensorboard: bool = False
+    wandb: WandbConfig | None = None
+    mlflow: MLflowConfig | None = None
+
+
+Stage = Annotated[Union[OneshotStage, LearnStage, EvalStage, RetrievalStage, AttentionStage, LmEvalStage],
                   Field(discriminator="stage")]
-STAGE_KINDS = ("oneshot", "learn", "eval", "retrieval", "attention")
+STAGE_KINDS = ("oneshot", "learn", "eval", "retrieval", "attention", "lm_eval")
 
 
 def data_refs(st) -> dict[str, str]:
@@ -391,6 +433,8 @@ def data_refs(st) -> dict[str, str]:
     if isinstance(st, RetrievalStage):
         return {f"{task}.data": getattr(st, task).data for task in ("niah", "multikey")
                 if getattr(st, task) is not None and getattr(st, task).data is not None}
+    if isinstance(st, LmEvalStage):
+        return {}  # lm-eval tasks bring their own data
     return {"data": st.data} if st.data is not None else {}
 
 
@@ -403,7 +447,8 @@ class Config(Strict):
     data: dict[str, DataConfig] = {}
     stages: list[Stage] = Field(min_length=1)
     workers: WorkersConfig = WorkersConfig()
-    tensorboard: bool = False  # also write learning metrics as TensorBoard events under the run directory
+    tensorboard: bool = False  # the same as logging.tensorboard (kept for configs that say it here)
+    logging: LoggingConfig = LoggingConfig()
 
     @model_validator(mode="before")
     @classmethod
@@ -415,6 +460,14 @@ class Config(Strict):
                     s = {**s, "name": s.get("method") or s.get("stage")}
                 stages.append(s)
             v = {**v, "stages": stages}
+        return v
+
+    @model_validator(mode="before")
+    @classmethod
+    def _tensorboard(cls, v: Any) -> Any:
+        # One home for the choice: a top-level `tensorboard: true` is `logging.tensorboard: true`.
+        if isinstance(v, dict) and v.get("tensorboard") is True and isinstance(v.get("logging", {}), dict):
+            v = {**v, "logging": {**(v.get("logging") or {}), "tensorboard": True}}
         return v
 
     @model_validator(mode="after")
@@ -438,7 +491,7 @@ class Config(Strict):
                     ref = getattr(st, key)
                     if ref is not None and ref not in seen:
                         raise _KeyError(f"{where}.{key}", f"no earlier stage named {ref!r}")
-            if isinstance(st, (EvalStage, RetrievalStage)) and st.masks != "all":
+            if isinstance(st, (EvalStage, RetrievalStage, LmEvalStage)) and st.masks != "all":
                 for ref in st.masks:
                     if ref not in seen:
                         raise _KeyError(f"{where}.masks", f"no earlier stage named {ref!r}")

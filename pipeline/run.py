@@ -29,17 +29,19 @@ from pipeline.artifacts import (check_compatible, check_disjoint, load_artifact,
 from pipeline.attention import (AttentionPlan, binarize, check_plan, default_sink_window, kv_heads, moa_windows,
                                 plan_cost, planned, random_scores, train_gates, uniform_plan)
 from pipeline.checkpoint import CheckpointDir
-from pipeline.config import (AttentionStage, Config, EvalStage, LearnStage, ModelConfig, OneshotStage, RetrievalStage,
-                             dump_config)
+from pipeline.config import (AttentionStage, Config, EvalStage, LearnStage, LmEvalStage, ModelConfig, OneshotStage,
+                             RetrievalStage, dump_config)
 from pipeline.data import TokenStream, eval_text
 from pipeline.evaluate import Perplexity, perplexity
 from pipeline.learn import hard_mask, train_masks
+from pipeline.loggers import MetricsLog, log_results, read_metrics, require  # noqa: F401 (read_metrics: jobs.submit)
 from pipeline.models import base_weight, fingerprint, load_model, load_tokenizer, prunable_linears
 from pipeline.oneshot import oneshot_masks
 from pipeline.plan import model_shape, plan_report
 from pipeline.retrieval import (accuracy, multikey_samples, niah_heatmap, niah_samples, passkey_samples, score,
                                 split_sentences)
 from pipeline.sparsity import masked
+from pipeline.zeroshot import check_tasks, lm_eval_stage, zeroshot_table
 
 log = logging.getLogger("maskpipe")
 
@@ -165,39 +167,6 @@ def oneshot_stage(cfg: Config, s: Session, st: OneshotStage, out_dir: Path) -> l
                 "baseline row, and the artifact holds only the mask", st.name)
     return [Variant(st.name, artifact=artifact, updated_weights=weights,
                     info={**info, "weight_update": True, "note": "weights updated: not a mask over frozen weights"})]
-
-
-class MetricsLog:
-    """A learning stage's `on_log`: the run log, `metrics.jsonl` and, if asked, TensorBoard events.
-    On a resume, lines past the checkpoint's step are dropped: the resumed run logs them again."""
-
-    def __init__(self, run_dir: Path, stage: str, tensorboard: bool = False):
-        self.path, self.stage = run_dir / "metrics.jsonl", stage
-        self.writer = None
-        if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.writer = SummaryWriter(str(run_dir / "tensorboard" / stage))
-
-    def __call__(self, entry: dict) -> None:
-        log.info("%s: %s", self.stage, " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                                                for k, v in entry.items()))
-        if "resumed_from_step" in entry:
-            keep = [line for line in read_metrics(self.path)
-                    if line["stage"] != self.stage or line["step"] <= entry["resumed_from_step"]]
-            write_text(self.path, "".join(json.dumps(line) + "\n" for line in keep))
-            return
-        with self.path.open("a") as f:
-            f.write(json.dumps({"stage": self.stage, **entry}) + "\n")
-        if self.writer is not None:
-            for k, v in entry.items():
-                if k != "step":
-                    self.writer.add_scalar(f"{self.stage}/{k}", v, entry["step"])
-            self.writer.flush()
-
-
-def read_metrics(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line] if path.exists() else []
 
 
 def learn_stage(cfg: Config, s: Session, st: LearnStage, out_dir: Path, prior: Path | None, store, on_log,
@@ -384,7 +353,8 @@ def retrieval_stage(cfg: Config, s: Session, st: RetrievalStage, variants: list[
         records = {}
         with s.running(v) as model:
             for task, (samples, by) in tasks.items():
-                records[task] = score(model, s.tokenizer, samples, desc=f"{v.name}/{task}")
+                records[task] = score(model, s.tokenizer, samples, desc=f"{v.name}/{task}",
+                                      batch_size=st.batch_size)
                 results[v.name][task] = {**accuracy(records[task]), **accuracy(records[task], by)}
                 log.info("%s: %s %s: exact match %.3f over %d samples", st.name, v.name, task,
                          results[v.name][task]["acc"], len(samples))
@@ -496,19 +466,28 @@ class LocalBackend:
 
     def learn(self, cfg: Config, st: LearnStage, run_dir: Path, prior: Path | None) -> list[Variant]:
         store = CheckpointDir(run_dir / "checkpoints" / st.name, st.keep_checkpoints)
-        return learn_stage(cfg, self.session(cfg), st, run_dir / "artifacts", prior, store,
-                           MetricsLog(run_dir, st.name, cfg.tensorboard))
+        metrics = MetricsLog(run_dir, st.name, cfg.logging, config=cfg.model_dump(mode="json"))
+        try:
+            return learn_stage(cfg, self.session(cfg), st, run_dir / "artifacts", prior, store, metrics)
+        finally:
+            metrics.close()
 
     def attention(self, cfg: Config, st: AttentionStage, run_dir: Path, variants: dict[str, Variant]) -> list[Variant]:
         store = CheckpointDir(run_dir / "checkpoints" / st.name, st.keep_checkpoints)
-        return attention_stage(cfg, self.session(cfg), st, run_dir / "artifacts", store,
-                               MetricsLog(run_dir, st.name, cfg.tensorboard), variants)
+        metrics = MetricsLog(run_dir, st.name, cfg.logging, config=cfg.model_dump(mode="json"))
+        try:
+            return attention_stage(cfg, self.session(cfg), st, run_dir / "artifacts", store, metrics, variants)
+        finally:
+            metrics.close()
 
     def evaluate(self, cfg: Config, st: EvalStage, run_dir: Path, variants: list[Variant]) -> dict[str, dict[str, dict]]:
         return eval_stage(cfg, self.session(cfg), st, variants)
 
     def retrieval(self, cfg: Config, st: RetrievalStage, run_dir: Path, variants: list[Variant]) -> dict[str, dict]:
         return retrieval_stage(cfg, self.session(cfg), st, variants, run_dir / "retrieval")
+
+    def lm_eval(self, cfg: Config, st: LmEvalStage, run_dir: Path, variants: list[Variant]) -> dict[str, dict]:
+        return lm_eval_stage(cfg, self.session(cfg), st, variants)
 
 
 def run(cfg: Config, run_dir: Path | None = None, backend=None) -> Path:
@@ -517,6 +496,7 @@ def run(cfg: Config, run_dir: Path | None = None, backend=None) -> Path:
 
     Given the directory of an interrupted run of the same config, it resumes: finished stages are
     skipped and a learning stage continues from its latest checkpoint."""
+    require(cfg.logging)
     backend = backend or LocalBackend()
     run_dir = Path(run_dir or new_run_dir(cfg))
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -531,10 +511,14 @@ def run(cfg: Config, run_dir: Path | None = None, backend=None) -> Path:
     results: dict[str, Any] = (json.loads(results_file.read_text()) if results_file.exists()
                                else {"stages": {}, "perplexity": {}, "retrieval": {}, "done": []})
     results.setdefault("retrieval", {})  # a run directory from before retrieval stages existed
+    results.setdefault("lm_eval", {})
     variants: dict[str, Variant] = {"dense": Variant("dense")}
     variants |= {name: Variant.from_record(name, rec) for name, rec in results["stages"].items()}
     with logs_to(run_dir):
         try:
+            for i, st in enumerate(cfg.stages):  # lm-eval tasks and their data, before any model work
+                if isinstance(st, LmEvalStage) and st.name not in results["done"]:
+                    check_tasks(st.tasks, st.include_path, (f"stages.{i}.tasks", f"stages.{i}.include_path"))
             for st in cfg.stages:
                 if st.name in results["done"]:
                     log.info("%s: already done in %s, skipped", st.name, run_dir)
@@ -554,6 +538,8 @@ def run(cfg: Config, run_dir: Path | None = None, backend=None) -> Path:
                     chosen = ([variants["dense"]] if st.dense else []) + chosen
                     if isinstance(st, EvalStage):
                         results["perplexity"].update(backend.evaluate(cfg, st, run_dir, chosen))
+                    elif isinstance(st, LmEvalStage):
+                        results["lm_eval"].update(backend.lm_eval(cfg, st, run_dir, chosen))
                     else:
                         results["retrieval"].update(backend.retrieval(cfg, st, run_dir, chosen))
                 for v in new:
@@ -562,7 +548,8 @@ def run(cfg: Config, run_dir: Path | None = None, backend=None) -> Path:
                 results["done"].append(st.name)
                 write_json(results_file, results)
             tables = ([results_table(results["perplexity"], variants)] if results["perplexity"] else []) + (
-                [retrieval_table(results["retrieval"])] if results["retrieval"] else [])
+                [retrieval_table(results["retrieval"])] if results["retrieval"] else []) + (
+                [zeroshot_table(results["lm_eval"])] if results["lm_eval"] else [])
             if tables:
                 write_text(run_dir / "results.md", "\n".join(tables))
             status["status"] = "completed"
@@ -575,4 +562,5 @@ def run(cfg: Config, run_dir: Path | None = None, backend=None) -> Path:
         finally:
             status["finished"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
             write_json(run_dir / "status.json", status)
+            log_results(run_dir, cfg.logging, results, status["status"])
     return run_dir

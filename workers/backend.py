@@ -2,7 +2,7 @@
 
 A learning stage runs as a Ray Train worker group (`workers.learn`); an evaluation as
 `workers.num_workers` actors, each holding the model once, that share out the (variant × corpus)
-cells; one-shot, attention-gate and retrieval stages as one Ray task each, on one worker's resources,
+cells; one-shot, attention-gate, retrieval and lm-eval stages as one Ray task each, on one worker's resources,
 running exactly what `LocalBackend` runs in-process. Every task and actor gets `resources_per_worker`
 (one GPU each with `use_gpu`), so evaluations fan out one device each.
 """
@@ -14,7 +14,7 @@ from pathlib import Path
 import ray
 from ray.util import ActorPool
 
-from pipeline.config import AttentionStage, Config, EvalStage, LearnStage, OneshotStage, RetrievalStage
+from pipeline.config import AttentionStage, Config, EvalStage, LearnStage, LmEvalStage, OneshotStage, RetrievalStage
 from pipeline.run import LocalBackend, Session, Variant, eval_cell, eval_texts, logs_to
 from workers.learn import learn_on_ray
 
@@ -59,6 +59,9 @@ class RayBackend:
 
     def retrieval(self, cfg: Config, st: RetrievalStage, run_dir: Path, variants: list[Variant]) -> dict[str, dict]:
         return self._task("retrieval", cfg, st, run_dir, variants)
+
+    def lm_eval(self, cfg: Config, st: LmEvalStage, run_dir: Path, variants: list[Variant]) -> dict[str, dict]:
+        return self._task("lm_eval", cfg, st, run_dir, variants)
 
     def learn(self, cfg: Config, st: LearnStage, run_dir: Path, prior: Path | None) -> list[Variant]:
         return learn_on_ray(cfg, st, run_dir, prior)

@@ -56,7 +56,7 @@ def learn_loop(config: dict) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.manual_seed(cfg.seed)
     session = Session(cfg.model)
-    metrics = MetricsLog(run_dir, st.name, cfg.tensorboard) if rank == 0 else None
+    metrics = MetricsLog(run_dir, st.name, cfg.logging, config=cfg.model_dump(mode="json")) if rank == 0 else None
 
     def on_log(entry: dict) -> None:
         if metrics is not None:
@@ -65,8 +65,12 @@ def learn_loop(config: dict) -> None:
             ray.train.report({"stage": st.name, **entry})
 
     with logs_to(run_dir) if rank == 0 else contextlib.nullcontext():
-        learn_stage(cfg, session, st, run_dir / "artifacts", config["prior"], RayCheckpoints(rank), on_log, rank,
-                    world)
+        try:
+            learn_stage(cfg, session, st, run_dir / "artifacts", config["prior"], RayCheckpoints(rank), on_log, rank,
+                        world)
+        finally:
+            if metrics is not None:
+                metrics.close()
 
 
 def learn_on_ray(cfg: Config, st: LearnStage, run_dir: Path, prior: Path | None) -> list[Variant]:
