@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 
+from pipeline import MaskpipeError
+
 # Clients only send the cluster's token when told that the cluster wants one.
 os.environ.setdefault("RAY_AUTH_MODE", "token")
 
@@ -21,10 +23,17 @@ def connect(address: str | None = None) -> None:
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, log_to_driver=True)
-    else:
-        ray.init(dashboard_host="127.0.0.1", include_dashboard=False)
+    if address and address.startswith(("http://", "https://")):
+        raise MaskpipeError(f"--address {address}: a dashboard URL is what `submit` takes; `run` joins the "
+                            "cluster itself: HEAD:6379 or auto")
+    try:
+        if address:
+            ray.init(address=address, log_to_driver=True)
+        else:
+            ray.init(dashboard_host="127.0.0.1", include_dashboard=False)
+    except (ConnectionError, ValueError, RuntimeError) as e:
+        raise MaskpipeError(f"--address {address or '(local instance)'}: cannot reach a Ray cluster: "
+                            f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
 
 
 def job_client(address: str | None = None):
@@ -33,4 +42,10 @@ def job_client(address: str | None = None):
     machine."""
     from ray.job_submission import JobSubmissionClient
 
-    return JobSubmissionClient(address)
+    try:
+        return JobSubmissionClient(address)
+    except (ConnectionError, ValueError, RuntimeError) as e:
+        where = address or os.environ.get("RAY_API_SERVER_ADDRESS") or os.environ.get("RAY_ADDRESS") or "(none given)"
+        raise MaskpipeError(f"--address {where}: no Ray cluster answers "
+                            f"({str(e).splitlines()[0] if str(e) else type(e).__name__}); start one with "
+                            "`ray start --head` or give its dashboard, http://HEAD:8265") from None

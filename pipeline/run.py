@@ -595,7 +595,7 @@ def check_inputs(cfg: Config, source: str = "", flags: dict[str, str] | None = N
     for i, st in enumerate(cfg.stages):
         for key, n in _lengths(st).items():
             if n > limit:
-                name = flags.get(key, f"stages.{i}.{key}")
+                name = flags.get(f"stages.{i}.{key}", f"stages.{i}.{key}")
                 raise MaskpipeError(f"{where}{name}: {n} tokens is beyond the context of {cfg.model.name_or_path} "
                                     f"(max_position_embeddings {limit})")
 
