@@ -31,8 +31,8 @@ def connect(address: str | None = None) -> None:
             ray.init(address=address, log_to_driver=True)
         else:
             ray.init(dashboard_host="127.0.0.1", include_dashboard=False)
-    except (ConnectionError, ValueError, RuntimeError) as e:
-        raise MaskpipeError(f"--address {address or '(local instance)'}: cannot reach a Ray cluster: "
+    except Exception as e:  # noqa: BLE001 - whatever keeps ray.init from joining, the user sees one line
+        raise MaskpipeError(f"--address {address or '(local instance)'}: cannot reach the Ray cluster: "
                             f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
 
 
@@ -44,8 +44,8 @@ def job_client(address: str | None = None):
 
     try:
         return JobSubmissionClient(address)
-    except (ConnectionError, ValueError, RuntimeError) as e:
+    except Exception as e:  # noqa: BLE001 - refused, unreachable, no token, no cluster: all one answer
         where = address or os.environ.get("RAY_API_SERVER_ADDRESS") or os.environ.get("RAY_ADDRESS") or "(none given)"
-        raise MaskpipeError(f"--address {where}: no Ray cluster answers "
-                            f"({str(e).splitlines()[0] if str(e) else type(e).__name__}); start one with "
-                            "`ray start --head` or give its dashboard, http://HEAD:8265") from None
+        raise MaskpipeError(f"--address {where}: cannot reach the Ray cluster "
+                            f"({str(e).split('. ')[0].splitlines()[0] if str(e) else type(e).__name__}); start "
+                            "one with `ray start --head` or give its dashboard, http://HEAD:8265") from None

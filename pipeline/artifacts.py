@@ -100,6 +100,7 @@ def check_replaceable(dest: str | Path, replaces: str, accept=None, what: str | 
     `replaces`, for which `accept(dest / replaces)` holds when given. Callers check it before the
     work that produces the output, so a mistyped path costs nothing and deletes nothing."""
     dest = Path(dest)
+    check_writable(dest)
     if not dest.exists() or (dest.is_dir() and not any(dest.iterdir())):
         return
     marker = dest / replaces
@@ -110,10 +111,23 @@ def check_replaceable(dest: str | Path, replaces: str, accept=None, what: str | 
                             "(choose a new directory)")
 
 
+def check_writable(dest: str | Path) -> None:
+    """`dest` can be created: its nearest existing ancestor is a directory this process may write."""
+    dest = Path(dest).absolute()
+    for parent in dest.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise MaskpipeError(f"{dest}: {parent} is a file, not a directory")
+            if not os.access(parent, os.W_OK | os.X_OK):
+                raise MaskpipeError(f"{dest}: {parent} is not writable")
+            return
+
+
 def check_replaceable_file(dest: str | Path, accept, what: str) -> None:
     """`check_replaceable` for an output that is one file: an existing `dest` is replaced only if
     `accept(dest)` says it is an earlier output of that kind."""
     dest = Path(dest)
+    check_writable(dest)
     if dest.is_dir():
         raise MaskpipeError(f"{dest}: is a directory; give a file path")
     if dest.exists() and not accept(dest):

@@ -639,13 +639,15 @@ def check_resumable(cfg: Config, run_dir: Path) -> None:
     try:
         old = config_from_dict(yaml_load(path.read_text()), str(path)).model_dump(mode="json")
     except (MaskpipeError, ValueError) as e:
-        raise MaskpipeError(f"{run_dir}: its config.yaml no longer validates ({e}); start a new run directory") from None
+        raise MaskpipeError(f"{run_dir}: holds a run of another config; resume it with its own config.yaml "
+                            f"(its config.yaml does not validate as this one: {str(e).splitlines()[0]})") from None
     new = cfg.model_dump(mode="json")
     a, b = _result_keys(old), _result_keys(new)
     differ = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
     if differ:
         shown = ", ".join(f"{k} ({a.get(k)!r} -> {b.get(k)!r})" for k in differ[:3]) + (" ..." if len(differ) > 3 else "")
-        raise MaskpipeError(f"{run_dir}: holds a run of another config ({shown}); resume it with its own config.yaml")
+        raise MaskpipeError(f"{run_dir}: holds a run of another config; resume it with its own config.yaml "
+                            f"(differs in {shown})")
     if old != new:
         log.info("resuming %s with changed keys that do not change the result: %s", run_dir,
                  ", ".join(sorted(k for k in NOT_RESULT if _get(old, k) != _get(new, k))))
