@@ -92,7 +92,10 @@ def cmd_run(a) -> int:
 def cmd_validate(a) -> None:
     from pipeline.config import dump_config, load_config
 
+    from pipeline.run import check_inputs
+
     cfg = load_config(a.config, a.overrides)
+    check_inputs(cfg, a.config)
     if a.print:
         print(dump_config(cfg))
     print(f"{a.config}: ok ({len(cfg.stages)} stages: {', '.join(s.name for s in cfg.stages)})")

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from pipeline import MaskpipeError, __version__, rundir
@@ -72,7 +73,10 @@ class Session:
     def __init__(self, model_cfg: ModelConfig):
         self.model_cfg = model_cfg
         self.tokenizer = load_tokenizer(model_cfg)
-        self.model = load_model(model_cfg)
+        try:
+            self.model = load_model(model_cfg)
+        except SafetensorError as e:  # a truncated or corrupted weights file
+            raise MaskpipeError(f"model {model_cfg.name_or_path!r}: cannot load its weights: {e}") from None
         self.linears = prunable_linears(self.model, model_cfg)
 
     def base_model_info(self) -> dict[str, Any]:

@@ -39,14 +39,14 @@ def fails(argv: list[str], capsys, message: str, *absent) -> str:
     return err
 
 
-def recipe(tmp_path: Path, steps: int = 2, checkpoint_every: int = 50, **workers) -> dict:
+def recipe(tmp_path: Path, steps: int = 2, checkpoint_every: int = 50, log_every: int = 2, **workers) -> dict:
     return {
         "name": "life", "seed": 0, "output_dir": str(tmp_path / "runs"),
         "model": {"name_or_path": str(MICRO), "dtype": "float32", "device": "cpu"},
         "data": {"calib": {"sources": [str(CORPORA / "kjv.train.txt")]}},
         "stages": [{"stage": "oneshot", "method": "magnitude"},
                    {"stage": "learn", "name": "maskllm", "data": "calib", "prior": {"stage": "magnitude"},
-                    "steps": steps, "batch_size": 2, "seqlen": 32, "log_every": 2,
+                    "steps": steps, "batch_size": 2, "seqlen": 32, "log_every": log_every,
                     "checkpoint_every": checkpoint_every}],
         "workers": {"num_workers": 0, **workers},
     }
@@ -119,19 +119,19 @@ def test_a_run_resumes_after_a_move_from_another_directory_and_reads_old_paths(t
 
 def test_a_resume_before_the_first_checkpoint_logs_each_step_once(tmp_path, monkeypatch):
     """A stage that died before its first checkpoint starts over: what it logged is dropped, not repeated."""
-    raw = recipe(tmp_path, steps=6)
+    raw = recipe(tmp_path, steps=3, log_every=1)
     run_dir = tmp_path / "r"
     cfg = config_from_dict(raw)
     original = LocalBackend.learn
 
-    def dies_at_step_4(self, cfg, st, run_dir, prior):
+    def dies_at_step_2(self, cfg, st, run_dir, prior):
         from pipeline import run as run_module
 
         real = run_module.MetricsLog.__call__
 
         def log(metrics, entry):
             real(metrics, entry)
-            if entry.get("step") == 4:
+            if entry.get("step") == 2:
                 raise KeyboardInterrupt
 
         with monkeypatch.context() as m:
@@ -139,13 +139,13 @@ def test_a_resume_before_the_first_checkpoint_logs_each_step_once(tmp_path, monk
             return original(self, cfg, st, run_dir, prior)
 
     with monkeypatch.context() as m:
-        m.setattr(LocalBackend, "learn", dies_at_step_4)
+        m.setattr(LocalBackend, "learn", dies_at_step_2)
         with pytest.raises(KeyboardInterrupt):
             run(cfg, run_dir)
-    assert [e["step"] for e in read_metrics(run_dir / "metrics.jsonl")] == [2, 4]
+    assert [e["step"] for e in read_metrics(run_dir / "metrics.jsonl")] == [1, 2]
     assert not (run_dir / "checkpoints" / "maskllm").exists() or not any((run_dir / "checkpoints" / "maskllm").iterdir())
     run(cfg, run_dir)
-    assert [e["step"] for e in read_metrics(run_dir / "metrics.jsonl")] == [2, 4, 6]
+    assert [e["step"] for e in read_metrics(run_dir / "metrics.jsonl")] == [1, 2, 3]
 
 
 def test_a_resume_may_change_how_a_run_runs_but_not_what_it_computes(tmp_path):
