@@ -238,25 +238,45 @@ def cmd_plan(a) -> None:
     from transformers import AutoConfig
 
     from pipeline.config import LearnStage, load_config
-    from pipeline.plan import model_shape, parse_bytes, plan_report
+    from pipeline.plan import model_shape, parse_bytes, plan_report, stage_plan, what_fits
 
     cfg = load_config(a.config, a.overrides)
     learn = [s for s in cfg.stages if isinstance(s, LearnStage) and (a.stage is None or s.name == a.stage)]
     if not learn:
         raise MaskpipeError(f"{a.config}: no learning stage" + (f" named {a.stage!r}" if a.stage else ""))
-    source = a.hf_config or cfg.model.name_or_path
-    try:
-        hf = AutoConfig.from_pretrained(source, revision=None if a.hf_config else cfg.model.revision,
-                                        trust_remote_code=cfg.model.trust_remote_code)
-    except (OSError, ValueError) as e:
-        raise MaskpipeError(f"{source}: cannot read the model's config ({e}); give --hf-config DIR") from None
+    if a.gpus is not None and a.gpus < 1:
+        raise MaskpipeError(f"--gpus: at least 1 device, got {a.gpus}")
+    world = a.gpus or max(cfg.workers.num_workers, 1)
+    if not any(c.isalpha() for c in a.gpu_memory):
+        raise MaskpipeError(f"--gpu-memory: {a.gpu_memory!r} has no unit; write e.g. {a.gpu_memory}GiB")
     try:
         capacity = parse_bytes(a.gpu_memory)
     except ValueError as e:
         raise MaskpipeError(f"--gpu-memory: {e}") from None
+    for st in learn:
+        if st.batch_size % world:
+            raise MaskpipeError(f"--gpus {world}: stage {st.name!r} has batch_size {st.batch_size}, which does not "
+                                f"split evenly over {world} devices")
+    source = a.hf_config or cfg.model.name_or_path
+    shipped = sorted(str(p.parent.relative_to(Path.cwd()) if p.is_relative_to(Path.cwd()) else p.parent)
+                     for p in (Path(__file__).resolve().parents[1] / "configs" / "hf").glob("*/config.json"))
+    try:
+        try:  # the cache or a local directory first: offline, the hub would be retried for half a minute
+            hf = AutoConfig.from_pretrained(source, revision=None if a.hf_config else cfg.model.revision,
+                                            trust_remote_code=cfg.model.trust_remote_code, local_files_only=True)
+        except (OSError, ValueError):
+            if a.hf_config or Path(source).exists():
+                raise
+            hf = AutoConfig.from_pretrained(source, revision=cfg.model.revision,
+                                            trust_remote_code=cfg.model.trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise MaskpipeError(f"{source}: cannot read the model's config ({str(e).splitlines()[0]}); give --hf-config "
+                            f"DIR (shipped: {', '.join(shipped)})") from None
     shape = model_shape(hf, cfg.model)
     for st in learn:
-        print(plan_report(cfg, st, shape, a.gpus or max(cfg.workers.num_workers, 1), capacity))
+        print(plan_report(cfg, st, shape, world, capacity))
+        if sum(stage_plan(cfg, st, shape, world).values()) > capacity:
+            print("what would fit:\n" + "\n".join(what_fits(cfg, st, shape, world, capacity)))
 
 
 def cmd_publish(a) -> None:
