@@ -86,6 +86,7 @@ def test_a_run_directory_that_is_a_file_is_refused(tmp_path, capsys):
     assert (tmp_path / "file").read_text() == "mine"
 
 
+@pytest.mark.slow
 def test_a_run_resumes_after_a_move_from_another_directory_and_reads_old_paths(tmp_path, monkeypatch, capsys):
     raw = recipe(tmp_path)
     config = write_recipe(tmp_path / "c.yaml", raw)
@@ -117,6 +118,7 @@ def test_a_run_resumes_after_a_move_from_another_directory_and_reads_old_paths(t
     assert manifest["method"]["prior"]["artifact"] == str(moved / "artifacts/magnitude")
 
 
+@pytest.mark.slow
 def test_a_resume_before_the_first_checkpoint_logs_each_step_once(tmp_path, monkeypatch):
     """A stage that died before its first checkpoint starts over: what it logged is dropped, not repeated."""
     raw = recipe(tmp_path, steps=3, log_every=1)
@@ -297,6 +299,41 @@ def test_a_corrupted_model_is_one_line(tmp_path, capsys):
            "--seqlen", "64"], capsys, f"model {str(broken)!r}: cannot load")
 
 
+# ------------------------------------------------------------------------------ plan
+
+PLAN = ["plan", "configs/llama2-7b-2of4.yaml", "--hf-config", "configs/hf/llama-2-7b"]
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--gpus", "0"], "--gpus: at least 1 device, got 0"),
+    (["--gpus", "-1"], "--gpus: at least 1 device, got -1"),
+    (["--gpus", "3"], "--gpus 3: stage 'maskllm' has batch_size 16, which does not split evenly over 3 devices"),
+    (["--gpu-memory", "80"], "--gpu-memory: '80' has no unit; write e.g. 80GiB"),
+])
+def test_plan_refuses_impossible_arguments(args, message, in_root, capsys):
+    fails([*PLAN, *args], capsys, message)
+
+
+def test_plan_says_what_would_fit(in_root, capsys):
+    assert main([*PLAN, "--gpus", "1", "--gpu-memory", "80GiB"]) == 0
+    out = capsys.readouterr().out
+    assert "does NOT fit in 80.00 GiB" in out
+    fits = out.split("what would fit:\n")[1].splitlines()
+    assert any(line.startswith("  logits_per_group: positions: ") for line in fits)
+    assert any(line.startswith("  logits_dtype: bfloat16: ") for line in fits)
+    assert any(re.match(r"  grad_accum: \d+, batch_size: 1 ", line) for line in fits)
+    assert any(re.match(r"  \d+ devices \(fsdp, .*\(fits\)", line) for line in fits)
+    # with 8 devices it fits, and nothing is suggested
+    assert main([*PLAN, "--gpus", "8", "--gpu-memory", "80GiB"]) == 0
+    assert "what would fit" not in capsys.readouterr().out
+
+
+def test_plan_offline_points_at_the_shipped_model_configs(in_root, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    err = fails(["plan", "configs/llama2-7b-2of4.yaml", "--gpus", "8"], capsys, "give --hf-config DIR (shipped: ")
+    assert "configs/hf/llama-2-7b" in err
+
+
 # ------------------------------------------------------------------------------ the command line
 
 
@@ -375,3 +412,52 @@ def test_two_drivers_ctrl_c_and_a_killed_driver(tmp_path, capsys):
     assert "status: died" in capsys.readouterr().out
     run(load_config(run_dir / "config.yaml"), run_dir)
     assert [m["step"] for m in read_metrics(run_dir / "metrics.jsonl")] == list(range(2, steps + 1, 2))
+
+
+# ------------------------------------------------------------------------------ a real local Ray
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """A local Ray instance in this process (what `maskpipe run` starts without --address)."""
+    import ray
+
+    from cluster import connect
+
+    env = {k: os.environ.pop(k) for k in ("RAY_ADDRESS",) if k in os.environ}
+    connect()
+    yield ray.cluster_resources()
+    ray.shutdown()
+    os.environ.update(env)
+
+
+@pytest.mark.slow
+def test_impossible_resources_are_refused_with_the_numbers(local_ray, tmp_path, capsys):
+    cpus = int(local_ray["CPU"])
+    raw = recipe(tmp_path)
+    raw["workers"] = {"num_workers": 64, "max_failures": 0}
+    raw["stages"][1]["batch_size"] = 64
+    fails(["run", str(write_recipe(tmp_path / "a.yaml", raw)), "--run-dir", str(tmp_path / "a")], capsys,
+          f"workers: asked 64 worker(s) x 1 CPU, the Ray cluster has {cpus} CPU", tmp_path / "a")
+    raw["workers"] = {"num_workers": 1, "use_gpu": True}
+    fails(["run", str(write_recipe(tmp_path / "b.yaml", raw)), "--run-dir", str(tmp_path / "b")], capsys,
+          "workers: asked 1 worker(s) x 1 GPU, the Ray cluster has 0 GPU", tmp_path / "b")
+
+
+@pytest.mark.slow
+def test_an_error_of_ours_in_a_worker_group_is_one_line_and_a_non_ascii_run_directory_works(local_ray, tmp_path,
+                                                                                              capsys):
+    """The group's error ends the run at once (no restarts: the driver raises the workers' own
+    message), under a run directory whose name Ray Train could not encode."""
+    prior = tmp_path / "prior"
+    assert main(["oneshot", *MODEL, "--method", "magnitude", "--out", str(prior)]) == 0
+    raw = recipe(tmp_path)
+    raw["stages"] = [{"stage": "learn", "name": "maskllm", "data": "calib", "pattern": "4:8",
+                      "prior": {"artifact": str(prior)}, "steps": 2, "batch_size": 2, "seqlen": 32}]
+    raw["workers"] = {"num_workers": 1, "max_failures": 3}
+    run_dir = tmp_path / "rün-α"
+    fails(["run", str(write_recipe(tmp_path / "c.yaml", raw)), "--run-dir", str(run_dir)], capsys,
+          f"maskllm: prior {prior} is 2:4, the stage learns 4:8")
+    status = json.loads((run_dir / "status.json").read_text())
+    assert status["status"] == "failed" and "is 2:4, the stage learns 4:8" in status["error"]
+    assert "ascii" not in (run_dir / "run.log").read_text()
