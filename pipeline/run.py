@@ -700,10 +700,13 @@ def _run(cfg: Config, run_dir: Path, backend) -> Path:
     variants |= {name: Variant.from_record(name, rec, run_dir) for name, rec in results["stages"].items()}
     with logs_to(run_dir):
         try:
-            for st in cfg.stages:
+            for i, st in enumerate(cfg.stages, 1):
                 if st.name in results["done"]:
-                    log.info("%s: already done in %s, skipped", st.name, run_dir)
+                    log.info("[%d/%d] %s: already done in %s, skipped", i, len(cfg.stages), st.name, run_dir)
                     continue
+                # One line per stage on the driver: under Ray the stage's own progress is in its worker.
+                log.info("[%d/%d] %s: %s stage started", i, len(cfg.stages), st.name, st.stage)
+                t0 = time.perf_counter()
                 status["stage"] = st.name
                 write_json(run_dir / "status.json", status)
                 new: list[Variant] = []
@@ -730,16 +733,18 @@ def _run(cfg: Config, run_dir: Path, backend) -> Path:
                     results["stages"][v.name] = v.record(run_dir)
                 results["done"].append(st.name)
                 write_json(results_file, results)
+                log.info("[%d/%d] %s: done in %.1f s", i, len(cfg.stages), st.name, time.perf_counter() - t0)
             tables = ([results_table(results["perplexity"], variants)] if results["perplexity"] else []) + (
                 [retrieval_table(results["retrieval"])] if results["retrieval"] else [])
             if tables:
                 write_text(run_dir / "results.md", "\n".join(tables))
             status["status"] = "completed"
         except KeyboardInterrupt:
-            status["status"] = "stopped"
+            status.update(status="stopped", step=stopped_step(run_dir))
             raise
         except BaseException as e:
-            status.update(status="failed", error=f"{type(e).__name__}: {e}")
+            status.update(status="failed", step=stopped_step(run_dir),
+                          error=str(e) if isinstance(e, MaskpipeError) else f"{type(e).__name__}: {e}")
             raise
         finally:
             status["finished"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
