@@ -5,7 +5,10 @@ with the project as the job's working directory. The run directory is created by
 anything runs, so it must be on storage that the cluster's nodes see at the same path (on one machine,
 any local directory). It is the run's whole state: the resolved config, status, metrics, checkpoints,
 artifacts and `jobs.json`, the run's Ray submissions, newest last. `resume` submits the same entrypoint
-again, which continues from what the directory holds.
+again, which continues from what the directory holds. `submit` and `resume` own the run directory
+(`pipeline.rundir.RunLock`) while they set a job up, and the job's driver waits for them to let go, so a
+second `submit`, `resume` or `run` on the same directory is refused while anything owns it. A run whose
+status says running but whose owner is gone shows as `died`.
 """
 
 from __future__ import annotations

@@ -1,8 +1,11 @@
 """Running a recipe: the stages a config lists, in order, into a run directory.
 
-A run directory holds `config.yaml` (the resolved config), `run.log`, `status.json`, `metrics.jsonl`
-(every logged training step), one mask artifact per mask-producing stage under `artifacts/`, the last
-checkpoints of each learning stage, and `results.json` + `results.md`.
+A run directory holds `config.yaml` (the resolved config), `run.log`, `status.json` (status
+running/stopped/failed/completed, the stage, the owner's pid and host, start and end, and for a run that
+ended early its last step and error), `metrics.jsonl` (every logged training step, each once), one mask
+artifact per mask-producing stage under `artifacts/`, the last checkpoints of each learning stage,
+`results.json` + `results.md`, and `.lock`, its owner (`pipeline.rundir`). Paths in `results.json` are
+relative to the run directory.
 
 `run` only orders the stages and records what they produced; a backend executes them. `LocalBackend`
 runs each stage in this process; `workers.RayBackend` runs the same stage functions on Ray (a Ray
