@@ -379,7 +379,7 @@ def wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen, timeout: flo
 def test_two_drivers_ctrl_c_and_a_killed_driver(tmp_path, capsys):
     """A second `maskpipe run` on a live run is refused; Ctrl-C says where to resume; a driver killed
     with SIGKILL before its first checkpoint shows as died, and its resume logs every step once."""
-    steps = 200
+    steps = 30
     config = write_recipe(tmp_path / "c.yaml", recipe(tmp_path, steps=steps, checkpoint_every=1000))
     run_dir = tmp_path / "r"
     first = cli("run", str(config), "--run-dir", str(run_dir))
