@@ -15,9 +15,13 @@ from pipeline import MaskpipeError
 os.environ.setdefault("RAY_AUTH_MODE", "token")
 
 
-def connect(address: str | None = None) -> None:
+def connect(address: str | None = None, verbose: bool = False) -> None:
     """Join the Ray cluster at `address` (or $RAY_ADDRESS, which a Ray job sets for its driver); with
-    neither, start a local Ray instance in this process."""
+    neither, start a local Ray instance in this process. Unless `verbose`, Ray's own INFO and WARNING
+    lines (placement groups, reports, worker start-up) stay off the console: maskpipe's driver prints a
+    line per stage, and every worker's log is in the run's `run.log`."""
+    import logging
+
     import ray
 
     if ray.is_initialized():
@@ -26,11 +30,13 @@ def connect(address: str | None = None) -> None:
     if address and address.startswith(("http://", "https://")):
         raise MaskpipeError(f"--address {address}: a dashboard URL is what `submit` takes; `run` joins the "
                             "cluster itself: HEAD:6379 or auto")
+    quiet = {} if verbose else {"logging_level": logging.WARNING,
+                                "logging_config": ray.LoggingConfig(encoding="TEXT", log_level="ERROR")}
     try:
         if address:
-            ray.init(address=address, log_to_driver=True)
+            ray.init(address=address, log_to_driver=True, **quiet)
         else:
-            ray.init(dashboard_host="127.0.0.1", include_dashboard=False)
+            ray.init(dashboard_host="127.0.0.1", include_dashboard=False, **quiet)
     except Exception as e:  # noqa: BLE001 - whatever keeps ray.init from joining, the user sees one line
         raise MaskpipeError(f"--address {address or '(local instance)'}: cannot reach the Ray cluster: "
                             f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None

@@ -72,7 +72,7 @@ def cmd_run(a) -> int:
         from cluster import connect
         from workers.backend import RayBackend
 
-        connect(a.address)
+        connect(a.address, verbose=a.verbose)
         backend = RayBackend(cfg)
     signal.signal(signal.SIGTERM, _interrupt)
     try:
