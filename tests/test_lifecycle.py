@@ -72,6 +72,8 @@ def test_a_held_run_directory_is_refused_and_a_dead_owners_lock_is_taken_over(tm
         config = write_recipe(tmp_path / "c.yaml", recipe(tmp_path))
         fails(["run", str(config), "--run-dir", str(run_dir)], capsys, "run directory in use by pid")
         assert not (run_dir / "config.yaml").exists()
+        shutil.copy(config, run_dir / "config.yaml")  # a run in progress: `resume` would submit a second driver
+        fails(["resume", str(run_dir)], capsys, "run directory in use by pid", run_dir / "jobs.json")
     assert not rundir.alive(run_dir)
     # The lock of a process that died (here: a lock file no live process holds) is simply taken.
     (run_dir / rundir.LOCK).write_text(json.dumps({"pid": 999999, "host": socket.gethostname(), "started": "x"}))
