@@ -746,8 +746,12 @@ def _run(cfg: Config, run_dir: Path, backend) -> Path:
             status.update(status="stopped", step=stopped_step(run_dir))
             raise
         except BaseException as e:
+            # status.json says what failed in one line; run.log keeps the traceback of what is not ours.
+            ours = isinstance(e, MaskpipeError)
+            first = (str(e).splitlines() or [""])[0]
             status.update(status="failed", step=stopped_step(run_dir),
-                          error=str(e) if isinstance(e, MaskpipeError) else f"{type(e).__name__}: {e}")
+                          error=first if ours else f"{type(e).__name__}: {first}")
+            log.error("%s: failed: %s", status["stage"], status["error"], exc_info=not ours)
             raise
         finally:
             status["finished"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
