@@ -234,6 +234,22 @@ def cmd_apply(a) -> None:
         print(f"materialized model written to {out}")
 
 
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face Hub answers at all: offline, huggingface_hub retries for half a minute."""
+    import os
+    import socket
+    from urllib.parse import urlparse
+
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
+        return False
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout).close()
+    except OSError:
+        return False
+    return True
+
+
 def cmd_plan(a) -> None:
     from transformers import AutoConfig
 
@@ -265,7 +281,7 @@ def cmd_plan(a) -> None:
             hf = AutoConfig.from_pretrained(source, revision=None if a.hf_config else cfg.model.revision,
                                             trust_remote_code=cfg.model.trust_remote_code, local_files_only=True)
         except (OSError, ValueError):
-            if a.hf_config or Path(source).exists():
+            if a.hf_config or Path(source).exists() or not _hub_reachable():
                 raise
             hf = AutoConfig.from_pretrained(source, revision=cfg.model.revision,
                                             trust_remote_code=cfg.model.trust_remote_code)
