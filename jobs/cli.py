@@ -8,7 +8,6 @@ hands the same run to a Ray cluster as a Ray job whose entrypoint is `run` (see 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import signal
 import sys
