@@ -382,6 +382,9 @@ class WorkersConfig(Strict):
     # fsdp only: shard within groups of this many workers (e.g. the GPUs of a node) and replicate
     # across groups (hybrid sharding), so that parameters are gathered over the fast links only.
     shard_group: int | None = Field(default=None, gt=0)
+    # The cluster adds nodes on demand (cluster/aws.yaml, an autoscaling KubeRay cluster): requests the
+    # current nodes cannot hold wait for new ones instead of being refused before the run starts.
+    autoscaling: bool = False
 
     @model_validator(mode="after")
     def _strategy_fits(self) -> WorkersConfig:

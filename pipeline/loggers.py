@@ -55,8 +55,10 @@ class JsonlLogger:
 
     def rewind(self, stage: str, step: int) -> None:
         """Drop the stage's lines past `step` (a resume from that step's checkpoint logs them again)."""
-        keep = [line for line in read_metrics(self.path) if line["stage"] != stage or line["step"] <= step]
-        write_text(self.path, "".join(json.dumps(line) + "\n" for line in keep))
+        lines = read_metrics(self.path)
+        keep = [line for line in lines if line.get("stage") != stage or line.get("step", 0) <= step]
+        if len(keep) < len(lines):
+            write_text(self.path, "".join(json.dumps(line) + "\n" for line in keep))
 
     def close(self) -> None:
         pass
@@ -181,7 +183,10 @@ def trackers(run_dir: Path, cfg, config: dict | None = None) -> list[MetricLogge
 
 class MetricsLog:
     """A learning stage's `on_log`: the run log, `metrics.jsonl` and whatever `logging` asks for (a
-    `LoggingConfig`, or a bool for TensorBoard alone). `{"resumed_from_step": N}` rewinds the JSONL."""
+    `LoggingConfig`, or a bool for TensorBoard alone). At the stage's first entry, its JSONL lines past
+    the step it starts from are dropped (past the checkpoint's step on a resume, `{"resumed_from_step":
+    N}`; all of them on a start from scratch): an attempt that died before checkpointing them left them,
+    and this one logs those steps again."""
 
     def __init__(self, run_dir: Path, stage: str, logging_cfg=False, *, tensorboard: bool = False,
                  config: dict | None = None):
@@ -190,12 +195,15 @@ class MetricsLog:
         tb = tensorboard or (logging_cfg if isinstance(logging_cfg, bool) else logging_cfg.tensorboard)
         self.loggers: list[MetricLogger] = [self.jsonl] + ([TensorBoardLogger(run_dir, stage)] if tb else [])
         self.loggers += trackers(run_dir, None if isinstance(logging_cfg, bool) else logging_cfg, config)
+        self.started = False
 
     def __call__(self, entry: dict) -> None:
         log.info("%s: %s", self.stage, " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                                 for k, v in entry.items()))
+        if not self.started:
+            self.started = True
+            self.jsonl.rewind(self.stage, entry.get("resumed_from_step", 0))
         if "resumed_from_step" in entry:
-            self.jsonl.rewind(self.stage, entry["resumed_from_step"])
             return
         rest = {k: v for k, v in entry.items() if k != "step"}
         self.jsonl.log(self.stage, entry["step"], rest)  # the whole entry, as it came

@@ -187,3 +187,54 @@ def plan_report(cfg, st, shape: Shape, world: int, capacity: int | None, cuda: b
         label = name if stage is None else f"ZeRO-{stage}"
         lines.append(f"  {label:<8} " + " | ".join(totals))
     return "\n".join(lines)
+
+
+def what_fits(cfg, st, shape: Shape, world: int, capacity: int, cuda: bool = True) -> list[str]:
+    """When the configured stage does not fit `capacity`, the changes that make it fit, one per line
+    with the total per device: each single change of the recipe (a smaller micro-batch through
+    grad_accum, activation checkpointing, leaner mask state, a sharded strategy), their combination,
+    and the fewest devices that hold the configured recipe."""
+    def total(c, s, n=world) -> int:
+        return sum(stage_plan(c, s, shape, n, cuda=cuda).values())
+
+    w = cfg.workers
+    options: list[tuple[str, object, object]] = []
+    if st.batch_size // world > 1:
+        accum = st.batch_size // world
+        options.append((f"grad_accum: {st.grad_accum * accum}, batch_size: {st.batch_size // accum} "
+                        f"(micro-batch 1, same global batch)", cfg,
+                        st.model_copy(update={"batch_size": st.batch_size // accum, "grad_accum": st.grad_accum * accum})))
+    if not w.activation_checkpointing:
+        options.append(("workers.activation_checkpointing: true",
+                        cfg.model_copy(update={"workers": w.model_copy(update={"activation_checkpointing": True})}), st))
+    if st.logits_per_group != "positions":
+        options.append(("logits_per_group: positions", cfg, st.model_copy(update={"logits_per_group": "positions"})))
+    if st.logits_dtype != "bfloat16":
+        options.append(("logits_dtype: bfloat16", cfg, st.model_copy(update={"logits_dtype": "bfloat16"})))
+    if world > 1 and w.strategy in ("none", "ddp"):
+        options.append(("workers.strategy: fsdp",
+                        cfg.model_copy(update={"workers": w.model_copy(update={"strategy": "fsdp"})}), st))
+    lines = []
+    for what, c, s in options:
+        t = total(c, s)
+        lines.append(f"  {what}: {gib(t)} per device{' (fits)' if t <= capacity else ''}")
+    if len(options) > 1:
+        c, s = cfg, st
+        for _, oc, os_ in options:  # every change at once
+            c = c.model_copy(update={"workers": c.workers.model_copy(update={
+                k: getattr(oc.workers, k) for k in ("activation_checkpointing", "strategy")
+                if getattr(oc.workers, k) != getattr(w, k)})})
+            s = s.model_copy(update={k: getattr(os_, k) for k in ("batch_size", "grad_accum", "logits_per_group",
+                                                                   "logits_dtype") if getattr(os_, k) != getattr(st, k)})
+        t = total(c, s)
+        lines.append(f"  all of these: {gib(t)} per device{' (fits)' if t <= capacity else ''}")
+    for n in (2, 4, 8, 16, 32, 64, 128, 256):
+        if n > world and st.batch_size % n == 0:
+            sharded = cfg if w.strategy in ("fsdp", "deepspeed") else cfg.model_copy(
+                update={"workers": w.model_copy(update={"strategy": "fsdp"})})
+            t = total(sharded, st, n)
+            if t <= capacity:
+                lines.append(f"  {n} devices ({sharded.workers.strategy}, batch_size {st.batch_size} splits "
+                             f"evenly): {gib(t)} per device (fits)")
+                break
+    return lines
