@@ -102,3 +102,17 @@ def test_parse_pattern():
     for bad in ["4:2", "0:4", "2", "a:b", "2:4:8"]:
         with pytest.raises(ValueError):
             parse_pattern(bad)
+
+
+def test_learn_lr_defaults_to_a_move_of_one_and_a_half_prior_margins_over_the_budget():
+    from pipeline.config import LR_MARGINS, LearnStage
+
+    def lr(**kw):
+        return LearnStage.model_validate({"stage": "learn", "data": "x", **kw}).lr
+
+    assert LR_MARGINS == 3.0
+    assert lr(steps=150, prior={"stage": "sparsegpt"}) == pytest.approx(3 * 10 * 0.01 / 150)  # strength 10
+    assert lr(steps=600, prior={"stage": "sparsegpt"}) == pytest.approx(5e-4)
+    assert lr(steps=150, prior={"stage": "sparsegpt", "strength": 3}, init_std=0.02) == pytest.approx(3 * 3 * 0.02 / 150)
+    assert lr(steps=150) == pytest.approx(3 * 0.01 / 150)  # no prior: the init's spread is the margin
+    assert lr(steps=150, lr=1e-3, prior={"stage": "sparsegpt"}) == 1e-3  # an explicit lr wins
