@@ -338,9 +338,19 @@ class WorkersConfig(Strict):
     # fsdp only: shard within groups of this many workers (e.g. the GPUs of a node) and replicate
     # across groups (hybrid sharding), so that parameters are gathered over the fast links only.
     shard_group: int | None = Field(default=None, gt=0)
+    # Build the model on the meta device and let each rank read only its rows of the safetensors
+    # checkpoint (pipeline.models), instead of a whole copy per worker. Default: on under fsdp.
+    sharded_load: bool | None = None
+
+    @property
+    def loads_sharded(self) -> bool:
+        return self.strategy == "fsdp" if self.sharded_load is None else self.sharded_load
 
     @model_validator(mode="after")
     def _strategy_fits(self) -> WorkersConfig:
+        if self.sharded_load and self.strategy != "fsdp":
+            raise _KeyError("workers.sharded_load", f"reading each rank's rows needs strategy fsdp, "
+                                                    f"not {self.strategy}")
         if self.strategy in ("fsdp", "deepspeed") and self.num_workers == 0:
             raise _KeyError("workers.strategy", f"{self.strategy} runs on Ray workers: set workers.num_workers ≥ 1")
         if self.shard_group is not None and (self.strategy != "fsdp" or self.num_workers % self.shard_group):

@@ -81,7 +81,7 @@ def memory_plan(shape: Shape, *, n: int, m: int, micro_batch: int, seqlen: int, 
     """Bytes per device for each item of `ITEMS`, for one rank of `world` (fsdp with `shard_group`:
     sharded over groups of that many ranks, replicated across them)."""
     wb = DTYPES[model_dtype].itemsize
-    ab = 2 if cuda else 4  # activations: bf16 autocast on CUDA, float32 on CPU
+    ab = 2 if cuda else wb  # activations: bf16 autocast on CUDA; on CPU, no autocast: the model's dtype
     width = math.comb(m, n) if logits_per_group == "candidates" else m
     logits = shape.masked // m * width
     block_logits = shape.block_masked // m * width
@@ -115,6 +115,25 @@ def memory_plan(shape: Shape, *, n: int, m: int, micro_batch: int, seqlen: int, 
         "gradients": grads // s_div,
         "activations": int(activations),
         "workspace": workspace,
+    }
+
+
+def loading_plan(shape: Shape, *, n: int, m: int, world: int, sharded: bool, model_dtype: str = "bfloat16",
+                 logits_per_group: str = "candidates", logits_dtype: str = "float32") -> dict[str, int]:
+    """Peak bytes per rank of an fsdp learning stage from loading the model to its first step.
+
+    A whole load (`sharded=False`) holds every frozen weight and, before `fully_shard` cuts them,
+    every layer's initial logits. A load from meta (`pipeline.models`) holds only this rank's rows of
+    both; in flight, one layer's initial logits made whole (drawn in float32, then cast), since the
+    random draw must be the one an ordinary load makes."""
+    wb, lb = DTYPES[model_dtype].itemsize, DTYPES[logits_dtype].itemsize
+    width = math.comb(m, n) if logits_per_group == "candidates" else m
+    logits = shape.masked // m * width
+    div = world if sharded else 1
+    return {
+        "frozen weights": shape.params * wb // div,
+        "mask logits": logits * lb // div,
+        "in flight": shape.largest_linear // m * width * (4 + lb) if sharded else 0,
     }
 
 

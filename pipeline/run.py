@@ -34,7 +34,7 @@ from pipeline.config import (AttentionStage, Config, EvalStage, LearnStage, Mode
 from pipeline.data import TokenStream, calibration_blocks, eval_text
 from pipeline.evaluate import Perplexity, perplexity
 from pipeline.learn import hard_mask, train_masks
-from pipeline.models import base_weight, fingerprint, load_model, load_tokenizer, prunable_linears
+from pipeline.models import base_weight, device_of, fingerprint, load_model, load_tokenizer, prunable_linears
 from pipeline.oneshot import oneshot_masks
 from pipeline.plan import model_shape, plan_report
 from pipeline.retrieval import (accuracy, multikey_samples, niah_heatmap, niah_samples, passkey_samples, score,
@@ -68,10 +68,11 @@ class Variant:
 class Session:
     """A model, its tokenizer and prunable linears, loaded once and shared by a run's stages."""
 
-    def __init__(self, model_cfg: ModelConfig):
+    def __init__(self, model_cfg: ModelConfig, meta: bool = False):
+        """`meta`: the model on the meta device, read later by whoever places it (`load_model`)."""
         self.model_cfg = model_cfg
         self.tokenizer = load_tokenizer(model_cfg)
-        self.model = load_model(model_cfg)
+        self.model = load_model(model_cfg, meta=meta)
         self.linears = prunable_linears(self.model, model_cfg)
 
     def base_model_info(self) -> dict[str, Any]:
@@ -218,7 +219,7 @@ def learn_stage(cfg: Config, s: Session, st: LearnStage, out_dir: Path, prior: P
     log.info("%s: learning %d:%d masks for %d linears, %d steps, %d tokens on %d worker(s)", st.name, n, m,
              len(s.linears), st.steps, tokens, world_size)
     if rank == 0:
-        device = base_weight(next(iter(s.linears.values()))).device
+        device = device_of(base_weight(next(iter(s.linears.values()))))
         cuda = device.type == "cuda"
         capacity = torch.cuda.get_device_properties(device).total_memory if cuda else None
         log.info("%s: memory plan\n%s", st.name,
