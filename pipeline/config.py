@@ -80,6 +80,9 @@ class ModelConfig(Strict):
     dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
     trust_remote_code: bool = False
     device: str = "auto"
+    # Keep the model in host memory: one-shot stages calibrate each decoder block on `device` in turn
+    # (pipeline.oneshot), for a model larger than the device; the other stages then run on the CPU.
+    offload: bool = False
     prune: PruneTargets = PruneTargets()
 
 

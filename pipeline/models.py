@@ -55,7 +55,7 @@ def load_model(cfg: ModelConfig, device: str | torch.device | None = None, *, me
     model.requires_grad_(False)
     model.eval()
     prunable_linears(model, cfg)  # refuse unsupported architectures now, not halfway through a run
-    return model.to(device or resolve_device(cfg.device))
+    return model.to(device or ("cpu" if cfg.offload else resolve_device(cfg.device)))
 
 
 @dataclass

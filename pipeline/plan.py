@@ -1,4 +1,5 @@
-"""Per-device memory plan of a learning stage, from the model's config alone (no weights are loaded).
+"""Per-device memory plans, from the model's config alone (no weights are loaded): of a learning stage
+(`memory_plan`), of loading it under fsdp (`loading_plan`), and of a one-shot stage (`oneshot_plan`).
 
 The model is built on the meta device, so every architecture transformers knows is counted exactly;
 the bytes per item follow from what each strategy keeps on a device (see `pipeline.shard`):
@@ -134,6 +135,33 @@ def loading_plan(shape: Shape, *, n: int, m: int, world: int, sharded: bool, mod
         "frozen weights": shape.params * wb // div,
         "mask logits": logits * lb // div,
         "in flight": shape.largest_linear // m * width * (4 + lb) if sharded else 0,
+    }
+
+
+def oneshot_plan(shape: Shape, *, method: str, n_samples: int, seqlen: int, batch_size: int,
+                 model_dtype: str = "bfloat16", offload: bool = False, cuda: bool = True) -> dict[str, int]:
+    """Device bytes of a one-shot stage (`pipeline.oneshot`), LLaMA-style blocks (q, k, v, o, gate,
+    up read `hidden` inputs, down reads `intermediate`). Whole model on the device, or with `offload`
+    only what lies outside the blocks (embeddings, head) and the one block being calibrated. Every
+    calibration sample's hidden states are kept twice (a block's inputs and its outputs); SparseGPT
+    keeps a block's Hessians (in² fp32 per linear) and inverts the largest; Wanda one norm per input."""
+    wb = DTYPES[model_dtype].itemsize
+    block = shape.block_params * wb
+    weights = (shape.params - shape.blocks * shape.block_params) * wb + block if offload else shape.params * wb
+    h, i = shape.hidden, shape.intermediate
+    per_token = 3 * h + 2 * shape.kv_hidden + 3 * i  # a block's no-grad forward: projections, MLP
+    largest_in = max(h, i)  # down_proj reads the MLP width: the largest Hessian inverted
+    stats = {"sparsegpt": 4 * (6 * h * h + i * i), "wanda": 4 * (6 * h + i)}.get(method, 0)
+    work = {"sparsegpt": 4 * (2 * shape.largest_linear + 3 * largest_in * largest_in),
+            "wanda": 2 * 4 * shape.largest_linear}.get(method, 0)
+    calibrating = method != "magnitude"
+    return {
+        "frozen weights": weights if calibrating or not offload else shape.largest_linear * wb,
+        "calibration activations": 2 * n_samples * seqlen * h * wb if calibrating else 0,
+        "block forward": batch_size * seqlen * per_token * wb if calibrating else 0,
+        "statistics": stats,
+        "pruning workspace": work,
+        "workspace": CUDA_RESERVE if cuda else 0,
     }
 
 

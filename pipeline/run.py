@@ -34,7 +34,8 @@ from pipeline.config import (AttentionStage, Config, EvalStage, LearnStage, Mode
 from pipeline.data import TokenStream, calibration_blocks, eval_text
 from pipeline.evaluate import Perplexity, perplexity
 from pipeline.learn import hard_mask, train_masks
-from pipeline.models import base_weight, device_of, fingerprint, load_model, load_tokenizer, prunable_linears
+from pipeline.models import (base_weight, device_of, fingerprint, load_model, load_tokenizer, prunable_linears,
+                             resolve_device)
 from pipeline.oneshot import oneshot_masks
 from pipeline.plan import model_shape, plan_report
 from pipeline.retrieval import (accuracy, multikey_samples, niah_heatmap, niah_samples, passkey_samples, score,
@@ -142,6 +143,7 @@ def oneshot_stage(cfg: Config, s: Session, st: OneshotStage, out_dir: Path) -> l
     masks, updated = oneshot_masks(
         s.model, s.linears, st.method, n, m, calib, batch_size=st.batch_size,
         weight_update=st.weight_update, blocksize=st.blocksize, percdamp=st.percdamp,
+        offload_to=resolve_device(cfg.model.device) if cfg.model.offload else None,
     )
     seconds = time.perf_counter() - t0
     params = st.model_dump(exclude={"stage", "name", "data"})
