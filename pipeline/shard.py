@@ -9,6 +9,11 @@ for the frozen bf16 weight, so the logits and the optimizer state are what a lar
               hybrid sharding: sharded within each group of G ranks (a node), replicated across groups
   deepspeed   DeepSpeed ZeRO stage 2 (gradients and optimizer state sharded) or 3 (parameters too)
 
+A model loaded on the meta device (`pipeline.models.load_model(meta=True)`, `workers.sharded_load`) is
+filled after sharding: under fsdp each rank reads only the rows of each frozen weight that it owns
+and makes only its rows of the initial logits, so no rank ever holds the whole model; the other
+strategies, which keep whole copies, read it whole.
+
 Whatever the strategy, rank r of W *owns* rows chunk r of every logits tensor, as `torch.chunk` would
 cut them (FSDP2's own row shards; under hybrid sharding, chunk r mod G of G, saved by the first group),
 and saves exactly those rows (`pipeline.checkpoint`). So a
@@ -165,6 +170,8 @@ class FSDP(Strategy):
             if p.to_local().shape[0] != stop - start:
                 raise MaskpipeError(f"{holders[0][1]}: FSDP's row shard is not torch.chunk's; cannot read it in slices")
             local = d.rows(start, stop).to(device=d.device, dtype=p.dtype).contiguous()
+            if local.untyped_storage().nbytes() > local.nbytes:  # rows of a whole tensor: keep only them
+                local = local.clone()
             new = nn.Parameter(DTensor.from_local(local, p.device_mesh, p.placements, run_check=False,
                                                   shape=p.shape, stride=p.stride()), requires_grad=p.requires_grad)
             for module, name in holders:

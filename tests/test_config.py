@@ -59,6 +59,8 @@ def error_of(mutate, source="f.yaml"):
         (lambda r: r["stages"].append({"stage": "retrieval", "niah": {"data": "c", "lengths": [64], "depths": [2]}}),
          "f.yaml: stages.2.niah.depths: expected fractions in [0, 1]"),
         (lambda r: r["stages"].append({"stage": "retrieval"}), "f.yaml: stages.2.passkey: give at least one of"),
+        (lambda r: r.update(workers={"num_workers": 2, "sharded_load": True}),
+         "f.yaml: workers.sharded_load: reading each rank's rows needs strategy fsdp, not ddp"),
     ],
 )
 def test_errors_name_file_and_key(mutate, expected):
@@ -102,3 +104,11 @@ def test_parse_pattern():
     for bad in ["4:2", "0:4", "2", "a:b", "2:4:8"]:
         with pytest.raises(ValueError):
             parse_pattern(bad)
+
+
+def test_fsdp_loads_each_ranks_rows_unless_told_otherwise():
+    from pipeline.config import WorkersConfig
+
+    assert WorkersConfig(num_workers=2, strategy="fsdp").loads_sharded
+    assert not WorkersConfig(num_workers=2, strategy="fsdp", sharded_load=False).loads_sharded
+    assert not WorkersConfig(num_workers=2, strategy="deepspeed").loads_sharded
