@@ -8,6 +8,7 @@ resume under another.
 
 import os
 import socket
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,7 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from pipeline.checkpoint import Checkpoint, CheckpointDir
 from pipeline.shard import owned_rows
-from tests.conftest import CORPORA, MICRO
+from tests.conftest import CORPORA, MICRO, ROOT
 
 STEPS = 8
 # Two ranks sum their gradients in another order than one process, and the float differences grow
@@ -195,3 +196,49 @@ def test_fsdp_loaded_from_meta_learns_the_same_mask_with_the_same_fingerprint(tm
     reference = fingerprints(tmp_path, "whole")[0]
     assert fingerprints(tmp_path, "whole")[1] == reference
     assert fingerprints(tmp_path, "sliced") == (reference, reference)
+
+
+def _stage(rank, world, port, tmp, meta):
+    """What a Ray Train worker runs (workers/learn.py), without Ray: a Session and `learn_stage`."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    from pipeline.checkpoint import CheckpointDir
+    from pipeline.config import config_from_dict
+    from pipeline.run import Session, learn_stage
+
+    prior = ROOT / "tests" / "fixtures" / "artifacts" / "micro-llama-magnitude-2of4-v1"
+    cfg = config_from_dict({
+        "name": "meta", "seed": 0, "model": {"name_or_path": str(MICRO), "dtype": "bfloat16", "device": "cpu"},
+        "data": {"calib": {"sources": [str(CORPORA / "kjv.train.txt")], "shuffle_buffer": 8}},
+        "stages": [{"stage": "learn", "name": "maskllm", "data": "calib", "steps": 4, "batch_size": 4, "seqlen": 32,
+                    "lr": 1e-2, "log_every": 2, "prior": {"artifact": str(prior), "strength": 10}}],
+        "workers": {"num_workers": world, "strategy": "fsdp", "sharded_load": meta}})
+    try:
+        session = Session(cfg.model, meta=cfg.workers.loads_sharded)
+        learn_stage(cfg, session, cfg.stages[0], Path(tmp) / "artifacts", prior, CheckpointDir(Path(tmp) / "ckpt", 2),
+                    None, rank, world)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_learning_stage_loaded_from_meta_writes_the_artifact_of_a_whole_load(tmp_path):
+    """The Ray workers' path under fsdp (Session on meta, the prior checked against the checkpoint's
+    weights, rank 0 fingerprinting from the checkpoint): the artifact is the whole load's, and it
+    applies to a whole load of the model."""
+    from pipeline.artifacts import check_compatible, load_artifact
+    from pipeline.config import ModelConfig
+    from pipeline.models import load_model, prunable_linears
+
+    for meta in (False, True):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        mp.start_processes(_stage, args=(2, port, str(tmp_path / str(meta)), meta), nprocs=2, start_method="spawn")
+    (whole, whole_manifest), (sliced, manifest) = (load_artifact(tmp_path / m / "artifacts" / "maskllm")
+                                                   for m in ("False", "True"))
+    assert manifest["base_model"]["fingerprint"] == whole_manifest["base_model"]["fingerprint"]
+    assert whole.keys() == sliced.keys() and all(torch.equal(whole[k], sliced[k]) for k in whole)
+    cfg = ModelConfig(name_or_path=str(MICRO), dtype="float32", device="cpu")
+    check_compatible(manifest, prunable_linears(load_model(cfg), cfg))
