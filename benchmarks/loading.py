@@ -1,12 +1,12 @@
 """Per-rank peak resident memory of an fsdp learning stage: loading, then its first steps, for a whole
 load per rank against a load from meta (each rank reads only its rows), on 1, 2 and 4 CPU ranks (gloo).
 
-    python benchmarks/loading.py [--dir /tmp/maskpipe-loading] [--worlds 1 2 4] [--steps 1]
+    python benchmarks/loading.py [--dir /tmp/maskpipe-loading] [--worlds 1 2 4] [--steps 2] [--whole 1 2 4]
 
 The model is a randomly initialised LLaMA of 271M parameters (16 blocks, hidden 1024, MLP 2816, vocab
 32000), written once in bf16 to `--dir` (542 MB of safetensors). Every rank loads it in bf16 and learns
 2:4 masks (fp32 logits over the candidates) on random tokens, 4 × 32 per global batch, for `--steps`
-(the peak comes at the first, when AdamW makes its state). Each rank
+(AdamW makes its state at the end of the first; the lasting peak, state and activations, comes at the second). Each rank
 reports the growth of its peak resident set (VmHWM, reset through /proc/self/clear_refs) over its
 resident set before loading: once when FSDP has sharded and filled the model (loading), once after the
 steps. The planned figures are `pipeline.plan.loading_plan` and `memory_plan` (fsdp, CPU). The table
@@ -121,7 +121,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--dir", default=str(Path(tempfile.gettempdir()) / "maskpipe-loading"))
     p.add_argument("--worlds", type=int, nargs="+", default=[1, 2, 4])
-    p.add_argument("--steps", type=int, default=1, help="the peak comes with AdamW's state, at the first step")
+    p.add_argument("--steps", type=int, default=2, help="AdamW's state appears at the end of step 1; "
+                   "the peak that lasts (state + activations) comes from step 2 on")
+    p.add_argument("--whole", type=int, nargs="*", default=None, help="worlds that also run whole loads (default: all)")
     a = p.parse_args()
     from transformers import AutoConfig
 
@@ -137,7 +139,7 @@ def main() -> None:
           "| measured / planned |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |", flush=True)
     for world in a.worlds:
-        for meta in (False, True):
+        for meta in (False, True) if a.whole is None or world in a.whole else (True,):
             marks = run(world, directory, meta, a.steps)
             loading = max(m["loading"] for m in marks)
             steps = max(m["steps"] for m in marks)

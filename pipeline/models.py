@@ -126,13 +126,14 @@ class SafetensorsWeights:
                                 "to read in slices")
 
     def rows(self, name: str, start: int, stop: int, dtype: torch.dtype) -> torch.Tensor:
-        """Rows [start, stop) of tensor `name` (all of a 0-dim one), cast to `dtype` as from_pretrained casts."""
+        """Rows [start, stop) of tensor `name` (all of a 0-dim one), cast to `dtype` as from_pretrained casts.
+        Always a copy: a slice is a view of the mapped file, which may change on disk after loading."""
         from safetensors import safe_open
 
         with safe_open(str(self.files[name]), "pt") as f:
             sl = f.get_slice(name)
             t = sl[start:stop] if len(sl.get_shape()) else sl[:]
-        return t.to(dtype)
+        return t.to(dtype, copy=True)
 
 
 def _checkpoint_dir(cfg: ModelConfig) -> Path:

@@ -124,9 +124,11 @@ def loading_plan(shape: Shape, *, n: int, m: int, world: int, sharded: bool, mod
     """Peak bytes per rank of an fsdp learning stage from loading the model to its first step.
 
     A whole load (`sharded=False`) holds every frozen weight and, before `fully_shard` cuts them,
-    every layer's initial logits. A load from meta (`pipeline.models`) holds only this rank's rows of
-    both; in flight, one layer's initial logits made whole (drawn in float32, then cast), since the
-    random draw must be the one an ordinary load makes."""
+    every layer's initial logits; `from_pretrained` also maps the checkpoint's pages while it copies
+    them into the model (a checkpoint in the model's dtype assumed). A load from meta
+    (`pipeline.models`) holds only this rank's rows of weights and logits; in flight, one layer's
+    initial logits made whole (drawn in float32, then cast), since the random draw must be the one an
+    ordinary load makes."""
     wb, lb = DTYPES[model_dtype].itemsize, DTYPES[logits_dtype].itemsize
     width = math.comb(m, n) if logits_per_group == "candidates" else m
     logits = shape.masked // m * width
@@ -134,7 +136,7 @@ def loading_plan(shape: Shape, *, n: int, m: int, world: int, sharded: bool, mod
     return {
         "frozen weights": shape.params * wb // div,
         "mask logits": logits * lb // div,
-        "in flight": shape.largest_linear // m * width * (4 + lb) if sharded else 0,
+        "in flight": shape.largest_linear // m * width * (4 + lb) if sharded else shape.params * wb,
     }
 
 
