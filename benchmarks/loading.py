@@ -3,9 +3,11 @@ load per rank against a load from meta (each rank reads only its rows), on 1, 2 
 
     python benchmarks/loading.py [--dir /tmp/maskpipe-loading] [--worlds 1 2 4] [--steps 2] [--whole 1 2 4]
 
-The model is a randomly initialised LLaMA of 271M parameters (16 blocks, hidden 1024, MLP 2816, vocab
-32000), written once in bf16 to `--dir` (542 MB of safetensors). Every rank loads it in bf16 and learns
-2:4 masks (fp32 logits over the candidates) on random tokens, 4 × 32 per global batch, for `--steps`
+The model is a randomly initialised LLaMA of 220M parameters (12 blocks, hidden 1024, MLP 2816, vocab
+32000), written once in bf16 to `--dir` (440 MB of safetensors). Every rank loads it in bf16 and learns
+2:4 masks on random tokens, 4 × 32 per global batch, with the lean mask state (one bf16 logit per
+weight: `logits_per_group: positions`, `logits_dtype: bfloat16`, so that 4 ranks of whole loads fit
+beside other work on a 24 GB machine), for `--steps`
 (AdamW makes its state at the end of the first; the lasting peak, state and activations, comes at the second). Each rank
 reports the growth of its peak resident set (VmHWM, reset through /proc/self/clear_refs) over its
 resident set before loading: once when FSDP has sharded and filled the model (loading), once after the
@@ -27,9 +29,10 @@ from pathlib import Path
 import torch
 import torch.multiprocessing as mp
 
-DIMS = dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=16, num_attention_heads=16,
+DIMS = dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=12, num_attention_heads=16,
             num_key_value_heads=16, vocab_size=32000, max_position_embeddings=2048, tie_word_embeddings=False)
 BATCH, SEQLEN = 4, 32
+LEAN = {"logits_per_group": "positions", "logits_dtype": "bfloat16"}
 
 
 def rss(field: str) -> int:
@@ -83,7 +86,7 @@ def worker(rank: int, world: int, port: int, directory: str, meta: bool, steps: 
     cfg = ModelConfig(name_or_path=directory, dtype="bfloat16", device="cpu")
     st = LearnStage.model_validate({"stage": "learn", "name": "learn", "data": "d", "steps": steps,
                                     "batch_size": BATCH, "seqlen": SEQLEN, "log_every": steps,
-                                    "checkpoint_every": 10**6})
+                                    "checkpoint_every": 10**6, **LEAN})
     marks = {}
     setup = FSDP._setup
 
@@ -119,7 +122,7 @@ def run(world: int, directory: Path, meta: bool, steps: int) -> list[dict]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--dir", default=str(Path(tempfile.gettempdir()) / "maskpipe-loading"))
+    p.add_argument("--dir", default=str(Path(tempfile.gettempdir()) / "maskpipe-loading-220m"))
     p.add_argument("--worlds", type=int, nargs="+", default=[1, 2, 4])
     p.add_argument("--steps", type=int, default=2, help="AdamW's state appears at the end of step 1; "
                    "the peak that lasts (state + activations) comes from step 2 on")
@@ -134,7 +137,8 @@ def main() -> None:
     write_model(directory)
     shape = model_shape(AutoConfig.from_pretrained(directory), ModelConfig(name_or_path=str(directory)))
     print(f"random LLaMA: {shape.params / 1e6:.0f}M parameters ({gib(shape.params * 2)} in bf16), "
-          f"{shape.masked / 1e6:.0f}M under 2:4 masks; fsdp, {BATCH} x {SEQLEN} tokens per step, {a.steps} steps")
+          f"{shape.masked / 1e6:.0f}M under 2:4 masks (positions, bf16); fsdp, {BATCH} x {SEQLEN} tokens per step, "
+          f"{a.steps} steps")
     print("| ranks | load | loading: measured | planned | measured / planned | first steps: measured | planned "
           "| measured / planned |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |", flush=True)
@@ -143,9 +147,9 @@ def main() -> None:
             marks = run(world, directory, meta, a.steps)
             loading = max(m["loading"] for m in marks)
             steps = max(m["steps"] for m in marks)
-            plan_load = sum(loading_plan(shape, n=2, m=4, world=world, sharded=meta).values())
+            plan_load = sum(loading_plan(shape, n=2, m=4, world=world, sharded=meta, **LEAN).values())
             plan_steps = sum(memory_plan(shape, n=2, m=4, micro_batch=BATCH // world, seqlen=SEQLEN, strategy="fsdp",
-                                         world=world, model_dtype="bfloat16", cuda=False).values())
+                                         world=world, model_dtype="bfloat16", cuda=False, **LEAN).values())
             print(f"| {world} | {'meta, own rows' if meta else 'whole'} | {gib(loading)} | {gib(plan_load)} | "
                   f"{loading / plan_load:.2f} | {gib(steps)} | {gib(plan_steps)} | {steps / plan_steps:.2f} |",
                   flush=True)

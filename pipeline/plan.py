@@ -100,7 +100,7 @@ def memory_plan(shape: Shape, *, n: int, m: int, micro_batch: int, seqlen: int, 
 
     tokens = micro_batch * seqlen
     per_token_block = ab * (10 * shape.hidden + 4 * shape.kv_hidden + 5 * shape.intermediate) + 8 * shape.hidden
-    per_masked = ab * 2 + 4 * width / m  # masked weight, mask, candidate probabilities (fp32)
+    per_masked = ab * 2 + 4 * math.comb(m, n) / m  # masked weight, mask, probabilities over the candidates (fp32)
     live_block = tokens * per_token_block + shape.block_masked * per_masked
     head = tokens * shape.vocab * (ab + 8)  # logits, fp32 log-softmax for the loss and its gradient
     if activation_checkpointing:
