@@ -1,14 +1,15 @@
 """Per-rank peak resident memory of an fsdp learning stage: loading, then its first steps, for a whole
 load per rank against a load from meta (each rank reads only its rows), on 1, 2 and 4 CPU ranks (gloo).
 
-    python benchmarks/loading.py [--dir /tmp/maskpipe-loading] [--worlds 1 2 4] [--steps 2] [--whole 1 2 4]
+    python benchmarks/loading.py [--dir DIR] [--worlds 1 2 4] [--whole 1 2 4] [--steps 1] [--no-ac]
 
 The model is a randomly initialised LLaMA of 220M parameters (12 blocks, hidden 1024, MLP 2816, vocab
 32000), written once in bf16 to `--dir` (440 MB of safetensors). Every rank loads it in bf16 and learns
 2:4 masks on random tokens, 4 × 32 per global batch, with the lean mask state (one bf16 logit per
 weight: `logits_per_group: positions`, `logits_dtype: bfloat16`, so that 4 ranks of whole loads fit
-beside other work on a 24 GB machine), for `--steps`
-(AdamW makes its state at the end of the first; the lasting peak, state and activations, comes at the second). Each rank
+beside other work on a 24 GB machine) and activation checkpointing (what `fsdp` runs with at scale: without
+it every rank keeps every block's soft mask, whatever the number of ranks), for `--steps` (AdamW makes
+its state at the end of the first step; later steps add at most one block's activations to that peak). Each rank
 reports the growth of its peak resident set (VmHWM, reset through /proc/self/clear_refs) over its
 resident set before loading: once when FSDP has sharded and filled the model (loading), once after the
 steps. The planned figures are `pipeline.plan.loading_plan` and `memory_plan` (fsdp, CPU). The table
@@ -70,7 +71,7 @@ class RandomBlocks:
         raise NotImplementedError  # never resumed
 
 
-def worker(rank: int, world: int, port: int, directory: str, meta: bool, steps: int, out: str) -> None:
+def worker(rank: int, world: int, port: int, directory: str, meta: bool, steps: int, ac: bool, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
     torch.set_num_threads(max(1, 2 // world))
@@ -103,19 +104,19 @@ def worker(rank: int, world: int, port: int, directory: str, meta: bool, steps: 
     model = load_model(cfg, meta=meta)
     with tempfile.TemporaryDirectory() as tmp:
         train_masks(model, prunable_linears(model, cfg), st, 2, 4, RandomBlocks(rank), seed=0,
-                    store=CheckpointDir(tmp, keep=1), strategy="fsdp")
+                    store=CheckpointDir(tmp, keep=1), strategy="fsdp", activation_checkpointing=ac)
     marks["steps"] = rss("VmHWM") - marks["base"]
     Path(f"{out}.{rank}").write_text(json.dumps(marks))
     dist.destroy_process_group()
 
 
-def run(world: int, directory: Path, meta: bool, steps: int) -> list[dict]:
+def run(world: int, directory: Path, meta: bool, steps: int, ac: bool) -> list[dict]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     with tempfile.TemporaryDirectory() as tmp:
         out = str(Path(tmp) / "marks")
-        mp.start_processes(worker, args=(world, port, str(directory), meta, steps, out), nprocs=world,
+        mp.start_processes(worker, args=(world, port, str(directory), meta, steps, ac, out), nprocs=world,
                            start_method="spawn")
         return [json.loads(Path(f"{out}.{r}").read_text()) for r in range(world)]
 
@@ -124,9 +125,11 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--dir", default=str(Path(tempfile.gettempdir()) / "maskpipe-loading-220m"))
     p.add_argument("--worlds", type=int, nargs="+", default=[1, 2, 4])
-    p.add_argument("--steps", type=int, default=2, help="AdamW's state appears at the end of step 1; "
-                   "the peak that lasts (state + activations) comes from step 2 on")
+    p.add_argument("--steps", type=int, default=1, help="AdamW's state appears at the end of step 1; from step 2 "
+                   "the peak adds one block's activations to it (small under activation checkpointing)")
     p.add_argument("--whole", type=int, nargs="*", default=None, help="worlds that also run whole loads (default: all)")
+    p.add_argument("--no-ac", dest="ac", action="store_false",
+                   help="without activation checkpointing every rank keeps every block's soft mask for the backward")
     a = p.parse_args()
     from transformers import AutoConfig
 
@@ -138,18 +141,19 @@ def main() -> None:
     shape = model_shape(AutoConfig.from_pretrained(directory), ModelConfig(name_or_path=str(directory)))
     print(f"random LLaMA: {shape.params / 1e6:.0f}M parameters ({gib(shape.params * 2)} in bf16), "
           f"{shape.masked / 1e6:.0f}M under 2:4 masks (positions, bf16); fsdp, {BATCH} x {SEQLEN} tokens per step, "
-          f"{a.steps} steps")
+          f"{a.steps} step(s), activation checkpointing {'on' if a.ac else 'off'}")
     print("| ranks | load | loading: measured | planned | measured / planned | first steps: measured | planned "
           "| measured / planned |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |", flush=True)
     for world in a.worlds:
         for meta in (False, True) if a.whole is None or world in a.whole else (True,):
-            marks = run(world, directory, meta, a.steps)
+            marks = run(world, directory, meta, a.steps, a.ac)
             loading = max(m["loading"] for m in marks)
             steps = max(m["steps"] for m in marks)
             plan_load = sum(loading_plan(shape, n=2, m=4, world=world, sharded=meta, **LEAN).values())
             plan_steps = sum(memory_plan(shape, n=2, m=4, micro_batch=BATCH // world, seqlen=SEQLEN, strategy="fsdp",
-                                         world=world, model_dtype="bfloat16", cuda=False, **LEAN).values())
+                                         world=world, model_dtype="bfloat16", cuda=False, activation_checkpointing=a.ac,
+                                         **LEAN).values())
             print(f"| {world} | {'meta, own rows' if meta else 'whole'} | {gib(loading)} | {gib(plan_load)} | "
                   f"{loading / plan_load:.2f} | {gib(steps)} | {gib(plan_steps)} | {steps / plan_steps:.2f} |",
                   flush=True)
