@@ -102,9 +102,9 @@ def worker(rank: int, world: int, port: int, directory: str, meta: bool, steps: 
     reset_peak()
     marks["base"] = rss("VmRSS")
     model = load_model(cfg, meta=meta)
-    with tempfile.TemporaryDirectory() as tmp:
-        train_masks(model, prunable_linears(model, cfg), st, 2, 4, RandomBlocks(rank), seed=0,
-                    store=CheckpointDir(tmp, keep=1), strategy="fsdp", activation_checkpointing=ac)
+    train_masks(model, prunable_linears(model, cfg), st, 2, 4, RandomBlocks(rank), seed=0,
+                store=CheckpointDir(Path(out).parent / "checkpoints", keep=1), strategy="fsdp",  # seen by every rank
+                activation_checkpointing=ac)
     marks["steps"] = rss("VmHWM") - marks["base"]
     Path(f"{out}.{rank}").write_text(json.dumps(marks))
     dist.destroy_process_group()
