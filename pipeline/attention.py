@@ -215,22 +215,23 @@ def _flex(heads: LayerHeads, query, key, value, offset, scaling, group):
     # One block mask per layer and shape: building it is the expensive part of a short forward.
     cache_key = (query.shape[2], key.shape[2], str(query.device))
     if cache_key not in heads.block_masks:
-        heads.block_masks[cache_key] = create_block_mask(mask_mod, None, query.shape[1], query.shape[2],
-                                                         key.shape[2], device=query.device)
-    run = flex_attention if query.device.type == "cpu" else _compiled_flex()
+        # Eager create_block_mask materialises the whole [heads, Lq, Lk] boolean mask (34 GB at 32 query
+        # heads and 32k tokens); compiled, it evaluates the mask_mod block by block, as torch advises.
+        make = create_block_mask if query.device.type == "cpu" else _compiled(create_block_mask)
+        heads.block_masks[cache_key] = make(mask_mod, None, query.shape[1], query.shape[2], key.shape[2],
+                                            device=query.device)
+    run = flex_attention if query.device.type == "cpu" else _compiled(flex_attention)
     return run(query, key, value, block_mask=heads.block_masks[cache_key], scale=scaling, enable_gqa=group > 1)
 
 
-def _compiled_flex():
-    from torch.nn.attention.flex_attention import flex_attention
-
-    global _COMPILED_FLEX
-    if _COMPILED_FLEX is None:
-        _COMPILED_FLEX = torch.compile(flex_attention, dynamic=False)
-    return _COMPILED_FLEX
+def _compiled(fn):
+    """`fn` compiled once per process (static shapes: one graph per sequence length)."""
+    if fn not in _COMPILED:
+        _COMPILED[fn] = torch.compile(fn, dynamic=False)
+    return _COMPILED[fn]
 
 
-_COMPILED_FLEX = None
+_COMPILED: dict = {}
 
 
 def planned_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,

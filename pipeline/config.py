@@ -81,6 +81,9 @@ class ModelConfig(Strict):
     dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
     trust_remote_code: bool = False
     device: str = "auto"
+    # Keep the model in host memory: one-shot stages calibrate each decoder block on `device` in turn
+    # (pipeline.oneshot), for a model larger than the device; the other stages then run on the CPU.
+    offload: bool = False
     prune: PruneTargets = PruneTargets()
 
 
@@ -385,9 +388,19 @@ class WorkersConfig(Strict):
     # The cluster adds nodes on demand (cluster/aws.yaml, an autoscaling KubeRay cluster): requests the
     # current nodes cannot hold wait for new ones instead of being refused before the run starts.
     autoscaling: bool = False
+    # Build the model on the meta device and let each rank read only its rows of the safetensors
+    # checkpoint (pipeline.models), instead of a whole copy per worker. Default: on under fsdp.
+    sharded_load: bool | None = None
+
+    @property
+    def loads_sharded(self) -> bool:
+        return self.strategy == "fsdp" if self.sharded_load is None else self.sharded_load
 
     @model_validator(mode="after")
     def _strategy_fits(self) -> WorkersConfig:
+        if self.sharded_load and self.strategy != "fsdp":
+            raise _KeyError("workers.sharded_load", f"reading each rank's rows needs strategy fsdp, "
+                                                    f"not {self.strategy}")
         if self.strategy in ("fsdp", "deepspeed") and self.num_workers == 0:
             raise _KeyError("workers.strategy", f"{self.strategy} runs on Ray workers: set workers.num_workers ≥ 1")
         if self.shard_group is not None and (self.strategy != "fsdp" or self.num_workers % self.shard_group):

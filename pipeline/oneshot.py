@@ -3,7 +3,9 @@
 They are the baselines, and the priors that learned masks start from. Wanda and SparseGPT prune
 sequentially, block by block, as both papers do: the first decoder block's inputs are captured for every
 calibration sample, then each block is calibrated on what the already-pruned blocks before it produce,
-so memory holds one block's activations at a time.
+so memory holds one block's activations at a time. With `offload_to` the model stays in host memory
+and only the block being calibrated is on the device (`_Offloaded`), so a one-shot mask of a model
+larger than one GPU is possible.
 
 A mask is a CPU bool tensor shaped like the weight [out, in]; every group of M consecutive input columns
 of a row keeps exactly N. The model's weights are never changed: pruned blocks run through a mask
@@ -31,10 +33,13 @@ def oneshot_masks(
     model: nn.Module, linears: dict[str, nn.Linear], method: str, n: int, m: int,
     calib: torch.Tensor | None = None,  # LongTensor [n_samples, seqlen] of token ids; None for magnitude
     *, batch_size: int = 8, weight_update: bool = False, blocksize: int = 128, percdamp: float = 0.01,
+    offload_to: torch.device | str | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
     """Returns (masks: name -> CPU bool tensor shaped like the weight, N:M along the input dim;
     updated weights: name -> CPU tensor (model dtype) when weight_update, else None).
-    On return the model's weights are exactly as they were on entry (base weights never change)."""
+    On return the model's weights are exactly as they were on entry (base weights never change).
+
+    `offload_to`: calibrate on this device a model that stays in host memory (`_Offloaded`)."""
     if method not in METHODS:
         raise MaskpipeError(f"unknown one-shot method {method!r} (choose from {', '.join(METHODS)})")
     if not 0 < n < m:
@@ -44,7 +49,8 @@ def oneshot_masks(
     for name, lin in linears.items():
         check_divisible(name, lin.weight.shape, m)
     if method == "magnitude":
-        return {name: nm_mask(base_weight(lin).abs(), n, m).cpu() for name, lin in linears.items()}, None
+        return {name: nm_mask(base_weight(lin).to(offload_to).abs(), n, m).cpu()
+                for name, lin in linears.items()}, None
     if calib is None or calib.dim() != 2:
         raise MaskpipeError(f"{method} needs calibration token ids shaped [n_samples, seqlen]")
 
@@ -56,10 +62,16 @@ def oneshot_masks(
 
     # Blocks after the last one with something to prune need no calibration.
     last = max((i for i, subset in enumerate(per_block) if subset), default=-1)
-    inputs = _capture_block_inputs(model, blocks[0], calib, batch_size)
+    offload = _Offloaded(model, blocks, offload_to)
+    try:
+        inputs = _capture_block_inputs(model, blocks[0], calib, batch_size, offload.device)
+    except BaseException:
+        offload.restore()
+        raise
     masks: dict[str, torch.Tensor] = {}
     updated: dict[str, torch.Tensor] | None = {} if weight_update else None
-    for block, subset in zip(tqdm(blocks[: last + 1], desc=f"{method} {n}:{m}", disable=None), per_block):
+    for block, subset in zip(tqdm(offload.each(blocks[: last + 1]), desc=f"{method} {n}:{m}", total=last + 1,
+                                  disable=None), per_block):
         # Statistics of each linear's inputs while the block is still dense, as in both papers.
         stats = {name: (ChannelNorms if method == "wanda" else Hessian)(lin) for name, lin in subset.items()}
         handles = [lin.register_forward_hook(stats[name].add_batch) for name, lin in subset.items()]
@@ -168,15 +180,55 @@ def sparsegpt_prune(
     return ~prune, W
 
 
+class _Offloaded:
+    """A model in host memory calibrated on `device`, as SparseGPT's and llm-compressor's sequential
+    pipelines do: everything outside the decoder blocks (embeddings, final norm, head, rotary
+    buffers) moves to the device for the whole calibration, each block only while `each` is at it,
+    so the device holds one block, its statistics and the calibration activations, never the model
+    (`pipeline.plan.oneshot_plan`). With `device` None or the model's own device nothing moves."""
+
+    def __init__(self, model: nn.Module, blocks: nn.ModuleList, device: torch.device | str | None):
+        self.model, self.blocks = model, blocks
+        self.home = next(model.parameters()).device
+        self.device = self.home if device is None else torch.device(device)
+        self.moves = self.device != self.home
+        self._outside(self.device)
+
+    def _outside(self, device: torch.device) -> None:
+        if not self.moves:
+            return
+        parked = list(self.blocks._modules.items())
+        self.blocks._modules.clear()  # the block list empty for a moment: `to` moves all but the blocks
+        try:
+            self.model.to(device)
+        finally:
+            self.blocks._modules.update(parked)
+
+    def restore(self) -> None:
+        self._outside(self.home)
+
+    def each(self, blocks):
+        """The blocks in turn, each on the device while the caller works on it; everything back home
+        at the end (also when the caller stops early)."""
+        try:
+            for block in blocks:
+                block.to(self.device)
+                try:
+                    yield block
+                finally:
+                    block.to(self.home)
+        finally:
+            self.restore()
+
+
 class _Captured(Exception):
     """Stops the model right after block 0's inputs are recorded: the rest of the forward is wasted work."""
 
 
 def _capture_block_inputs(
-    model: nn.Module, first: nn.Module, calib: torch.Tensor, batch_size: int
+    model: nn.Module, first: nn.Module, calib: torch.Tensor, batch_size: int, device: torch.device
 ) -> list[tuple[torch.Tensor, tuple, dict]]:
-    """(hidden states, other args, kwargs) of `first` per calibration batch, on the model's device."""
-    device = next(model.parameters()).device
+    """(hidden states, other args, kwargs) of `first` per calibration batch, on `device`."""
     captured = []
 
     def record(module: nn.Module, args: tuple, kwargs: dict):

@@ -39,7 +39,8 @@ from pipeline.data import TokenStream, eval_text
 from pipeline.evaluate import Perplexity, perplexity
 from pipeline.learn import hard_mask, train_masks
 from pipeline.loggers import MetricsLog, log_results, read_metrics, require  # noqa: F401 (read_metrics: jobs.submit)
-from pipeline.models import base_weight, fingerprint, load_model, load_tokenizer, prunable_linears
+from pipeline.models import (base_weight, device_of, fingerprint, load_model, load_tokenizer, prunable_linears,
+                             resolve_device)
 from pipeline.oneshot import oneshot_masks
 from pipeline.plan import model_shape, plan_report
 from pipeline.retrieval import (accuracy, multikey_samples, niah_heatmap, niah_samples, passkey_samples, score,
@@ -75,11 +76,12 @@ class Variant:
 class Session:
     """A model, its tokenizer and prunable linears, loaded once and shared by a run's stages."""
 
-    def __init__(self, model_cfg: ModelConfig):
+    def __init__(self, model_cfg: ModelConfig, meta: bool = False):
+        """`meta`: the model on the meta device, read later by whoever places it (`load_model`)."""
         self.model_cfg = model_cfg
         self.tokenizer = load_tokenizer(model_cfg)
         try:
-            self.model = load_model(model_cfg)
+            self.model = load_model(model_cfg, meta=meta)
         except SafetensorError as e:  # a truncated or corrupted weights file
             raise MaskpipeError(f"model {model_cfg.name_or_path!r}: cannot load its weights: {e}") from None
         self.linears = prunable_linears(self.model, model_cfg)
@@ -154,6 +156,7 @@ def oneshot_stage(cfg: Config, s: Session, st: OneshotStage, out_dir: Path) -> l
     masks, updated = oneshot_masks(
         s.model, s.linears, st.method, n, m, calib, batch_size=st.batch_size,
         weight_update=st.weight_update, blocksize=st.blocksize, percdamp=st.percdamp,
+        offload_to=resolve_device(cfg.model.device) if cfg.model.offload else None,
     )
     seconds = time.perf_counter() - t0
     params = st.model_dump(exclude={"stage", "name", "data"})
@@ -198,7 +201,7 @@ def learn_stage(cfg: Config, s: Session, st: LearnStage, out_dir: Path, prior: P
     log.info("%s: learning %d:%d masks for %d linears, %d steps, %d tokens on %d worker(s)", st.name, n, m,
              len(s.linears), st.steps, tokens, world_size)
     if rank == 0:
-        device = base_weight(next(iter(s.linears.values()))).device
+        device = device_of(base_weight(next(iter(s.linears.values()))))
         cuda = device.type == "cuda"
         capacity = torch.cuda.get_device_properties(device).total_memory if cuda else None
         log.info("%s: memory plan\n%s", st.name,

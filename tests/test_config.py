@@ -59,6 +59,8 @@ def error_of(mutate, source="f.yaml"):
         (lambda r: r["stages"].append({"stage": "retrieval", "niah": {"data": "c", "lengths": [64], "depths": [2]}}),
          "f.yaml: stages.2.niah.depths: expected fractions in [0, 1]"),
         (lambda r: r["stages"].append({"stage": "retrieval"}), "f.yaml: stages.2.passkey: give at least one of"),
+        (lambda r: r.update(workers={"num_workers": 2, "sharded_load": True}),
+         "f.yaml: workers.sharded_load: reading each rank's rows needs strategy fsdp, not ddp"),
     ],
 )
 def test_errors_name_file_and_key(mutate, expected):
@@ -116,3 +118,11 @@ def test_learn_lr_defaults_to_a_move_of_one_and_a_half_prior_margins_over_the_bu
     assert lr(steps=150, prior={"stage": "sparsegpt", "strength": 3}, init_std=0.02) == pytest.approx(3 * 3 * 0.02 / 150)
     assert lr(steps=150) == pytest.approx(3 * 0.01 / 150)  # no prior: the init's spread is the margin
     assert lr(steps=150, lr=1e-3, prior={"stage": "sparsegpt"}) == 1e-3  # an explicit lr wins
+
+
+def test_fsdp_loads_each_ranks_rows_unless_told_otherwise():
+    from pipeline.config import WorkersConfig
+
+    assert WorkersConfig(num_workers=2, strategy="fsdp").loads_sharded
+    assert not WorkersConfig(num_workers=2, strategy="fsdp", sharded_load=False).loads_sharded
+    assert not WorkersConfig(num_workers=2, strategy="deepspeed").loads_sharded

@@ -63,7 +63,7 @@ def learn_loop(config: dict) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.manual_seed(cfg.seed)
-    session = Session(cfg.model)
+    session = Session(cfg.model, meta=cfg.workers.loads_sharded)  # fsdp: each rank reads its rows only
     metrics = MetricsLog(run_dir, st.name, cfg.logging, config=cfg.model_dump(mode="json")) if rank == 0 else None
 
     def on_log(entry: dict) -> None:
