@@ -304,8 +304,9 @@ class PriorConfig(Strict):
         return self
 
 
-# A learn stage's default lr is LR_MARGINS · margin / steps (see LearnStage.lr).
+# A learn stage's default lr is LR_MARGINS · margin / steps, at most MAX_STEP_MARGIN · margin (see LearnStage.lr).
 LR_MARGINS = 3.0
+MAX_STEP_MARGIN = 0.1
 
 
 class LearnStage(StageBase):
@@ -351,7 +352,9 @@ class LearnStage(StageBase):
                 strength = (prior.strength if isinstance(prior, PriorConfig) else
                             float((prior or {}).get("strength", PriorConfig.model_fields["strength"].default)))
                 margin = init_std * (strength if prior is not None else 1.0)
-                v = {**v, "lr": float(f"{LR_MARGINS * margin / max(steps, 1):.3g}")}
+                # Adam's first steps move every logit by about lr whatever its gradient, so a flip
+                # must take at least 1 / MAX_STEP_MARGIN agreeing steps, however short the run.
+                v = {**v, "lr": float(f"{min(LR_MARGINS / max(steps, 1), MAX_STEP_MARGIN) * margin:.3g}")}
             except (KeyError, TypeError, ValueError, AttributeError):
                 pass  # the field validators report the bad key
         return v

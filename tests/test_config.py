@@ -118,6 +118,7 @@ def test_learn_lr_defaults_to_a_move_of_one_and_a_half_prior_margins_over_the_bu
     assert lr(steps=150, prior={"stage": "sparsegpt", "strength": 3}, init_std=0.02) == pytest.approx(3 * 3 * 0.02 / 150)
     assert lr(steps=150) == pytest.approx(3 * 0.01 / 150)  # no prior: the init's spread is the margin
     assert lr(steps=150, lr=1e-3, prior={"stage": "sparsegpt"}) == 1e-3  # an explicit lr wins
+    assert lr(steps=2, prior={"stage": "sparsegpt"}) == pytest.approx(0.1 * 10 * 0.01)  # >= 10 steps to flip
 
 
 def test_fsdp_loads_each_ranks_rows_unless_told_otherwise():
