@@ -109,8 +109,12 @@ class WandbLogger:
         if run_id is None:
             run_id = secrets.token_hex(6)  # W&B run ids: lowercase letters and digits
             _remember(run_dir, "wandb", {"id": run_id, "project": cfg.project})
+        # Offline, every init writes a segment folder named by the second it started and the run id: two
+        # stages (or the final summary) starting within one second would overwrite each other's records.
+        segment = run_dir / "wandb" / "segments" / f"{time.time_ns()}-{os.getpid()}"
+        segment.mkdir(parents=True, exist_ok=True)
         self.run = wandb.init(project=cfg.project, entity=cfg.entity, name=cfg.name or run_dir.name, id=run_id,
-                              resume="allow", mode=cfg.mode, tags=cfg.tags or None, dir=str(run_dir),
+                              resume="allow", mode=cfg.mode, tags=cfg.tags or None, dir=str(segment),
                               config=config, reinit="create_new")
         self.defined: set[str] = set()
 
@@ -200,7 +204,7 @@ class MetricsLog:
     def __call__(self, entry: dict) -> None:
         log.info("%s: %s", self.stage, " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                                 for k, v in entry.items()))
-        if not self.started:
+        if not self.started or "resumed_from_step" in entry:
             self.started = True
             self.jsonl.rewind(self.stage, entry.get("resumed_from_step", 0))
         if "resumed_from_step" in entry:

@@ -519,8 +519,8 @@ def _lengths(st) -> dict[str, int]:
     if isinstance(st, RetrievalStage):
         return {f"{task}.lengths": max(getattr(st, task).lengths) for task in ("passkey", "niah", "multikey")
                 if getattr(st, task) is not None}
-    if isinstance(st, OneshotStage) and st.data is None:
-        return {}
+    if isinstance(st, OneshotStage) and st.data is None or getattr(st, "seqlen", None) is None:
+        return {}  # magnitude reads no text; lm-eval tasks bring their own lengths
     return {"seqlen": st.seqlen}
 
 

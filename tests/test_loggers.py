@@ -53,7 +53,7 @@ def test_wandb_offline_and_mlflow_file_store_get_every_stage_in_one_run(tmp_path
     assert client.get_metric_history(run.info.run_id, "results/ppl/dense/kjv")[0].value == 34.5
     # W&B offline: one segment per process/stage of the same run id (`wandb sync` merges them); its
     # records are protobuf, whose keys appear verbatim
-    records = b"".join(f.read_bytes() for f in (run_dir / "wandb").glob(f"offline-run-*-{ids['wandb']['id']}/*.wandb"))
+    records = b"".join(f.read_bytes() for f in (run_dir / "wandb").rglob(f"offline-run-*-{ids['wandb']['id']}/*.wandb"))
     for key in (b"learn/loss", b"learn/step", b"gates/distance", b"ppl/dense/kjv", b"maskpipe-test"):
         assert key in records
     assert [(m["stage"], m["step"]) for m in read_metrics(run_dir / "metrics.jsonl")] == [
