@@ -59,6 +59,17 @@ def error_of(mutate, source="f.yaml"):
         (lambda r: r["stages"].append({"stage": "retrieval", "niah": {"data": "c", "lengths": [64], "depths": [2]}}),
          "f.yaml: stages.2.niah.depths: expected fractions in [0, 1]"),
         (lambda r: r["stages"].append({"stage": "retrieval"}), "f.yaml: stages.2.passkey: give at least one of"),
+        (lambda r: r["stages"].insert(1, {"stage": "oneshot", "method": "dsnot", "data": "c"}),
+         "f.yaml: stages.1.mask_from: dsnot refines the mask of an earlier stage"),
+        (lambda r: r["stages"][0].update(mask_from="x"), "f.yaml: stages.0.mask_from: dsnot refines the mask"),
+        (lambda r: r["stages"].insert(0, {"stage": "oneshot", "method": "dsnot", "data": "c", "mask_from": "wanda"}),
+         "f.yaml: stages.0.mask_from: no earlier oneshot or learn stage named 'wanda'"),
+        (lambda r: r["stages"].append({"stage": "oneshot", "method": "dsnot", "data": "c", "mask_from": "eval"}),
+         "f.yaml: stages.2.mask_from: no earlier oneshot or learn stage named 'eval'"),
+        (lambda r: r["stages"].append({"stage": "oneshot", "method": "dsnot", "data": "c", "mask_from": "wanda",
+                                       "pattern": "4:8"}), "f.yaml: stages.2.mask_from: wanda makes 2:4 masks, this stage 4:8"),
+        (lambda r: r["stages"].append({"stage": "oneshot", "method": "dsnot", "mask_from": "wanda"}),
+         "f.yaml: stages.2.data: dsnot needs a calibration corpus"),
     ],
 )
 def test_errors_name_file_and_key(mutate, expected):
