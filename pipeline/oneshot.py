@@ -54,7 +54,7 @@ def oneshot_masks(
             raise MaskpipeError(f"dsnot refines a mask: no initial mask for {missing[:3]}")
         for name, lin in linears.items():
             if init_masks[name].shape != lin.weight.shape or not is_nm(init_masks[name], n, m):
-                raise MaskpipeError(f"dsnot: the initial mask of {name} is not an {n}:{m} mask of its weight")
+                raise MaskpipeError(f"dsnot: the initial mask of {name} is no {n}:{m} mask of its weight")
     if method == "magnitude":
         return {name: nm_mask(base_weight(lin).abs(), n, m).cpu() for name, lin in linears.items()}, None
     if calib is None or calib.dim() != 2:

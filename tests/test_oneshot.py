@@ -428,7 +428,7 @@ def test_dsnot_refuses_a_missing_or_malformed_initial_mask(micro, calib):
         oneshot_masks(model, linears, "dsnot", 2, 4, calib)
     start, _ = oneshot_masks(model, linears, "magnitude", 2, 4)
     name = next(iter(linears))
-    with pytest.raises(MaskpipeError, match=f"initial mask of {name} is not an 4:8 mask"):
-        oneshot_masks(model, linears, "dsnot", 4, 8, calib, init_masks=start)
-    with pytest.raises(MaskpipeError, match=f"initial mask of {name} is not an 2:4"):
+    with pytest.raises(MaskpipeError, match=f"initial mask of {name} is no 1:4 mask"):
+        oneshot_masks(model, linears, "dsnot", 1, 4, calib, init_masks=start)
+    with pytest.raises(MaskpipeError, match=f"initial mask of {name} is no 2:4 mask"):
         oneshot_masks(model, linears, "dsnot", 2, 4, calib, init_masks={**start, name: torch.ones_like(start[name])})
