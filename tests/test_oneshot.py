@@ -1,3 +1,4 @@
+import json
 import math
 from pathlib import Path
 
@@ -432,3 +433,25 @@ def test_dsnot_refuses_a_missing_or_malformed_initial_mask(micro, calib):
         oneshot_masks(model, linears, "dsnot", 1, 4, calib, init_masks=start)
     with pytest.raises(MaskpipeError, match=f"initial mask of {name} is no 2:4 mask"):
         oneshot_masks(model, linears, "dsnot", 2, 4, calib, init_masks={**start, name: torch.ones_like(start[name])})
+
+
+def test_a_dsnot_stage_refines_the_artifact_of_an_earlier_stage_of_a_run(tmp_path):
+    from pipeline.artifacts import load_artifact
+    from pipeline.config import config_from_dict
+    from pipeline.run import run
+
+    calib = {"stage": "oneshot", "data": "calib", "n_samples": 4, "seqlen": 64}
+    cfg = config_from_dict({
+        "name": "dsnot", "model": {"name_or_path": str(FIXTURES / "models/micro-llama"), "dtype": "float32",
+                                   "device": "cpu"},
+        "data": {"calib": str(FIXTURES / "corpora" / "kjv.train.txt")},
+        "stages": [{**calib, "method": "wanda"}, {**calib, "name": "refined", "method": "dsnot", "mask_from": "wanda"}],
+    })
+    run_dir = run(cfg, tmp_path / "run")
+    start, _ = load_artifact(run_dir / "artifacts" / "wanda")
+    refined, manifest = load_artifact(run_dir / "artifacts" / "refined")
+    assert manifest["method"]["name"] == "dsnot" and manifest["method"]["params"]["mask_from"] == "wanda"
+    assert all(is_nm(mask, 2, 4) for mask in refined.values())
+    assert any(not torch.equal(refined[k], start[k]) for k in start)
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["stages"]["refined"]["prior"] == "wanda"
