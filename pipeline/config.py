@@ -375,7 +375,8 @@ def search_spec(spec: Any) -> tuple[str, Any]:
         return kind, arg
     numbers = isinstance(arg, list) and len(arg) == 2 and all(isinstance(x, (int, float)) for x in arg)
     if not numbers or not arg[0] < arg[1] or (kind == "loguniform" and arg[0] <= 0):
-        raise ValueError(f"{kind} needs [low, high] with {'0 < ' if kind == 'loguniform' else ''}low < high, got {arg!r}")
+        bound = "0 < low < high" if kind == "loguniform" else "low < high"
+        raise ValueError(f"{kind} needs [low, high] with {bound}, got {arg!r}")
     if kind == "randint" and not all(isinstance(x, int) for x in arg):
         raise ValueError(f"randint needs integers [low, high) , got {arg!r}")
     return kind, arg
@@ -498,9 +499,9 @@ class Config(Strict):
                 source = next((s for s in self.stages[:i] if s.name == st.mask_from), None)
                 if not isinstance(source, (OneshotStage, LearnStage)):
                     raise _KeyError(f"{where}.mask_from", f"no earlier oneshot or learn stage named {st.mask_from!r}")
-                if self.stage_pattern(source) != self.stage_pattern(st):
-                    raise _KeyError(f"{where}.mask_from", f"{st.mask_from} makes {':'.join(map(str, self.stage_pattern(source)))} "
-                                                          f"masks, this stage {':'.join(map(str, self.stage_pattern(st)))}")
+                theirs, ours = (":".join(map(str, self.stage_pattern(x))) for x in (source, st))
+                if theirs != ours:
+                    raise _KeyError(f"{where}.mask_from", f"{st.mask_from} makes {theirs} masks, this stage {ours}")
             if isinstance(st, LearnStage) and st.prior is not None and st.prior.stage is not None:
                 if st.prior.stage not in seen:
                     raise _KeyError(f"{where}.prior.stage", f"no earlier stage named {st.prior.stage!r}")

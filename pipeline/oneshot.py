@@ -2,10 +2,10 @@
 DSnoT (Zhang et al. 2023), which refines any of them without training.
 
 They are the baselines, and the priors that learned masks start from. DSnoT takes another method's
-mask (`init_masks`) and swaps kept and pruned weights inside each N:M group (`dsnot_refine`). Wanda and SparseGPT prune
-sequentially, block by block, as both papers do: the first decoder block's inputs are captured for every
-calibration sample, then each block is calibrated on what the already-pruned blocks before it produce,
-so memory holds one block's activations at a time. DSnoT walks the blocks the same way: a block's masks
+mask (`init_masks`) and swaps kept and pruned weights inside each N:M group (`dsnot_refine`). Wanda and
+SparseGPT prune sequentially, block by block, as both papers do: the first decoder block's inputs are
+captured for every calibration sample, then each block is calibrated on what the already-pruned blocks
+before it produce, so memory holds one block's activations at a time. DSnoT walks the blocks the same way: a block's masks
 are refined on the outputs of the blocks before it, run with their refined masks.
 
 A mask is a CPU bool tensor shaped like the weight [out, in]; every group of M consecutive input columns

@@ -136,7 +136,8 @@ def oneshot_stage(cfg: Config, s: Session, st: OneshotStage, out_dir: Path) -> l
     if st.mask_from is not None:
         init_masks, manifest = s.load_artifact(out_dir / st.mask_from)
         if manifest["pattern"] != f"{n}:{m}":
-            raise MaskpipeError(f"{st.name}: mask_from: {st.mask_from} is {manifest['pattern']}, the stage makes {n}:{m}")
+            raise MaskpipeError(f"{st.name}: mask_from: {st.mask_from} is {manifest['pattern']}, "
+                                f"the stage makes {n}:{m}")
     calib, data_info = None, {}
     if st.data is not None:
         calib = calibration_blocks(cfg.data[st.data], s.tokenizer, st.n_samples, st.seqlen, cfg.seed)
@@ -150,7 +151,8 @@ def oneshot_stage(cfg: Config, s: Session, st: OneshotStage, out_dir: Path) -> l
         max_cycles=st.max_cycles,
     )
     seconds = time.perf_counter() - t0
-    params = st.model_dump(exclude={"stage", "name", "data"} | ({"mask_from", "max_cycles"} if st.mask_from is None else set()))
+    dsnot_only = {"mask_from", "max_cycles"} if st.mask_from is None else set()
+    params = st.model_dump(exclude={"stage", "name", "data"} | dsnot_only)
     artifact = save_artifact(
         out_dir / st.name, masks, s.linears, base_model=s.base_model_info(), pattern=f"{n}:{m}",
         method={"name": st.method, "params": params, "seconds": round(seconds, 2)},
