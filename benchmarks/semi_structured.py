@@ -42,12 +42,13 @@ def cuda_time(fn, repeats: int, warmup: int = 5) -> float:
     return statistics.median(times)
 
 
-def linear_layers(tokens: list[int], dtype: torch.dtype, repeats: int) -> list[str]:
+def linear_timings(tokens: list[int], dtype: torch.dtype, repeats: int, shapes=SHAPES) -> list[dict]:
+    """Per (weight shape, tokens): median ms of the dense and the semi-structured linear, and their
+    largest output difference."""
     from torch.sparse import to_sparse_semi_structured
 
-    rows = ["| weight (out × in) | tokens | dense (ms) | 2:4 semi-structured (ms) | speed-up | max abs diff |",
-            "| --- | --- | --- | --- | --- | --- |"]
-    for out_f, in_f in SHAPES:
+    out = []
+    for out_f, in_f in shapes:
         w = torch.randn(out_f, in_f, device="cuda", dtype=dtype)
         w = w * nm_mask(w.abs(), 2, 4)
         sparse = to_sparse_semi_structured(w)
@@ -56,8 +57,17 @@ def linear_layers(tokens: list[int], dtype: torch.dtype, repeats: int) -> list[s
             dense_ms = cuda_time(lambda: F.linear(x, w), repeats)
             sparse_ms = cuda_time(lambda: F.linear(x, sparse), repeats)
             diff = (F.linear(x, w) - F.linear(x, sparse)).abs().max().item()
-            rows.append(f"| {out_f} × {in_f} | {t} | {dense_ms:.3f} | {sparse_ms:.3f} | {dense_ms / sparse_ms:.2f}x "
-                        f"| {diff:.3g} |")
+            out.append({"shape": [out_f, in_f], "tokens": t, "dense_ms": dense_ms, "sparse_ms": sparse_ms,
+                        "speedup": dense_ms / sparse_ms, "max_abs_diff": diff})
+    return out
+
+
+def linear_layers(tokens: list[int], dtype: torch.dtype, repeats: int) -> list[str]:
+    rows = ["| weight (out × in) | tokens | dense (ms) | 2:4 semi-structured (ms) | speed-up | max abs diff |",
+            "| --- | --- | --- | --- | --- | --- |"]
+    for r in linear_timings(tokens, dtype, repeats):
+        rows.append(f"| {r['shape'][0]} × {r['shape'][1]} | {r['tokens']} | {r['dense_ms']:.3f} | {r['sparse_ms']:.3f} "
+                    f"| {r['speedup']:.2f}x | {r['max_abs_diff']:.3g} |")
     return rows
 
 

@@ -9,22 +9,37 @@ from __future__ import annotations
 
 import os
 
+from pipeline import MaskpipeError
+
 # Clients only send the cluster's token when told that the cluster wants one.
 os.environ.setdefault("RAY_AUTH_MODE", "token")
 
 
-def connect(address: str | None = None) -> None:
+def connect(address: str | None = None, verbose: bool = False) -> None:
     """Join the Ray cluster at `address` (or $RAY_ADDRESS, which a Ray job sets for its driver); with
-    neither, start a local Ray instance in this process."""
+    neither, start a local Ray instance in this process. Unless `verbose`, Ray's own INFO and WARNING
+    lines (placement groups, reports, worker start-up) stay off the console: maskpipe's driver prints a
+    line per stage, and every worker's log is in the run's `run.log`."""
+    import logging
+
     import ray
 
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, log_to_driver=True)
-    else:
-        ray.init(dashboard_host="127.0.0.1", include_dashboard=False)
+    if address and address.startswith(("http://", "https://")):
+        raise MaskpipeError(f"--address {address}: a dashboard URL is what `submit` takes; `run` joins the "
+                            "cluster itself: HEAD:6379 or auto")
+    quiet = {} if verbose else {"logging_level": logging.WARNING,
+                                "logging_config": ray.LoggingConfig(encoding="TEXT", log_level="ERROR")}
+    try:
+        if address:
+            ray.init(address=address, log_to_driver=True, **quiet)
+        else:
+            ray.init(dashboard_host="127.0.0.1", include_dashboard=False, **quiet)
+    except Exception as e:  # noqa: BLE001 - whatever keeps ray.init from joining, the user sees one line
+        raise MaskpipeError(f"--address {address or '(local instance)'}: cannot reach the Ray cluster: "
+                            f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
 
 
 def job_client(address: str | None = None):
@@ -33,4 +48,10 @@ def job_client(address: str | None = None):
     machine."""
     from ray.job_submission import JobSubmissionClient
 
-    return JobSubmissionClient(address)
+    try:
+        return JobSubmissionClient(address)
+    except Exception as e:  # noqa: BLE001 - refused, unreachable, no token, no cluster: all one answer
+        where = address or os.environ.get("RAY_API_SERVER_ADDRESS") or os.environ.get("RAY_ADDRESS") or "(none given)"
+        raise MaskpipeError(f"--address {where}: cannot reach the Ray cluster "
+                            f"({str(e).split('. ')[0].splitlines()[0] if str(e) else type(e).__name__}); start "
+                            "one with `ray start --head` or give its dashboard, http://HEAD:8265") from None

@@ -8,12 +8,12 @@ hands the same run to a Ray cluster as a Ray job whose entrypoint is `run` (see 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import signal
 import sys
 from pathlib import Path
 
+from jobs.interop import add_interop_commands
 from jobs.submit import add_job_commands
 from pipeline import MaskpipeError
 
@@ -45,29 +45,48 @@ def _data_cfg(a, split: str, sample_by: str) -> dict:
                          "text_field": a.text_field, "sample_by": a.sample_by or sample_by}]}
 
 
+# The quick commands' flags for the key paths of the one-stage config they build, so errors name them.
+QUICK_FLAGS = {"stages.0.seqlen": "--seqlen", "model.device": "--device", "stages.0.passkey.lengths": "--passkey",
+               "stages.0.niah.lengths": "--niah", "stages.0.multikey.lengths": "--multikey"}
+
+
 def _interrupt(signum, frame):
     # `maskpipe stop` ends a Ray job with SIGTERM: finish as an interrupted run, which records "stopped".
     raise KeyboardInterrupt
 
 
-def cmd_run(a) -> None:
+def cmd_run(a) -> int:
+    from pipeline import rundir
     from pipeline.config import load_config
-    from pipeline.run import run
+    from pipeline.run import check_inputs, new_run_dir, run, stopped_step
 
     cfg = load_config(a.config, a.overrides)
+    run_dir = Path(a.run_dir or new_run_dir(cfg)).absolute()
+    # Everything that can be refused is refused before Ray starts; `run` takes the lock itself.
+    check_inputs(cfg, a.config)
+    rundir.check_run_dir(run_dir)
+    if not a.wait_for_lock and rundir.alive(run_dir):
+        raise MaskpipeError(f"{run_dir}: run directory in use by {rundir.describe(rundir.owner(run_dir))}")
     backend = None
     if cfg.workers.num_workers > 0:
         from cluster import connect
         from workers.backend import RayBackend
 
-        connect(a.address)
+        connect(a.address, verbose=a.verbose)
         backend = RayBackend(cfg)
     signal.signal(signal.SIGTERM, _interrupt)
-    run_dir = run(cfg, a.run_dir, backend)
+    try:
+        run(cfg, run_dir, backend, lock_wait=a.wait_for_lock)
+    except KeyboardInterrupt:
+        step = stopped_step(run_dir)
+        print(f"stopped{f' at step {step}' if step is not None else ''}; resume with: "
+              f"maskpipe run {run_dir / 'config.yaml'} --run-dir {run_dir}", file=sys.stderr)
+        return 130
     table = run_dir / "results.md"
     if table.exists():
         print(table.read_text())
     print(f"run directory: {run_dir}")
+    return 0
 
 
 def cmd_tune(a) -> None:
@@ -93,15 +112,19 @@ def cmd_tune(a) -> None:
 def cmd_validate(a) -> None:
     from pipeline.config import dump_config, load_config
 
+    from pipeline.run import check_inputs
+
     cfg = load_config(a.config, a.overrides)
+    check_inputs(cfg, a.config)
     if a.print:
         print(dump_config(cfg))
     print(f"{a.config}: ok ({len(cfg.stages)} stages: {', '.join(s.name for s in cfg.stages)})")
 
 
 def cmd_oneshot(a) -> None:
+    from pipeline.artifacts import MANIFEST_FILE, check_replaceable, read_json_or_none
     from pipeline.config import config_from_dict
-    from pipeline.run import Session, oneshot_stage
+    from pipeline.run import Session, check_inputs, oneshot_stage
 
     stage = {"stage": "oneshot", "name": Path(a.out).name, "method": a.method, "pattern": a.pattern,
              "n_samples": a.n_samples, "seqlen": a.seqlen, "batch_size": a.batch_size,
@@ -112,21 +135,49 @@ def cmd_oneshot(a) -> None:
         stage["data"] = "calib"
     cfg = config_from_dict(raw, "command line")
     out = Path(a.out)
+    check_replaceable(out, MANIFEST_FILE)
+    if (out / MANIFEST_FILE).is_file():
+        earlier = (read_json_or_none(out / MANIFEST_FILE) or {}).get("method", {}).get("name")
+        if earlier != a.method:
+            raise MaskpipeError(f"--out {out}: holds a {earlier} artifact; refusing to replace it with {a.method} "
+                                "(choose a new directory)")
+    check_inputs(cfg, "command line", QUICK_FLAGS)
     [variant] = oneshot_stage(cfg, Session(cfg.model), cfg.stages[0], out.parent)
     print(f"mask artifact: {variant.artifact}")
     if variant.updated_weights:
         print(f"updated weights (baseline only, not an artifact): {variant.updated_weights}")
 
 
+def _is_eval_output(path: Path) -> bool:
+    """An earlier `eval --out`: {variant: {corpus: {ppl, tokens, ...}}}."""
+    from pipeline.artifacts import read_json_or_none
+
+    res = read_json_or_none(path)
+    return isinstance(res, dict) and bool(res) and all(
+        isinstance(row, dict) and row and all(isinstance(c, dict) and "ppl" in c for c in row.values())
+        for row in res.values())
+
+
+def _is_retrieval_output(path: Path) -> bool:
+    """An earlier `retrieval --out` results.json: {variant: {cost, passkey/niah/multikey ...}}."""
+    from pipeline.artifacts import read_json_or_none
+
+    res = read_json_or_none(path)
+    return isinstance(res, dict) and bool(res) and all(isinstance(r, dict) and "cost" in r for r in res.values())
+
+
 def cmd_eval(a) -> None:
-    from pipeline.artifacts import write_json
+    from pipeline.artifacts import check_replaceable_file, write_json
     from pipeline.config import config_from_dict
-    from pipeline.run import Session, Variant, eval_stage, results_table
+    from pipeline.run import Session, Variant, check_inputs, eval_stage, results_table
 
     raw = {"name": "eval", "model": _model_cfg(a), "data": {"eval": _data_cfg(a, "test", "document")},
            "stages": [{"stage": "eval", "data": ["eval"], "seqlen": a.seqlen, "stride": a.stride,
                        "batch_size": a.batch_size}]}
     cfg = config_from_dict(raw, "command line")
+    if a.out:
+        check_replaceable_file(a.out, _is_eval_output, "`maskpipe eval --out` result")
+    check_inputs(cfg, "command line", QUICK_FLAGS)
     variants = [Variant("dense")] if a.dense or not a.masks else []
     variants += [Variant(Path(p).name, artifact=Path(p)) for p in a.masks]
     results = eval_stage(cfg, Session(cfg.model), cfg.stages[0], variants)
@@ -136,9 +187,9 @@ def cmd_eval(a) -> None:
 
 
 def cmd_retrieval(a) -> None:
-    from pipeline.artifacts import write_json
+    from pipeline.artifacts import atomic_dir, check_replaceable, write_json
     from pipeline.config import config_from_dict
-    from pipeline.run import Session, Variant, retrieval_stage, retrieval_table
+    from pipeline.run import Session, Variant, check_inputs, retrieval_stage, retrieval_table
 
     stage = {"stage": "retrieval", "name": "retrieval", "dense": a.dense or not a.masks}
     raw = {"name": "retrieval", "seed": a.seed, "model": _model_cfg(a), "stages": [stage], "data": {}}
@@ -152,11 +203,18 @@ def cmd_retrieval(a) -> None:
     if a.multikey:
         stage["multikey"] = {"lengths": a.multikey, "samples": a.samples, "keys": a.keys, "values": a.values}
     cfg = config_from_dict(raw, "command line")
+    check_inputs(cfg, "command line", QUICK_FLAGS)
     variants = [Variant("dense")] if cfg.stages[0].dense else []
     variants += [Variant(Path(p).name, artifact=Path(p)) for p in a.masks]
-    results = retrieval_stage(cfg, Session(cfg.model), cfg.stages[0], variants, Path(a.out))
+    check_replaceable(a.out, "results.json", _is_retrieval_output, "`maskpipe retrieval --out` directory")
+    # Written whole or not at all, like an artifact: the model work happens inside.
+    with atomic_dir(a.out) as tmp:
+        results = retrieval_stage(cfg, Session(cfg.model), cfg.stages[0], variants, tmp)
+        for row in results.values():
+            if "heatmap" in row.get("niah", {}):
+                row["niah"]["heatmap"] = str(Path(row["niah"]["heatmap"]).relative_to(tmp))
+        write_json(tmp / "results.json", results)
     print(retrieval_table(results))
-    write_json(Path(a.out) / "results.json", results)
     print(f"samples, NIAH heatmaps and results.json in {a.out}")
 
 
@@ -196,29 +254,65 @@ def cmd_apply(a) -> None:
         print(f"materialized model written to {out}")
 
 
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face Hub answers at all: offline, huggingface_hub retries for half a minute."""
+    import os
+    import socket
+    from urllib.parse import urlparse
+
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
+        return False
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout).close()
+    except OSError:
+        return False
+    return True
+
+
 def cmd_plan(a) -> None:
     from transformers import AutoConfig
 
     from pipeline.config import LearnStage, load_config
-    from pipeline.plan import model_shape, parse_bytes, plan_report
+    from pipeline.plan import model_shape, parse_bytes, plan_report, stage_plan, what_fits
 
     cfg = load_config(a.config, a.overrides)
     learn = [s for s in cfg.stages if isinstance(s, LearnStage) and (a.stage is None or s.name == a.stage)]
     if not learn:
         raise MaskpipeError(f"{a.config}: no learning stage" + (f" named {a.stage!r}" if a.stage else ""))
-    source = a.hf_config or cfg.model.name_or_path
-    try:
-        hf = AutoConfig.from_pretrained(source, revision=None if a.hf_config else cfg.model.revision,
-                                        trust_remote_code=cfg.model.trust_remote_code)
-    except (OSError, ValueError) as e:
-        raise MaskpipeError(f"{source}: cannot read the model's config ({e}); give --hf-config DIR") from None
+    if a.gpus is not None and a.gpus < 1:
+        raise MaskpipeError(f"--gpus: at least 1 device, got {a.gpus}")
+    world = a.gpus or max(cfg.workers.num_workers, 1)
+    if not any(c.isalpha() for c in a.gpu_memory):
+        raise MaskpipeError(f"--gpu-memory: {a.gpu_memory!r} has no unit; write e.g. {a.gpu_memory}GiB")
     try:
         capacity = parse_bytes(a.gpu_memory)
     except ValueError as e:
         raise MaskpipeError(f"--gpu-memory: {e}") from None
+    for st in learn:
+        if st.batch_size % world:
+            raise MaskpipeError(f"--gpus {world}: stage {st.name!r} has batch_size {st.batch_size}, which does not "
+                                f"split evenly over {world} devices")
+    source = a.hf_config or cfg.model.name_or_path
+    shipped = sorted(str(p.parent.relative_to(Path.cwd()) if p.is_relative_to(Path.cwd()) else p.parent)
+                     for p in (Path(__file__).resolve().parents[1] / "configs" / "hf").glob("*/config.json"))
+    try:
+        try:  # the cache or a local directory first: offline, the hub would be retried for half a minute
+            hf = AutoConfig.from_pretrained(source, revision=None if a.hf_config else cfg.model.revision,
+                                            trust_remote_code=cfg.model.trust_remote_code, local_files_only=True)
+        except (OSError, ValueError):
+            if a.hf_config or Path(source).exists() or not _hub_reachable():
+                raise
+            hf = AutoConfig.from_pretrained(source, revision=cfg.model.revision,
+                                            trust_remote_code=cfg.model.trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise MaskpipeError(f"{source}: cannot read the model's config ({str(e).splitlines()[0]}); give --hf-config "
+                            f"DIR (shipped: {', '.join(shipped)})") from None
     shape = model_shape(hf, cfg.model)
     for st in learn:
-        print(plan_report(cfg, st, shape, a.gpus or max(cfg.workers.num_workers, 1), capacity))
+        print(plan_report(cfg, st, shape, world, capacity))
+        if sum(stage_plan(cfg, st, shape, world).values()) > capacity:
+            print("what would fit:\n" + "\n".join(what_fits(cfg, st, shape, world, capacity)))
 
 
 def cmd_publish(a) -> None:
@@ -238,17 +332,47 @@ def cmd_publish(a) -> None:
         print(f"{verb} to https://huggingface.co/{a.push}: " + ", ".join(files))
 
 
+class _Help(argparse.HelpFormatter):
+    """Every option's help ends with its default, unless it has none worth saying."""
+
+    def _get_help_string(self, action):
+        text = (action.help or "").strip("\u200b ")
+        if ("default" not in text and action.default not in (None, False, [], argparse.SUPPRESS)
+                and action.option_strings and action.nargs != 0):
+            text += f"{' ' if text else ''}(default: {' '.join(map(str, action.default)) if isinstance(action.default, list) else action.default})"
+        return text
+
+
+class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _Help)
+        super().__init__(*args, **kwargs)
+
+    def add_argument(self, *args, **kwargs):
+        if args and args[0].startswith("-") and not kwargs.get("help") and kwargs.get("default") not in (None, False):
+            kwargs["help"] = "\u200b"  # argparse formats no help line, and so no default, for an option without help
+        return super().add_argument(*args, **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="maskpipe", description="Learn sparsity masks over frozen LLM weights.")
-    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = p.add_subparsers(dest="command", required=True)
+    from pipeline import __version__
+
+    p = _Parser(prog="maskpipe", description="Learn sparsity masks over frozen LLM weights.")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging, and Ray's own console output")
+    p.add_argument("--version", action="version", version=f"maskpipe {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     r = sub.add_parser("run", help="run the stages of a config into a run directory")
     r.add_argument("config")
-    r.add_argument("overrides", nargs="*", help="key.path=value overrides, e.g. stages.0.n_samples=16")
+    r.add_argument("overrides", nargs="*", help="key.path=value overrides, e.g. stages.0.n_samples=16 (also after "
+                                                "the options)")
     r.add_argument("--run-dir", default=None, help="run directory (default: OUTPUT_DIR/NAME-TIMESTAMP)")
     r.add_argument("--address", default=None,
-                   help="Ray cluster for workers.num_workers > 0 (default $RAY_ADDRESS, else a local instance)")
+                   help="the Ray cluster, for workers.num_workers > 0: HEAD:6379 or auto (default $RAY_ADDRESS, "
+                        "else a local instance)")
+    r.add_argument("--wait-for-lock", type=float, default=0, metavar="SECONDS",
+                   help="wait this long for another process to release the run directory (a submitted job's "
+                        "driver waits for the `submit` or `resume` that launched it)")
     r.set_defaults(fn=cmd_run)
     add_job_commands(sub)
 
@@ -335,21 +459,48 @@ def build_parser() -> argparse.ArgumentParser:
                     help="upload the folder to this Hub model repo (token from HF_TOKEN or a saved login)")
     pb.add_argument("--dry-run", action="store_true", help="with --push: list what would be uploaded, upload nothing")
     pb.set_defaults(fn=cmd_publish)
+    add_interop_commands(sub, _model_args)
     return p
 
 
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    """Options and `key=value` overrides in any order: what follows an option is an override when
+    the command takes overrides and it has the form key.path=value."""
+    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv:
+        parser.print_help()
+        sys.exit(0)
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if hasattr(args, "overrides") and all("=" in x and not x.startswith("-") for x in extra):
+            args.overrides += extra
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = _parse(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
     for noisy in ("httpx", "urllib3", "filelock", "datasets", "transformers"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
-        args.fn(args)
+        return args.fn(args) or 0
     except MaskpipeError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    return 0
+    except OSError as e:
+        # A file the command could not read or write (read-only output directory, a file where a
+        # directory should be, a full disk): the file and the reason are all a user needs.
+        if e.filename is None:
+            raise
+        print(f"error: {e.filename}: {e.strerror or e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -5,7 +5,10 @@ with the project as the job's working directory. The run directory is created by
 anything runs, so it must be on storage that the cluster's nodes see at the same path (on one machine,
 any local directory). It is the run's whole state: the resolved config, status, metrics, checkpoints,
 artifacts and `jobs.json`, the run's Ray submissions, newest last. `resume` submits the same entrypoint
-again, which continues from what the directory holds.
+again, which continues from what the directory holds. `submit` and `resume` own the run directory
+(`pipeline.rundir.RunLock`) while they set a job up, and the job's driver waits for them to let go, so a
+second `submit`, `resume` or `run` on the same directory is refused while anything owns it. A run whose
+status says running but whose owner is gone shows as `died`.
 """
 
 from __future__ import annotations
@@ -48,21 +51,29 @@ def _latest_job(run_dir: Path):
     return job_client(jobs["address"]), jobs["submissions"][-1]
 
 
-def _submit(run_dir: Path, address: str | None) -> str:
-    from cluster import job_client
+# How long a job's driver waits for the `submit` or `resume` that launched it to let go of the run
+# directory; a live run that owns it is still refused after that.
+DRIVER_LOCK_WAIT_S = 60
+
+
+def _submit(run_dir: Path, client) -> str:
+    """Submit the run's entrypoint as a new Ray job of `client`'s cluster; the caller owns the run
+    directory (`RunLock`) meanwhile."""
     from pipeline.artifacts import write_json
 
     jobs = _read_json(run_dir / "jobs.json")
     submissions = jobs.get("submissions", [])
     entrypoint = (f"python -m jobs.cli run {shlex.quote(str(run_dir / 'config.yaml'))} "
-                  f"--run-dir {shlex.quote(str(run_dir))}")
-    client = job_client(address)
-    job_id = client.submit_job(
-        entrypoint=entrypoint,
-        submission_id=f"{run_dir.name}-{len(submissions)}" if submissions else run_dir.name,
-        runtime_env={"working_dir": str(ROOT), "excludes": EXCLUDES},
-        metadata={"maskpipe_run": str(run_dir)},
-    )
+                  f"--run-dir {shlex.quote(str(run_dir))} --wait-for-lock {DRIVER_LOCK_WAIT_S}")
+    try:
+        job_id = client.submit_job(
+            entrypoint=entrypoint,
+            submission_id=f"{run_dir.name}-{len(submissions)}" if submissions else run_dir.name,
+            runtime_env={"working_dir": str(ROOT), "excludes": EXCLUDES},
+            metadata={"maskpipe_run": str(run_dir)},
+        )
+    except (ConnectionError, RuntimeError, ValueError) as e:
+        raise MaskpipeError(f"{client.get_address()}: the cluster refused the job: {str(e).splitlines()[0]}") from None
     write_json(run_dir / "jobs.json", {"address": client.get_address(), "submissions": submissions + [job_id]})
     return job_id
 
@@ -79,6 +90,30 @@ def _job_status(run_dir: Path) -> str | None:
         return "unreachable"
 
 
+def resume_hint(run_dir: Path) -> str:
+    if _read_json(run_dir / "jobs.json").get("submissions"):
+        return f"maskpipe resume {run_dir}"
+    return f"maskpipe run {run_dir / 'config.yaml'} --run-dir {run_dir}"
+
+
+def run_state(run_dir: Path, job: str | None = None) -> str:
+    """What a run is doing: its status.json, corrected by what outlived it. A run whose status says
+    running but whose owner is gone (killed, its machine lost) `died`; a job Ray ended without the
+    run writing its end is `failed (job)` / `stopped (job)`."""
+    from pipeline import rundir
+
+    state = _read_json(run_dir / "status.json").get("status", "submitted")
+    if state not in ("running", "submitted"):
+        return state
+    job = job or _job_status(run_dir)
+    # A job killed outright never wrote its end; Ray knows it ended.
+    if job in TERMINAL and job != "SUCCEEDED":
+        return f"{job.lower()} (job)"
+    if state == "running" and not rundir.alive(run_dir):
+        return "died"
+    return state
+
+
 def run_summary(run_dir: Path, job: str | None = None) -> dict:
     """One row of `maskpipe runs`. The cluster is asked about the run's job (unless `job` already
     says) only while the run directory says it is running."""
@@ -88,53 +123,77 @@ def run_summary(run_dir: Path, job: str | None = None) -> dict:
     status = _read_json(run_dir / "status.json")
     metrics = read_metrics(run_dir / "metrics.jsonl")
     last = metrics[-1] if metrics else {}
-    state = status.get("status", "submitted")
-    if state in ("running", "submitted"):
-        job = job or _job_status(run_dir)
-        # A job killed outright never wrote its end; Ray knows it ended.
-        if job in TERMINAL and job != "SUCCEEDED":
-            state = f"{job.lower()} (job)"
+    state = run_state(run_dir, job)
     return {"run": run_dir.name, "config": yaml_load((run_dir / "config.yaml").read_text()).get("name", ""),
             "stage": status.get("stage") or "", "step": last.get("step", ""),
             "status": state, "last": f"loss {last['loss']:.4f}" if "loss" in last else ""}
 
 
 def cmd_submit(a) -> None:
+    import shutil
+
+    from cluster import job_client
+    from pipeline import rundir
+    from pipeline.artifacts import write_text
     from pipeline.config import dump_config, load_config
-    from pipeline.run import new_run_dir
+    from pipeline.run import check_inputs, new_run_dir
 
     cfg = load_config(a.config, a.overrides)
+    check_inputs(cfg, a.config)
     run_dir = Path(a.run_dir or new_run_dir(cfg)).resolve()
+    rundir.check_run_dir(run_dir)
     if (run_dir / "config.yaml").exists():
         raise MaskpipeError(f"{run_dir}: already holds a run; continue it with `maskpipe resume {run_dir}`")
-    run_dir.mkdir(parents=True)
-    (run_dir / "config.yaml").write_text(dump_config(cfg))
-    job = _submit(run_dir, a.address)
+    client = job_client(a.address)  # a cluster that does not answer leaves nothing behind
+    wrote = False
+    try:
+        with rundir.RunLock(run_dir):
+            if (run_dir / "config.yaml").exists():  # another submit got here first
+                raise MaskpipeError(f"{run_dir}: already holds a run; continue it with `maskpipe resume {run_dir}`")
+            write_text(run_dir / "config.yaml", dump_config(cfg))
+            wrote = True
+            job = _submit(run_dir, client)
+    except BaseException:
+        if wrote and not (run_dir / "jobs.json").exists():
+            shutil.rmtree(run_dir, ignore_errors=True)  # ours alone, and no job runs in it
+        raise
     print(f"submitted run {run_dir.name} (Ray job {job})\nrun directory: {run_dir}")
 
 
 def cmd_resume(a) -> None:
+    from cluster import job_client
+    from pipeline import rundir
+
     run_dir = run_dir_of(a.run, a.runs_dir)
     status = _read_json(run_dir / "status.json").get("status")
     if status == "completed":
         print(f"{run_dir.name}: already completed")
         return
-    job = _job_status(run_dir)
-    if job is not None and job not in TERMINAL and job != "unreachable":
-        raise MaskpipeError(f"{run_dir.name}: its job is still {job}; stop it first (`maskpipe stop {a.run}`)")
-    address = a.address or _read_json(run_dir / "jobs.json").get("address")
-    print(f"resumed run {run_dir.name} (Ray job {_submit(run_dir, address)})")
+    with rundir.RunLock(run_dir):  # refused while a driver (foreground or a job's) owns the run
+        job = _job_status(run_dir)
+        if job is not None and job not in TERMINAL and job != "unreachable":
+            raise MaskpipeError(f"{run_dir.name}: its job is still {job}; stop it first (`maskpipe stop {a.run}`)")
+        client = job_client(a.address or _read_json(run_dir / "jobs.json").get("address"))
+        job = _submit(run_dir, client)
+    print(f"resumed run {run_dir.name} (Ray job {job})")
 
 
 def cmd_status(a) -> None:
+    from pipeline import rundir
+
     run_dir = run_dir_of(a.run, a.runs_dir)
     job = _job_status(run_dir)
     summary = run_summary(run_dir, job)
     status = _read_json(run_dir / "status.json")
     jobs = _read_json(run_dir / "jobs.json")
+    owner = rundir.owner(run_dir)
     summary |= {"job": jobs.get("submissions", [None])[-1], "job status": job,
                 "started": status.get("started"), "finished": status.get("finished"), "error": status.get("error"),
+                "owner": f"pid {owner['pid']} on {owner['host']}, heartbeat {owner.get('heartbeat')}"
+                if owner.get("pid") and summary["status"] in ("running", "died") else None,
                 "directory": str(run_dir)}
+    if summary["status"] not in ("completed", "running", "submitted"):
+        summary["resume"] = resume_hint(run_dir)
     for k, v in summary.items():
         if v not in (None, ""):
             print(f"{k:>10}: {v}")
@@ -178,6 +237,10 @@ def cmd_runs(a) -> None:
         print("  ".join(str(r[c]).ljust(widths[c]) for c in cols))
 
 
+ADDRESS_HELP = ("the Ray cluster: its dashboard http://HEAD:8265, or HEAD:6379 / auto as for `run` "
+                "(default $RAY_API_SERVER_ADDRESS, then $RAY_ADDRESS, then a cluster started on this machine)")
+
+
 def add_job_commands(sub) -> None:
     def runs_dir(p) -> None:
         p.add_argument("--runs-dir", default="runs", help="where run ids are looked up (a config's output_dir)")
@@ -185,7 +248,7 @@ def add_job_commands(sub) -> None:
     s = sub.add_parser("submit", help="submit a run to a Ray cluster as a Ray job; prints the run id")
     s.add_argument("config")
     s.add_argument("overrides", nargs="*", help="key.path=value overrides")
-    s.add_argument("--address", default=None, help="the cluster's dashboard, http://HEAD:8265 (default $RAY_ADDRESS)")
+    s.add_argument("--address", default=None, help=ADDRESS_HELP)
     s.add_argument("--run-dir", default=None, help="run directory (default: OUTPUT_DIR/NAME-TIMESTAMP)")
     s.set_defaults(fn=cmd_submit)
 
@@ -201,7 +264,7 @@ def add_job_commands(sub) -> None:
         if name == "stop":
             p.add_argument("--timeout", type=float, default=60, help="seconds to wait for the job to end")
         if name == "resume":
-            p.add_argument("--address", default=None, help="another cluster's dashboard (default: the run's)")
+            p.add_argument("--address", default=None, help=ADDRESS_HELP.replace("(default", "(default: the run's cluster, else"))
         p.set_defaults(fn=fn)
 
     r = sub.add_parser("runs", help="a table of runs: id, config, stage, step, status, last metric")

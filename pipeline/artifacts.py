@@ -63,8 +63,8 @@ def atomic_dir(dest: str | Path, replaces: str | None = None):
     caller writes: a mistyped output path never deletes someone's directory.
     """
     dest = Path(dest)
-    if replaces and dest.exists() and (not dest.is_dir() or any(dest.iterdir())) and not (dest / replaces).is_file():
-        raise MaskpipeError(f"{dest}: exists and holds no {replaces}; refusing to replace it (choose a new directory)")
+    if replaces:
+        check_replaceable(dest, replaces)
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
     try:
@@ -92,6 +92,53 @@ def atomic_dir(dest: str | Path, replaces: str | None = None):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def check_replaceable(dest: str | Path, replaces: str, accept=None, what: str | None = None) -> None:
+    """The rule every output path follows: `dest` may be written if it is missing or an empty
+    directory, or replaced if it is an earlier output of the same kind: a directory holding the file
+    `replaces`, for which `accept(dest / replaces)` holds when given. Callers check it before the
+    work that produces the output, so a mistyped path costs nothing and deletes nothing."""
+    dest = Path(dest)
+    check_writable(dest)
+    if not dest.exists() or (dest.is_dir() and not any(dest.iterdir())):
+        return
+    marker = dest / replaces
+    if not marker.is_file():
+        raise MaskpipeError(f"{dest}: exists and holds no {replaces}; refusing to replace it (choose a new directory)")
+    if accept is not None and not accept(marker):
+        raise MaskpipeError(f"{dest}: exists and is not an earlier {what or replaces}; refusing to replace it "
+                            "(choose a new directory)")
+
+
+def check_writable(dest: str | Path) -> None:
+    """`dest` can be created: its nearest existing ancestor is a directory this process may write."""
+    dest = Path(dest).absolute()
+    for parent in dest.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise MaskpipeError(f"{dest}: {parent} is a file, not a directory")
+            if not os.access(parent, os.W_OK | os.X_OK):
+                raise MaskpipeError(f"{dest}: {parent} is not writable")
+            return
+
+
+def check_replaceable_file(dest: str | Path, accept, what: str) -> None:
+    """`check_replaceable` for an output that is one file: an existing `dest` is replaced only if
+    `accept(dest)` says it is an earlier output of that kind."""
+    dest = Path(dest)
+    check_writable(dest)
+    if dest.is_dir():
+        raise MaskpipeError(f"{dest}: is a directory; give a file path")
+    if dest.exists() and not accept(dest):
+        raise MaskpipeError(f"{dest}: exists and is not an earlier {what}; refusing to replace it (choose a new path)")
+
+
+def read_json_or_none(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def write_text(path: str | Path, text: str) -> None:
@@ -307,9 +354,11 @@ def check_disjoint(manifests: list[tuple[str, dict[str, Any]]]) -> None:
 @torch.no_grad()
 def materialize(model: nn.Module, tokenizer, linears: dict[str, nn.Linear], masks: dict[str, torch.Tensor],
                 out: str | Path, provenance: dict[str, Any], patterns: dict[str, str]) -> Path:
-    """Write a model directory that `transformers` loads, with weights ⊙ mask (dense storage, as
-    llm-compressor saves 2:4 models). `config.json` records the sparsity under `maskpipe_sparsity`
-    (`patterns`: layer -> N:M); `maskpipe.json` holds `provenance`.
+    """Write a model directory that `transformers` loads, with weights ⊙ mask: plain dense safetensors
+    with zeros, not a compressed-tensors checkpoint (no `quantization_config`, so vLLM and llm-compressor
+    see an ordinary dense model). `config.json` records the sparsity under `maskpipe_sparsity`
+    (`patterns`: layer -> N:M; field names borrowed from compressed-tensors' sparsity config, which no
+    loader reads from there); `maskpipe.json` holds `provenance`.
 
     This multiplies the in-memory weights of `model`: call it on a model loaded for the export."""
     for name, mask in masks.items():

@@ -176,11 +176,13 @@ class LayerHeads:
     backend: str
     block_masks: dict = field(default_factory=dict)  # FlexAttention block masks by (Lq, Lk, device)
 
-    def allowed(self, kv_head, q_pos, k_pos):
+    def allowed(self, kv_head, q_pos, k_pos, start=0):
         """The one definition of the pattern: causal, and for a streaming head only sink or recent keys.
-        Broadcasts over tensors (the SDPA mask) and runs per element as a FlexAttention mask_mod."""
+        Broadcasts over tensors (the SDPA mask) and runs per element as a FlexAttention mask_mod.
+        `start` is where each sequence's first real token sits (left padding): the sink is counted from
+        there, so a padded prompt keeps the same sink as it has alone."""
         full_head = ~self.streaming[kv_head]
-        is_sink = k_pos < self.sink[kv_head]
+        is_sink = k_pos - start < self.sink[kv_head]
         is_recent = q_pos - k_pos < self.window[kv_head]
         return (k_pos <= q_pos) & (full_head | is_sink | is_recent)
 
@@ -213,22 +215,23 @@ def _flex(heads: LayerHeads, query, key, value, offset, scaling, group):
     # One block mask per layer and shape: building it is the expensive part of a short forward.
     cache_key = (query.shape[2], key.shape[2], str(query.device))
     if cache_key not in heads.block_masks:
-        heads.block_masks[cache_key] = create_block_mask(mask_mod, None, query.shape[1], query.shape[2],
-                                                         key.shape[2], device=query.device)
-    run = flex_attention if query.device.type == "cpu" else _compiled_flex()
+        # Eager create_block_mask materialises the whole [heads, Lq, Lk] boolean mask (34 GB at 32 query
+        # heads and 32k tokens); compiled, it evaluates the mask_mod block by block, as torch advises.
+        make = create_block_mask if query.device.type == "cpu" else _compiled(create_block_mask)
+        heads.block_masks[cache_key] = make(mask_mod, None, query.shape[1], query.shape[2], key.shape[2],
+                                            device=query.device)
+    run = flex_attention if query.device.type == "cpu" else _compiled(flex_attention)
     return run(query, key, value, block_mask=heads.block_masks[cache_key], scale=scaling, enable_gqa=group > 1)
 
 
-def _compiled_flex():
-    from torch.nn.attention.flex_attention import flex_attention
-
-    global _COMPILED_FLEX
-    if _COMPILED_FLEX is None:
-        _COMPILED_FLEX = torch.compile(flex_attention, dynamic=False)
-    return _COMPILED_FLEX
+def _compiled(fn):
+    """`fn` compiled once per process (static shapes: one graph per sequence length)."""
+    if fn not in _COMPILED:
+        _COMPILED[fn] = torch.compile(fn, dynamic=False)
+    return _COMPILED[fn]
 
 
-_COMPILED_FLEX = None
+_COMPILED: dict = {}
 
 
 def planned_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -254,9 +257,16 @@ def planned_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
         q_pos = torch.arange(query.shape[2], device=query.device)[:, None] + offset
         k_pos = torch.arange(key.shape[2], device=query.device)[None, :]
         kv_head = torch.arange(query.shape[1], device=query.device)[:, None, None] // group
-        mask = heads.allowed(kv_head, q_pos, k_pos)[None]  # [1, Hq, Lq, Lk]
-        if attention_mask is not None:
-            mask = mask & attention_mask
+        if attention_mask is None:
+            mask = heads.allowed(kv_head, q_pos, k_pos)[None]  # [1, Hq, Lq, Lk]
+        else:
+            # Left padding: the last query row (a real token) sees exactly the real keys, so its first
+            # visible key is where the sequence starts.
+            start = attention_mask[:, 0, -1, :].int().argmax(-1)[:, None, None, None]
+            mask = heads.allowed(kv_head[None], q_pos[None], k_pos[None], start) & attention_mask
+            # Padding queries may see no key at all; let them see every key rather than produce NaNs
+            # that would flow into the next layer's keys (their outputs are never used).
+            mask = mask | ~mask.any(-1, keepdim=True)
         out = _sdpa(query, key, value, mask, scaling, group)
     if heads.gate is not None:
         full, _ = sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)

@@ -14,6 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pipeline import MaskpipeError
+from pipeline.zeroshot import DEFAULT_TASKS
 
 
 class ConfigError(MaskpipeError):
@@ -80,6 +81,9 @@ class ModelConfig(Strict):
     dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
     trust_remote_code: bool = False
     device: str = "auto"
+    # Keep the model in host memory: one-shot stages calibrate each decoder block on `device` in turn
+    # (pipeline.oneshot), for a model larger than the device; the other stages then run on the CPU.
+    offload: bool = False
     prune: PruneTargets = PruneTargets()
 
 
@@ -97,9 +101,12 @@ class Source(Strict):
 
 class DataConfig(Strict):
     sources: list[Source] = Field(min_length=1)
-    # Mixing probabilities for several sources; equal when omitted.
+    # Shares of the *tokens* each source contributes to the blend (normalised); equal when omitted.
     weights: list[float] | None = None
-    shuffle_buffer: int = Field(default=0, ge=0)
+    shuffle_buffer: int = Field(default=0, ge=0)  # records: a shuffle buffer per source, 0 = in file order
+    # Blocks: the blend is emitted in seeded random order within windows of this many blocks, so that a
+    # batch (and a calibration set) is spread over many documents; 0 = in order.
+    shuffle_blocks: int = Field(default=512, ge=0)
 
     @model_validator(mode="before")
     @classmethod
@@ -212,6 +219,7 @@ class RetrievalStage(StageBase):
     passkey: PasskeyTask | None = None
     niah: NiahTask | None = None
     multikey: MultiKeyTask | None = None
+    batch_size: int | None = Field(default=None, gt=0)  # prompts decoded together; None: all of a length
     dense: bool = True
     masks: list[str] | Literal["all"] = "all"  # names of earlier stages whose artifacts to evaluate
 
@@ -220,6 +228,20 @@ class RetrievalStage(StageBase):
         if self.passkey is None and self.niah is None and self.multikey is None:
             raise ValueError("passkey: give at least one of passkey, niah, multikey")
         return self
+
+
+class LmEvalStage(StageBase):
+    """Zero-/few-shot task accuracy of every variant through lm-evaluation-harness (`pipeline.zeroshot`)."""
+
+    stage: Literal["lm_eval"]
+    tasks: list[str] = Field(default=DEFAULT_TASKS, min_length=1)  # lm-eval task (or group) names
+    include_path: str | None = None  # a folder of task YAMLs to add to lm-eval's registry
+    num_fewshot: int | None = Field(default=0, ge=0)  # None: each task's own default
+    limit: int | float | None = Field(default=None, gt=0)  # documents per task (a fraction if < 1); None: all
+    batch_size: int = Field(default=8, gt=0)
+    bootstrap_iters: int = Field(default=1000, ge=0)  # for the standard errors; 0 skips them
+    dense: bool = True
+    masks: list[str] | Literal["all"] = "all"  # names of earlier stages whose artifacts to evaluate
 
 
 class AttentionStage(StageBase):
@@ -274,7 +296,10 @@ class PriorConfig(Strict):
 
     stage: str | None = None
     artifact: str | None = None
-    strength: float = Field(default=3.0, ge=0)
+    # The prior candidate's logit margin is strength · init_std. MaskLLM's 3 suits its 2B-token runs,
+    # where logits travel far past the margin; at a few hundred steps it lets Gumbel noise flip groups
+    # before the gradient has any say (docs/RESULTS.md, "The default recipe").
+    strength: float = Field(default=10.0, ge=0)
     # Start from the artifact's stored logits (its soft state) instead of the prior rule on its mask.
     soft: bool = False
 
@@ -283,6 +308,11 @@ class PriorConfig(Strict):
         if (self.stage is None) == (self.artifact is None):
             raise ValueError("prior: give exactly one of stage or artifact")
         return self
+
+
+# A learn stage's default lr is LR_MARGINS · margin / steps, at most MAX_STEP_MARGIN · margin (see LearnStage.lr).
+LR_MARGINS = 3.0
+MAX_STEP_MARGIN = 0.1
 
 
 class LearnStage(StageBase):
@@ -296,7 +326,10 @@ class LearnStage(StageBase):
     batch_size: int = Field(default=8, gt=0)
     seqlen: int = Field(default=2048, gt=1)
     grad_accum: int = Field(default=1, gt=0)
-    lr: float = Field(default=3e-4, gt=0)
+    # Omitted: scaled to the budget so that Adam can move a logit (about lr·steps/2 under the cosine
+    # schedule) LR_MARGINS/2 times the prior's margin, strength · init_std (init_std alone without a
+    # prior): enough to flip a group whose gradient agrees step after step, too little for noise.
+    lr: float = Field(default=None, gt=0, validate_default=False)
     warmup_steps: int = Field(default=0, ge=0)
     weight_decay: float = Field(default=0.0, ge=0)
     grad_clip: float | None = Field(default=1.0, gt=0)
@@ -314,6 +347,23 @@ class LearnStage(StageBase):
     logits_dtype: Literal["float32", "bfloat16"] = "float32"
 
     _pattern = field_validator("pattern")(SparsityConfig._pattern.__func__)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _budget_scaled_lr(cls, v: Any) -> Any:
+        if isinstance(v, dict) and v.get("lr") is None:
+            try:
+                prior, steps = v.get("prior"), int(v["steps"])
+                init_std = float(v.get("init_std", 0.01))
+                strength = (prior.strength if isinstance(prior, PriorConfig) else
+                            float((prior or {}).get("strength", PriorConfig.model_fields["strength"].default)))
+                margin = init_std * (strength if prior is not None else 1.0)
+                # Adam's first steps move every logit by about lr whatever its gradient, so a flip
+                # must take at least 1 / MAX_STEP_MARGIN agreeing steps, however short the run.
+                v = {**v, "lr": float(f"{min(LR_MARGINS / max(steps, 1), MAX_STEP_MARGIN) * margin:.3g}")}
+            except (KeyError, TypeError, ValueError, AttributeError):
+                pass  # the field validators report the bad key
+        return v
 
     @field_validator("tau", "kappa")
     @classmethod
@@ -344,9 +394,22 @@ class WorkersConfig(Strict):
     # fsdp only: shard within groups of this many workers (e.g. the GPUs of a node) and replicate
     # across groups (hybrid sharding), so that parameters are gathered over the fast links only.
     shard_group: int | None = Field(default=None, gt=0)
+    # The cluster adds nodes on demand (cluster/aws.yaml, an autoscaling KubeRay cluster): requests the
+    # current nodes cannot hold wait for new ones instead of being refused before the run starts.
+    autoscaling: bool = False
+    # Build the model on the meta device and let each rank read only its rows of the safetensors
+    # checkpoint (pipeline.models), instead of a whole copy per worker. Default: on under fsdp.
+    sharded_load: bool | None = None
+
+    @property
+    def loads_sharded(self) -> bool:
+        return self.strategy == "fsdp" if self.sharded_load is None else self.sharded_load
 
     @model_validator(mode="after")
     def _strategy_fits(self) -> WorkersConfig:
+        if self.sharded_load and self.strategy != "fsdp":
+            raise _KeyError("workers.sharded_load", f"reading each rank's rows needs strategy fsdp, "
+                                                    f"not {self.strategy}")
         if self.strategy in ("fsdp", "deepspeed") and self.num_workers == 0:
             raise _KeyError("workers.strategy", f"{self.strategy} runs on Ray workers: set workers.num_workers ≥ 1")
         if self.shard_group is not None and (self.strategy != "fsdp" or self.num_workers % self.shard_group):
@@ -446,9 +509,35 @@ class TuneConfig(Strict):
                 for i in range(width)]
 
 
-Stage = Annotated[Union[OneshotStage, LearnStage, EvalStage, RetrievalStage, AttentionStage],
+class WandbConfig(Strict):
+    """Weights & Biases (`pip install 'maskpipe[wandb]'`); credentials from `wandb login` or WANDB_API_KEY."""
+
+    project: str
+    entity: str | None = None
+    name: str | None = None  # default: the run directory's name
+    mode: Literal["online", "offline", "disabled"] | None = None  # default: WANDB_MODE, else online
+    tags: list[str] = []
+
+
+class MLflowConfig(Strict):
+    """MLflow (`pip install 'maskpipe[mlflow]'`): a server URL or a local `file:` store."""
+
+    tracking_uri: str | None = None  # default: MLFLOW_TRACKING_URI, else MLflow's own default
+    experiment: str = "maskpipe"
+    run_name: str | None = None  # default: the run directory's name
+
+
+class LoggingConfig(Strict):
+    """Where learning metrics go besides `metrics.jsonl` (always written): see `pipeline.loggers`."""
+
+    tensorboard: bool = False
+    wandb: WandbConfig | None = None
+    mlflow: MLflowConfig | None = None
+
+
+Stage = Annotated[Union[OneshotStage, LearnStage, EvalStage, RetrievalStage, AttentionStage, LmEvalStage],
                   Field(discriminator="stage")]
-STAGE_KINDS = ("oneshot", "learn", "eval", "retrieval", "attention")
+STAGE_KINDS = ("oneshot", "learn", "eval", "retrieval", "attention", "lm_eval")
 
 
 def data_refs(st) -> dict[str, str]:
@@ -458,6 +547,8 @@ def data_refs(st) -> dict[str, str]:
     if isinstance(st, RetrievalStage):
         return {f"{task}.data": getattr(st, task).data for task in ("niah", "multikey")
                 if getattr(st, task) is not None and getattr(st, task).data is not None}
+    if isinstance(st, LmEvalStage):
+        return {}  # lm-eval tasks bring their own data
     return {"data": st.data} if st.data is not None else {}
 
 
@@ -470,7 +561,8 @@ class Config(Strict):
     data: dict[str, DataConfig] = {}
     stages: list[Stage] = Field(min_length=1)
     workers: WorkersConfig = WorkersConfig()
-    tensorboard: bool = False  # also write learning metrics as TensorBoard events under the run directory
+    tensorboard: bool = False  # the same as logging.tensorboard (kept for configs that say it here)
+    logging: LoggingConfig = LoggingConfig()
     tune: TuneConfig | None = None  # `maskpipe tune` only; `maskpipe run` ignores it
 
     @model_validator(mode="before")
@@ -483,6 +575,14 @@ class Config(Strict):
                     s = {**s, "name": s.get("method") or s.get("stage")}
                 stages.append(s)
             v = {**v, "stages": stages}
+        return v
+
+    @model_validator(mode="before")
+    @classmethod
+    def _tensorboard(cls, v: Any) -> Any:
+        # One home for the choice: a top-level `tensorboard: true` is `logging.tensorboard: true`.
+        if isinstance(v, dict) and v.get("tensorboard") is True and isinstance(v.get("logging", {}), dict):
+            v = {**v, "logging": {**(v.get("logging") or {}), "tensorboard": True}}
         return v
 
     @model_validator(mode="after")
@@ -513,7 +613,7 @@ class Config(Strict):
                     ref = getattr(st, key)
                     if ref is not None and ref not in seen:
                         raise _KeyError(f"{where}.{key}", f"no earlier stage named {ref!r}")
-            if isinstance(st, (EvalStage, RetrievalStage)) and st.masks != "all":
+            if isinstance(st, (EvalStage, RetrievalStage, LmEvalStage)) and st.masks != "all":
                 for ref in st.masks:
                     if ref not in seen:
                         raise _KeyError(f"{where}.masks", f"no earlier stage named {ref!r}")

@@ -1,7 +1,8 @@
-"""Streamed corpora: local files or hub datasets, mixed, shuffled, tokenized, packed into fixed-length
-blocks and dealt out to ranks, with exact resume.
+"""Streamed corpora: local files or hub datasets, tokenized and packed into fixed-length blocks per
+source, blended by token shares, shuffled by block and dealt out to ranks, with exact resume.
 
-Nothing is materialised: memory is the shuffle buffer plus the packing buffer, whatever the corpus size.
+Nothing is materialised: memory is the record shuffle buffer, the packing buffers and one window of
+shuffled blocks, whatever the corpus size.
 """
 
 from __future__ import annotations
@@ -71,55 +72,25 @@ def _load_source(src: Source) -> datasets.IterableDataset:
     return ds.map(pick, features=_TEXT).select_columns(["text"])
 
 
-def open_corpus(data: DataConfig, seed: int = 0) -> datasets.IterableDataset:
-    """The mixed (and shuffled, if configured) stream of {"text": str}."""
-    weights = data.weights or [1.0] * len(data.sources)
-    # A zero-weight source is never drawn, so "all_exhausted" would never end the epoch: drop it.
-    mixed = [(_load_source(s), w) for s, w in zip(data.sources, weights) if w > 0]
-    if len(mixed) == 1:
-        ds = mixed[0][0]
-    else:
-        total = sum(w for _, w in mixed)
-        ds = datasets.interleave_datasets(
-            [d for d, _ in mixed],
-            probabilities=[w / total for _, w in mixed],
-            seed=seed,
-            stopping_strategy="all_exhausted",
-        )
-    if data.shuffle_buffer:
-        ds = ds.shuffle(seed=seed, buffer_size=data.shuffle_buffer)
-    return ds
+def open_source(src: Source, seed: int = 0, shuffle_buffer: int = 0) -> datasets.IterableDataset:
+    """One source's records as a stream of {"text": str}, shuffled by record if `shuffle_buffer`."""
+    ds = _load_source(src)
+    return ds.shuffle(seed=seed, buffer_size=shuffle_buffer) if shuffle_buffer else ds
 
 
-class TokenStream:
-    """Fixed-length token blocks from a streamed corpus, dealt out to ranks, exactly resumable.
+class _SourceBlocks:
+    """One source's records tokenized (no special tokens, EOS after each record as a document
+    separator) and packed back to back into blocks of `seqlen` tokens: a block may span records, no
+    token is padded or dropped. Cycles epochs forever, each reshuffled by `set_epoch`.
 
-    Records are tokenized without special tokens, each followed by EOS (when the tokenizer has one) as
-    a document separator, and packed back to back: a block may span records, and no token is padded
-    or dropped. The stream cycles epochs forever, each reshuffled deterministically by `set_epoch`.
+    State: (epoch, raw records consumed this epoch, leftover packing buffer). Loading it rebuilds the
+    epoch's stream and discards that many records untokenized: replay relies only on the stream being a
+    deterministic function of (seed, epoch). `datasets`' own state_dict can't be used: it drops the
+    shuffle buffer's contents."""
 
-    Ranks share one global sequence of blocks and rank r takes blocks r, r + W, r + 2W, ... So the
-    blocks of a global batch are the same whatever the number of workers W: data-parallel learning
-    matches one process, and a run can resume on another number of workers. The price is that every
-    rank tokenizes the whole stream, which is small beside a forward and backward pass of the model.
-
-    Resume is by replay: the state is (epoch, raw records consumed this epoch, leftover packing
-    buffer), the same on every rank between two `next` calls, and loading it rebuilds the epoch's
-    stream and discards that many records untokenized. `datasets`' own state_dict can't be used for
-    this: it drops the shuffle buffer's contents. Replay only relies on the stream being a
-    deterministic function of (seed, epoch), at the cost of re-reading the epoch up to the resume point.
-    """
-
-    def __init__(self, data: DataConfig, tokenizer, seqlen: int, seed: int = 0, rank: int = 0, world_size: int = 1):
-        if not 0 <= rank < world_size:
-            raise MaskpipeError(f"rank {rank} is not in [0, world_size={world_size})")
-        self.tokenizer, self.seqlen = tokenizer, seqlen
+    def __init__(self, ds: datasets.IterableDataset, tokenizer, seqlen: int, where: str):
+        self._ds, self.tokenizer, self.seqlen, self.where = ds, tokenizer, seqlen, where
         self._eos = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
-        self.rank, self.world_size = rank, world_size
-        self._ds = open_corpus(data, seed)
-        # Rank and world size are not part of it: the state is global, so any rank of any world size resumes it.
-        self._fingerprint = {"seqlen": seqlen, "seed": seed, "data": data.model_dump(mode="json")}
-        self._where = f"corpus {[s.path for s in data.sources]}"
         self._buffer: list[int] = []
         self._start_epoch(0)
 
@@ -129,22 +100,22 @@ class TokenStream:
         skipped = sum(1 for _ in itertools.islice(self._records, skip))
         if skipped < skip:
             raise MaskpipeError(
-                f"{self._where}: the state resumes after record {skip} of epoch {epoch}, "
+                f"{self.where}: the state resumes after record {skip} of epoch {epoch}, "
                 f"but the epoch has only {skipped}; the corpus changed since the state was saved"
             )
         self._epoch, self._consumed = epoch, skip
         self._resumed_at, self._epoch_tokens = skip, 0
 
-    def _fill(self) -> None:
+    def next_block(self) -> list[int]:
         while len(self._buffer) < self.seqlen:
             record = next(self._records, None)
             if record is None:
                 # A whole epoch read from its start without a single token: nothing will ever come; with
                 # fewer tokens than a block, every block would repeat the corpus.
                 if self._resumed_at == 0 and self._epoch_tokens == 0:
-                    raise MaskpipeError(f"{self._where}: empty corpus, no record has any text")
+                    raise MaskpipeError(f"{self.where}: empty corpus, no record has any text")
                 if self._resumed_at == 0 and self._epoch_tokens < self.seqlen:
-                    raise MaskpipeError(f"{self._where}: the corpus has {self._epoch_tokens} tokens, fewer than one "
+                    raise MaskpipeError(f"{self.where}: the corpus has {self._epoch_tokens} tokens, fewer than one "
                                         f"block of {self.seqlen} (seqlen)")
                 self._start_epoch(self._epoch + 1)
                 continue
@@ -155,14 +126,94 @@ class TokenStream:
             ids = self.tokenizer(text, add_special_tokens=False)["input_ids"] + self._eos
             self._buffer += ids
             self._epoch_tokens += len(ids)
+        block, self._buffer = self._buffer[: self.seqlen], self._buffer[self.seqlen :]
+        return block
+
+    def state_dict(self) -> dict:
+        return {"epoch": self._epoch, "records": self._consumed, "buffer": list(self._buffer)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._start_epoch(state["epoch"], skip=state["records"])
+        self._buffer = list(state["buffer"])
+
+
+class TokenStream:
+    """Fixed-length token blocks from a blend of streamed corpora, shuffled by block, dealt out to
+    ranks, exactly resumable.
+
+    Blending is by tokens: every source is packed into blocks on its own (`_SourceBlocks`), and block t
+    of the blend comes from the source furthest below its share, i = argmax_i(share_i·(t+1) − taken_i),
+    so after any number of blocks each source's share of the *tokens* is its weight up to one block
+    (as Megatron, OLMo or nanotron read blend weights). A source that runs out starts its next epoch
+    while the others go on: a small source is repeated to keep its share.
+
+    Shuffling is by block: the blend is cut into windows of `shuffle_blocks` consecutive blocks and
+    each window is emitted in a random order seeded by (seed, window). Without it a batch would be
+    consecutive pieces of one or two documents. `shuffle_buffer` additionally shuffles each source's
+    records.
+
+    Ranks share one global sequence of blocks and rank r takes blocks r, r + W, r + 2W, ... So the
+    blocks of a global batch are the same whatever the number of workers W: data-parallel learning
+    matches one process, and a run can resume on another number of workers. The price is that every
+    rank tokenizes the whole stream, which is small beside a forward and backward pass of the model.
+
+    State: the sources' states and blocks taken at the start of the current window, the window's
+    index and the position in it, and the tokens emitted per source; the same on every rank between
+    two `next` calls. Loading it replays the sources to the window's start and refills the window.
+    """
+
+    STATE_VERSION = 2
+
+    def __init__(self, data: DataConfig, tokenizer, seqlen: int, seed: int = 0, rank: int = 0, world_size: int = 1):
+        if not 0 <= rank < world_size:
+            raise MaskpipeError(f"rank {rank} is not in [0, world_size={world_size})")
+        self.seqlen, self.seed = seqlen, seed
+        self.rank, self.world_size = rank, world_size
+        weights = data.weights or [1.0] * len(data.sources)
+        # A zero-weight source is never drawn: don't even open it.
+        picked = [(i, s, w) for i, (s, w) in enumerate(zip(data.sources, weights)) if w > 0]
+        self.labels = [_label(s) for _, s, _ in picked]
+        self._sources = [
+            _SourceBlocks(open_source(s, (seed * 1_000_003 + i) % 2**32, data.shuffle_buffer), tokenizer, seqlen,
+                          f"corpus {s.path!r}")
+            for i, s, _ in picked
+        ]
+        total = sum(w for _, _, w in picked)
+        self._shares = [w / total for _, _, w in picked]
+        self._window_size = max(data.shuffle_blocks, 1)
+        # Rank and world size are not part of it: the state is global, so any rank of any world size resumes it.
+        self._fingerprint = {"seqlen": seqlen, "seed": seed, "data": data.model_dump(mode="json")}
+        self._where = f"corpus {[s.path for s in data.sources]}"
+        self._taken = [0] * len(self._sources)  # blocks drawn into windows, per source
+        self._emitted = [0] * len(self._sources)  # blocks handed out (to any rank), per source
+        self._window_index = -1
+        self._window: list[tuple[int, torch.Tensor]] = []
+        self._pos = 0
+
+    def _draw(self) -> tuple[int, list[int]]:
+        t = sum(self._taken)
+        i = max(range(len(self._sources)), key=lambda j: (self._shares[j] * (t + 1) - self._taken[j], -j))
+        self._taken[i] += 1
+        return i, torch.tensor(self._sources[i].next_block(), dtype=torch.long)
+
+    def _next_window(self) -> None:
+        self._window_index += 1
+        self._window_start = {"sources": [s.state_dict() for s in self._sources], "taken": list(self._taken)}
+        blocks = [self._draw() for _ in range(self._window_size)]
+        gen = torch.Generator().manual_seed((self.seed * 1_000_003 + self._window_index) % 2**63)
+        order = torch.randperm(len(blocks), generator=gen).tolist() if len(blocks) > 1 else [0]
+        self._window, self._pos = [blocks[j] for j in order], 0
+
+    def _block(self) -> torch.Tensor:
+        if self._pos >= len(self._window):
+            self._next_window()
+        source, block = self._window[self._pos]
+        self._pos += 1
+        self._emitted[source] += 1
+        return block
 
     def __iter__(self):
         return self
-
-    def _block(self) -> list[int]:
-        self._fill()
-        block, self._buffer = self._buffer[: self.seqlen], self._buffer[self.seqlen :]
-        return block
 
     def __next__(self) -> torch.Tensor:
         for _ in range(self.rank):
@@ -170,32 +221,49 @@ class TokenStream:
         block = self._block()
         for _ in range(self.world_size - 1 - self.rank):
             self._block()
-        return torch.tensor(block, dtype=torch.long)
+        return block
 
     def next_batch(self, batch_size: int) -> torch.Tensor:
         return torch.stack([next(self) for _ in range(batch_size)])
 
+    def token_shares(self) -> dict[str, float]:
+        """The realised share of tokens per source, over every block handed out so far (all ranks)."""
+        total = sum(self._emitted)
+        return {label: (n / total if total else 0.0) for label, n in zip(self.labels, self._emitted)}
+
+    def tokens(self) -> int:
+        """Tokens handed out so far, to all ranks."""
+        return sum(self._emitted) * self.seqlen
+
     def state_dict(self) -> dict:
-        return {
-            "epoch": self._epoch,
-            "records": self._consumed,
-            "buffer": list(self._buffer),
-            "fingerprint": self._fingerprint,
-        }
+        start = self._window_start if self._window_index >= 0 else {
+            "sources": [s.state_dict() for s in self._sources], "taken": list(self._taken)}
+        return {"version": self.STATE_VERSION, "window": self._window_index, "pos": self._pos, "start": start,
+                "emitted": list(self._emitted), "fingerprint": self._fingerprint}
 
     def load_state_dict(self, state: dict) -> None:
+        if state.get("version") != self.STATE_VERSION:
+            raise MaskpipeError(f"{self._where}: the state is from an older stream format (version "
+                                f"{state.get('version', 1)}, this is {self.STATE_VERSION}); it cannot be resumed")
         saved = state.get("fingerprint", {})
         diffs = [
             f"{k}: saved {saved.get(k)!r}, this stream {v!r}" for k, v in self._fingerprint.items() if saved.get(k) != v
         ]
         if diffs:
             raise MaskpipeError(f"{self._where}: the state is from a different stream; " + "; ".join(diffs))
-        self._start_epoch(state["epoch"], skip=state["records"])
-        self._buffer = list(state["buffer"])
+        for src, s in zip(self._sources, state["start"]["sources"]):
+            src.load_state_dict(s)
+        self._taken = list(state["start"]["taken"])
+        self._emitted = list(state["emitted"])
+        self._window_index, self._window, self._pos = max(state["window"] - 1, -1), [], 0
+        if state["window"] >= 0:
+            self._next_window()
+            self._pos = state["pos"]
 
 
 def calibration_blocks(data: DataConfig, tokenizer, n_samples: int, seqlen: int, seed: int = 0) -> torch.Tensor:
-    """The first `n_samples` blocks of a single-rank TokenStream: [n_samples, seqlen]."""
+    """The first `n_samples` blocks of a single-rank TokenStream: [n_samples, seqlen]. With the
+    block shuffle they are spread over the first `shuffle_blocks` blocks of the blend."""
     return TokenStream(data, tokenizer, seqlen, seed=seed).next_batch(n_samples)
 
 

@@ -20,9 +20,14 @@ from tqdm.auto import tqdm
 
 from pipeline import MaskpipeError
 from pipeline.checkpoint import Rows, rank_world
-from pipeline.models import base_weight, decoder_blocks
+from pipeline.models import base_weight, decoder_blocks, defer, deferred, device_of
 from pipeline.shard import MOMENTS, make_strategy
 from pipeline.sparsity import check_divisible
+
+
+# Soft-mask probabilities below this are exact zeros: far above float32's subnormal range (< 1.2e-38),
+# far below anything that moves the mask (1e-12 of a weight) or a logit (its gradient is scaled by p).
+PROB_FLOOR = 1e-12
 
 
 @lru_cache(maxsize=None)
@@ -63,14 +68,18 @@ class GumbelNMMask(nn.Module):
     group: 4 instead of 6 at 2:4, 8 instead of 70 at 4:8); MaskLLM's prior is of that form already."""
 
     def __init__(self, shape: torch.Size, n: int, m: int, generator: torch.Generator | None = None,
-                 init_std: float = 0.01, per_group: str = "candidates", dtype: torch.dtype = torch.float32):
+                 init_std: float = 0.01, per_group: str = "candidates", dtype: torch.dtype = torch.float32,
+                 meta: bool = False):
         super().__init__()
         out_features, in_features = shape
         cands = nm_candidates(n, m)
         self.n, self.m = n, m
         self.register_buffer("candidates", cands.float(), persistent=False)
         width = len(cands) if per_group == "candidates" else m
-        logits = torch.randn(out_features, in_features // m, width, generator=generator) * init_std
+        if meta:  # filled later, rows by rows (`add_learned_masks` defers them)
+            logits = torch.empty(out_features, in_features // m, width, device="meta")
+        else:
+            logits = torch.randn(out_features, in_features // m, width, generator=generator) * init_std
         self.logits = nn.Parameter(logits.to(dtype))
         self.per_group = per_group
         self.tau, self.kappa, self.lam, self.noise_seed = 4.0, 100.0, 0.0, 0
@@ -85,6 +94,10 @@ class GumbelNMMask(nn.Module):
         u = torch.rand(self.logits.shape[:-1] + (len(self.candidates),), generator=gen, device=self.logits.device)
         gumbel = u.clamp_min_(1e-10).log_().neg_().clamp_min_(1e-10).log_().neg_()  # in place: as large as the logits
         probs = torch.softmax((self.candidate_logits() * self.kappa + gumbel) / self.tau, dim=-1)
+        # As tau anneals, the losing candidates' probabilities underflow into float32 subnormals, and
+        # x86 matmuls with subnormal operands run ~100x slower (the last steps of a run took 15x the
+        # first). Below PROB_FLOOR a candidate changes neither the mask nor, through Adam's eps, its logit.
+        probs = probs.masked_fill(probs < PROB_FLOOR, 0.0)
         return probs @ self.candidates  # [out, groups, M]: never a [groups, C, M] intermediate
 
     def hard_mask(self) -> torch.Tensor:
@@ -134,18 +147,39 @@ def add_learned_masks(
     linears: dict[str, nn.Linear], n: int, m: int, generator: torch.Generator,
     priors: dict[str, torch.Tensor] | None = None, strength: float = 3.0, init_std: float = 0.01,
     per_group: str = "candidates", dtype: torch.dtype = torch.float32,
+    init_logits: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, GumbelNMMask]:
-    """Put a GumbelNMMask on every linear; returns name -> mask module (whose logits are what trains)."""
+    """Put a GumbelNMMask on every linear; returns name -> mask module (whose logits are what trains).
+    `init_logits` (over the candidates) replace the random start. On a linear whose weight is deferred
+    (`pipeline.models.load_model(meta=True)`) the logits are deferred too: each layer's initial logits
+    are made whole when they are materialized, in this same order (the generator's draws are those of
+    an ordinary load), and only the rows asked for are kept."""
     for name, lin in linears.items():
         check_divisible(name, lin.weight.shape, m)
     masks = {}
     for name in sorted(linears):
         lin = linears[name]
-        mod = GumbelNMMask(base_weight(lin).shape, n, m, generator, init_std, per_group, dtype).to(lin.weight.device)
-        if priors is not None and name in priors:
+        weight = base_weight(lin)
+        meta = deferred(weight) is not None
+
+        def initial(mod, name=name):
+            logits = mod.logits if not meta else torch.randn(mod.logits.shape, generator=generator) * init_std
+            logits = logits.detach().to(mod.logits.dtype)
+            if priors is not None and name in priors:
+                logits = prior_logits(logits, priors[name].to(logits.device), n, m, strength, per_group)
+            if init_logits is not None:
+                init = init_logits[name].to(logits.device)
+                logits = (init if per_group == "candidates" else positions_from_candidates(init, n, m)).to(logits.dtype)
+            return logits
+
+        mod = GumbelNMMask(weight.shape, n, m, generator, init_std, per_group, dtype, meta=meta)
+        if meta:
+            mod.candidates = mod.candidates.to(device_of(weight))
+            defer(mod.logits, lambda start, stop, f=initial, mod=mod: f(mod)[start:stop], device_of(weight))
+        else:
+            mod = mod.to(lin.weight.device)
             with torch.no_grad():
-                mod.logits.copy_(prior_logits(mod.logits, priors[name].to(mod.logits.device), n, m, strength,
-                                              per_group))
+                mod.logits.copy_(initial(mod))
         parametrize.register_parametrization(lin, "weight", mod, unsafe=True)
         masks[name] = mod
     return masks
@@ -179,16 +213,11 @@ def train_masks(
     _, world = rank_world()
     if st.batch_size % world:
         raise MaskpipeError(f"batch_size {st.batch_size} is not divisible by the {world} workers")
-    device = base_weight(next(iter(linears.values()))).device
+    device = device_of(base_weight(next(iter(linears.values()))))
     generator = torch.Generator().manual_seed(seed)  # the initial logits only
-    mods = add_learned_masks(linears, n, m, generator, priors, st.prior.strength if st.prior else 3.0, st.init_std,
-                             st.logits_per_group, getattr(torch, st.logits_dtype))
+    mods = add_learned_masks(linears, n, m, generator, priors, st.prior.strength if st.prior else 0.0, st.init_std,
+                             st.logits_per_group, getattr(torch, st.logits_dtype), init_logits)
     order = sorted(mods)
-    if init_logits is not None:
-        with torch.no_grad():
-            for k, mod in mods.items():
-                init = init_logits[k].to(mod.logits.device)
-                mod.logits.copy_(init if st.logits_per_group == "candidates" else positions_from_candidates(init, n, m))
     if activation_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     model.eval()  # no dropout; the masks alone train

@@ -5,8 +5,10 @@ They are the baselines, and the priors that learned masks start from. DSnoT take
 mask (`init_masks`) and swaps kept and pruned weights inside each N:M group (`dsnot_refine`). Wanda and
 SparseGPT prune sequentially, block by block, as both papers do: the first decoder block's inputs are
 captured for every calibration sample, then each block is calibrated on what the already-pruned blocks
-before it produce, so memory holds one block's activations at a time. DSnoT walks the blocks the same way: a block's masks
-are refined on the outputs of the blocks before it, run with their refined masks.
+before it produce, so memory holds one block's activations at a time. DSnoT walks the blocks the same
+way: a block's masks are refined on the outputs of the blocks before it, run with their refined masks.
+With `offload_to` the model stays in host memory and only the block being calibrated is on the device
+(`_Offloaded`), so a one-shot mask of a model larger than one GPU is possible.
 
 A mask is a CPU bool tensor shaped like the weight [out, in]; every group of M consecutive input columns
 of a row keeps exactly N. The model's weights are never changed: pruned blocks run through a mask
@@ -35,11 +37,14 @@ def oneshot_masks(
     calib: torch.Tensor | None = None,  # LongTensor [n_samples, seqlen] of token ids; None for magnitude
     *, batch_size: int = 8, weight_update: bool = False, blocksize: int = 128, percdamp: float = 0.01,
     init_masks: dict[str, torch.Tensor] | None = None, max_cycles: int = 50,
+    offload_to: torch.device | str | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
     """Returns (masks: name -> CPU bool tensor shaped like the weight, N:M along the input dim;
     updated weights: name -> CPU tensor (model dtype) when weight_update, else None).
     dsnot refines `init_masks` (N:M masks of every linear, e.g. Wanda's) by at most `max_cycles` swaps
-    per output row. On return the model's weights are exactly as they were on entry."""
+    per output row. On return the model's weights are exactly as they were on entry.
+
+    `offload_to`: calibrate on this device a model that stays in host memory (`_Offloaded`)."""
     if method not in METHODS:
         raise MaskpipeError(f"unknown one-shot method {method!r} (choose from {', '.join(METHODS)})")
     if not 0 < n < m:
@@ -56,7 +61,8 @@ def oneshot_masks(
             if init_masks[name].shape != lin.weight.shape or not is_nm(init_masks[name], n, m):
                 raise MaskpipeError(f"dsnot: the initial mask of {name} is no {n}:{m} mask of its weight")
     if method == "magnitude":
-        return {name: nm_mask(base_weight(lin).abs(), n, m).cpu() for name, lin in linears.items()}, None
+        return {name: nm_mask(base_weight(lin).to(offload_to).abs(), n, m).cpu()
+                for name, lin in linears.items()}, None
     if calib is None or calib.dim() != 2:
         raise MaskpipeError(f"{method} needs calibration token ids shaped [n_samples, seqlen]")
 
@@ -68,10 +74,16 @@ def oneshot_masks(
 
     # Blocks after the last one with something to prune need no calibration.
     last = max((i for i, subset in enumerate(per_block) if subset), default=-1)
-    inputs = _capture_block_inputs(model, blocks[0], calib, batch_size)
+    offload = _Offloaded(model, blocks, offload_to)
+    try:
+        inputs = _capture_block_inputs(model, blocks[0], calib, batch_size, offload.device)
+    except BaseException:
+        offload.restore()
+        raise
     masks: dict[str, torch.Tensor] = {}
     updated: dict[str, torch.Tensor] | None = {} if weight_update else None
-    for block, subset in zip(tqdm(blocks[: last + 1], desc=f"{method} {n}:{m}", disable=None), per_block):
+    for block, subset in zip(tqdm(offload.each(blocks[: last + 1]), desc=f"{method} {n}:{m}", total=last + 1,
+                                  disable=None), per_block):
         # Statistics of each linear's inputs while the block is still dense, as in both papers.
         kind = {"wanda": ChannelNorms, "sparsegpt": Hessian, "dsnot": ChannelMoments}[method]
         stats = {name: kind(lin) for name, lin in subset.items()}
@@ -254,15 +266,55 @@ def sparsegpt_prune(
     return ~prune, W
 
 
+class _Offloaded:
+    """A model in host memory calibrated on `device`, as SparseGPT's and llm-compressor's sequential
+    pipelines do: everything outside the decoder blocks (embeddings, final norm, head, rotary
+    buffers) moves to the device for the whole calibration, each block only while `each` is at it,
+    so the device holds one block, its statistics and the calibration activations, never the model
+    (`pipeline.plan.oneshot_plan`). With `device` None or the model's own device nothing moves."""
+
+    def __init__(self, model: nn.Module, blocks: nn.ModuleList, device: torch.device | str | None):
+        self.model, self.blocks = model, blocks
+        self.home = next(model.parameters()).device
+        self.device = self.home if device is None else torch.device(device)
+        self.moves = self.device != self.home
+        self._outside(self.device)
+
+    def _outside(self, device: torch.device) -> None:
+        if not self.moves:
+            return
+        parked = list(self.blocks._modules.items())
+        self.blocks._modules.clear()  # the block list empty for a moment: `to` moves all but the blocks
+        try:
+            self.model.to(device)
+        finally:
+            self.blocks._modules.update(parked)
+
+    def restore(self) -> None:
+        self._outside(self.home)
+
+    def each(self, blocks):
+        """The blocks in turn, each on the device while the caller works on it; everything back home
+        at the end (also when the caller stops early)."""
+        try:
+            for block in blocks:
+                block.to(self.device)
+                try:
+                    yield block
+                finally:
+                    block.to(self.home)
+        finally:
+            self.restore()
+
+
 class _Captured(Exception):
     """Stops the model right after block 0's inputs are recorded: the rest of the forward is wasted work."""
 
 
 def _capture_block_inputs(
-    model: nn.Module, first: nn.Module, calib: torch.Tensor, batch_size: int
+    model: nn.Module, first: nn.Module, calib: torch.Tensor, batch_size: int, device: torch.device
 ) -> list[tuple[torch.Tensor, tuple, dict]]:
-    """(hidden states, other args, kwargs) of `first` per calibration batch, on the model's device."""
-    device = next(model.parameters()).device
+    """(hidden states, other args, kwargs) of `first` per calibration batch, on `device`."""
     captured = []
 
     def record(module: nn.Module, args: tuple, kwargs: dict):

@@ -1,4 +1,5 @@
-"""Per-device memory plan of a learning stage, from the model's config alone (no weights are loaded).
+"""Per-device memory plans, from the model's config alone (no weights are loaded): of a learning stage
+(`memory_plan`), of loading it under fsdp (`loading_plan`), and of a one-shot stage (`oneshot_plan`).
 
 The model is built on the meta device, so every architecture transformers knows is counted exactly;
 the bytes per item follow from what each strategy keeps on a device (see `pipeline.shard`):
@@ -81,7 +82,7 @@ def memory_plan(shape: Shape, *, n: int, m: int, micro_batch: int, seqlen: int, 
     """Bytes per device for each item of `ITEMS`, for one rank of `world` (fsdp with `shard_group`:
     sharded over groups of that many ranks, replicated across them)."""
     wb = DTYPES[model_dtype].itemsize
-    ab = 2 if cuda else 4  # activations: bf16 autocast on CUDA, float32 on CPU
+    ab = 2 if cuda else wb  # activations: bf16 autocast on CUDA; on CPU, no autocast: the model's dtype
     width = math.comb(m, n) if logits_per_group == "candidates" else m
     logits = shape.masked // m * width
     block_logits = shape.block_masked // m * width
@@ -99,7 +100,7 @@ def memory_plan(shape: Shape, *, n: int, m: int, micro_batch: int, seqlen: int, 
 
     tokens = micro_batch * seqlen
     per_token_block = ab * (10 * shape.hidden + 4 * shape.kv_hidden + 5 * shape.intermediate) + 8 * shape.hidden
-    per_masked = ab * 2 + 4 * width / m  # masked weight, mask, candidate probabilities (fp32)
+    per_masked = ab * 2 + 4 * math.comb(m, n) / m  # masked weight, mask, probabilities over the candidates (fp32)
     live_block = tokens * per_token_block + shape.block_masked * per_masked
     head = tokens * shape.vocab * (ab + 8)  # logits, fp32 log-softmax for the loss and its gradient
     if activation_checkpointing:
@@ -115,6 +116,54 @@ def memory_plan(shape: Shape, *, n: int, m: int, micro_batch: int, seqlen: int, 
         "gradients": grads // s_div,
         "activations": int(activations),
         "workspace": workspace,
+    }
+
+
+def loading_plan(shape: Shape, *, n: int, m: int, world: int, sharded: bool, model_dtype: str = "bfloat16",
+                 logits_per_group: str = "candidates", logits_dtype: str = "float32") -> dict[str, int]:
+    """Peak bytes per rank of an fsdp learning stage from loading the model to its first step.
+
+    A whole load (`sharded=False`) holds every frozen weight and, before `fully_shard` cuts them,
+    every layer's initial logits; `from_pretrained` also maps the checkpoint's pages while it copies
+    them into the model (a checkpoint in the model's dtype assumed). A load from meta
+    (`pipeline.models`) holds only this rank's rows of weights and logits; in flight, one layer's
+    initial logits made whole (drawn in float32, then cast), since the random draw must be the one an
+    ordinary load makes."""
+    wb, lb = DTYPES[model_dtype].itemsize, DTYPES[logits_dtype].itemsize
+    width = math.comb(m, n) if logits_per_group == "candidates" else m
+    logits = shape.masked // m * width
+    div = world if sharded else 1
+    return {
+        "frozen weights": shape.params * wb // div,
+        "mask logits": logits * lb // div,
+        "in flight": shape.largest_linear // m * width * (4 + lb) if sharded else shape.params * wb,
+    }
+
+
+def oneshot_plan(shape: Shape, *, method: str, n_samples: int, seqlen: int, batch_size: int,
+                 model_dtype: str = "bfloat16", offload: bool = False, cuda: bool = True) -> dict[str, int]:
+    """Device bytes of a one-shot stage (`pipeline.oneshot`), LLaMA-style blocks (q, k, v, o, gate,
+    up read `hidden` inputs, down reads `intermediate`). Whole model on the device, or with `offload`
+    only what lies outside the blocks (embeddings, head) and the one block being calibrated. Every
+    calibration sample's hidden states are kept twice (a block's inputs and its outputs); SparseGPT
+    keeps a block's Hessians (in² fp32 per linear) and inverts the largest; Wanda one norm per input."""
+    wb = DTYPES[model_dtype].itemsize
+    block = shape.block_params * wb
+    weights = (shape.params - shape.blocks * shape.block_params) * wb + block if offload else shape.params * wb
+    h, i = shape.hidden, shape.intermediate
+    per_token = 3 * h + 2 * shape.kv_hidden + 3 * i  # a block's no-grad forward: projections, MLP
+    largest_in = max(h, i)  # down_proj reads the MLP width: the largest Hessian inverted
+    stats = {"sparsegpt": 4 * (6 * h * h + i * i), "wanda": 4 * (6 * h + i)}.get(method, 0)
+    work = {"sparsegpt": 4 * (2 * shape.largest_linear + 3 * largest_in * largest_in),
+            "wanda": 2 * 4 * shape.largest_linear}.get(method, 0)
+    calibrating = method != "magnitude"
+    return {
+        "frozen weights": weights if calibrating or not offload else shape.largest_linear * wb,
+        "calibration activations": 2 * n_samples * seqlen * h * wb if calibrating else 0,
+        "block forward": batch_size * seqlen * per_token * wb if calibrating else 0,
+        "statistics": stats,
+        "pruning workspace": work,
+        "workspace": CUDA_RESERVE if cuda else 0,
     }
 
 
@@ -187,3 +236,54 @@ def plan_report(cfg, st, shape: Shape, world: int, capacity: int | None, cuda: b
         label = name if stage is None else f"ZeRO-{stage}"
         lines.append(f"  {label:<8} " + " | ".join(totals))
     return "\n".join(lines)
+
+
+def what_fits(cfg, st, shape: Shape, world: int, capacity: int, cuda: bool = True) -> list[str]:
+    """When the configured stage does not fit `capacity`, the changes that make it fit, one per line
+    with the total per device: each single change of the recipe (a smaller micro-batch through
+    grad_accum, activation checkpointing, leaner mask state, a sharded strategy), their combination,
+    and the fewest devices that hold the configured recipe."""
+    def total(c, s, n=world) -> int:
+        return sum(stage_plan(c, s, shape, n, cuda=cuda).values())
+
+    w = cfg.workers
+    options: list[tuple[str, object, object]] = []
+    if st.batch_size // world > 1:
+        accum = st.batch_size // world
+        options.append((f"grad_accum: {st.grad_accum * accum}, batch_size: {st.batch_size // accum} "
+                        f"(micro-batch 1, same global batch)", cfg,
+                        st.model_copy(update={"batch_size": st.batch_size // accum, "grad_accum": st.grad_accum * accum})))
+    if not w.activation_checkpointing:
+        options.append(("workers.activation_checkpointing: true",
+                        cfg.model_copy(update={"workers": w.model_copy(update={"activation_checkpointing": True})}), st))
+    if st.logits_per_group != "positions":
+        options.append(("logits_per_group: positions", cfg, st.model_copy(update={"logits_per_group": "positions"})))
+    if st.logits_dtype != "bfloat16":
+        options.append(("logits_dtype: bfloat16", cfg, st.model_copy(update={"logits_dtype": "bfloat16"})))
+    if world > 1 and w.strategy in ("none", "ddp"):
+        options.append(("workers.strategy: fsdp",
+                        cfg.model_copy(update={"workers": w.model_copy(update={"strategy": "fsdp"})}), st))
+    lines = []
+    for what, c, s in options:
+        t = total(c, s)
+        lines.append(f"  {what}: {gib(t)} per device{' (fits)' if t <= capacity else ''}")
+    if len(options) > 1:
+        c, s = cfg, st
+        for _, oc, os_ in options:  # every change at once
+            c = c.model_copy(update={"workers": c.workers.model_copy(update={
+                k: getattr(oc.workers, k) for k in ("activation_checkpointing", "strategy")
+                if getattr(oc.workers, k) != getattr(w, k)})})
+            s = s.model_copy(update={k: getattr(os_, k) for k in ("batch_size", "grad_accum", "logits_per_group",
+                                                                   "logits_dtype") if getattr(os_, k) != getattr(st, k)})
+        t = total(c, s)
+        lines.append(f"  all of these: {gib(t)} per device{' (fits)' if t <= capacity else ''}")
+    for n in (2, 4, 8, 16, 32, 64, 128, 256):
+        if n > world and st.batch_size % n == 0:
+            sharded = cfg if w.strategy in ("fsdp", "deepspeed") else cfg.model_copy(
+                update={"workers": w.model_copy(update={"strategy": "fsdp"})})
+            t = total(sharded, st, n)
+            if t <= capacity:
+                lines.append(f"  {n} devices ({sharded.workers.strategy}, batch_size {st.batch_size} splits "
+                             f"evenly): {gib(t)} per device (fits)")
+                break
+    return lines

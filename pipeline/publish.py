@@ -21,6 +21,7 @@ from pipeline import MaskpipeError
 from pipeline.artifacts import LOGITS_FILE, MANIFEST_FILE, MASKS_FILE, atomic_dir, read_manifest
 
 ONESHOT = ("magnitude", "wanda", "sparsegpt")
+NOT_EVALUATED = "No evaluation of this artifact was recorded in its run."
 CARD = "README.md"
 
 
@@ -61,7 +62,7 @@ def _ppl_table(results: dict[str, Any], stage: str) -> list[str]:
     rows = ["dense"] + [n for n, rec in stages.items() if rec.get("method") in ONESHOT and n != stage] + [stage]
     rows = [r for r in rows if r in ppl or r in retrieval]
     if stage not in rows:
-        return ["No evaluation of this artifact was recorded in its run."]
+        return [NOT_EVALUATED]
     corpora = sorted({c for r in rows for c in ppl.get(r, {})})
     tasks = [t for t in ("passkey", "niah", "multikey") if any(t in retrieval.get(r, {}) for r in rows)]
     lines = ["| variant | " + " | ".join([f"PPL {c}" for c in corpora] + [f"{t} (exact match)" for t in tasks]) + " |",
@@ -96,6 +97,27 @@ def _ppl_table(results: dict[str, Any], stage: str) -> list[str]:
         lines.append("\nPerplexity: non-overlapping windows of each whole corpus (wikitext-2 protocol); tokens scored: "
                      + ", ".join(f"{c} {t:,}" for c, t in scored.items()) + ".")
     return lines
+
+
+def _zeroshot_lines(results: dict[str, Any], stage: str) -> list[str]:
+    """The lm-eval table of the dense model, the one-shot baselines and `stage`, if the run scored them."""
+    from pipeline.zeroshot import zeroshot_table
+
+    scores, stages = results.get("lm_eval", {}), results.get("stages", {})
+    rows = ["dense"] + [n for n, rec in stages.items() if rec.get("method") in ONESHOT and n != stage] + [stage]
+    if stage not in scores:
+        return []
+    table = zeroshot_table({(f"**{r} (this artifact)**" if r == stage else r): scores[r] for r in rows if r in scores})
+    return ["", "### Zero-shot tasks", "", table.rstrip()]
+
+
+SERVING = ("A mask changes no storage format: `maskpipe apply --out` writes the weights ⊙ mask as an ordinary dense "
+           "checkpoint (zeros where the mask drops a weight), and serving engines load it as a dense model, with "
+           "no speed-up: current vLLM does (its 2:4 sparse path was removed). Where a 2:4 "
+           "speed-up exists is PyTorch's semi-structured sparse kernels (`torch.sparse.to_sparse_semi_structured`, "
+           "torchao), on GPUs of compute capability 8.0 or newer: `pipeline.sparsity.to_semi_structured` converts "
+           "the masked linears of a loaded model. An attention plan needs maskpipe's attention implementation "
+           "(or DuoAttention's own code: `maskpipe export duo-attention`).")
 
 
 FILES = {MASKS_FILE: "the masks, encoded as the manifest says", MANIFEST_FILE: "format, base model, layers, "
@@ -133,8 +155,11 @@ def model_card(manifest: dict[str, Any], results: dict[str, Any] | None, stage: 
              "The fingerprint is a sha256 over the names, shapes and bfloat16 bytes of the base weights the artifact "
              "was made for (the masked layers; for a plan, every decoder linear): `maskpipe apply` refuses it on any "
              "other model, or on other shapes, before touching anything."]
-    body += ["", "## Results", ""] + (_ppl_table(results, stage) if results else
-                                       ["No evaluation was recorded with this artifact (published without its run)."])
+    if results:
+        ppl, zeroshot = _ppl_table(results, stage), _zeroshot_lines(results, stage)
+        body += ["", "## Results", ""] + (zeroshot[1:] if zeroshot and ppl == [NOT_EVALUATED] else ppl + zeroshot)
+    else:
+        body += ["", "## Results", "", "No evaluation was recorded with this artifact (published without its run)."]
     params = method.get("params", {})
     data_info = manifest["data"]
     facts = {"method": method.get("name"), "pattern": pattern, "prior": method.get("prior") or None,
@@ -162,6 +187,7 @@ def model_card(manifest: dict[str, Any], results: dict[str, Any] | None, stage: 
              "that mask different layers. To start a new task's mask from this one, give a learn stage "
              f"`prior: {{artifact: {folder}}}`" + (" (add `soft: true` to start from its stored logits)."
                                                   if manifest.get("soft") else ".")]
+    body += ["", "## Serving", "", SERVING]
     return ModelCard("---\n" + data.to_yaml() + "\n---\n\n" + "\n".join(body) + "\n")
 
 

@@ -2,8 +2,9 @@
 
 Every prompt is an intro, a haystack of whole sentences with needles inserted at sentence boundaries,
 and a question whose answer the model must complete; lengths are in tokens of the model's own
-tokenizer. Decoding is greedy and scoring is exact match on the first number(s) generated. Samples
-are drawn from seeded generators, so every variant of a model sees the same prompts.
+tokenizer. Decoding is greedy, all samples of a length in one left-padded batch, and scoring is exact
+match on the first number(s) generated. Samples are drawn from seeded generators, so every variant of a
+model sees the same prompts.
 """
 
 from __future__ import annotations
@@ -145,18 +146,30 @@ def multikey_samples(tokenizer, lengths: list[int], samples: int, seed: int, key
 
 
 @torch.no_grad()
-def greedy_decode(model: nn.Module, ids: list[int], max_new_tokens: int) -> list[int]:
-    """Greedy continuation of one prompt, with the model's KV cache."""
+def greedy_decode(model: nn.Module, prompts: list[list[int]], max_new_tokens: int, pad_id: int = 0) -> list[list[int]]:
+    """Greedy continuations of a batch of prompts, `max_new_tokens` each, with the model's KV cache.
+
+    Prompts of different lengths are left-padded: the attention mask hides the padding and the
+    position ids count from each prompt's first token, so every prompt decodes as it would alone
+    (attention plans count their sink from that token too: `pipeline.attention`). Decoding does not
+    stop at an end-of-sequence token, so a prompt's tokens never depend on its batch."""
     device = next(model.parameters()).device
-    out = model(input_ids=torch.tensor([ids], device=device), use_cache=True)
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts], device=device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
     new = []
-    for _ in range(max_new_tokens):
-        token = out.logits[0, -1].argmax()
-        new.append(int(token))
-        if len(new) == max_new_tokens:
+    for step in range(max_new_tokens):
+        token = out.logits[:, -1].argmax(-1)
+        new.append(token)
+        if step == max_new_tokens - 1:
             break
-        out = model(input_ids=token.view(1, 1), past_key_values=out.past_key_values, use_cache=True)
-    return new
+        mask = torch.cat([mask, mask.new_ones(len(prompts), 1)], dim=1)
+        positions = positions[:, -1:] + 1
+        out = model(input_ids=token[:, None], attention_mask=mask, position_ids=positions, cache=out.cache,
+                    use_cache=True)
+    return torch.stack(new, dim=1).tolist() if new else [[] for _ in prompts]
 
 
 def exact_match(generated: str, answers: list[str]) -> bool:
@@ -164,14 +177,28 @@ def exact_match(generated: str, answers: list[str]) -> bool:
     return sorted(re.findall(r"\d+", generated)[: len(answers)]) == sorted(answers)
 
 
-def score(model: nn.Module, tokenizer, samples: list[Sample], desc: str = "retrieval") -> list[dict]:
-    """One record per sample: its length, depth, answers, the generation and whether it matched."""
+def score(model: nn.Module, tokenizer, samples: list[Sample], desc: str = "retrieval",
+          batch_size: int | None = None) -> list[dict]:
+    """One record per sample: its length, depth, answers, the generation and whether it matched.
+    Samples of one requested length decode together, `batch_size` at a time (None: all at once);
+    each gets as many new tokens as its answers take plus two, whatever its batch."""
     from tqdm.auto import tqdm
 
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    budgets = [len(tokenizer(" " + ", ".join(s.answers), add_special_tokens=False).input_ids) + 2 for s in samples]
+    by_length: dict[int, list[int]] = {}
+    for i, s in enumerate(samples):
+        by_length.setdefault(s.length, []).append(i)
+    batches = [group[j : j + (batch_size or len(group))] for group in by_length.values()
+               for j in range(0, len(group), batch_size or len(group))]
+    generated: dict[int, list[int]] = {}
+    for batch in tqdm(batches, desc=desc, leave=False, disable=None):
+        # Greedy decoding is prefix-stable: the batch runs to its longest budget, each sample keeps its own.
+        tokens = greedy_decode(model, [samples[i].ids for i in batch], max(budgets[i] for i in batch), pad)
+        generated |= {i: t[: budgets[i]] for i, t in zip(batch, tokens)}
     records = []
-    for s in tqdm(samples, desc=desc, leave=False, disable=None):
-        budget = len(tokenizer(" " + ", ".join(s.answers), add_special_tokens=False).input_ids) + 2
-        text = tokenizer.decode(greedy_decode(model, s.ids, budget), skip_special_tokens=True)
+    for i, s in enumerate(samples):
+        text = tokenizer.decode(generated[i], skip_special_tokens=True)
         records.append({"length": s.length, "tokens": len(s.ids), "depth": round(s.depth, 4), "answers": s.answers,
                         "generated": text, "correct": exact_match(text, s.answers), **s.info})
     return records

@@ -1,8 +1,11 @@
 """Running a recipe: the stages a config lists, in order, into a run directory.
 
-A run directory holds `config.yaml` (the resolved config), `run.log`, `status.json`, `metrics.jsonl`
-(every logged training step), one mask artifact per mask-producing stage under `artifacts/`, the last
-checkpoints of each learning stage, and `results.json` + `results.md`.
+A run directory holds `config.yaml` (the resolved config), `run.log`, `status.json` (status
+running/stopped/failed/completed, the stage, the owner's pid and host, start and end, and for a run that
+ended early its last step and error), `metrics.jsonl` (every logged training step, each once), one mask
+artifact per mask-producing stage under `artifacts/`, the last checkpoints of each learning stage,
+`results.json` + `results.md`, and `.lock`, its owner (`pipeline.rundir`). Paths in `results.json` are
+relative to the run directory.
 
 `run` only orders the stages and records what they produced; a backend executes them. `LocalBackend`
 runs each stage in this process; `workers.RayBackend` runs the same stage functions on Ray (a Ray
@@ -21,25 +24,29 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from pipeline import MaskpipeError, __version__
+from pipeline import MaskpipeError, __version__, rundir
 from pipeline.artifacts import (check_compatible, check_disjoint, load_artifact, load_soft_logits, read_manifest,
                                 save_artifact, write_json, write_text)
 from pipeline.attention import (AttentionPlan, binarize, check_plan, default_sink_window, kv_heads, moa_windows,
                                 plan_cost, planned, random_scores, train_gates, uniform_plan)
 from pipeline.checkpoint import CheckpointDir
-from pipeline.config import (AttentionStage, Config, EvalStage, LearnStage, ModelConfig, OneshotStage, RetrievalStage,
-                             dump_config)
-from pipeline.data import TokenStream, calibration_blocks, eval_text
+from pipeline.config import (AttentionStage, Config, EvalStage, LearnStage, LmEvalStage, ModelConfig, OneshotStage,
+                             RetrievalStage, dump_config)
+from pipeline.data import TokenStream, eval_text
 from pipeline.evaluate import Perplexity, perplexity
 from pipeline.learn import hard_mask, train_masks
-from pipeline.models import base_weight, fingerprint, load_model, load_tokenizer, prunable_linears
+from pipeline.loggers import MetricsLog, log_results, read_metrics, require  # noqa: F401 (read_metrics: jobs.submit)
+from pipeline.models import (base_weight, device_of, fingerprint, load_model, load_tokenizer, prunable_linears,
+                             resolve_device)
 from pipeline.oneshot import oneshot_masks
 from pipeline.plan import model_shape, plan_report
 from pipeline.retrieval import (accuracy, multikey_samples, niah_heatmap, niah_samples, passkey_samples, score,
                                 split_sentences)
 from pipeline.sparsity import masked
+from pipeline.zeroshot import check_tasks, lm_eval_stage, zeroshot_table
 
 log = logging.getLogger("maskpipe")
 
@@ -54,24 +61,29 @@ class Variant:
     updated_weights: Path | None = None
     info: dict[str, Any] = field(default_factory=dict)
 
-    def record(self) -> dict[str, Any]:
-        return {**self.info, "artifact": str(self.artifact) if self.artifact else None,
-                "updated_weights": str(self.updated_weights) if self.updated_weights else None}
+    def record(self, run_dir: Path) -> dict[str, Any]:
+        """The variant as `results.json` stores it: its files relative to the run directory."""
+        return {**self.info, "artifact": rundir.relative(run_dir, self.artifact),
+                "updated_weights": rundir.relative(run_dir, self.updated_weights)}
 
     @classmethod
-    def from_record(cls, name: str, rec: dict[str, Any]) -> Variant:
+    def from_record(cls, name: str, rec: dict[str, Any], run_dir: Path) -> Variant:
         info = {k: v for k, v in rec.items() if k not in ("artifact", "updated_weights")}
-        return cls(name, artifact=Path(rec["artifact"]) if rec.get("artifact") else None,
-                   updated_weights=Path(rec["updated_weights"]) if rec.get("updated_weights") else None, info=info)
+        return cls(name, artifact=rundir.resolve(run_dir, rec.get("artifact")),
+                   updated_weights=rundir.resolve(run_dir, rec.get("updated_weights")), info=info)
 
 
 class Session:
     """A model, its tokenizer and prunable linears, loaded once and shared by a run's stages."""
 
-    def __init__(self, model_cfg: ModelConfig):
+    def __init__(self, model_cfg: ModelConfig, meta: bool = False):
+        """`meta`: the model on the meta device, read later by whoever places it (`load_model`)."""
         self.model_cfg = model_cfg
         self.tokenizer = load_tokenizer(model_cfg)
-        self.model = load_model(model_cfg)
+        try:
+            self.model = load_model(model_cfg, meta=meta)
+        except SafetensorError as e:  # a truncated or corrupted weights file
+            raise MaskpipeError(f"model {model_cfg.name_or_path!r}: cannot load its weights: {e}") from None
         self.linears = prunable_linears(self.model, model_cfg)
 
     def base_model_info(self) -> dict[str, Any]:
@@ -140,15 +152,18 @@ def oneshot_stage(cfg: Config, s: Session, st: OneshotStage, out_dir: Path) -> l
                                 f"the stage makes {n}:{m}")
     calib, data_info = None, {}
     if st.data is not None:
-        calib = calibration_blocks(cfg.data[st.data], s.tokenizer, st.n_samples, st.seqlen, cfg.seed)
+        stream = TokenStream(cfg.data[st.data], s.tokenizer, st.seqlen, cfg.seed)
+        calib = stream.next_batch(st.n_samples)
         data_info = {"corpus": st.data, "sources": [x.path for x in cfg.data[st.data].sources],
-                     "n_samples": st.n_samples, "seqlen": st.seqlen, "tokens": calib.numel()}
+                     "n_samples": st.n_samples, "seqlen": st.seqlen, "tokens": calib.numel(),
+                     "token_shares": stream.token_shares()}
+        log.info("%s: calibration on %d tokens, shares %s", st.name, calib.numel(), _shares(stream))
     log.info("%s: %s %d:%d over %d linears", st.name, st.method, n, m, len(s.linears))
     t0 = time.perf_counter()
     masks, updated = oneshot_masks(
         s.model, s.linears, st.method, n, m, calib, batch_size=st.batch_size,
         weight_update=st.weight_update, blocksize=st.blocksize, percdamp=st.percdamp, init_masks=init_masks,
-        max_cycles=st.max_cycles,
+        max_cycles=st.max_cycles, offload_to=resolve_device(cfg.model.device) if cfg.model.offload else None,
     )
     seconds = time.perf_counter() - t0
     dsnot_only = {"mask_from", "max_cycles"} if st.mask_from is None else set()
@@ -160,7 +175,8 @@ def oneshot_stage(cfg: Config, s: Session, st: OneshotStage, out_dir: Path) -> l
     )
     log.info("%s: mask artifact written to %s (%.1f s)", st.name, artifact, seconds)
     info = {"method": st.method, "pattern": f"{n}:{m}", "seconds": round(seconds, 2),
-            "tokens": data_info.get("tokens", 0), **({"prior": st.mask_from} if st.mask_from else {})}
+            "tokens": data_info.get("tokens", 0), "token_shares": data_info.get("token_shares"),
+            **({"prior": st.mask_from} if st.mask_from else {})}
     if updated is None:
         return [Variant(st.name, artifact=artifact, info=info)]
     # The weight update is a baseline row only: kept in the run directory, never in an artifact.
@@ -171,39 +187,6 @@ def oneshot_stage(cfg: Config, s: Session, st: OneshotStage, out_dir: Path) -> l
                 "baseline row, and the artifact holds only the mask", st.name)
     return [Variant(st.name, artifact=artifact, updated_weights=weights,
                     info={**info, "weight_update": True, "note": "weights updated: not a mask over frozen weights"})]
-
-
-class MetricsLog:
-    """A learning stage's `on_log`: the run log, `metrics.jsonl` and, if asked, TensorBoard events.
-    On a resume, lines past the checkpoint's step are dropped: the resumed run logs them again."""
-
-    def __init__(self, run_dir: Path, stage: str, tensorboard: bool = False):
-        self.path, self.stage = run_dir / "metrics.jsonl", stage
-        self.writer = None
-        if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.writer = SummaryWriter(str(run_dir / "tensorboard" / stage))
-
-    def __call__(self, entry: dict) -> None:
-        log.info("%s: %s", self.stage, " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                                                for k, v in entry.items()))
-        if "resumed_from_step" in entry:
-            keep = [line for line in read_metrics(self.path)
-                    if line["stage"] != self.stage or line["step"] <= entry["resumed_from_step"]]
-            write_text(self.path, "".join(json.dumps(line) + "\n" for line in keep))
-            return
-        with self.path.open("a") as f:
-            f.write(json.dumps({"stage": self.stage, **entry}) + "\n")
-        if self.writer is not None:
-            for k, v in entry.items():
-                if k != "step":
-                    self.writer.add_scalar(f"{self.stage}/{k}", v, entry["step"])
-            self.writer.flush()
-
-
-def read_metrics(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line] if path.exists() else []
 
 
 def learn_stage(cfg: Config, s: Session, st: LearnStage, out_dir: Path, prior: Path | None, store, on_log,
@@ -227,7 +210,7 @@ def learn_stage(cfg: Config, s: Session, st: LearnStage, out_dir: Path, prior: P
     log.info("%s: learning %d:%d masks for %d linears, %d steps, %d tokens on %d worker(s)", st.name, n, m,
              len(s.linears), st.steps, tokens, world_size)
     if rank == 0:
-        device = base_weight(next(iter(s.linears.values()))).device
+        device = device_of(base_weight(next(iter(s.linears.values()))))
         cuda = device.type == "cuda"
         capacity = torch.cuda.get_device_properties(device).total_memory if cuda else None
         log.info("%s: memory plan\n%s", st.name,
@@ -245,6 +228,7 @@ def learn_stage(cfg: Config, s: Session, st: LearnStage, out_dir: Path, prior: P
     seconds = time.perf_counter() - t0
     if rank != 0:
         return []
+    log.info("%s: learned on %d tokens, shares %s", st.name, stream.tokens(), _shares(stream))
     masks = {k: hard_mask(v, n, m).reshape(shapes[k]) for k, v in logits.items()}
     soft = {k: v.to(getattr(torch, st.save_logits)) for k, v in logits.items()} if st.save_logits else None
     artifact = save_artifact(
@@ -252,11 +236,16 @@ def learn_stage(cfg: Config, s: Session, st: LearnStage, out_dir: Path, prior: P
         method={"name": "maskllm", "params": st.model_dump(mode="json", exclude={"stage", "name", "data"}),
                 "prior": prior_info, "seconds": round(seconds, 2), "workers": world_size,
                 "final": history[-1] if history else {}},
-        data={"corpus": st.data, "sources": [x.path for x in cfg.data[st.data].sources], "tokens": tokens},
+        data={"corpus": st.data, "sources": [x.path for x in cfg.data[st.data].sources], "tokens": tokens,
+              "token_shares": stream.token_shares()},
         config=cfg.model_dump(mode="json"), soft_logits=soft,
     )
     log.info("%s: mask artifact written to %s (%.1f s)", st.name, artifact, seconds)
     return [learned_variant(st, artifact)]
+
+
+def _shares(stream: TokenStream) -> str:
+    return ", ".join(f"{Path(k).name} {v:.1%}" for k, v in stream.token_shares().items())
 
 
 def learned_variant(st: LearnStage, artifact: Path) -> Variant:
@@ -264,7 +253,8 @@ def learned_variant(st: LearnStage, artifact: Path) -> Variant:
     manifest = read_manifest(artifact)
     method = manifest["method"]
     info = {"method": "maskllm", "pattern": manifest["pattern"], "seconds": method["seconds"],
-            "tokens": manifest["data"]["tokens"], "workers": method["workers"],
+            "tokens": manifest["data"]["tokens"], "token_shares": manifest["data"].get("token_shares"),
+            "workers": method["workers"],
             "prior": st.prior and (st.prior.stage or Path(st.prior.artifact).name)}
     return Variant(st.name, artifact=artifact, info=info)
 
@@ -383,7 +373,8 @@ def retrieval_stage(cfg: Config, s: Session, st: RetrievalStage, variants: list[
         records = {}
         with s.running(v) as model:
             for task, (samples, by) in tasks.items():
-                records[task] = score(model, s.tokenizer, samples, desc=f"{v.name}/{task}")
+                records[task] = score(model, s.tokenizer, samples, desc=f"{v.name}/{task}",
+                                      batch_size=st.batch_size)
                 results[v.name][task] = {**accuracy(records[task]), **accuracy(records[task], by)}
                 log.info("%s: %s %s: exact match %.3f over %d samples", st.name, v.name, task,
                          results[v.name][task]["acc"], len(samples))
@@ -419,6 +410,16 @@ def retrieval_table(results: dict[str, dict[str, dict]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def gap_closed(results: dict[str, dict[str, dict]], name: str, prior: str | None, corpus: str) -> float | None:
+    """(PPL prior − PPL learned) / (PPL prior − PPL dense): the share of the prior mask's perplexity gap
+    that a learned mask closes on one corpus (above 1 when it beats the dense model)."""
+    try:
+        dense, start, got = (results[k][corpus]["ppl"] for k in ("dense", prior, name))
+    except (KeyError, TypeError):
+        return None
+    return (start - got) / (start - dense) if start != dense else None
+
+
 def results_table(results: dict[str, dict[str, dict]], variants: dict[str, Variant]) -> str:
     corpora = sorted({c for r in results.values() for c in r})
     head = "| variant | " + " | ".join(f"PPL {c}" for c in corpora) + " | method | tokens seen | method time (s) |"
@@ -429,6 +430,9 @@ def results_table(results: dict[str, dict[str, dict]], variants: dict[str, Varia
         method = info.get("method", "")
         if info.get("prior"):
             method += f" from {info['prior']}"
+        closed = [gap_closed(results, name, info.get("prior"), c) for c in corpora]
+        if any(x is not None for x in closed):
+            method += " (gap closed: " + ", ".join(f"{c} {x:.0%}" for c, x in zip(corpora, closed) if x is not None) + ")"
         cells = [f"{row[c]['ppl']:.2f}" if c in row else "" for c in corpora]
         lines.append(f"| {label} | " + " | ".join(cells)
                      + f" | {method} | {info.get('tokens', '')} | {info.get('seconds', '')} |")
@@ -482,13 +486,19 @@ class LocalBackend:
 
     def learn(self, cfg: Config, st: LearnStage, run_dir: Path, prior: Path | None) -> list[Variant]:
         store = CheckpointDir(run_dir / "checkpoints" / st.name, st.keep_checkpoints)
-        return learn_stage(cfg, self.session(cfg), st, run_dir / "artifacts", prior, store,
-                           MetricsLog(run_dir, st.name, cfg.tensorboard))
+        metrics = MetricsLog(run_dir, st.name, cfg.logging, config=cfg.model_dump(mode="json"))
+        try:
+            return learn_stage(cfg, self.session(cfg), st, run_dir / "artifacts", prior, store, metrics)
+        finally:
+            metrics.close()
 
     def attention(self, cfg: Config, st: AttentionStage, run_dir: Path, variants: dict[str, Variant]) -> list[Variant]:
         store = CheckpointDir(run_dir / "checkpoints" / st.name, st.keep_checkpoints)
-        return attention_stage(cfg, self.session(cfg), st, run_dir / "artifacts", store,
-                               MetricsLog(run_dir, st.name, cfg.tensorboard), variants)
+        metrics = MetricsLog(run_dir, st.name, cfg.logging, config=cfg.model_dump(mode="json"))
+        try:
+            return attention_stage(cfg, self.session(cfg), st, run_dir / "artifacts", store, metrics, variants)
+        finally:
+            metrics.close()
 
     def evaluate(self, cfg: Config, st: EvalStage, run_dir: Path, variants: list[Variant]) -> dict[str, dict[str, dict]]:
         return eval_stage(cfg, self.session(cfg), st, variants)
@@ -496,35 +506,222 @@ class LocalBackend:
     def retrieval(self, cfg: Config, st: RetrievalStage, run_dir: Path, variants: list[Variant]) -> dict[str, dict]:
         return retrieval_stage(cfg, self.session(cfg), st, variants, run_dir / "retrieval")
 
+    def lm_eval(self, cfg: Config, st: LmEvalStage, run_dir: Path, variants: list[Variant]) -> dict[str, dict]:
+        return lm_eval_stage(cfg, self.session(cfg), st, variants)
 
-def run(cfg: Config, run_dir: Path | None = None, backend=None) -> Path:
+
+def context_limit(model_cfg: ModelConfig) -> int | None:
+    """The model's context (max_position_embeddings), read from its config without the network; None
+    when it cannot be read here (a hub model not in the cache: the load reports that)."""
+    from transformers import AutoConfig
+
+    try:
+        c = AutoConfig.from_pretrained(model_cfg.name_or_path, revision=model_cfg.revision, local_files_only=True,
+                                       trust_remote_code=model_cfg.trust_remote_code)
+    except Exception:  # noqa: BLE001 - unreadable here is not an error yet; loading the model says why
+        return None
+    return getattr(c.get_text_config(), "max_position_embeddings", None)
+
+
+def _lengths(st) -> dict[str, int]:
+    """key path (within the stage) -> tokens one sequence of the stage holds."""
+    if isinstance(st, RetrievalStage):
+        return {f"{task}.lengths": max(getattr(st, task).lengths) for task in ("passkey", "niah", "multikey")
+                if getattr(st, task) is not None}
+    if isinstance(st, OneshotStage) and st.data is None:
+        return {}
+    return {"seqlen": st.seqlen}
+
+
+def _sniff(path: str) -> None:
+    """Refuse a local corpus file whose head is not what its suffix says, naming the file: the
+    streaming readers would fail mid-stage with a traceback. Reads at most the first MiB (and a
+    parquet footer), so a fault further into a large file still surfaces only when it is read."""
+    suffix = Path(path).suffix
+    try:
+        with open(path, "rb") as f:
+            head = f.read(1 << 20)
+            if suffix == ".parquet":
+                f.seek(max(0, Path(path).stat().st_size - 4))
+                tail = f.read(4)
+    except OSError as e:
+        raise MaskpipeError(f"data source {path}: cannot read: {e.strerror}") from None
+    if suffix == ".parquet":
+        if not (head.startswith(b"PAR1") and tail == b"PAR1"):
+            raise MaskpipeError(f"data source {path}: not a parquet file")
+        return
+    if b"\0" in head:
+        raise MaskpipeError(f"data source {path}: a binary file, not text")
+    import codecs
+
+    try:
+        text = codecs.getincrementaldecoder("utf-8")().decode(head, final=len(head) < 1 << 20)
+    except UnicodeDecodeError as e:
+        raise MaskpipeError(f"data source {path}: not UTF-8 text (byte {e.start})") from None
+    if suffix in (".jsonl", ".json"):
+        lines = text.splitlines()
+        for i, line in enumerate(lines[:-1] if len(head) == 1 << 20 else lines, 1):
+            if suffix == ".json" and i == 1 and line.lstrip().startswith("["):
+                break  # one JSON array: read whole by the json reader
+            try:
+                if line.strip():
+                    json.loads(line)
+            except ValueError as e:
+                raise MaskpipeError(f"data source {path}: line {i} is not JSON ({e})") from None
+
+
+def check_device(device: str, key: str = "model.device", local: bool = True) -> None:
+    """Refuse a device torch does not know, or (`local`: this process runs the model) one not here."""
+    if device == "auto":
+        return
+    try:
+        d = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise MaskpipeError(f"{key}: {device!r} is no device (auto, cpu, cuda, cuda:N, mps)") from None
+    if not local:
+        return  # the Ray workers' devices, not this process's
+    if d.type == "cuda" and (not torch.cuda.is_available() or (d.index or 0) >= torch.cuda.device_count()):
+        raise MaskpipeError(f"{key}: {device} asked for, but this machine has {torch.cuda.device_count()} CUDA devices")
+    if d.type == "mps" and not torch.backends.mps.is_available():
+        raise MaskpipeError(f"{key}: mps asked for, but this machine has no MPS device")
+    if d.type not in ("cpu", "cuda", "mps"):
+        raise MaskpipeError(f"{key}: {device!r} is not supported here (auto, cpu, cuda, cuda:N, mps)")
+
+
+def check_inputs(cfg: Config, source: str = "", flags: dict[str, str] | None = None) -> None:
+    """What can be checked before any model work, named by its key (or by the command-line flag in
+    `flags`): every local corpus a stage reads exists and looks like its kind, and no stage asks for
+    sequences longer than the model's context."""
+    from pipeline.config import data_refs
+    from pipeline.data import _local_files
+
+    flags = flags or {}
+    where = f"{source}: " if source else ""
+    check_device(cfg.model.device, flags.get("model.device", "model.device"), local=cfg.workers.num_workers == 0)
+    used = {ref for st in cfg.stages for ref in data_refs(st).values()}
+    for name in sorted(used):
+        for src in cfg.data[name].sources:
+            for f in _local_files(src) or []:
+                _sniff(f)
+    limit = context_limit(cfg.model)
+    if limit is None:
+        return
+    for i, st in enumerate(cfg.stages):
+        for key, n in _lengths(st).items():
+            if n > limit:
+                name = flags.get(f"stages.{i}.{key}", f"stages.{i}.{key}")
+                raise MaskpipeError(f"{where}{name}: {n} tokens is beyond the context of {cfg.model.name_or_path} "
+                                    f"(max_position_embeddings {limit})")
+
+
+# What a resume may change: where and how the stages run, never what they compute (every strategy
+# and worker count learns the same mask on the same global batch; see README).
+NOT_RESULT = ("output_dir", "tensorboard", "logging", "workers", "model.device")
+
+
+def _result_keys(raw: dict) -> dict[str, Any]:
+    """A config flattened to the key paths that change a run's result. A local corpus counts by its
+    file name: a path fixed or re-rooted (another working directory, a moved checkout) is the same corpus."""
+    flat: dict[str, Any] = {}
+
+    def walk(prefix: str, v: Any) -> None:
+        if prefix in NOT_RESULT:
+            return
+        if isinstance(v, dict):
+            for k, x in v.items():
+                walk(f"{prefix}.{k}" if prefix else str(k), x)
+        elif isinstance(v, list) and v and all(isinstance(x, dict) for x in v):
+            for i, x in enumerate(v):
+                walk(f"{prefix}.{i}", x)
+        else:
+            flat[prefix] = v
+
+    walk("", raw)
+    for key in [k for k in flat if k.startswith("data.") and k.endswith(".path")]:
+        flat[key] = Path(str(flat[key])).name
+    return flat
+
+
+def check_resumable(cfg: Config, run_dir: Path) -> None:
+    """Refuse to continue the run in `run_dir` under a config that would change its result, naming
+    the keys that differ; log the keys that changed without changing it (e.g. workers.num_workers)."""
+    path = run_dir / "config.yaml"
+    if not path.exists():
+        return
+    from pipeline.config import config_from_dict, yaml_load
+
+    try:
+        old = config_from_dict(yaml_load(path.read_text()), str(path)).model_dump(mode="json")
+    except (MaskpipeError, ValueError) as e:
+        raise MaskpipeError(f"{run_dir}: holds a run of another config; resume it with its own config.yaml "
+                            f"(its config.yaml does not validate as this one: {str(e).splitlines()[0]})") from None
+    new = cfg.model_dump(mode="json")
+    a, b = _result_keys(old), _result_keys(new)
+    differ = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
+    if differ:
+        shown = ", ".join(f"{k} ({a.get(k)!r} -> {b.get(k)!r})" for k in differ[:3]) + (" ..." if len(differ) > 3 else "")
+        raise MaskpipeError(f"{run_dir}: holds a run of another config; resume it with its own config.yaml "
+                            f"(differs in {shown})")
+    if old != new:
+        log.info("resuming %s with changed keys that do not change the result: %s", run_dir,
+                 ", ".join(sorted(k for k in NOT_RESULT if _get(old, k) != _get(new, k))))
+
+
+def _get(d: dict, dotted: str) -> Any:
+    for part in dotted.split("."):
+        d = d.get(part) if isinstance(d, dict) else None
+    return d
+
+
+def stopped_step(run_dir: Path) -> int | None:
+    """The last learning step a run logged, if any."""
+    steps = [m["step"] for m in read_metrics(run_dir / "metrics.jsonl") if "step" in m]
+    return steps[-1] if steps else None
+
+
+def run(cfg: Config, run_dir: Path | None = None, backend=None, lock_wait: float = 0.0) -> Path:
     """Run every stage of `cfg` in order with `backend` (default: `LocalBackend`); returns the run
     directory.
 
     Given the directory of an interrupted run of the same config, it resumes: finished stages are
-    skipped and a learning stage continues from its latest checkpoint."""
-    backend = backend or LocalBackend()
-    run_dir = Path(run_dir or new_run_dir(cfg))
-    run_dir.mkdir(parents=True, exist_ok=True)
-    snapshot = dump_config(cfg)
-    if (run_dir / "config.yaml").exists() and (run_dir / "config.yaml").read_text() != snapshot:
-        raise MaskpipeError(f"{run_dir}: holds a run of another config; resume it with its own config.yaml")
-    write_text(run_dir / "config.yaml", snapshot)
+    skipped and a learning stage continues from its latest checkpoint. The run directory is owned
+    (`pipeline.rundir.RunLock`) for the whole run: a second writer is refused, after waiting
+    `lock_wait` seconds for the owner to let go."""
+    require(cfg.logging)
+    check_inputs(cfg)
+    # Absolute: Ray workers (whose working directory may be a packaged copy of the project) and the
+    # paths the run records must not depend on this process's working directory.
+    run_dir = Path(run_dir or new_run_dir(cfg)).absolute()
+    with rundir.RunLock(run_dir, wait=lock_wait):
+        return _run(cfg, run_dir, backend or LocalBackend())
+
+
+def _run(cfg: Config, run_dir: Path, backend) -> Path:
+    check_resumable(cfg, run_dir)
+    write_text(run_dir / "config.yaml", dump_config(cfg))
     status = {"status": "running", "stage": None, "maskpipe_version": __version__,
-              "started": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
+              "started": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), **rundir.owner(run_dir)}
+    status.pop("heartbeat", None)
     write_json(run_dir / "status.json", status)
     results_file = run_dir / "results.json"
     results: dict[str, Any] = (json.loads(results_file.read_text()) if results_file.exists()
                                else {"stages": {}, "perplexity": {}, "retrieval": {}, "done": []})
     results.setdefault("retrieval", {})  # a run directory from before retrieval stages existed
+    results.setdefault("lm_eval", {})
     variants: dict[str, Variant] = {"dense": Variant("dense")}
-    variants |= {name: Variant.from_record(name, rec) for name, rec in results["stages"].items()}
+    variants |= {name: Variant.from_record(name, rec, run_dir) for name, rec in results["stages"].items()}
     with logs_to(run_dir):
         try:
-            for st in cfg.stages:
+            for i, st in enumerate(cfg.stages):  # lm-eval tasks and their data, before any model work
+                if isinstance(st, LmEvalStage) and st.name not in results["done"]:
+                    check_tasks(st.tasks, st.include_path, (f"stages.{i}.tasks", f"stages.{i}.include_path"))
+            for i, st in enumerate(cfg.stages, 1):
                 if st.name in results["done"]:
-                    log.info("%s: already done in %s, skipped", st.name, run_dir)
+                    log.info("[%d/%d] %s: already done in %s, skipped", i, len(cfg.stages), st.name, run_dir)
                     continue
+                # One line per stage on the driver: under Ray the stage's own progress is in its worker.
+                log.info("[%d/%d] %s: %s stage started", i, len(cfg.stages), st.name, st.stage)
+                t0 = time.perf_counter()
                 status["stage"] = st.name
                 write_json(run_dir / "status.json", status)
                 new: list[Variant] = []
@@ -540,25 +737,39 @@ def run(cfg: Config, run_dir: Path | None = None, backend=None) -> Path:
                     chosen = ([variants["dense"]] if st.dense else []) + chosen
                     if isinstance(st, EvalStage):
                         results["perplexity"].update(backend.evaluate(cfg, st, run_dir, chosen))
+                    elif isinstance(st, LmEvalStage):
+                        results["lm_eval"].update(backend.lm_eval(cfg, st, run_dir, chosen))
                     else:
-                        results["retrieval"].update(backend.retrieval(cfg, st, run_dir, chosen))
+                        found = backend.retrieval(cfg, st, run_dir, chosen)
+                        for row in found.values():
+                            if "heatmap" in row.get("niah", {}):
+                                row["niah"]["heatmap"] = rundir.relative(run_dir, row["niah"]["heatmap"])
+                        results["retrieval"].update(found)
                 for v in new:
                     variants[v.name] = v
-                    results["stages"][v.name] = v.record()
+                    results["stages"][v.name] = v.record(run_dir)
                 results["done"].append(st.name)
                 write_json(results_file, results)
+                log.info("[%d/%d] %s: done in %.1f s", i, len(cfg.stages), st.name, time.perf_counter() - t0)
             tables = ([results_table(results["perplexity"], variants)] if results["perplexity"] else []) + (
-                [retrieval_table(results["retrieval"])] if results["retrieval"] else [])
+                [retrieval_table(results["retrieval"])] if results["retrieval"] else []) + (
+                [zeroshot_table(results["lm_eval"])] if results["lm_eval"] else [])
             if tables:
                 write_text(run_dir / "results.md", "\n".join(tables))
             status["status"] = "completed"
         except KeyboardInterrupt:
-            status["status"] = "stopped"
+            status.update(status="stopped", step=stopped_step(run_dir))
             raise
         except BaseException as e:
-            status.update(status="failed", error=f"{type(e).__name__}: {e}")
+            # status.json says what failed in one line; run.log keeps the traceback of what is not ours.
+            ours = isinstance(e, MaskpipeError)
+            first = (str(e).splitlines() or [""])[0]
+            status.update(status="failed", step=stopped_step(run_dir),
+                          error=first if ours else f"{type(e).__name__}: {first}")
+            log.error("%s: failed: %s", status["stage"], status["error"], exc_info=not ours)
             raise
         finally:
             status["finished"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
             write_json(run_dir / "status.json", status)
+            log_results(run_dir, cfg.logging, results, status["status"])
     return run_dir

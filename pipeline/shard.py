@@ -9,6 +9,11 @@ for the frozen bf16 weight, so the logits and the optimizer state are what a lar
               hybrid sharding: sharded within each group of G ranks (a node), replicated across groups
   deepspeed   DeepSpeed ZeRO stage 2 (gradients and optimizer state sharded) or 3 (parameters too)
 
+A model loaded on the meta device (`pipeline.models.load_model(meta=True)`, `workers.sharded_load`) is
+filled after sharding: under fsdp each rank reads only the rows of each frozen weight that it owns
+and makes only its rows of the initial logits, so no rank ever holds the whole model; the other
+strategies, which keep whole copies, read it whole.
+
 Whatever the strategy, rank r of W *owns* rows chunk r of every logits tensor, as `torch.chunk` would
 cut them (FSDP2's own row shards; under hybrid sharding, chunk r mod G of G, saved by the first group),
 and saves exactly those rows (`pipeline.checkpoint`). So a
@@ -27,7 +32,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from pipeline import MaskpipeError
 from pipeline.checkpoint import Checkpoint, rank_world
-from pipeline.models import decoder_blocks
+from pipeline.models import decoder_blocks, materialize, pending
 
 STRATEGIES = ("none", "ddp", "fsdp", "deepspeed")
 MOMENTS = ("exp_avg", "exp_avg_sq")  # AdamW's state besides its step count
@@ -141,14 +146,36 @@ class FSDP(Strategy):
             device = next(iter(self.params.values())).device.type
             mesh = init_device_mesh(device, (self.world // self.group, self.group),
                                     mesh_dim_names=("replicate", "shard"))
+        todo = pending(model)  # deferred parameters (a model loaded on meta), before FSDP swaps them
         for block in decoder_blocks(model):
             fully_shard(block, mesh=mesh)
         fully_shard(model, mesh=mesh)
+        self._materialize(todo)
         for name, p in self.params.items():
             start, stop = self.rows(name)
             if p.to_local().shape[0] != stop - start:
                 raise MaskpipeError(f"{name}: FSDP's row shard is not torch.chunk's; maskpipe's checkpoints assume it")
         return model, self._adamw(lr, weight_decay)  # over the sharded parameters fully_shard put in place
+
+    @torch.no_grad()
+    def _materialize(self, todo) -> None:
+        """Give every deferred parameter its rows: each rank reads (or, for the logits, keeps) only the
+        rows it owns, so no rank ever holds the whole model. The frozen weights stay in the model's
+        dtype (bf16 for a bf16 load) beside fp32 logits: FSDP2 all-gathers mixed dtypes as bytes."""
+        from torch.distributed.tensor import DTensor
+
+        for d, holders in todo:
+            p = getattr(*holders[0])  # FSDP's sharded DTensor, its local rows still on meta
+            start, stop = owned_rows(p.shape[0], self.group_rank, self.group)
+            if p.to_local().shape[0] != stop - start:
+                raise MaskpipeError(f"{holders[0][1]}: FSDP's row shard is not torch.chunk's; cannot read it in slices")
+            local = d.rows(start, stop).to(device=d.device, dtype=p.dtype).contiguous()
+            if local.untyped_storage().nbytes() > local.nbytes:  # rows of a whole tensor: keep only them
+                local = local.clone()
+            new = nn.Parameter(DTensor.from_local(local, p.device_mesh, p.placements, run_check=False,
+                                                  shape=p.shape, stride=p.stride()), requires_grad=p.requires_grad)
+            for module, name in holders:
+                setattr(module, name, new)
 
     def sync(self, last_micro: bool):
         self.forward.set_requires_gradient_sync(last_micro)
@@ -248,4 +275,6 @@ def make_strategy(name: str, model: nn.Module, masks: dict[str, nn.Module], **kw
                             f"(strategy {name}, {world} ranks)")
     if name in ("fsdp", "deepspeed") and not torch.distributed.is_initialized():
         raise MaskpipeError(f"strategy {name!r} needs a process group: run it on Ray workers (workers.num_workers ≥ 1)")
+    if name != "fsdp":
+        materialize(model)  # a model loaded on meta is read whole where the strategy does not shard it
     return {"fsdp": FSDP, "deepspeed": DeepSpeed}.get(name, Strategy)(model, masks, **kw)

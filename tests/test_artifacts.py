@@ -140,7 +140,8 @@ def test_materialized_model_loads_and_matches_masked_logits(tmp_path, micro, mic
     assert torch.allclose(reloaded(x).logits, expected, atol=1e-5)
     for k, lin in prunable_linears(reloaded, micro_cfg).items():
         assert torch.equal(lin.weight != 0, masks[k] & (lin.weight != 0)) and is_nm(masks[k], 2, 4)
-    # the sparsity travels in config.json, in the fields compressed-tensors uses for its sparsity config
+    # the sparsity travels in config.json under maskpipe_sparsity (compressed-tensors' field names, not its
+    # layout: the output is a plain dense checkpoint)
     sparsity = reloaded.config.maskpipe_sparsity
     assert sparsity["format"] == "dense" and sparsity["sparsity_structure"] == "2:4"
     assert sparsity["global_sparsity"] == 0.5 and sparsity["targets"] == sorted(masks)

@@ -70,6 +70,8 @@ def error_of(mutate, source="f.yaml"):
                                        "pattern": "4:8"}), "f.yaml: stages.2.mask_from: wanda makes 2:4 masks, this stage 4:8"),
         (lambda r: r["stages"].append({"stage": "oneshot", "method": "dsnot", "mask_from": "wanda"}),
          "f.yaml: stages.2.data: dsnot needs a calibration corpus"),
+        (lambda r: r.update(workers={"num_workers": 2, "sharded_load": True}),
+         "f.yaml: workers.sharded_load: reading each rank's rows needs strategy fsdp, not ddp"),
     ],
 )
 def test_errors_name_file_and_key(mutate, expected):
@@ -113,3 +115,26 @@ def test_parse_pattern():
     for bad in ["4:2", "0:4", "2", "a:b", "2:4:8"]:
         with pytest.raises(ValueError):
             parse_pattern(bad)
+
+
+def test_learn_lr_defaults_to_a_move_of_one_and_a_half_prior_margins_over_the_budget():
+    from pipeline.config import LR_MARGINS, LearnStage
+
+    def lr(**kw):
+        return LearnStage.model_validate({"stage": "learn", "data": "x", **kw}).lr
+
+    assert LR_MARGINS == 3.0
+    assert lr(steps=150, prior={"stage": "sparsegpt"}) == pytest.approx(3 * 10 * 0.01 / 150)  # strength 10
+    assert lr(steps=600, prior={"stage": "sparsegpt"}) == pytest.approx(5e-4)
+    assert lr(steps=150, prior={"stage": "sparsegpt", "strength": 3}, init_std=0.02) == pytest.approx(3 * 3 * 0.02 / 150)
+    assert lr(steps=150) == pytest.approx(3 * 0.01 / 150)  # no prior: the init's spread is the margin
+    assert lr(steps=150, lr=1e-3, prior={"stage": "sparsegpt"}) == 1e-3  # an explicit lr wins
+    assert lr(steps=2, prior={"stage": "sparsegpt"}) == pytest.approx(0.1 * 10 * 0.01)  # >= 10 steps to flip
+
+
+def test_fsdp_loads_each_ranks_rows_unless_told_otherwise():
+    from pipeline.config import WorkersConfig
+
+    assert WorkersConfig(num_workers=2, strategy="fsdp").loads_sharded
+    assert not WorkersConfig(num_workers=2, strategy="fsdp", sharded_load=False).loads_sharded
+    assert not WorkersConfig(num_workers=2, strategy="deepspeed").loads_sharded

@@ -7,7 +7,7 @@ import torch
 
 from pipeline import MaskpipeError
 from pipeline.config import DataConfig
-from pipeline.data import TokenStream, calibration_blocks, eval_text, open_corpus
+from pipeline.data import TokenStream, calibration_blocks, eval_text, open_source
 from tests.conftest import CORPORA
 
 SEQLEN = 64
@@ -51,16 +51,18 @@ def token_ids(tokenizer, text: str) -> tuple[int, ...]:
 
 
 @pytest.mark.parametrize("rank", [0, 1])
-def test_exact_resume_across_epochs_with_shuffle_mixing_and_ranks(small, tokenizer, rank):
-    data = corpus(small["kjv"], small["py"], weights=[2, 1], shuffle_buffer=8)
+def test_exact_resume_across_epochs_windows_mixing_and_ranks(small, tokenizer, rank):
+    data = corpus(small["kjv"], small["py"], weights=[2, 1], shuffle_buffer=8, shuffle_blocks=5)
     stream = TokenStream(data, tokenizer, SEQLEN, seed=3, rank=rank, world_size=2)
     states, blocks = [], []
     for _ in range(40):
         states.append(json.loads(json.dumps(stream.state_dict())))
         blocks.append(next(stream))
-    assert stream.state_dict()["epoch"] >= 2  # the run wraps epochs
-    assert any(s["epoch"] > 0 and s["records"] > 0 for s in states)  # some resumes land mid-epoch > 0
-    assert any(len(s["buffer"]) > SEQLEN for s in states)  # and some with blocks still in the buffer
+    sources = [st["start"]["sources"] for st in states]
+    assert max(s[0]["epoch"] for s in sources) >= 2  # the run wraps epochs
+    assert any(s[0]["epoch"] > 0 and s[0]["records"] > 0 for s in sources)  # some resumes land mid-epoch > 0
+    assert any(len(s[1]["buffer"]) > SEQLEN for s in sources)  # and some with blocks still in a buffer
+    assert {st["pos"] for st in states} >= {1, 2, 3}  # and mid-window
 
     for k in range(0, 35, 3):
         resumed = TokenStream(data, tokenizer, SEQLEN, seed=3, rank=rank, world_size=2)
@@ -69,8 +71,36 @@ def test_exact_resume_across_epochs_with_shuffle_mixing_and_ranks(small, tokeniz
             assert torch.equal(next(resumed), blocks[j]), f"resumed at block {k}, block {j} differs"
 
 
+def test_weights_are_shares_of_tokens_not_of_records(small, tokenizer):
+    # py's records are far longer than kjv's (one of 1,500 characters); equal weights must still give
+    # equal tokens. Mixing record by record gave py most of the tokens.
+    data = corpus(small["kjv"], small["py"], shuffle_blocks=0)
+    stream = TokenStream(data, tokenizer, SEQLEN)
+    stream.next_batch(41)
+    shares = stream.token_shares()
+    assert list(shares) == [small["kjv"], small["py"]]
+    assert abs(shares[small["kjv"]] - 0.5) <= 1 / 41
+    weighted = TokenStream(corpus(small["kjv"], small["py"], weights=[3, 1]), tokenizer, SEQLEN)
+    weighted.next_batch(512)  # one whole shuffle window: exact up to a block
+    assert weighted.token_shares()[small["kjv"]] == pytest.approx(0.75, abs=1 / 512)
+    assert weighted.tokens() == 512 * SEQLEN
+
+
+def test_block_shuffle_spreads_a_batch_over_the_corpus(small, tokenizer):
+    eos = tokenizer.eos_token_id
+    in_order = TokenStream(corpus(small["kjv"], shuffle_blocks=0), tokenizer, SEQLEN).next_batch(4)
+    shuffled = TokenStream(corpus(small["kjv"], shuffle_blocks=12), tokenizer, SEQLEN).next_batch(12)
+    first12 = TokenStream(corpus(small["kjv"], shuffle_blocks=0), tokenizer, SEQLEN).next_batch(12)
+    # The same twelve blocks, in another order: nothing lost, nothing repeated.
+    assert sorted(map(tuple, shuffled.tolist())) == sorted(map(tuple, first12.tolist()))
+    assert not torch.equal(shuffled[:4], in_order)
+    positions = [next(i for i, b in enumerate(first12) if torch.equal(b, s)) for s in shuffled[:4]]
+    assert max(positions) - min(positions) >= 4  # a batch is no longer four consecutive pieces
+    assert int((shuffled == eos).sum()) == int((first12 == eos).sum())
+
+
 def test_ranks_deal_out_the_single_rank_stream_and_packing_keeps_every_token(small, tokenizer):
-    data = corpus(small["kjv"], shuffle_buffer=8)
+    data = corpus(small["kjv"], shuffle_buffer=8, shuffle_blocks=0)
     single = TokenStream(data, tokenizer, SEQLEN, seed=0).next_batch(24)
     ranks = [TokenStream(data, tokenizer, SEQLEN, seed=0, rank=r, world_size=3).next_batch(8) for r in range(3)]
     assert single.shape == (24, SEQLEN) and single.dtype == torch.long
@@ -98,7 +128,7 @@ def test_state_is_global_so_a_run_resumes_on_another_number_of_ranks(small, toke
 
 
 def test_unshuffled_stream_is_the_corpus_in_order(small, tokenizer):
-    blocks = calibration_blocks(corpus(small["kjv"]), tokenizer, n_samples=20, seqlen=SEQLEN)
+    blocks = calibration_blocks(corpus(small["kjv"], shuffle_blocks=0), tokenizer, n_samples=20, seqlen=SEQLEN)
     expected = [token_ids(tokenizer, r) for r in small["kjv_records"]]
     assert documents(blocks, tokenizer.eos_token_id)[: len(expected)] == expected
 
@@ -111,7 +141,7 @@ def test_same_seed_same_blocks_other_seed_other_order(small, tokenizer):
 
 
 def test_shuffle_buffer_reorders_records_per_seed_and_per_epoch(small, tokenizer):
-    data = corpus(small["kjv"], shuffle_buffer=8)
+    data = corpus(small["kjv"], shuffle_buffer=8, shuffle_blocks=0)
     n = len(small["kjv_records"])
     eos = tokenizer.eos_token_id
     docs = {seed: documents(calibration_blocks(data, tokenizer, 30, SEQLEN, seed), eos) for seed in (0, 1)}
@@ -133,13 +163,13 @@ def test_jsonl_and_parquet_sources_with_custom_text_fields(tmp_path, tokenizer):
     table = pa.table({"body": [f"parquet record {i}" for i in range(3)], "n": [1, 2, 3]})
     pq.write_table(table, tmp_path / "b.parquet")
     parquet = corpus({"path": str(tmp_path / "b.parquet"), "text_field": "body"})
-    assert list(open_corpus(parquet).features) == ["text"]
-    assert sorted(r["text"] for r in open_corpus(parquet)) == [f"parquet record {i}" for i in range(3)]
+    assert list(open_source(parquet.sources[0]).features) == ["text"]
+    assert sorted(r["text"] for r in open_source(parquet.sources[0])) == [f"parquet record {i}" for i in range(3)]
     assert TokenStream(parquet, tokenizer, 16).next_batch(3).shape == (3, 16)
 
     # A zero weight leaves a source out of the mix.
-    only_json = corpus(jsonl, parquet.sources[0], weights=[1, 0])
-    assert sorted(r["text"] for r in open_corpus(only_json)) == json_records
+    only_json = TokenStream(corpus(jsonl, parquet.sources[0], weights=[1, 0]), tokenizer, 16)
+    assert only_json.labels == [jsonl["path"]]
 
 
 def test_bad_sources_raise_clear_errors(tmp_path, tokenizer):
@@ -148,11 +178,11 @@ def test_bad_sources_raise_clear_errors(tmp_path, tokenizer):
         eval_text(corpus(str(tmp_path / "a.jsonl")))
     pq.write_table(pa.table({"body": ["x"]}), tmp_path / "b.parquet")
     with pytest.raises(MaskpipeError, match=r"b\.parquet.*no text field 'text' \(fields: \['body'\]\)"):
-        open_corpus(corpus(str(tmp_path / "b.parquet")))
+        TokenStream(corpus(str(tmp_path / "b.parquet")), tokenizer, SEQLEN)
     with pytest.raises(MaskpipeError, match="no files match"):
-        open_corpus(corpus(str(tmp_path / "missing" / "*.txt")))
+        TokenStream(corpus(str(tmp_path / "missing" / "*.txt")), tokenizer, SEQLEN)
     with pytest.raises(MaskpipeError, match="no files match"):
-        open_corpus(corpus(str(tmp_path / "missing.jsonl")))
+        TokenStream(corpus(str(tmp_path / "missing.jsonl")), tokenizer, SEQLEN)
     (tmp_path / "blank.txt").write_text("\n  \n\n")
     with pytest.raises(MaskpipeError, match="empty corpus"):
         next(TokenStream(corpus(str(tmp_path / "blank.txt")), tokenizer, SEQLEN))

@@ -35,6 +35,24 @@ def test_soft_mask_keeps_n_in_expectation_and_hard_mask_is_nm():
     assert is_nm(hard != 0, 2, 4) and torch.equal(hard, w * mod.hard_mask().reshape(16, 32))
 
 
+def test_late_phase_soft_mask_and_masked_weight_hold_no_subnormal_value():
+    # At the end of the anneal (tau 0.05, kappa 500), logits a few hundredths apart are ~100 apart
+    # after scaling: the losing candidates' probabilities underflow into subnormals, which make x86
+    # matmuls ~100x slower.
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(64, 128, generator=g) * 0.02
+    mod = GumbelNMMask(w.shape, 2, 4, g, init_std=0.02)
+    mod.train()
+    mod.tau, mod.kappa = 0.05, 500.0
+    for seed in range(3):
+        mod.noise_seed = seed
+        soft = mod.soft_mask()
+        masked = w * soft.reshape(w.shape)
+        for t in (soft, masked):
+            assert not bool(((t != 0) & (t.abs() < torch.finfo(torch.float32).tiny)).any())
+        assert torch.allclose(soft.sum(-1), torch.full_like(soft.sum(-1), 2.0), atol=1e-5)
+
+
 def test_hard_mask_is_the_argmax_candidate():
     mod = GumbelNMMask(torch.Size([1, 4]), 2, 4)
     with torch.no_grad():

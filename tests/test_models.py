@@ -3,7 +3,8 @@ import torch
 
 from pipeline import MaskpipeError
 from pipeline.config import ModelConfig, PruneTargets
-from pipeline.models import decoder_blocks, fingerprint, load_model, load_tokenizer, prunable_linears
+from pipeline.models import decoder_blocks, fingerprint, load_model, load_tokenizer, materialize, prunable_linears
+from tests.conftest import MICRO
 
 
 def test_micro_llama_loads_frozen_with_block_linears_only(micro):
@@ -82,3 +83,25 @@ def test_gpt2_conv1d_is_refused_clearly(tmp_path):
 def test_decoder_blocks(micro):
     model, _ = micro
     assert len(decoder_blocks(model)) == 4
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_meta_load_reads_nothing_until_materialized_and_then_equals_a_whole_load(micro_cfg, dtype):
+    cfg = micro_cfg.model_copy(update={"dtype": dtype})
+    whole, lazy = load_model(cfg), load_model(cfg, meta=True)
+    assert all(p.is_meta for p in lazy.parameters())
+    assert all(not b.is_meta for b in lazy.buffers())  # rotary frequencies are made, not read
+    # The fingerprint reads each deferred weight from the checkpoint, cast as the whole load casts it.
+    assert fingerprint(prunable_linears(lazy, cfg)) == fingerprint(prunable_linears(whole, cfg))
+    materialize(lazy)
+    for (name, a), (_, b) in zip(whole.named_parameters(), lazy.named_parameters(), strict=True):
+        assert torch.equal(a, b) and a.dtype == b.dtype and not b.requires_grad, name
+    x = torch.randint(0, 2048, (1, 16))
+    assert torch.equal(whole(x).logits, lazy(x).logits)
+
+
+def test_meta_load_refuses_a_checkpoint_without_safetensors(micro_cfg, tmp_path):
+    for f in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        (tmp_path / f).write_bytes((MICRO / f).read_bytes())
+    with pytest.raises(MaskpipeError, match="no model.safetensors"):
+        load_model(micro_cfg.model_copy(update={"name_or_path": str(tmp_path)}), meta=True)

@@ -455,3 +455,48 @@ def test_a_dsnot_stage_refines_the_artifact_of_an_earlier_stage_of_a_run(tmp_pat
     assert any(not torch.equal(refined[k], start[k]) for k in start)
     results = json.loads((run_dir / "results.json").read_text())
     assert results["stages"]["refined"]["prior"] == "wanda"
+# --- offloaded calibration: the model in host memory, one block on the device at a time ---------------
+
+OTHER = torch.device("cpu", 0)  # a device other than the model's "cpu" as far as placement goes
+
+
+def test_offloaded_calibration_holds_one_block_on_the_device_at_a_time(micro, calib, monkeypatch):
+    from pipeline.models import decoder_blocks
+
+    model, linears, _ = micro
+    reference = oneshot_masks(model, linears, "sparsegpt", 2, 4, calib, batch_size=3, weight_update=True)
+    blocks = decoder_blocks(model)
+    index = {id(b): i for i, b in enumerate(blocks)}
+    on_device, moves = set(), []
+    real_to = nn.Module.to
+
+    def to(self, *args, **kwargs):
+        device = torch.device(args[0])
+        if id(self) in index:
+            (on_device.add if device == OTHER else on_device.discard)(index[id(self)])
+            assert len(on_device) <= 1, "two blocks on the device"
+            moves.append((index[id(self)], str(device)))
+        elif self is model:
+            moves.append(("outside", str(device), len(blocks)))  # 0: the blocks stay where they are
+        return real_to(self, *args, **kwargs)
+
+    monkeypatch.setattr(nn.Module, "to", to)
+    masks, updated = oneshot_masks(model, linears, "sparsegpt", 2, 4, calib, batch_size=3, weight_update=True,
+                                   offload_to=OTHER)
+    assert moves == [("outside", "cpu:0", 0)] + [(i, d) for i in range(len(blocks)) for d in ("cpu:0", "cpu")] + \
+        [("outside", "cpu", 0)]
+    assert len(blocks) == 4 and not on_device
+    for name in linears:
+        assert torch.equal(masks[name], reference[0][name])
+        assert torch.equal(updated[name], reference[1][name])
+
+
+def test_offloaded_calibration_puts_everything_back_when_it_fails(micro, monkeypatch):
+    model, linears, _ = micro
+    moved = []
+    real_to = nn.Module.to
+    monkeypatch.setattr(nn.Module, "to", lambda self, *a, **k: (moved.append(str(a[0])), real_to(self, *a, **k))[1])
+    bad = torch.full((2, 16), 10**6)  # token ids beyond the vocabulary: the capture fails
+    with pytest.raises(IndexError):
+        oneshot_masks(model, linears, "wanda", 2, 4, bad, offload_to=OTHER)
+    assert moved == ["cpu:0", "cpu"]

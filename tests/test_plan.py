@@ -49,3 +49,22 @@ def test_plan_errors_name_what_is_wrong(in_root, capsys):
     assert main(["plan", "configs/tiny-attention.yaml"]) == 2
     assert "no learning stage" in capsys.readouterr().err
     assert parse_bytes("80GiB") == 80 * 1024**3 and parse_bytes("1.5 GB") == 1_500_000_000
+
+
+def test_loading_and_oneshot_plans_shrink_with_sharding_and_offload(in_root):
+    from transformers import AutoConfig
+
+    from pipeline.config import ModelConfig
+    from pipeline.plan import GiB, loading_plan, oneshot_plan
+
+    shape = model_shape(AutoConfig.from_pretrained("configs/hf/llama-2-13b"), ModelConfig(name_or_path="llama-2-13b"))
+    whole = loading_plan(shape, n=2, m=4, world=8, sharded=False)
+    sliced = loading_plan(shape, n=2, m=4, world=8, sharded=True)
+    assert whole["frozen weights"] == shape.params * 2 and sliced["frozen weights"] == shape.params * 2 // 8
+    assert sum(sliced.values()) < sum(whole.values()) / 7
+    kw = dict(method="sparsegpt", n_samples=128, seqlen=2048, batch_size=8)
+    on_gpu, offloaded = oneshot_plan(shape, **kw), oneshot_plan(shape, offload=True, **kw)
+    outside = shape.params - shape.blocks * shape.block_params  # embeddings and head
+    assert offloaded["frozen weights"] == (outside + shape.block_params) * 2
+    assert on_gpu["frozen weights"] == shape.params * 2
+    assert sum(offloaded.values()) < 24 * GiB < sum(on_gpu.values())  # 13B one-shot on a 24 GB card

@@ -1,10 +1,12 @@
 import json
 
 import pytest
+import torch
 
 from jobs.cli import main
+from pipeline.attention import kv_heads, planned, uniform_plan
 from pipeline.retrieval import (FILLER, PASSKEY_INTRO, PASSKEY_QUESTION, build_prompt, exact_match,
-                                multikey_samples, niah_samples, passkey_samples, split_sentences)
+                                multikey_samples, niah_samples, passkey_samples, score, split_sentences)
 from tests.conftest import CORPORA, MICRO
 
 NEEDLE = "The pass key is 12345. Remember it. 12345 is the pass key."
@@ -65,3 +67,36 @@ def test_retrieval_cli_on_the_micro_model(tmp_path, capsys):
     assert len(samples["niah"]) == 6 and all("generated" in r for r in samples["niah"])
     # the micro model was trained on this passkey template: the dense model retrieves
     assert results["passkey"]["acc"] >= 0.75 and results["niah"]["acc"] >= 0.5
+
+
+@torch.no_grad()
+def one_at_a_time(model, tokenizer, samples):
+    """The decoding retrieval used before batching: one prompt, no padding, its own budget."""
+    texts = []
+    for s in samples:
+        budget = len(tokenizer(" " + ", ".join(s.answers), add_special_tokens=False).input_ids) + 2
+        out = model(input_ids=torch.tensor([s.ids]), use_cache=True)
+        new = []
+        for _ in range(budget):
+            new.append(int(out.logits[0, -1].argmax()))
+            out = model(input_ids=torch.tensor([[new[-1]]]), cache=out.cache, use_cache=True)
+        texts.append(tokenizer.decode(new, skip_special_tokens=True))
+    return texts
+
+
+@pytest.mark.slow
+def test_batched_decoding_generates_exactly_what_one_prompt_at_a_time_does(micro, tokenizer):
+    model, _ = micro
+    hay = split_sentences((CORPORA / "kjv.valid.txt").read_text())
+    samples = (passkey_samples(tokenizer, [96], 2, seed=3) + niah_samples(tokenizer, hay, [160], [0.0, 0.5, 1.0], 1, 3)
+               + multikey_samples(tokenizer, [256], 2, seed=3, keys=2, values=2, haystack=hay))
+    assert len({len(s.ids) for s in samples if s.length == 160}) > 2  # the batches really are padded
+    # every head streaming with a short window: its sink (counted from each prompt's first token, not from
+    # the padding) decides these generations
+    plan = uniform_plan(kv_heads(model)[:2], True, sink=4, window=24)
+    for plan_ in (None, plan):
+        with planned(model, plan_):
+            reference = one_at_a_time(model, tokenizer, samples)
+            batched = score(model, tokenizer, samples)
+            assert [r["generated"] for r in batched] == reference
+            assert [r["generated"] for r in score(model, tokenizer, samples, batch_size=3)] == reference

@@ -8,6 +8,7 @@ resume under another.
 
 import os
 import socket
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,7 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from pipeline.checkpoint import Checkpoint, CheckpointDir
 from pipeline.shard import owned_rows
-from tests.conftest import CORPORA, MICRO
+from tests.conftest import CORPORA, MICRO, ROOT
 
 STEPS = 8
 # Two ranks sum their gradients in another order than one process, and the float differences grow
@@ -38,13 +39,16 @@ def _learn(rank, world, port, strategy, out, ckpt_dir, stop_at, threads, kw):
     from pipeline.config import DataConfig, LearnStage, ModelConfig
     from pipeline.data import TokenStream
     from pipeline.learn import train_masks
-    from pipeline.models import load_model, load_tokenizer, prunable_linears
+    from pipeline.models import fingerprint, load_model, load_tokenizer, prunable_linears
 
     recompute = kw.pop("activation_checkpointing", False)
     zero_stage = kw.pop("zero_stage", 3)
     shard_group = kw.pop("shard_group", None)
-    cfg = ModelConfig(name_or_path=str(MICRO), dtype="float32", device="cpu")
-    model, tokenizer = load_model(cfg), load_tokenizer(cfg)
+    meta = kw.pop("meta", False)
+    cfg = ModelConfig(name_or_path=str(MICRO), dtype=kw.pop("dtype", "float32"), device="cpu")
+    model, tokenizer = load_model(cfg, meta=meta), load_tokenizer(cfg)
+    linears = prunable_linears(model, cfg)
+    before = fingerprint(linears)  # a meta load reads each weight from the checkpoint for it
     st = LearnStage.model_validate({"stage": "learn", "name": "learn", "data": "d", "steps": STEPS, "batch_size": 4,
                                     "seqlen": 32, "lr": 1e-2, "log_every": 2, "checkpoint_every": 2,
                                     "keep_checkpoints": 2, "grad_accum": 2, **kw})
@@ -56,17 +60,27 @@ def _learn(rank, world, port, strategy, out, ckpt_dir, stop_at, threads, kw):
             raise Stop
 
     try:
-        logits, history = train_masks(model, prunable_linears(model, cfg), st, 2, 4, stream, seed=0,
+        logits, history = train_masks(model, linears, st, 2, 4, stream, seed=0,
                                       store=CheckpointDir(ckpt_dir, keep=2), on_log=on_log, strategy=strategy,
                                       zero_stage=zero_stage, activation_checkpointing=recompute,
                                       shard_group=shard_group)
+        # The weights as training left them (FSDP: each rank's rows, put together in row order).
+        after = fingerprint({k: _Whole(lin.weight) for k, lin in linears.items()})
         if rank == 0:
-            save_file(logits, out)
+            save_file(logits, out, metadata={"fingerprint_before": before, "fingerprint_after": after})
     except Stop:
         pass
     finally:
         if world > 1:
             dist.destroy_process_group()
+
+
+class _Whole(torch.nn.Module):
+    """A stand-in linear whose weight is a sharded weight gathered whole (a collective)."""
+
+    def __init__(self, weight):
+        super().__init__()
+        self.weight = weight.full_tensor() if hasattr(weight, "full_tensor") else weight
 
 
 def learn(tmp_path, name, strategy, world, ckpt_dir=None, stop_at=None, **kw):
@@ -82,6 +96,15 @@ def learn(tmp_path, name, strategy, world, ckpt_dir=None, stop_at=None, **kw):
     else:
         mp.start_processes(_learn, args=args, nprocs=world, start_method="spawn")
     return (load_file(out) if out.exists() else None), ckpt_dir
+
+
+def fingerprints(tmp_path, name):
+    """(before training, after) as rank 0 of run `name` recorded them."""
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / f"{name}.safetensors"), "pt") as f:
+        meta = f.metadata()
+    return meta["fingerprint_before"], meta["fingerprint_after"]
 
 
 def assert_same_mask(a, b, atol=ATOL):
@@ -160,3 +183,62 @@ def test_per_position_logits_and_activation_checkpointing_learn_under_fsdp(tmp_p
     assert next(iter(plain.values())).shape[-1] == 6  # exported over the 2:4 candidates
     recomputed, _ = learn(tmp_path, "pos-ac", "fsdp", 2, logits_per_group="positions", activation_checkpointing=True)
     assert_same_mask(recomputed, plain, atol=1e-5)
+
+
+def test_fsdp_loaded_from_meta_learns_the_same_mask_with_the_same_fingerprint(tmp_path):
+    """Each rank builds the model on meta and reads only its rows of the checkpoint (bf16 frozen
+    weights under fp32 logits): the same mask as FSDP over whole loads, and the fingerprint of the
+    masked weights, from the checkpoint before training and from the ranks' rows after, is the
+    whole load's."""
+    whole, _ = learn(tmp_path, "whole", "fsdp", 2, dtype="bfloat16")
+    sliced, _ = learn(tmp_path, "sliced", "fsdp", 2, dtype="bfloat16", meta=True)
+    assert_same_mask(sliced, whole, atol=1e-6)
+    reference = fingerprints(tmp_path, "whole")[0]
+    assert fingerprints(tmp_path, "whole")[1] == reference
+    assert fingerprints(tmp_path, "sliced") == (reference, reference)
+
+
+def _stage(rank, world, port, tmp, meta):
+    """What a Ray Train worker runs (workers/learn.py), without Ray: a Session and `learn_stage`."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    from pipeline.checkpoint import CheckpointDir
+    from pipeline.config import config_from_dict
+    from pipeline.run import Session, learn_stage
+
+    prior = ROOT / "tests" / "fixtures" / "artifacts" / "micro-llama-magnitude-2of4-v1"
+    cfg = config_from_dict({
+        "name": "meta", "seed": 0, "model": {"name_or_path": str(MICRO), "dtype": "bfloat16", "device": "cpu"},
+        "data": {"calib": {"sources": [str(CORPORA / "kjv.train.txt")], "shuffle_buffer": 8}},
+        "stages": [{"stage": "learn", "name": "maskllm", "data": "calib", "steps": 4, "batch_size": 4, "seqlen": 32,
+                    "lr": 1e-2, "log_every": 2, "prior": {"artifact": str(prior), "strength": 10}}],
+        "workers": {"num_workers": world, "strategy": "fsdp", "sharded_load": meta}})
+    try:
+        session = Session(cfg.model, meta=cfg.workers.loads_sharded)
+        learn_stage(cfg, session, cfg.stages[0], Path(tmp) / "artifacts", prior, CheckpointDir(Path(tmp) / "ckpt", 2),
+                    None, rank, world)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_learning_stage_loaded_from_meta_writes_the_artifact_of_a_whole_load(tmp_path):
+    """The Ray workers' path under fsdp (Session on meta, the prior checked against the checkpoint's
+    weights, rank 0 fingerprinting from the checkpoint): the artifact is the whole load's, and it
+    applies to a whole load of the model."""
+    from pipeline.artifacts import check_compatible, load_artifact
+    from pipeline.config import ModelConfig
+    from pipeline.models import load_model, prunable_linears
+
+    for meta in (False, True):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        mp.start_processes(_stage, args=(2, port, str(tmp_path / str(meta)), meta), nprocs=2, start_method="spawn")
+    (whole, whole_manifest), (sliced, manifest) = (load_artifact(tmp_path / m / "artifacts" / "maskllm")
+                                                   for m in ("False", "True"))
+    assert manifest["base_model"]["fingerprint"] == whole_manifest["base_model"]["fingerprint"]
+    assert whole.keys() == sliced.keys() and all(torch.equal(whole[k], sliced[k]) for k in whole)
+    cfg = ModelConfig(name_or_path=str(MICRO), dtype="float32", device="cpu")
+    check_compatible(manifest, prunable_linears(load_model(cfg), cfg))

@@ -4,13 +4,19 @@ Every worker loads the model, takes its share of each batch and runs `pipeline.r
 averages the mask gradients over the group (gloo on CPU, NCCL on GPUs, as TorchTrainer sets up).
 Checkpoints go to Ray Train's storage through `ray.train.report`, so when a worker dies Ray restarts
 the group (up to `workers.max_failures` times) and every rank resumes from the last checkpoint; a new
-trainer with the same storage path and name (a resumed run) finds it the same way.
+trainer with the same storage path and name (a resumed run) finds it the same way. Errors a restart
+would only repeat (a bad path, bad data, an error of ours) are not retried: every rank records its
+error in `train/error-<stage>-rank<r>.json` and ends, and the driver raises the first one.
 """
 
 from __future__ import annotations
 
 import contextlib
+import glob
+import hashlib
+import json
 import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -19,6 +25,8 @@ import torch
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
+from pipeline import MaskpipeError
+from pipeline.artifacts import MANIFEST_FILE, write_json
 from pipeline.checkpoint import Checkpoint, write_shard
 from pipeline.config import Config, LearnStage
 from pipeline.run import MetricsLog, Session, Variant, learn_stage, learned_variant, logs_to
@@ -55,8 +63,8 @@ def learn_loop(config: dict) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.manual_seed(cfg.seed)
-    session = Session(cfg.model)
-    metrics = MetricsLog(run_dir, st.name, cfg.tensorboard) if rank == 0 else None
+    session = Session(cfg.model, meta=cfg.workers.loads_sharded)  # fsdp: each rank reads its rows only
+    metrics = MetricsLog(run_dir, st.name, cfg.logging, config=cfg.model_dump(mode="json")) if rank == 0 else None
 
     def on_log(entry: dict) -> None:
         if metrics is not None:
@@ -65,8 +73,64 @@ def learn_loop(config: dict) -> None:
             ray.train.report({"stage": st.name, **entry})
 
     with logs_to(run_dir) if rank == 0 else contextlib.nullcontext():
-        learn_stage(cfg, session, st, run_dir / "artifacts", config["prior"], RayCheckpoints(rank), on_log, rank,
-                    world)
+        try:
+            learn_stage(cfg, session, st, run_dir / "artifacts", config["prior"], RayCheckpoints(rank), on_log, rank,
+                        world)
+        except DETERMINISTIC as e:
+            # Ray Train restarts a failed group up to max_failures times, which only replays a bad
+            # path, bad data or an error of ours. Such errors happen on every rank at the same point
+            # (they come from the config and the data, which all ranks share): each rank records it
+            # and ends normally, and the driver raises it once the group is done.
+            write_json(error_file(run_dir, st.name, rank), {"rank": rank, "error": _one_line(e)})
+        finally:
+            if metrics is not None:
+                metrics.close()
+
+
+# Errors that a restart of the worker group would only repeat. Worker deaths are no exception inside
+# a worker, and collective failures are RuntimeErrors: those restart the group.
+DETERMINISTIC = (MaskpipeError, OSError, UnicodeError, ValueError)
+
+
+def _one_line(e: BaseException) -> str:
+    return str(e) if isinstance(e, MaskpipeError) else f"{type(e).__name__}: {e}".splitlines()[0]
+
+
+def error_file(run_dir: Path, stage: str, rank: int) -> Path:
+    return run_dir / "train" / f"error-{stage}-rank{rank}.json"
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    """Which file `path` is: an artifact written anew is a new file (`atomic_dir` renames it in)."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return st.st_ino, st.st_mtime_ns
+
+
+def train_run_name(run_dir: Path, stage: str) -> str:
+    """Ray Train's run name for a stage: the run directory's name and the stage's where they are
+    plain ASCII (as every earlier run's, so a resume finds its checkpoints), else an ASCII rendering
+    with a hash of the original, since Ray Train cannot encode other names."""
+    name = f"{run_dir.name}-{stage}"
+    safe = re.sub(r"[^A-Za-z0-9._-]", "_", name)
+    return name if safe == name else f"{safe}-{hashlib.sha256(name.encode()).hexdigest()[:8]}"
+
+
+def check_resources(options: dict, workers: int, what: str) -> None:
+    """Refuse a request no node set of the cluster can hold now, with the numbers, rather than wait
+    forever (Ray retries an infeasible request without end). `options` are a Ray task's options."""
+    import ray
+
+    total = ray.cluster_resources()
+    asked = {"CPU": options.get("num_cpus", 1), "GPU": options.get("num_gpus", 0), **options.get("resources", {})}
+    for res, per in asked.items():
+        have = total.get(res, 0)
+        if per and per * workers > have:
+            raise MaskpipeError(f"{what}: asked {workers} worker(s) x {per:g} {res}, the Ray cluster has {have:g} {res} "
+                                f"(workers.num_workers, workers.use_gpu, workers.resources_per_worker; "
+                                f"set workers.autoscaling: true if the cluster adds nodes on demand)")
 
 
 def learn_on_ray(cfg: Config, st: LearnStage, run_dir: Path, prior: Path | None) -> list[Variant]:
@@ -75,17 +139,31 @@ def learn_on_ray(cfg: Config, st: LearnStage, run_dir: Path, prior: Path | None)
     # the same way for every stage and every kind of worker.
     os.environ["RAY_CHDIR_TO_TRIAL_DIR"] = "0"
     w = cfg.workers
+    for rank in range(w.num_workers):
+        error_file(run_dir, st.name, rank).unlink(missing_ok=True)
     trainer = TorchTrainer(
         learn_loop,
         train_loop_config={"cfg": cfg, "stage": st.name, "run_dir": str(run_dir), "prior": prior},
         scaling_config=ScalingConfig(num_workers=w.num_workers, use_gpu=w.use_gpu,
                                      resources_per_worker=w.resources_per_worker or None),
         run_config=RunConfig(
-            name=f"{run_dir.name}-{st.name}",
+            name=train_run_name(run_dir, st.name),
             storage_path=w.storage_path or str((run_dir / "train").resolve()),
             failure_config=FailureConfig(max_failures=w.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=st.keep_checkpoints),
         ),
     )
-    trainer.fit()
-    return [learned_variant(st, run_dir / "artifacts" / st.name)]
+    artifact = run_dir / "artifacts" / st.name
+    before = _identity(artifact / MANIFEST_FILE)
+    try:
+        trainer.fit()
+    except SystemExit:
+        raise KeyboardInterrupt from None  # Ray Train's SIGINT handler exits when its controller is gone
+    errors = sorted(run_dir.glob(f"train/error-{glob.escape(st.name)}-rank*.json"))
+    if errors:
+        raise MaskpipeError(json.loads(errors[0].read_text())["error"])
+    after = _identity(artifact / MANIFEST_FILE)
+    if after is None or after == before:
+        # Ray Train's SIGINT handler aborts the group, and fit() returns as if it had finished.
+        raise KeyboardInterrupt
+    return [learned_variant(st, artifact)]

@@ -1,0 +1,254 @@
+"""Metric loggers behind one interface: `metrics.jsonl` always, TensorBoard, Weights & Biases and MLflow
+when the config asks for them (`logging:`), each an optional dependency imported only then.
+
+    logging:
+      tensorboard: true                  # events under RUN_DIR/tensorboard/<stage>/ (`tensorboard: true` at
+                                         # the top level of a config means the same)
+      wandb: {project: maskpipe, entity: null, name: null, mode: null, tags: []}
+      mlflow: {tracking_uri: null, experiment: maskpipe, run_name: null}
+
+Files in the run directory:
+  metrics.jsonl   one JSON object per logged step: {"stage": ..., "step": ..., <metric>: ...}; on a resume
+                  the lines past the checkpoint's step are dropped (the resumed run logs them again)
+  trackers.json   {"wandb": {"id": ...}, "mlflow": {"run_id": ..., "experiment_id": ...}}: the tracker
+                  run that stands for this maskpipe run, so that every stage, every process (a Ray
+                  worker) and a resumed run log into the same one
+
+One maskpipe run is one W&B run and one MLflow run; a stage's metrics are named `<stage>/<metric>`,
+against `<stage>/step` in W&B (each stage counts its own steps) and as the MLflow step. Only one
+process per stage logs: the driver, or rank 0 of a Ray Train worker group (`workers.learn`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import secrets
+import time
+from pathlib import Path
+from typing import Any, Protocol
+
+from pipeline import MaskpipeError
+from pipeline.artifacts import write_json, write_text
+
+log = logging.getLogger("maskpipe")
+TRACKERS_FILE = "trackers.json"
+
+
+class MetricLogger(Protocol):
+    """One destination of a stage's metrics."""
+
+    def log(self, stage: str, step: int, metrics: dict[str, float]) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class JsonlLogger:
+    def __init__(self, run_dir: Path):
+        self.path = run_dir / "metrics.jsonl"
+
+    def log(self, stage: str, step: int, metrics: dict[str, float]) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps({"stage": stage, "step": step, **metrics}) + "\n")
+
+    def rewind(self, stage: str, step: int) -> None:
+        """Drop the stage's lines past `step` (a resume from that step's checkpoint logs them again)."""
+        lines = read_metrics(self.path)
+        keep = [line for line in lines if line.get("stage") != stage or line.get("step", 0) <= step]
+        if len(keep) < len(lines):
+            write_text(self.path, "".join(json.dumps(line) + "\n" for line in keep))
+
+    def close(self) -> None:
+        pass
+
+
+class TensorBoardLogger:
+    def __init__(self, run_dir: Path, stage: str):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(str(run_dir / "tensorboard" / stage))
+
+    def log(self, stage: str, step: int, metrics: dict[str, float]) -> None:
+        for k, v in metrics.items():
+            self.writer.add_scalar(f"{stage}/{k}", v, step)
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def _trackers(run_dir: Path) -> dict[str, Any]:
+    path = run_dir / TRACKERS_FILE
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def _remember(run_dir: Path, kind: str, ids: dict[str, Any]) -> None:
+    write_json(run_dir / TRACKERS_FILE, {**_trackers(run_dir), kind: ids})
+
+
+def _optional(module: str, extra: str):
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise MaskpipeError(f"logging.{extra}: the {module} package is not installed "
+                            f"(pip install 'maskpipe[{extra}]')") from None
+
+
+class WandbLogger:
+    """A W&B run per maskpipe run, resumed by id by every stage and process. `mode` None leaves it to
+    WANDB_MODE (offline writes under RUN_DIR/wandb/, for `wandb sync` later)."""
+
+    def __init__(self, run_dir: Path, cfg, config: dict | None = None):
+        os.environ.setdefault("WANDB_SILENT", "true")  # its banner would interleave with maskpipe's log
+        wandb = _optional("wandb", "wandb")
+        run_id = _trackers(run_dir).get("wandb", {}).get("id")
+        if run_id is None:
+            run_id = secrets.token_hex(6)  # W&B run ids: lowercase letters and digits
+            _remember(run_dir, "wandb", {"id": run_id, "project": cfg.project})
+        self.run = wandb.init(project=cfg.project, entity=cfg.entity, name=cfg.name or run_dir.name, id=run_id,
+                              resume="allow", mode=cfg.mode, tags=cfg.tags or None, dir=str(run_dir),
+                              config=config, reinit="create_new")
+        self.defined: set[str] = set()
+
+    def log(self, stage: str, step: int, metrics: dict[str, float]) -> None:
+        if stage not in self.defined:  # each stage counts its own steps
+            self.run.define_metric(f"{stage}/step")
+            self.run.define_metric(f"{stage}/*", step_metric=f"{stage}/step")
+            self.defined.add(stage)
+        self.run.log({f"{stage}/step": step, **{f"{stage}/{k}": v for k, v in metrics.items()}})
+
+    def summary(self, values: dict[str, float]) -> None:
+        self.run.summary.update(values)
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+class MLflowLogger:
+    """An MLflow run per maskpipe run, through `MlflowClient` (no process-global active run), so every
+    stage and process logs into the one whose id `trackers.json` holds."""
+
+    def __init__(self, run_dir: Path, cfg, config: dict | None = None):
+        _optional("mlflow", "mlflow")
+        from mlflow.tracking import MlflowClient
+
+        from mlflow.exceptions import MlflowException
+
+        self.client = MlflowClient(tracking_uri=cfg.tracking_uri)
+        ids = _trackers(run_dir).get("mlflow")
+        if ids is None:
+            try:
+                exp = self.client.get_experiment_by_name(cfg.experiment)
+            except MlflowException as e:  # e.g. MLflow 3 refuses file: stores without MLFLOW_ALLOW_FILE_STORE=true
+                raise MaskpipeError(f"logging.mlflow.tracking_uri: {cfg.tracking_uri}: {e.message.splitlines()[0]}") \
+                    from None
+            exp_id = exp.experiment_id if exp else self.client.create_experiment(cfg.experiment)
+            run = self.client.create_run(exp_id, run_name=cfg.run_name or run_dir.name,
+                                         tags={"maskpipe.run_dir": str(run_dir.resolve())})
+            ids = {"run_id": run.info.run_id, "experiment_id": exp_id, "tracking_uri": cfg.tracking_uri}
+            _remember(run_dir, "mlflow", ids)
+            if config is not None:
+                self.client.log_dict(ids["run_id"], config, "config.json")
+        self.run_id = ids["run_id"]
+
+    def log(self, stage: str, step: int, metrics: dict[str, float]) -> None:
+        from mlflow.entities import Metric
+
+        now = int(1000 * time.time())
+        self.client.log_batch(self.run_id, metrics=[Metric(f"{stage}/{k}", v, now, step) for k, v in metrics.items()])
+
+    def summary(self, values: dict[str, float]) -> None:
+        self.log("results", 0, values)
+
+    def finish(self, status: str) -> None:
+        self.client.set_terminated(self.run_id, {"completed": "FINISHED", "failed": "FAILED"}.get(status, "KILLED"))
+
+    def close(self) -> None:
+        pass
+
+
+def trackers(run_dir: Path, cfg, config: dict | None = None) -> list[MetricLogger]:
+    """The W&B / MLflow loggers that `cfg` (a `LoggingConfig`) asks for."""
+    out = []
+    if cfg is not None and cfg.wandb is not None:
+        out.append(WandbLogger(run_dir, cfg.wandb, config))
+    if cfg is not None and cfg.mlflow is not None:
+        out.append(MLflowLogger(run_dir, cfg.mlflow, config))
+    return out
+
+
+class MetricsLog:
+    """A learning stage's `on_log`: the run log, `metrics.jsonl` and whatever `logging` asks for (a
+    `LoggingConfig`, or a bool for TensorBoard alone). At the stage's first entry, its JSONL lines past
+    the step it starts from are dropped (past the checkpoint's step on a resume, `{"resumed_from_step":
+    N}`; all of them on a start from scratch): an attempt that died before checkpointing them left them,
+    and this one logs those steps again."""
+
+    def __init__(self, run_dir: Path, stage: str, logging_cfg=False, *, tensorboard: bool = False,
+                 config: dict | None = None):
+        self.stage = stage
+        self.jsonl = JsonlLogger(run_dir)
+        tb = tensorboard or (logging_cfg if isinstance(logging_cfg, bool) else logging_cfg.tensorboard)
+        self.loggers: list[MetricLogger] = [self.jsonl] + ([TensorBoardLogger(run_dir, stage)] if tb else [])
+        self.loggers += trackers(run_dir, None if isinstance(logging_cfg, bool) else logging_cfg, config)
+        self.started = False
+
+    def __call__(self, entry: dict) -> None:
+        log.info("%s: %s", self.stage, " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                                for k, v in entry.items()))
+        if not self.started:
+            self.started = True
+            self.jsonl.rewind(self.stage, entry.get("resumed_from_step", 0))
+        if "resumed_from_step" in entry:
+            return
+        rest = {k: v for k, v in entry.items() if k != "step"}
+        self.jsonl.log(self.stage, entry["step"], rest)  # the whole entry, as it came
+        # trackers take numbers only, and W&B / MLflow reject NaN
+        numbers = {k: v for k, v in rest.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+                   and not math.isnan(v)}
+        for logger in self.loggers[1:]:
+            logger.log(self.stage, entry["step"], numbers)
+
+    def close(self) -> None:
+        for logger in self.loggers:
+            logger.close()
+
+
+def require(cfg) -> None:
+    """Refuse, before a run starts, a tracker whose package is missing (one line naming the key)."""
+    if cfg is not None and cfg.wandb is not None:
+        _optional("wandb", "wandb")
+    if cfg is not None and cfg.mlflow is not None:
+        _optional("mlflow", "mlflow")
+
+
+def log_results(run_dir: Path, cfg, results: dict[str, Any], status: str) -> None:
+    """At the end of a run, its headline numbers (perplexity, retrieval and lm-eval accuracy per variant)
+    into the trackers' summaries, and the MLflow run marked finished/failed."""
+    if cfg is None or (cfg.wandb is None and cfg.mlflow is None):
+        return
+    values = {}
+    for variant, corpora in results.get("perplexity", {}).items():
+        values |= {f"ppl/{variant}/{c}": r["ppl"] for c, r in corpora.items()}
+    for variant, tasks in results.get("retrieval", {}).items():
+        values |= {f"retrieval/{variant}/{t}": r["acc"] for t, r in tasks.items() if isinstance(r, dict) and "acc" in r}
+    for variant, tasks in results.get("lm_eval", {}).items():
+        values |= {f"lm_eval/{variant}/{t}": r["acc"] for t, r in tasks.items() if r.get("acc") is not None}
+    try:
+        for logger in trackers(run_dir, cfg):
+            if values:
+                logger.summary(values)
+            if isinstance(logger, MLflowLogger):
+                logger.finish(status)
+            logger.close()
+    except Exception as e:  # the run's own outcome (maybe an exception in flight) matters more
+        log.warning("could not send the results to the trackers: %s: %s", type(e).__name__, e)
+
+
+def read_metrics(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line] if path.exists() else []
+
