@@ -89,6 +89,26 @@ def cmd_run(a) -> int:
     return 0
 
 
+def cmd_tune(a) -> None:
+    from cluster import connect
+    from pipeline.config import load_config
+    from pipeline.run import new_run_dir
+    from workers.tune import tune_run
+
+    cfg = load_config(a.config, a.overrides)
+    if cfg.tune is None:
+        raise MaskpipeError(f"{a.config}: tune: no tune section (see README, \"Tuning a learn stage\")")
+    connect(a.address)
+    run_dir = Path(a.run_dir) if a.run_dir else new_run_dir(cfg)
+    signal.signal(signal.SIGTERM, _interrupt)
+    summary = tune_run(cfg, run_dir)
+    print((run_dir / "tune" / "results.md").read_text())
+    if summary["best"] is None:
+        raise MaskpipeError(f"every trial failed; see {run_dir / 'tune' / 'results.json'}")
+    print(f"best: {summary['best']['params']} ({summary['metric']} {summary['best']['ppl']:.2f})")
+    print(f"run directory: {run_dir}")
+
+
 def cmd_validate(a) -> None:
     from pipeline.config import dump_config, load_config
 
@@ -355,6 +375,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "driver waits for the `submit` or `resume` that launched it)")
     r.set_defaults(fn=cmd_run)
     add_job_commands(sub)
+
+    tu = sub.add_parser("tune", help="sweep a learn stage's hyperparameters on Ray Tune (the config's tune section)")
+    tu.add_argument("config")
+    tu.add_argument("overrides", nargs="*", help="key.path=value overrides, e.g. tune.num_samples=4")
+    tu.add_argument("--run-dir", default=None, help="run directory (default: OUTPUT_DIR/NAME-TIMESTAMP)")
+    tu.add_argument("--address", default=None, help="Ray cluster (default $RAY_ADDRESS, else a local instance)")
+    tu.set_defaults(fn=cmd_tune)
 
     v = sub.add_parser("validate", help="check a config without running it")
     v.add_argument("config")

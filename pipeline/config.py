@@ -134,7 +134,7 @@ class StageBase(Strict):
 
 class OneshotStage(StageBase):
     stage: Literal["oneshot"]
-    method: Literal["magnitude", "wanda", "sparsegpt"]
+    method: Literal["magnitude", "wanda", "sparsegpt", "dsnot"]
     pattern: str | None = None  # defaults to sparsity.pattern
     data: str | None = None  # calibration corpus, a key of `data`; magnitude needs none
     n_samples: int = Field(default=128, gt=0)
@@ -145,6 +145,10 @@ class OneshotStage(StageBase):
     weight_update: bool = False
     blocksize: int = Field(default=128, gt=0)
     percdamp: float = Field(default=0.01, ge=0)
+    # DSnoT only: the earlier oneshot or learn stage whose mask it refines, and at most how many
+    # prune-and-grow swaps each output row makes.
+    mask_from: str | None = None
+    max_cycles: int = Field(default=50, gt=0)
 
     _pattern = field_validator("pattern")(SparsityConfig._pattern.__func__)
 
@@ -154,6 +158,8 @@ class OneshotStage(StageBase):
             raise ValueError(f"data: {self.method} needs a calibration corpus")
         if self.weight_update and self.method != "sparsegpt":
             raise ValueError("weight_update: only sparsegpt updates weights")
+        if (self.method == "dsnot") != (self.mask_from is not None):
+            raise ValueError("mask_from: dsnot refines the mask of an earlier stage named here, and only dsnot does")
         return self
 
 
@@ -414,6 +420,95 @@ class WorkersConfig(Strict):
         return self
 
 
+SEARCH_KINDS = ("grid", "choice", "uniform", "loguniform", "randint")
+
+
+def search_spec(spec: Any) -> tuple[str, Any]:
+    """One key of a tune search space, as (kind, argument): a list is a grid of its values; a mapping
+    with one key out of SEARCH_KINDS is that search (`{loguniform: [1e-4, 1e-2]}`, `{choice: [a, b]}`);
+    anything else is a value fixed for every trial (a list value, e.g. tau, is written `{grid: [[4, 0.05]]}`)."""
+    if isinstance(spec, list):
+        spec = {"grid": spec}
+    if not (isinstance(spec, dict) and len(spec) == 1 and next(iter(spec)) in SEARCH_KINDS):
+        return "fixed", spec
+    kind, arg = next(iter(spec.items()))
+    if kind in ("grid", "choice"):
+        if not isinstance(arg, list) or not arg:
+            raise ValueError(f"{kind} needs a non-empty list of values, got {arg!r}")
+        return kind, arg
+    numbers = isinstance(arg, list) and len(arg) == 2 and all(isinstance(x, (int, float)) for x in arg)
+    if not numbers or not arg[0] < arg[1] or (kind == "loguniform" and arg[0] <= 0):
+        bound = "0 < low < high" if kind == "loguniform" else "low < high"
+        raise ValueError(f"{kind} needs [low, high] with {bound}, got {arg!r}")
+    if kind == "randint" and not all(isinstance(x, int) for x in arg):
+        raise ValueError(f"randint needs integers [low, high) , got {arg!r}")
+    return kind, arg
+
+
+def set_keys(raw: dict, values: dict[str, Any]) -> dict:
+    """A copy of `raw` with each dotted key (`prior.strength`) set to its value."""
+    raw = copy.deepcopy(raw)
+    for key, value in values.items():
+        node, *path = raw, *key.split(".")
+        for p in path[:-1]:
+            if not isinstance(node.get(p), dict):
+                node[p] = {}
+            node = node[p]
+        node[path[-1]] = value
+    return raw
+
+
+class TuneMetric(Strict):
+    data: str  # perplexity (wikitext protocol) on this corpus, a key of `data`; lower is better
+    seqlen: int = Field(default=2048, gt=1)
+    batch_size: int = Field(default=1, gt=0)
+
+
+class TuneConfig(Strict):
+    """`maskpipe tune`: a sweep over one learn stage's keys at a small budget (pipeline.tune)."""
+
+    stage: str  # the learn stage to tune
+    metric: TuneMetric
+    # dotted keys of the learn stage -> a grid (list), {choice|uniform|loguniform|randint: ...}, or a fixed value
+    space: dict[str, Any] = Field(min_length=1)
+    num_samples: int = Field(default=1, gt=0)  # draws of the random keys, for every point of the grid
+    max_concurrent: int | None = Field(default=None, gt=0)  # trials at once (default: as many as fit)
+
+    @field_validator("space", mode="before")
+    @classmethod
+    def _flatten(cls, v: Any) -> Any:
+        # `prior: {strength: [3, 10]}` is `prior.strength: [3, 10]`, so that a command-line override
+        # (tune.space.prior.strength=[3,10]) means what the dotted key in the YAML means.
+        def flat(node: dict, prefix: str) -> dict:
+            out = {}
+            for key, spec in node.items():
+                nested = isinstance(spec, dict) and spec and not (len(spec) == 1 and next(iter(spec)) in SEARCH_KINDS)
+                out |= flat(spec, f"{prefix}{key}.") if nested else {f"{prefix}{key}": spec}
+            return out
+
+        return flat(v, "") if isinstance(v, dict) else v
+
+    @field_validator("space")
+    @classmethod
+    def _space(cls, v: dict[str, Any]) -> dict[str, Any]:
+        for key, spec in v.items():
+            if key.split(".")[0] in ("stage", "name"):
+                raise ValueError(f"{key}: the stage's kind and name are not tunable")
+            try:
+                search_spec(spec)
+            except ValueError as e:
+                raise ValueError(f"{key}: {e}") from None
+        return v
+
+    def corners(self) -> list[dict[str, Any]]:
+        """Points of the space that between them use every grid and choice value and both ends of every
+        range: if each of them makes a valid stage, every trial does."""
+        specs = {key: search_spec(spec) for key, spec in self.space.items()}
+        width = max(len(arg) if kind != "fixed" else 1 for kind, arg in specs.values())
+        return [{key: arg if kind == "fixed" else arg[min(i, len(arg) - 1)] for key, (kind, arg) in specs.items()}
+                for i in range(width)]
+
+
 class WandbConfig(Strict):
     """Weights & Biases (`pip install 'maskpipe[wandb]'`); credentials from `wandb login` or WANDB_API_KEY."""
 
@@ -468,6 +563,7 @@ class Config(Strict):
     workers: WorkersConfig = WorkersConfig()
     tensorboard: bool = False  # the same as logging.tensorboard (kept for configs that say it here)
     logging: LoggingConfig = LoggingConfig()
+    tune: TuneConfig | None = None  # `maskpipe tune` only; `maskpipe run` ignores it
 
     @model_validator(mode="before")
     @classmethod
@@ -499,6 +595,13 @@ class Config(Strict):
             for key, ref in data_refs(st).items():
                 if ref not in self.data:
                     raise _KeyError(f"{where}.{key}", f"no corpus named {ref!r} under data (have {sorted(self.data)})")
+            if isinstance(st, OneshotStage) and st.mask_from is not None:
+                source = next((s for s in self.stages[:i] if s.name == st.mask_from), None)
+                if not isinstance(source, (OneshotStage, LearnStage)):
+                    raise _KeyError(f"{where}.mask_from", f"no earlier oneshot or learn stage named {st.mask_from!r}")
+                theirs, ours = (":".join(map(str, self.stage_pattern(x))) for x in (source, st))
+                if theirs != ours:
+                    raise _KeyError(f"{where}.mask_from", f"{st.mask_from} makes {theirs} masks, this stage {ours}")
             if isinstance(st, LearnStage) and st.prior is not None and st.prior.stage is not None:
                 if st.prior.stage not in seen:
                     raise _KeyError(f"{where}.prior.stage", f"no earlier stage named {st.prior.stage!r}")
@@ -515,7 +618,34 @@ class Config(Strict):
                     if ref not in seen:
                         raise _KeyError(f"{where}.masks", f"no earlier stage named {ref!r}")
             seen.append(st.name)
+        if self.tune is not None:
+            self._check_tune()
         return self
+
+    def _check_tune(self) -> None:
+        t = self.tune
+        st = next((s for s in self.stages if s.name == t.stage), None)
+        if not isinstance(st, LearnStage):
+            raise _KeyError("tune.stage", f"no learn stage named {t.stage!r}")
+        if t.metric.data not in self.data:
+            raise _KeyError("tune.metric.data", f"no corpus named {t.metric.data!r} under data (have {sorted(self.data)})")
+        raw = st.model_dump(mode="json", exclude_none=True)
+        for point in t.corners():
+            for key, value in point.items():
+                try:
+                    trial = LearnStage.model_validate(set_keys(raw, {key: value}))
+                except ValidationError as e:
+                    first = e.errors()[0]
+                    msg = "unknown key" if first["type"] == "extra_forbidden" else first["msg"].removeprefix("Value error, ")
+                    raise _KeyError(f"tune.space.{key}", f"{msg} (value {value!r})") from None
+                earlier = [s.name for s in self.stages[: self.stages.index(st)]]
+                if trial.prior is not None and trial.prior.stage is not None and trial.prior.stage not in earlier:
+                    raise _KeyError(f"tune.space.{key}", f"no stage named {trial.prior.stage!r} before {st.name}")
+                if trial.data not in self.data:
+                    raise _KeyError(f"tune.space.{key}", f"no corpus named {trial.data!r} under data")
+                if trial.batch_size % max(self.workers.num_workers, 1):
+                    raise _KeyError(f"tune.space.{key}", f"batch_size {trial.batch_size} does not split evenly over "
+                                                         f"{self.workers.num_workers} workers")
 
     def stage_pattern(self, stage: OneshotStage | LearnStage) -> tuple[int, int]:
         return parse_pattern(stage.pattern or self.sparsity.pattern)

@@ -141,8 +141,15 @@ class Session:
 
 
 def oneshot_stage(cfg: Config, s: Session, st: OneshotStage, out_dir: Path) -> list[Variant]:
-    """One-shot N:M masks; writes the artifact to `out_dir / st.name`."""
+    """One-shot N:M masks; writes the artifact to `out_dir / st.name`. DSnoT refines the mask of the
+    earlier stage `st.mask_from`, whose artifact lies beside it in `out_dir`."""
     n, m = cfg.stage_pattern(st)
+    init_masks = None
+    if st.mask_from is not None:
+        init_masks, manifest = s.load_artifact(out_dir / st.mask_from)
+        if manifest["pattern"] != f"{n}:{m}":
+            raise MaskpipeError(f"{st.name}: mask_from: {st.mask_from} is {manifest['pattern']}, "
+                                f"the stage makes {n}:{m}")
     calib, data_info = None, {}
     if st.data is not None:
         stream = TokenStream(cfg.data[st.data], s.tokenizer, st.seqlen, cfg.seed)
@@ -155,11 +162,12 @@ def oneshot_stage(cfg: Config, s: Session, st: OneshotStage, out_dir: Path) -> l
     t0 = time.perf_counter()
     masks, updated = oneshot_masks(
         s.model, s.linears, st.method, n, m, calib, batch_size=st.batch_size,
-        weight_update=st.weight_update, blocksize=st.blocksize, percdamp=st.percdamp,
-        offload_to=resolve_device(cfg.model.device) if cfg.model.offload else None,
+        weight_update=st.weight_update, blocksize=st.blocksize, percdamp=st.percdamp, init_masks=init_masks,
+        max_cycles=st.max_cycles, offload_to=resolve_device(cfg.model.device) if cfg.model.offload else None,
     )
     seconds = time.perf_counter() - t0
-    params = st.model_dump(exclude={"stage", "name", "data"})
+    dsnot_only = {"mask_from", "max_cycles"} if st.mask_from is None else set()
+    params = st.model_dump(exclude={"stage", "name", "data"} | dsnot_only)
     artifact = save_artifact(
         out_dir / st.name, masks, s.linears, base_model=s.base_model_info(), pattern=f"{n}:{m}",
         method={"name": st.method, "params": params, "seconds": round(seconds, 2)},
@@ -167,7 +175,8 @@ def oneshot_stage(cfg: Config, s: Session, st: OneshotStage, out_dir: Path) -> l
     )
     log.info("%s: mask artifact written to %s (%.1f s)", st.name, artifact, seconds)
     info = {"method": st.method, "pattern": f"{n}:{m}", "seconds": round(seconds, 2),
-            "tokens": data_info.get("tokens", 0), "token_shares": data_info.get("token_shares")}
+            "tokens": data_info.get("tokens", 0), "token_shares": data_info.get("token_shares"),
+            **({"prior": st.mask_from} if st.mask_from else {})}
     if updated is None:
         return [Variant(st.name, artifact=artifact, info=info)]
     # The weight update is a baseline row only: kept in the run directory, never in an artifact.
