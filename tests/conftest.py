@@ -41,3 +41,22 @@ def in_root(monkeypatch):
     """Run from the repository root, where configs name their fixture paths."""
     monkeypatch.chdir(ROOT)
     return ROOT
+
+
+MODEL_FLAGS = ["--model", str(MICRO), "--dtype", "float32", "--device", "cpu"]
+
+
+def cli_fails(argv: list[str], capsys, message: str, *absent, one_line: bool = False) -> str:
+    """The command exits with 2 and `message` on stderr (no traceback; with `one_line`, exactly one
+    `error:` line), and none of `absent` exists."""
+    from jobs.cli import main
+
+    capsys.readouterr()
+    assert main(argv) == 2, argv
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err, err
+    if one_line:
+        assert len([line for line in err.splitlines() if line.startswith("error:")]) == 1, err
+    for path in absent:
+        assert not os.path.exists(path), path
+    return err

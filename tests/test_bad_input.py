@@ -28,20 +28,13 @@ from pipeline.checkpoint import META, CheckpointDir
 from pipeline.encoding import BITMAP, Codec, nm_rank, nm_unrank
 from pipeline.learn import nm_candidates
 from pipeline.sparsity import nm_mask
-from tests.conftest import MICRO, ROOT
+from tests.conftest import MODEL_FLAGS, cli_fails, MICRO, ROOT
 
-MODEL = ["--model", str(MICRO), "--dtype", "float32", "--device", "cpu"]
+MODEL = MODEL_FLAGS
 
 
 def fails(argv: list[str], capsys, message: str, *absent) -> str:
-    """The command exits with 2 and `message` on stderr (no traceback), and none of `absent` exists."""
-    capsys.readouterr()
-    assert main(argv) == 2, argv
-    err = capsys.readouterr().err
-    assert message in err and "Traceback" not in err, err
-    for path in absent:
-        assert not os.path.exists(path), path
-    return err
+    return cli_fails(argv, capsys, message, *absent)
 
 
 @pytest.fixture(scope="module")

@@ -22,22 +22,14 @@ from pipeline import rundir
 from pipeline.artifacts import MANIFEST_FILE, load_artifact
 from pipeline.config import config_from_dict, load_config
 from pipeline.run import LocalBackend, check_resumable, read_metrics, run
-from tests.conftest import CORPORA, MICRO, ROOT
+from tests.conftest import MODEL_FLAGS, cli_fails, CORPORA, MICRO, ROOT
 from tests.test_ray import head  # noqa: F401 - the module's Ray head, for the tests marked slow at the end
 
-MODEL = ["--model", str(MICRO), "--dtype", "float32", "--device", "cpu"]
+MODEL = MODEL_FLAGS
 
 
 def fails(argv: list[str], capsys, message: str, *absent) -> str:
-    """The command exits with 2 and one line holding `message` on stderr, and none of `absent` exists."""
-    capsys.readouterr()
-    assert main(argv) == 2, argv
-    err = capsys.readouterr().err
-    assert message in err and "Traceback" not in err, err
-    assert len([line for line in err.splitlines() if line.startswith("error:")]) == 1, err
-    for path in absent:
-        assert not os.path.exists(path), path
-    return err
+    return cli_fails(argv, capsys, message, *absent, one_line=True)
 
 
 def recipe(tmp_path: Path, steps: int = 2, checkpoint_every: int = 50, log_every: int = 2, **workers) -> dict:
