@@ -50,6 +50,25 @@ QUICK_FLAGS = {"stages.0.seqlen": "--seqlen", "model.device": "--device", "stage
                "stages.0.niah.lengths": "--niah", "stages.0.multikey.lengths": "--multikey"}
 
 
+def _one_stage(cfg, variants: list | None = None, run=None):
+    """Run the one stage of a quick command's config in this process, as `maskpipe run` would run it
+    (`pipeline.stages`); `variants` are those it evaluates, `run` where it writes."""
+    from pipeline.rundir import RunDir
+    from pipeline.session import Session
+    from pipeline.stages import StageContext, execute, kind_of
+
+    st = cfg.stages[0]
+    ctx = StageContext(cfg, st, run or RunDir("."), {v.name: v for v in variants or []}, session=Session(cfg.model))
+    return execute(kind_of(st), ctx)
+
+
+def _variants(a) -> list:
+    """dense (with --dense, or without --masks) and one variant per --masks artifact, named by its folder."""
+    from pipeline.session import Variant
+
+    return [Variant("dense")] * (a.dense or not a.masks) + [Variant(Path(p).name, artifact=Path(p)) for p in a.masks]
+
+
 def _interrupt(signum, frame):
     # `maskpipe stop` ends a Ray job with SIGTERM: finish as an interrupted run, which records "stopped".
     raise KeyboardInterrupt
@@ -58,10 +77,11 @@ def _interrupt(signum, frame):
 def cmd_run(a) -> int:
     from pipeline import rundir
     from pipeline.config import load_config
-    from pipeline.run import check_inputs, new_run_dir, run, stopped_step
+    from pipeline.preflight import check_inputs
+    from pipeline.run import run, stopped_step
 
     cfg = load_config(a.config, a.overrides)
-    run_dir = Path(a.run_dir or new_run_dir(cfg)).absolute()
+    run_dir = Path(a.run_dir or rundir.new_run_dir(cfg.output_dir, cfg.name)).absolute()
     # Everything that can be refused is refused before Ray starts; `run` takes the lock itself.
     check_inputs(cfg, a.config)
     rundir.check_run_dir(run_dir)
@@ -80,9 +100,9 @@ def cmd_run(a) -> int:
     except KeyboardInterrupt:
         step = stopped_step(run_dir)
         print(f"stopped{f' at step {step}' if step is not None else ''}; resume with: "
-              f"maskpipe run {run_dir / 'config.yaml'} --run-dir {run_dir}", file=sys.stderr)
+              f"maskpipe run {rundir.RunDir(run_dir).config} --run-dir {run_dir}", file=sys.stderr)
         return 130
-    table = run_dir / "results.md"
+    table = rundir.RunDir(run_dir).results_md
     if table.exists():
         print(table.read_text())
     print(f"run directory: {run_dir}")
@@ -92,27 +112,26 @@ def cmd_run(a) -> int:
 def cmd_tune(a) -> None:
     from cluster import connect
     from pipeline.config import load_config
-    from pipeline.run import new_run_dir
+    from pipeline.rundir import RunDir, new_run_dir
     from workers.tune import tune_run
 
     cfg = load_config(a.config, a.overrides)
     if cfg.tune is None:
         raise MaskpipeError(f"{a.config}: tune: no tune section (see README, \"Tuning a learn stage\")")
     connect(a.address)
-    run_dir = Path(a.run_dir) if a.run_dir else new_run_dir(cfg)
+    run_dir = Path(a.run_dir) if a.run_dir else new_run_dir(cfg.output_dir, cfg.name)
     signal.signal(signal.SIGTERM, _interrupt)
     summary = tune_run(cfg, run_dir)
-    print((run_dir / "tune" / "results.md").read_text())
+    print(RunDir(run_dir).tune_results_md.read_text())
     if summary["best"] is None:
-        raise MaskpipeError(f"every trial failed; see {run_dir / 'tune' / 'results.json'}")
+        raise MaskpipeError(f"every trial failed; see {RunDir(run_dir).tune_results}")
     print(f"best: {summary['best']['params']} ({summary['metric']} {summary['best']['ppl']:.2f})")
     print(f"run directory: {run_dir}")
 
 
 def cmd_validate(a) -> None:
     from pipeline.config import dump_config, load_config
-
-    from pipeline.run import check_inputs
+    from pipeline.preflight import check_inputs
 
     cfg = load_config(a.config, a.overrides)
     check_inputs(cfg, a.config)
@@ -124,7 +143,8 @@ def cmd_validate(a) -> None:
 def cmd_oneshot(a) -> None:
     from pipeline.artifacts import MANIFEST_FILE, check_replaceable, read_json_or_none
     from pipeline.config import config_from_dict
-    from pipeline.run import Session, check_inputs, oneshot_stage
+    from pipeline.preflight import check_inputs
+    from pipeline.rundir import RunDir
 
     stage = {"stage": "oneshot", "name": Path(a.out).name, "method": a.method, "pattern": a.pattern,
              "n_samples": a.n_samples, "seqlen": a.seqlen, "batch_size": a.batch_size,
@@ -142,7 +162,8 @@ def cmd_oneshot(a) -> None:
             raise MaskpipeError(f"--out {out}: holds a {earlier} artifact; refusing to replace it with {a.method} "
                                 "(choose a new directory)")
     check_inputs(cfg, "command line", QUICK_FLAGS)
-    [variant] = oneshot_stage(cfg, Session(cfg.model), cfg.stages[0], out.parent)
+    # The artifact goes where --out says; SparseGPT's updated weights, as ever, to ../baselines/ beside it.
+    [variant] = _one_stage(cfg, run=RunDir(out.parent.parent, artifacts=out.parent)).variants
     print(f"mask artifact: {variant.artifact}")
     if variant.updated_weights:
         print(f"updated weights (baseline only, not an artifact): {variant.updated_weights}")
@@ -169,19 +190,18 @@ def _is_retrieval_output(path: Path) -> bool:
 def cmd_eval(a) -> None:
     from pipeline.artifacts import check_replaceable_file, write_json
     from pipeline.config import config_from_dict
-    from pipeline.run import Session, Variant, check_inputs, eval_stage, results_table
+    from pipeline.preflight import check_inputs
+    from pipeline.results import perplexity_table
 
     raw = {"name": "eval", "model": _model_cfg(a), "data": {"eval": _data_cfg(a, "test", "document")},
            "stages": [{"stage": "eval", "data": ["eval"], "seqlen": a.seqlen, "stride": a.stride,
-                       "batch_size": a.batch_size}]}
+                       "batch_size": a.batch_size, "dense": a.dense or not a.masks}]}
     cfg = config_from_dict(raw, "command line")
     if a.out:
         check_replaceable_file(a.out, _is_eval_output, "`maskpipe eval --out` result")
     check_inputs(cfg, "command line", QUICK_FLAGS)
-    variants = [Variant("dense")] if a.dense or not a.masks else []
-    variants += [Variant(Path(p).name, artifact=Path(p)) for p in a.masks]
-    results = eval_stage(cfg, Session(cfg.model), cfg.stages[0], variants)
-    print(results_table(results, {v.name: v for v in variants}))
+    results = _one_stage(cfg, _variants(a)).rows
+    print(perplexity_table(results))
     if a.out:
         write_json(a.out, results)
 
@@ -189,7 +209,10 @@ def cmd_eval(a) -> None:
 def cmd_retrieval(a) -> None:
     from pipeline.artifacts import atomic_dir, check_replaceable, write_json
     from pipeline.config import config_from_dict
-    from pipeline.run import Session, Variant, check_inputs, retrieval_stage, retrieval_table
+    from pipeline.preflight import check_inputs
+    from pipeline.results import retrieval_table
+    from pipeline.session import Session
+    from pipeline.stages.retrieval import retrieval_stage
 
     stage = {"stage": "retrieval", "name": "retrieval", "dense": a.dense or not a.masks}
     raw = {"name": "retrieval", "seed": a.seed, "model": _model_cfg(a), "stages": [stage], "data": {}}
@@ -204,15 +227,11 @@ def cmd_retrieval(a) -> None:
         stage["multikey"] = {"lengths": a.multikey, "samples": a.samples, "keys": a.keys, "values": a.values}
     cfg = config_from_dict(raw, "command line")
     check_inputs(cfg, "command line", QUICK_FLAGS)
-    variants = [Variant("dense")] if cfg.stages[0].dense else []
-    variants += [Variant(Path(p).name, artifact=Path(p)) for p in a.masks]
     check_replaceable(a.out, "results.json", _is_retrieval_output, "`maskpipe retrieval --out` directory")
     # Written whole or not at all, like an artifact: the model work happens inside.
     with atomic_dir(a.out) as tmp:
-        results = retrieval_stage(cfg, Session(cfg.model), cfg.stages[0], variants, tmp)
-        for row in results.values():
-            if "heatmap" in row.get("niah", {}):
-                row["niah"]["heatmap"] = str(Path(row["niah"]["heatmap"]).relative_to(tmp))
+        st = cfg.stages[0]
+        results = retrieval_stage(cfg, Session(cfg.model), st, _variants(a), tmp / st.name, tmp)
         write_json(tmp / "results.json", results)
     print(retrieval_table(results))
     print(f"samples, NIAH heatmaps and results.json in {a.out}")
@@ -222,7 +241,8 @@ def cmd_apply(a) -> None:
     from pipeline.artifacts import materialize
     from pipeline.attention import AttentionPlan, plan_cost
     from pipeline.config import ModelConfig
-    from pipeline.run import Session, head_geometry
+    from pipeline.session import Session
+    from pipeline.stages.attention import head_geometry
 
     session = Session(ModelConfig(**_model_cfg(a)))
     masks, manifests = session.load_artifacts([Path(p) for p in a.masks])

@@ -22,7 +22,7 @@ def cmd_import(a) -> None:
     from pipeline.attention import AttentionPlan
     from pipeline.config import ModelConfig
     from pipeline.interop import import_duo_attention, import_maskllm
-    from pipeline.run import Session
+    from pipeline.session import Session
 
     if not Path(a.file).exists():
         raise MaskpipeError(f"{a.file}: no such file")
@@ -48,11 +48,14 @@ def cmd_export(a) -> None:
 
 
 def cmd_lm_eval(a) -> None:
-    from jobs.cli import _model_cfg
+    from jobs.cli import _model_cfg, _variants
     from pipeline.artifacts import write_json, write_text
     from pipeline.config import config_from_dict
-    from pipeline.run import Session, Variant
-    from pipeline.zeroshot import check_tasks, lm_eval_stage, zeroshot_table
+    from pipeline.results import zeroshot_table
+    from pipeline.rundir import RunDir
+    from pipeline.session import Session
+    from pipeline.stages.lm_eval import lm_eval_stage
+    from pipeline.zeroshot import check_tasks
 
     stage = {"stage": "lm_eval", "name": "lm_eval", "tasks": a.tasks, "include_path": a.include_path,
              "num_fewshot": a.num_fewshot, "batch_size": a.batch_size,
@@ -64,13 +67,12 @@ def cmd_lm_eval(a) -> None:
         if not Path(p).is_dir():
             raise MaskpipeError(f"--masks: {p}: no such artifact directory")
     check_tasks(st.tasks, st.include_path, ("--tasks", "--include-path"))  # before the model loads
-    variants = [Variant("dense")] if a.dense or not a.masks else []
-    variants += [Variant(Path(p).name, artifact=Path(p)) for p in a.masks]
-    results = lm_eval_stage(cfg, Session(cfg.model), st, variants)
+    results = lm_eval_stage(cfg, Session(cfg.model), st, _variants(a))
     table = zeroshot_table(results)
     print(table)
-    write_json(Path(a.out) / "results.json", {"lm_eval": results})
-    write_text(Path(a.out) / "results.md", table)
+    out = RunDir(a.out)  # a run directory's results.json and results.md, lm-eval's section alone
+    write_json(out.results, {"lm_eval": results})
+    write_text(out.results_md, table)
     print(f"results.json and results.md in {a.out}")
 
 

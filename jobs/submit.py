@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 from pipeline import MaskpipeError
+from pipeline.rundir import RunDir
 
 ROOT = Path(__file__).resolve().parents[1]
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
@@ -31,7 +32,7 @@ def run_dir_of(run: str, runs_dir: str) -> Path:
     """RUN is a run directory or the id (directory name) of a run under `runs_dir`."""
     for path in (Path(run), Path(runs_dir) / run):
         if path.is_dir():
-            if not (path / "config.yaml").is_file():
+            if not RunDir(path).config.is_file():
                 raise MaskpipeError(f"{path}: not a run directory (no config.yaml)")
             return path.resolve()
     raise MaskpipeError(f"no run {run!r}: neither a directory nor a run id under {runs_dir}/")
@@ -45,7 +46,7 @@ def _latest_job(run_dir: Path):
     """(Jobs client of the run's cluster, id of its newest job)."""
     from cluster import job_client
 
-    jobs = _read_json(run_dir / "jobs.json")
+    jobs = _read_json(RunDir(run_dir).jobs)
     if not jobs.get("submissions"):
         raise MaskpipeError(f"{run_dir}: was not submitted to a cluster (run in the foreground; see run.log)")
     return job_client(jobs["address"]), jobs["submissions"][-1]
@@ -61,9 +62,10 @@ def _submit(run_dir: Path, client) -> str:
     directory (`RunLock`) meanwhile."""
     from pipeline.artifacts import write_json
 
-    jobs = _read_json(run_dir / "jobs.json")
+    paths = RunDir(run_dir)
+    jobs = _read_json(paths.jobs)
     submissions = jobs.get("submissions", [])
-    entrypoint = (f"python -m jobs.cli run {shlex.quote(str(run_dir / 'config.yaml'))} "
+    entrypoint = (f"python -m jobs.cli run {shlex.quote(str(paths.config))} "
                   f"--run-dir {shlex.quote(str(run_dir))} --wait-for-lock {DRIVER_LOCK_WAIT_S}")
     try:
         job_id = client.submit_job(
@@ -74,14 +76,14 @@ def _submit(run_dir: Path, client) -> str:
         )
     except (ConnectionError, RuntimeError, ValueError) as e:
         raise MaskpipeError(f"{client.get_address()}: the cluster refused the job: {str(e).splitlines()[0]}") from None
-    write_json(run_dir / "jobs.json", {"address": client.get_address(), "submissions": submissions + [job_id]})
+    write_json(paths.jobs, {"address": client.get_address(), "submissions": submissions + [job_id]})
     return job_id
 
 
 def _job_status(run_dir: Path) -> str | None:
     """The Ray status of the run's newest job; None if it never was a job, "unreachable" if the
     cluster does not answer."""
-    if not _read_json(run_dir / "jobs.json").get("submissions"):
+    if not _read_json(RunDir(run_dir).jobs).get("submissions"):
         return None
     try:
         client, job = _latest_job(run_dir)
@@ -91,9 +93,9 @@ def _job_status(run_dir: Path) -> str | None:
 
 
 def resume_hint(run_dir: Path) -> str:
-    if _read_json(run_dir / "jobs.json").get("submissions"):
+    if _read_json(RunDir(run_dir).jobs).get("submissions"):
         return f"maskpipe resume {run_dir}"
-    return f"maskpipe run {run_dir / 'config.yaml'} --run-dir {run_dir}"
+    return f"maskpipe run {RunDir(run_dir).config} --run-dir {run_dir}"
 
 
 def run_state(run_dir: Path, job: str | None = None) -> str:
@@ -102,7 +104,7 @@ def run_state(run_dir: Path, job: str | None = None) -> str:
     run writing its end is `failed (job)` / `stopped (job)`."""
     from pipeline import rundir
 
-    state = _read_json(run_dir / "status.json").get("status", "submitted")
+    state = _read_json(RunDir(run_dir).status).get("status", "submitted")
     if state not in ("running", "submitted"):
         return state
     job = job or _job_status(run_dir)
@@ -118,13 +120,14 @@ def run_summary(run_dir: Path, job: str | None = None) -> dict:
     """One row of `maskpipe runs`. The cluster is asked about the run's job (unless `job` already
     says) only while the run directory says it is running."""
     from pipeline.config import yaml_load
-    from pipeline.run import read_metrics
+    from pipeline.loggers import read_metrics
 
-    status = _read_json(run_dir / "status.json")
-    metrics = read_metrics(run_dir / "metrics.jsonl")
+    paths = RunDir(run_dir)
+    status = _read_json(paths.status)
+    metrics = read_metrics(paths.metrics)
     last = metrics[-1] if metrics else {}
     state = run_state(run_dir, job)
-    return {"run": run_dir.name, "config": yaml_load((run_dir / "config.yaml").read_text()).get("name", ""),
+    return {"run": run_dir.name, "config": yaml_load(paths.config.read_text()).get("name", ""),
             "stage": status.get("stage") or "", "step": last.get("step", ""),
             "status": state, "last": f"loss {last['loss']:.4f}" if "loss" in last else ""}
 
@@ -136,25 +139,26 @@ def cmd_submit(a) -> None:
     from pipeline import rundir
     from pipeline.artifacts import write_text
     from pipeline.config import dump_config, load_config
-    from pipeline.run import check_inputs, new_run_dir
+    from pipeline.preflight import check_inputs
 
     cfg = load_config(a.config, a.overrides)
     check_inputs(cfg, a.config)
-    run_dir = Path(a.run_dir or new_run_dir(cfg)).resolve()
+    run_dir = Path(a.run_dir or rundir.new_run_dir(cfg.output_dir, cfg.name)).resolve()
+    paths = RunDir(run_dir)
     rundir.check_run_dir(run_dir)
-    if (run_dir / "config.yaml").exists():
+    if paths.config.exists():
         raise MaskpipeError(f"{run_dir}: already holds a run; continue it with `maskpipe resume {run_dir}`")
     client = job_client(a.address)  # a cluster that does not answer leaves nothing behind
     wrote = False
     try:
         with rundir.RunLock(run_dir):
-            if (run_dir / "config.yaml").exists():  # another submit got here first
+            if paths.config.exists():  # another submit got here first
                 raise MaskpipeError(f"{run_dir}: already holds a run; continue it with `maskpipe resume {run_dir}`")
-            write_text(run_dir / "config.yaml", dump_config(cfg))
+            write_text(paths.config, dump_config(cfg))
             wrote = True
             job = _submit(run_dir, client)
     except BaseException:
-        if wrote and not (run_dir / "jobs.json").exists():
+        if wrote and not paths.jobs.exists():
             shutil.rmtree(run_dir, ignore_errors=True)  # ours alone, and no job runs in it
         raise
     print(f"submitted run {run_dir.name} (Ray job {job})\nrun directory: {run_dir}")
@@ -165,7 +169,7 @@ def cmd_resume(a) -> None:
     from pipeline import rundir
 
     run_dir = run_dir_of(a.run, a.runs_dir)
-    status = _read_json(run_dir / "status.json").get("status")
+    status = _read_json(RunDir(run_dir).status).get("status")
     if status == "completed":
         print(f"{run_dir.name}: already completed")
         return
@@ -173,7 +177,7 @@ def cmd_resume(a) -> None:
         job = _job_status(run_dir)
         if job is not None and job not in TERMINAL and job != "unreachable":
             raise MaskpipeError(f"{run_dir.name}: its job is still {job}; stop it first (`maskpipe stop {a.run}`)")
-        client = job_client(a.address or _read_json(run_dir / "jobs.json").get("address"))
+        client = job_client(a.address or _read_json(RunDir(run_dir).jobs).get("address"))
         job = _submit(run_dir, client)
     print(f"resumed run {run_dir.name} (Ray job {job})")
 
@@ -184,8 +188,8 @@ def cmd_status(a) -> None:
     run_dir = run_dir_of(a.run, a.runs_dir)
     job = _job_status(run_dir)
     summary = run_summary(run_dir, job)
-    status = _read_json(run_dir / "status.json")
-    jobs = _read_json(run_dir / "jobs.json")
+    status = _read_json(RunDir(run_dir).status)
+    jobs = _read_json(RunDir(run_dir).jobs)
     owner = rundir.owner(run_dir)
     summary |= {"job": jobs.get("submissions", [None])[-1], "job status": job,
                 "started": status.get("started"), "finished": status.get("finished"), "error": status.get("error"),
@@ -224,7 +228,7 @@ def cmd_stop(a) -> None:
 
 def cmd_runs(a) -> None:
     root = Path(a.runs_dir)
-    runs = sorted((p for p in root.iterdir() if (p / "config.yaml").is_file()), key=lambda p: p.stat().st_mtime) \
+    runs = sorted((p for p in root.iterdir() if RunDir(p).config.is_file()), key=lambda p: p.stat().st_mtime) \
         if root.is_dir() else []
     if not runs:
         print(f"no runs under {root}/")

@@ -305,9 +305,11 @@ def load_soft_logits(path: str | Path) -> dict[str, torch.Tensor]:
         raise MaskpipeError(f"{path / LOGITS_FILE}: unreadable ({e})") from None
 
 
-def check_compatible(manifest: dict[str, Any], linears: dict[str, nn.Linear], source: str = "artifact") -> None:
+def check_compatible(manifest: dict[str, Any], linears: dict[str, nn.Linear], source: str = "artifact",
+                     fingerprint=fingerprint) -> None:
     """Refuse, before anything is touched, masks made for another model or other shapes (an attention
-    plan is checked against the model by `pipeline.attention.check_plan`)."""
+    plan is checked against the model by `pipeline.attention.check_plan`). `fingerprint` hashes the
+    base layers (a `Session` passes its cached one)."""
     layers = manifest["layers"]
     if not layers:
         return

@@ -310,7 +310,7 @@ def planned(model: nn.Module, plan: AttentionPlan | None, gates: torch.Tensor | 
         model.set_attn_implementation(previous)
 
 
-def check_plan(plan_json: dict[str, Any], model: nn.Module, source: str) -> AttentionPlan:
+def check_plan(plan_json: dict[str, Any], model: nn.Module, source: str, fingerprint=fingerprint) -> AttentionPlan:
     """The plan of an artifact, refused before use if it was made for another base model."""
     plan = AttentionPlan.from_json(plan_json, source)
     if plan.shape != kv_heads(model)[:2]:

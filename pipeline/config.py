@@ -535,21 +535,18 @@ class LoggingConfig(Strict):
     mlflow: MLflowConfig | None = None
 
 
-Stage = Annotated[Union[OneshotStage, LearnStage, EvalStage, RetrievalStage, AttentionStage, LmEvalStage],
-                  Field(discriminator="stage")]
-STAGE_KINDS = ("oneshot", "learn", "eval", "retrieval", "attention", "lm_eval")
+# The stage configs; each kind's behaviour lives in its own module of `pipeline.stages`, whose
+# registry is checked against this tuple (`pipeline.stages.check_registry`).
+STAGE_CONFIGS = (OneshotStage, LearnStage, EvalStage, RetrievalStage, AttentionStage, LmEvalStage)
+Stage = Annotated[Union[STAGE_CONFIGS], Field(discriminator="stage")]
+STAGE_KINDS = tuple(c.model_fields["stage"].annotation.__args__[0] for c in STAGE_CONFIGS)
 
 
 def data_refs(st) -> dict[str, str]:
     """key path (within the stage) -> corpus name, for every corpus a stage reads."""
-    if isinstance(st, EvalStage):
-        return {"data": ref for ref in st.data} if len(st.data) == 1 else {f"data.{i}": r for i, r in enumerate(st.data)}
-    if isinstance(st, RetrievalStage):
-        return {f"{task}.data": getattr(st, task).data for task in ("niah", "multikey")
-                if getattr(st, task) is not None and getattr(st, task).data is not None}
-    if isinstance(st, LmEvalStage):
-        return {}  # lm-eval tasks bring their own data
-    return {"data": st.data} if st.data is not None else {}
+    from pipeline.stages import kind_of
+
+    return kind_of(st).corpora(st)
 
 
 class Config(Strict):
@@ -587,37 +584,21 @@ class Config(Strict):
 
     @model_validator(mode="after")
     def _references(self) -> Config:
-        seen: list[str] = []
+        from pipeline.stages import kind_of
+
         for i, st in enumerate(self.stages):
-            where = f"stages.{i}"
-            if st.name in seen:
+            where, earlier = f"stages.{i}", self.stages[:i]
+            if any(s.name == st.name for s in earlier):
                 raise _KeyError(f"{where}.name", f"duplicate stage name {st.name!r}")
-            for key, ref in data_refs(st).items():
+            kind = kind_of(st)
+            for key, ref in kind.corpora(st).items():
                 if ref not in self.data:
                     raise _KeyError(f"{where}.{key}", f"no corpus named {ref!r} under data (have {sorted(self.data)})")
-            if isinstance(st, OneshotStage) and st.mask_from is not None:
-                source = next((s for s in self.stages[:i] if s.name == st.mask_from), None)
-                if not isinstance(source, (OneshotStage, LearnStage)):
-                    raise _KeyError(f"{where}.mask_from", f"no earlier oneshot or learn stage named {st.mask_from!r}")
-                theirs, ours = (":".join(map(str, self.stage_pattern(x))) for x in (source, st))
-                if theirs != ours:
-                    raise _KeyError(f"{where}.mask_from", f"{st.mask_from} makes {theirs} masks, this stage {ours}")
-            if isinstance(st, LearnStage) and st.prior is not None and st.prior.stage is not None:
-                if st.prior.stage not in seen:
-                    raise _KeyError(f"{where}.prior.stage", f"no earlier stage named {st.prior.stage!r}")
-            if isinstance(st, LearnStage) and st.batch_size % max(self.workers.num_workers, 1):
-                raise _KeyError(f"{where}.batch_size", f"{st.batch_size} blocks do not split evenly over "
-                                                       f"{self.workers.num_workers} workers (workers.num_workers)")
-            if isinstance(st, AttentionStage):
-                for key in ("gates_from", "masks"):
-                    ref = getattr(st, key)
-                    if ref is not None and ref not in seen:
-                        raise _KeyError(f"{where}.{key}", f"no earlier stage named {ref!r}")
-            if isinstance(st, (EvalStage, RetrievalStage, LmEvalStage)) and st.masks != "all":
-                for ref in st.masks:
-                    if ref not in seen:
-                        raise _KeyError(f"{where}.masks", f"no earlier stage named {ref!r}")
-            seen.append(st.name)
+            for ref in kind.reads(st):
+                if not any(s.name == ref.stage and (not ref.kinds or s.stage in ref.kinds) for s in earlier):
+                    what = " or ".join(ref.kinds) + " stage" if ref.kinds else "stage"
+                    raise _KeyError(f"{where}.{ref.key}", f"no earlier {what} named {ref.stage!r}")
+            kind.check(self, st, where, earlier)
         if self.tune is not None:
             self._check_tune()
         return self

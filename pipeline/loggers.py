@@ -27,14 +27,15 @@ import math
 import os
 import secrets
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Protocol
 
 from pipeline import MaskpipeError
 from pipeline.artifacts import write_json, write_text
+from pipeline.rundir import RunDir
 
 log = logging.getLogger("maskpipe")
-TRACKERS_FILE = "trackers.json"
 
 
 class MetricLogger(Protocol):
@@ -47,7 +48,7 @@ class MetricLogger(Protocol):
 
 class JsonlLogger:
     def __init__(self, run_dir: Path):
-        self.path = run_dir / "metrics.jsonl"
+        self.path = RunDir(run_dir).metrics
 
     def log(self, stage: str, step: int, metrics: dict[str, float]) -> None:
         with self.path.open("a") as f:
@@ -68,7 +69,7 @@ class TensorBoardLogger:
     def __init__(self, run_dir: Path, stage: str):
         from torch.utils.tensorboard import SummaryWriter
 
-        self.writer = SummaryWriter(str(run_dir / "tensorboard" / stage))
+        self.writer = SummaryWriter(str(RunDir(run_dir).tensorboard(stage)))
 
     def log(self, stage: str, step: int, metrics: dict[str, float]) -> None:
         for k, v in metrics.items():
@@ -80,12 +81,12 @@ class TensorBoardLogger:
 
 
 def _trackers(run_dir: Path) -> dict[str, Any]:
-    path = run_dir / TRACKERS_FILE
+    path = RunDir(run_dir).trackers
     return json.loads(path.read_text()) if path.exists() else {}
 
 
 def _remember(run_dir: Path, kind: str, ids: dict[str, Any]) -> None:
-    write_json(run_dir / TRACKERS_FILE, {**_trackers(run_dir), kind: ids})
+    write_json(RunDir(run_dir).trackers, {**_trackers(run_dir), kind: ids})
 
 
 def _optional(module: str, extra: str):
@@ -111,7 +112,7 @@ class WandbLogger:
             _remember(run_dir, "wandb", {"id": run_id, "project": cfg.project})
         # Offline, every init writes a segment folder named by the second it started and the run id: two
         # stages (or the final summary) starting within one second would overwrite each other's records.
-        segment = run_dir / "wandb" / "segments" / f"{time.time_ns()}-{os.getpid()}"
+        segment = RunDir(run_dir).wandb_segments / f"{time.time_ns()}-{os.getpid()}"
         segment.mkdir(parents=True, exist_ok=True)
         self.run = wandb.init(project=cfg.project, entity=cfg.entity, name=cfg.name or run_dir.name, id=run_id,
                               resume="allow", mode=cfg.mode, tags=cfg.tags or None, dir=str(segment),
@@ -256,3 +257,20 @@ def log_results(run_dir: Path, cfg, results: dict[str, Any], status: str) -> Non
 def read_metrics(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line] if path.exists() else []
 
+
+
+@contextmanager
+def logs_to(run_dir: Path):
+    """The maskpipe log of this process, at INFO, also appended to the run's `run.log`: the driver's,
+    and that of any Ray worker that runs one of the run's stages."""
+    handler = logging.FileHandler(RunDir(run_dir).log)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    level = log.level
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)
+        handler.close()

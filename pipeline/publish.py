@@ -19,14 +19,14 @@ from huggingface_hub import ModelCard, ModelCardData
 
 from pipeline import MaskpipeError
 from pipeline.artifacts import LOGITS_FILE, MANIFEST_FILE, MASKS_FILE, atomic_dir, read_manifest
+from pipeline.results import Results, card_tables
+from pipeline.rundir import RunDir
 
-ONESHOT = ("magnitude", "wanda", "sparsegpt")
-NOT_EVALUATED = "No evaluation of this artifact was recorded in its run."
 CARD = "README.md"
 
 
 def is_run(path: Path) -> bool:
-    return (path / "config.yaml").is_file() and (path / "results.json").is_file()
+    return RunDir(path).config.is_file() and RunDir(path).results.is_file()
 
 
 def resolve(source: str | Path, stage: str | None = None) -> tuple[Path, Path | None]:
@@ -34,81 +34,27 @@ def resolve(source: str | Path, stage: str | None = None) -> tuple[Path, Path | 
     `stage`'s) or an artifact directory (inside a run's `artifacts/` or on its own)."""
     source = Path(source)
     if (source / MANIFEST_FILE).is_file():
-        run = source.parent.parent
-        return source, run if source.parent.name == "artifacts" and is_run(run) else None
+        run = RunDir.holding(source)
+        return source, run.root if run is not None and is_run(run.root) else None
     if not is_run(source):
         raise MaskpipeError(f"{source}: neither a run directory (config.yaml and results.json) nor a mask artifact "
                             f"({MANIFEST_FILE})")
-    stages = json.loads((source / "results.json").read_text()).get("stages", {})
+    run = RunDir(source)
+    results = Results.read(run.results)
+    stages = results.stages
     if stage is None:
-        learned = [name for name, rec in stages.items() if rec.get("method") == "maskllm"]
+        learned = results.learned()
         if len(learned) != 1:
             raise MaskpipeError(f"{source}: {'several learned artifacts' if learned else 'no learned artifact'} "
                                 f"({', '.join(learned or stages) or 'no stage wrote one'}): choose one with --stage")
         stage = learned[0]
-    if stage not in stages or not (source / "artifacts" / stage / MANIFEST_FILE).is_file():
+    if stage not in stages or not (run.artifact(stage) / MANIFEST_FILE).is_file():
         raise MaskpipeError(f"{source}: no artifact of a stage {stage!r} (have: {', '.join(stages) or 'none'})")
-    return source / "artifacts" / stage, source
+    return run.artifact(stage), source
 
 
 def looks_like_hub_id(name: str) -> bool:
     return name.count("/") == 1 and not name.startswith((".", "/", "~")) and not Path(name).exists()
-
-
-def _ppl_table(results: dict[str, Any], stage: str) -> list[str]:
-    """Perplexity and retrieval of the dense model, the one-shot baselines and `stage`, with the
-    change against dense and the share of the best one-shot mask's gap to dense that `stage` closes."""
-    ppl, retrieval, stages = results.get("perplexity", {}), results.get("retrieval", {}), results.get("stages", {})
-    rows = ["dense"] + [n for n, rec in stages.items() if rec.get("method") in ONESHOT and n != stage] + [stage]
-    rows = [r for r in rows if r in ppl or r in retrieval]
-    if stage not in rows:
-        return [NOT_EVALUATED]
-    corpora = sorted({c for r in rows for c in ppl.get(r, {})})
-    tasks = [t for t in ("passkey", "niah", "multikey") if any(t in retrieval.get(r, {}) for r in rows)]
-    lines = ["| variant | " + " | ".join([f"PPL {c}" for c in corpora] + [f"{t} (exact match)" for t in tasks]) + " |",
-             "|" + " --- |" * (1 + len(corpora) + len(tasks))]
-    dense = ppl.get("dense", {})
-    for r in rows:
-        cells = []
-        for c in corpora:
-            value = ppl.get(r, {}).get(c, {}).get("ppl")
-            cell = "" if value is None else f"{value:.2f}"
-            if value is not None and r != "dense" and c in dense:
-                cell += f" ({value / dense[c]['ppl'] - 1:+.1%} vs dense)"
-            cells.append(cell)
-        cells += [f"{retrieval[r][t]['acc']:.2f}" if t in retrieval.get(r, {}) else "" for t in tasks]
-        label = f"**{r} (this artifact)**" if r == stage else r
-        if stages.get(r, {}).get("weight_update"):
-            label += " (weights updated: not a mask over frozen weights)"
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    for c in corpora:
-        masks_only = [r for r in rows if r not in ("dense", stage) and not stages.get(r, {}).get("weight_update")
-                      and c in ppl.get(r, {})]
-        if c in dense and c in ppl.get(stage, {}) and masks_only:
-            best = min(masks_only, key=lambda r: ppl[r][c]["ppl"])
-            gap = ppl[best][c]["ppl"] - dense[c]["ppl"]
-            if gap > 0:
-                closed = (ppl[best][c]["ppl"] - ppl[stage][c]["ppl"]) / gap
-                worse = " (it is worse than that mask)" if closed < 0 else ""
-                lines.append(f"\nOn {c}, {stage} closes {closed:.0%} of the gap between the best one-shot mask "
-                             f"({best}) and the dense model{worse}.")
-    scored = {c: next(ppl[r][c]["tokens"] for r in rows if c in ppl.get(r, {})) for c in corpora}
-    if scored:
-        lines.append("\nPerplexity: non-overlapping windows of each whole corpus (wikitext-2 protocol); tokens scored: "
-                     + ", ".join(f"{c} {t:,}" for c, t in scored.items()) + ".")
-    return lines
-
-
-def _zeroshot_lines(results: dict[str, Any], stage: str) -> list[str]:
-    """The lm-eval table of the dense model, the one-shot baselines and `stage`, if the run scored them."""
-    from pipeline.zeroshot import zeroshot_table
-
-    scores, stages = results.get("lm_eval", {}), results.get("stages", {})
-    rows = ["dense"] + [n for n, rec in stages.items() if rec.get("method") in ONESHOT and n != stage] + [stage]
-    if stage not in scores:
-        return []
-    table = zeroshot_table({(f"**{r} (this artifact)**" if r == stage else r): scores[r] for r in rows if r in scores})
-    return ["", "### Zero-shot tasks", "", table.rstrip()]
 
 
 SERVING = ("A mask changes no storage format: `maskpipe apply --out` writes the weights ⊙ mask as an ordinary dense "
@@ -124,7 +70,7 @@ FILES = {MASKS_FILE: "the masks, encoded as the manifest says", MANIFEST_FILE: "
          "checksums, method, data, config", LOGITS_FILE: "the learned logits (soft state), to seed another mask"}
 
 
-def model_card(manifest: dict[str, Any], results: dict[str, Any] | None, stage: str, *, repo: str | None,
+def model_card(manifest: dict[str, Any], results: Results | None, stage: str, *, repo: str | None,
                base_model: str, license: str, files: list[tuple[str, int, str]]) -> ModelCard:
     """The card of an artifact; `files` lists (name, bytes, what) of the files published with it."""
     masks_bytes = next(size for name, size, _ in files if name == MASKS_FILE)
@@ -155,9 +101,8 @@ def model_card(manifest: dict[str, Any], results: dict[str, Any] | None, stage: 
              "The fingerprint is a sha256 over the names, shapes and bfloat16 bytes of the base weights the artifact "
              "was made for (the masked layers; for a plan, every decoder linear): `maskpipe apply` refuses it on any "
              "other model, or on other shapes, before touching anything."]
-    if results:
-        ppl, zeroshot = _ppl_table(results, stage), _zeroshot_lines(results, stage)
-        body += ["", "## Results", ""] + (zeroshot[1:] if zeroshot and ppl == [NOT_EVALUATED] else ppl + zeroshot)
+    if results is not None:
+        body += ["", "## Results", ""] + card_tables(results, stage)
     else:
         body += ["", "## Results", "", "No evaluation was recorded with this artifact (published without its run)."]
     params = method.get("params", {})
@@ -195,7 +140,7 @@ def publish(artifact: Path, run: Path | None, out: str | Path, *, repo: str | No
             base_model: str | None = None, license: str = "other") -> Path:
     """Write `out`: the files of `artifact` and its model card (with the results of `run`), atomically."""
     manifest = read_manifest(artifact)
-    results = json.loads((run / "results.json").read_text()) if run else None
+    results = Results.read(RunDir(run).results) if run else None
     files = [(name, (artifact / name).stat().st_size, what) for name, what in FILES.items()
              if (artifact / name).is_file()]
     card = model_card(manifest, results, artifact.name, repo=repo,

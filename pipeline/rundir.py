@@ -16,6 +16,9 @@ Inside a run directory everything is addressed relative to the directory (`resul
 `artifacts/wanda`, not `runs/x/artifacts/wanda`), so a run resumes from any working directory, on any
 node that mounts it elsewhere, and after the directory was moved. `resolve` still reads the absolute
 or cwd-relative paths that earlier versions stored.
+
+`RunDir` owns the layout: every file and folder of a run is one of its properties or methods, and no
+other module composes a path inside a run directory by hand.
 """
 
 from __future__ import annotations
@@ -222,3 +225,137 @@ def resolve(run_dir: Path, stored: str | None) -> Path | None:
                 return moved
             break
     return p if p.is_absolute() else Path(run_dir) / p
+
+
+def new_run_dir(output_dir: str | Path, name: str) -> Path:
+    """A new run directory: OUTPUT_DIR/NAME-TIMESTAMP (with a counter if that exists)."""
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    path = Path(output_dir) / f"{name}-{stamp}"
+    i = 1
+    while path.exists():
+        path = Path(output_dir) / f"{name}-{stamp}-{i}"
+        i += 1
+    return path
+
+
+class RunDir:
+    """Every path of one run directory (the layout README's "Main command" table lists). The layout is
+    fixed: directories written by earlier versions resume unchanged.
+
+    `artifacts` overrides where artifacts go: the `oneshot` quick command writes its artifact where
+    `--out` says, outside any run directory."""
+
+    def __init__(self, root: str | Path, artifacts: str | Path | None = None):
+        self.root = Path(root)
+        self._artifacts = Path(artifacts) if artifacts is not None else None
+
+    def __repr__(self) -> str:
+        return f"RunDir({str(self.root)!r})"
+
+    # -- the run's own records
+    @property
+    def config(self) -> Path:
+        return self.root / "config.yaml"
+
+    @property
+    def status(self) -> Path:
+        return self.root / "status.json"
+
+    @property
+    def log(self) -> Path:
+        return self.root / "run.log"
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / "metrics.jsonl"
+
+    @property
+    def results(self) -> Path:
+        return self.root / "results.json"
+
+    @property
+    def results_md(self) -> Path:
+        return self.root / "results.md"
+
+    @property
+    def jobs(self) -> Path:
+        return self.root / "jobs.json"
+
+    @property
+    def trackers(self) -> Path:
+        return self.root / "trackers.json"
+
+    @property
+    def lock(self) -> Path:
+        return self.root / LOCK
+
+    # -- what the stages write
+    @property
+    def artifacts(self) -> Path:
+        return self._artifacts or self.root / "artifacts"
+
+    def artifact(self, stage: str) -> Path:
+        """The mask artifact of a mask-producing stage."""
+        return self.artifacts / stage
+
+    @classmethod
+    def holding(cls, artifact: str | Path) -> RunDir | None:
+        """The run directory whose `artifacts/` an artifact lies in, by the layout alone (None if it
+        lies elsewhere); whether that is a run is the caller's question."""
+        artifact = Path(artifact)
+        return cls(artifact.parent.parent) if artifact.parent.name == "artifacts" else None
+
+    def baseline_weights(self, stage: str) -> Path:
+        """SparseGPT's updated weights: a baseline row only, never part of an artifact."""
+        return self.root / "baselines" / stage / "updated_weights.safetensors"
+
+    def checkpoints(self, stage: str) -> Path:
+        """An in-process learning stage's checkpoints."""
+        return self.root / "checkpoints" / stage
+
+    @property
+    def train(self) -> Path:
+        """Ray Train's default storage for the learning stages' checkpoints."""
+        return self.root / "train"
+
+    def train_error(self, stage: str, rank: int) -> Path:
+        """Where a rank of a Ray Train worker group records an error a restart would only repeat."""
+        return self.train / f"error-{stage}-rank{rank}.json"
+
+    def retrieval(self, stage: str) -> Path:
+        """A retrieval stage's per-variant sample records and NIAH heatmaps."""
+        return self.root / "retrieval" / stage
+
+    def tensorboard(self, stage: str) -> Path:
+        return self.root / "tensorboard" / stage
+
+    @property
+    def wandb_segments(self) -> Path:
+        return self.root / "wandb" / "segments"
+
+    @property
+    def tune(self) -> Path:
+        """`maskpipe tune`: the sweep's results, Ray Tune's storage and the trials' run directories."""
+        return self.root / "tune"
+
+    @property
+    def tune_config(self) -> Path:
+        return self.tune / "config.yaml"
+
+    @property
+    def tune_results(self) -> Path:
+        return self.tune / "results.json"
+
+    @property
+    def tune_results_md(self) -> Path:
+        return self.tune / "results.md"
+
+    def tune_trial(self, trial: str) -> Path:
+        return self.tune / "trials" / trial
+
+    # -- paths as the run stores them
+    def relative(self, path: str | Path | None) -> str | None:
+        return relative(self.root, path)
+
+    def resolve(self, stored: str | None) -> Path | None:
+        return resolve(self.root, stored)

@@ -36,6 +36,8 @@ import yaml
 
 from pipeline.artifacts import write_json, write_text
 from pipeline.config import Config, LearnStage, OneshotStage, config_from_dict, search_spec, set_keys
+from pipeline.results import Results
+from pipeline.rundir import RunDir
 
 
 def tuned_stage(cfg: Config) -> LearnStage:
@@ -67,7 +69,7 @@ def trial_config(cfg: Config, params: dict[str, Any], reference_dir: Path) -> Co
     stage = set_keys(tuned_stage(cfg).model_dump(mode="json"), params)
     prior = stage.get("prior")
     if prior and prior.get("stage"):
-        prior["artifact"], prior["stage"] = str(Path(reference_dir) / "artifacts" / prior["stage"]), None
+        prior["artifact"], prior["stage"] = str(RunDir(reference_dir).artifact(prior["stage"])), None
     raw = cfg.model_dump(mode="json")
     raw.update(name=f"{cfg.name}-trial", tune=None, stages=[stage, _metric_eval(cfg, [stage["name"]])])
     return config_from_dict(raw, f"tune trial {params}")
@@ -81,17 +83,17 @@ def _metric_eval(cfg: Config, masks) -> dict:
 
 def trial_record(cfg: Config, run_dir: Path) -> dict[str, Any]:
     """A finished trial's perplexity on the metric corpus, its tokens and its learning time."""
-    results = json.loads((Path(run_dir) / "results.json").read_text())
+    results = Results.read(RunDir(run_dir).results)
     name = tuned_stage(cfg).name
-    info = results["stages"][name]
-    return {"ppl": results["perplexity"][name][cfg.tune.metric.data]["ppl"], "tokens": info.get("tokens"),
+    info = results.stages[name].model_dump()
+    return {"ppl": results.perplexity[name][cfg.tune.metric.data].ppl, "tokens": info.get("tokens"),
             "seconds": info.get("seconds")}
 
 
 def reference_record(cfg: Config, run_dir: Path) -> dict[str, float]:
     """variant -> perplexity on the metric corpus, from the reference run."""
-    results = json.loads((Path(run_dir) / "results.json").read_text())
-    return {v: cells[cfg.tune.metric.data]["ppl"] for v, cells in results["perplexity"].items()}
+    results = Results.read(RunDir(run_dir).results)
+    return {v: cells[cfg.tune.metric.data].ppl for v, cells in results.perplexity.items()}
 
 
 def searched_keys(cfg: Config) -> list[str]:
@@ -136,8 +138,8 @@ def tune_table(summary: dict[str, Any], keys: list[str]) -> str:
 def write_results(run_dir: Path, cfg: Config, summary: dict[str, Any]) -> str:
     """Writes tune/results.json and tune/results.md; returns the Markdown."""
     text = tune_table(summary, searched_keys(cfg))
-    write_json(Path(run_dir) / "tune" / "results.json", summary)
-    write_text(Path(run_dir) / "tune" / "results.md", text)
+    write_json(RunDir(run_dir).tune_results, summary)
+    write_text(RunDir(run_dir).tune_results_md, text)
     return text
 
 

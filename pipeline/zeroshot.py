@@ -106,19 +106,6 @@ def evaluate(model, tokenizer, tasks: list[str], tm, *, num_fewshot: int | None,
     return results
 
 
-def lm_eval_stage(cfg, s, st, variants) -> dict[str, dict[str, dict]]:
-    """Every variant on every task of `st` (an LmEvalStage) with session `s`: {variant: {task: {...}}}."""
-    tm = check_tasks(st.tasks, st.include_path, (f"{st.name}.tasks", f"{st.name}.include_path"))
-    results = {}
-    for v in variants:
-        with s.running(v) as model:
-            results[v.name] = evaluate(model, s.tokenizer, st.tasks, tm, num_fewshot=st.num_fewshot, limit=st.limit,
-                                       batch_size=st.batch_size, bootstrap_iters=st.bootstrap_iters, seed=cfg.seed)
-        log.info("%s: %s: %s", st.name, v.name, ", ".join(f"{t} {primary(r)[1]:.3f}" for t, r in results[v.name].items()
-                                                          if primary(r)[1] is not None))
-    return results
-
-
 def primary(row: dict[str, Any]) -> tuple[str | None, float | None]:
     """The metric a table shows for a task: accuracy (`acc`) where the task has it, else its first metric."""
     if "acc" in row:
@@ -127,21 +114,3 @@ def primary(row: dict[str, Any]) -> tuple[str | None, float | None]:
         if k not in ("n", "num_fewshot") and not k.endswith("_stderr") and "_stderr," not in k:
             return k, v
     return None, None
-
-
-def zeroshot_table(results: dict[str, dict[str, dict]]) -> str:
-    """Accuracy (%) per variant and task, and their mean, as the pruning papers print it."""
-    tasks = list(dict.fromkeys(t for r in results.values() for t in r))
-    shots = sorted({r[t].get("num_fewshot") for r in results.values() for t in r} - {None})
-    lines = ["| variant | " + " | ".join(tasks) + " | mean |", "|" + " --- |" * (len(tasks) + 2)]
-    for name, row in results.items():
-        values = [primary(row[t])[1] if t in row else None for t in tasks]
-        present = [v for v in values if v is not None]
-        cells = ["" if v is None else f"{100 * v:.1f}" for v in values]
-        mean = f"{100 * sum(present) / len(present):.1f}" if present else ""
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {mean} |")
-    metrics = sorted({primary(r[t])[0] or "" for r in results.values() for t in r})
-    docs = {t: next(r[t]["n"] for r in results.values() if t in r) for t in tasks}
-    lines += ["", f"lm-evaluation-harness, {'/'.join(map(str, shots)) or 0}-shot, metric {', '.join(metrics)} (%); "
-              "documents per task: " + ", ".join(f"{t} {n}" for t, n in docs.items()) + "."]
-    return "\n".join(lines) + "\n"

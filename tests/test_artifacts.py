@@ -157,7 +157,7 @@ def test_materialized_model_loads_and_matches_masked_logits(tmp_path, micro, mic
 def test_an_artifact_carries_an_attention_plan_with_or_without_masks(tmp_path, micro, micro_cfg, capsys):
     from jobs.cli import main
     from pipeline.attention import AttentionPlan, check_plan, kv_heads, uniform_plan
-    from pipeline.run import Session, Variant
+    from pipeline.session import Session, Variant
     from tests.conftest import MICRO
 
     model, linears = micro

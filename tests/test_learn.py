@@ -148,7 +148,7 @@ def test_interrupted_and_resumed_run_ends_with_the_same_mask(micro, micro_cfg, t
 
 
 def test_metrics_log_drops_steps_past_a_resume_and_writes_tensorboard_events(tmp_path):
-    from pipeline.run import MetricsLog, read_metrics
+    from pipeline.loggers import MetricsLog, read_metrics
 
     log = MetricsLog(tmp_path, "learn", tensorboard=True)
     other = MetricsLog(tmp_path, "other")

@@ -21,7 +21,9 @@ from jobs.cli import main
 from pipeline import rundir
 from pipeline.artifacts import MANIFEST_FILE, load_artifact
 from pipeline.config import config_from_dict, load_config
-from pipeline.run import LocalBackend, check_resumable, read_metrics, run
+from pipeline.loggers import read_metrics
+from pipeline.preflight import check_resumable
+from pipeline.run import LocalBackend, run
 from tests.conftest import MODEL_FLAGS, cli_fails, CORPORA, MICRO, ROOT
 from tests.test_ray import head  # noqa: F401 - the module's Ray head, for the tests marked slow at the end
 
@@ -87,11 +89,15 @@ def test_a_run_resumes_after_a_move_from_another_directory_and_reads_old_paths(t
     config = write_recipe(tmp_path / "c.yaml", raw)
     monkeypatch.chdir(tmp_path)
 
-    def interrupted(*args):
-        raise KeyboardInterrupt
+    original = LocalBackend.execute
+
+    def interrupted(self, kind, ctx):
+        if kind.name == "learn":
+            raise KeyboardInterrupt
+        return original(self, kind, ctx)
 
     with monkeypatch.context() as m:
-        m.setattr(LocalBackend, "learn", interrupted)
+        m.setattr(LocalBackend, "execute", interrupted)
         assert main(["run", str(config), "--run-dir", "runs/x"]) == 130
     assert "stopped; resume with: maskpipe run " in capsys.readouterr().err
     results = json.loads((tmp_path / "runs/x/results.json").read_text())
@@ -119,12 +125,12 @@ def test_a_resume_before_the_first_checkpoint_logs_each_step_once(tmp_path, monk
     raw = recipe(tmp_path, steps=3, log_every=1)
     run_dir = tmp_path / "r"
     cfg = config_from_dict(raw)
-    original = LocalBackend.learn
+    original = LocalBackend.execute
 
-    def dies_at_step_2(self, cfg, st, run_dir, prior):
-        from pipeline import run as run_module
+    def dies_at_step_2(self, kind, ctx):
+        from pipeline.loggers import MetricsLog
 
-        real = run_module.MetricsLog.__call__
+        real = MetricsLog.__call__
 
         def log(metrics, entry):
             real(metrics, entry)
@@ -132,11 +138,12 @@ def test_a_resume_before_the_first_checkpoint_logs_each_step_once(tmp_path, monk
                 raise KeyboardInterrupt
 
         with monkeypatch.context() as m:
-            m.setattr(run_module.MetricsLog, "__call__", log)
-            return original(self, cfg, st, run_dir, prior)
+            if kind.name == "learn":
+                m.setattr(MetricsLog, "__call__", log)
+            return original(self, kind, ctx)
 
     with monkeypatch.context() as m:
-        m.setattr(LocalBackend, "learn", dies_at_step_2)
+        m.setattr(LocalBackend, "execute", dies_at_step_2)
         with pytest.raises(KeyboardInterrupt):
             run(cfg, run_dir)
     assert [e["step"] for e in read_metrics(run_dir / "metrics.jsonl")] == [1, 2]
@@ -199,12 +206,12 @@ def test_submit_without_a_cluster_leaves_nothing(tmp_path, capsys):
 @pytest.fixture()
 def no_model(monkeypatch):
     """Loading a model fails the test: output paths are checked before any model work."""
-    import pipeline.run
+    import pipeline.session
 
     def refuse(*a, **k):
         raise AssertionError("a model was loaded")
 
-    monkeypatch.setattr(pipeline.run.Session, "__init__", refuse)
+    monkeypatch.setattr(pipeline.session.Session, "__init__", refuse)
 
 
 def test_eval_out_never_replaces_an_unrelated_file(tmp_path, no_model, capsys):

@@ -206,7 +206,9 @@ def _stage(rank, world, port, tmp, meta):
     dist.init_process_group("gloo", rank=rank, world_size=world)
     from pipeline.checkpoint import CheckpointDir
     from pipeline.config import config_from_dict
-    from pipeline.run import Session, learn_stage
+    from pipeline.rundir import RunDir
+    from pipeline.session import Session
+    from pipeline.stages.learn import learn_stage
 
     prior = ROOT / "tests" / "fixtures" / "artifacts" / "micro-llama-magnitude-2of4-v1"
     cfg = config_from_dict({
@@ -217,7 +219,7 @@ def _stage(rank, world, port, tmp, meta):
         "workers": {"num_workers": world, "strategy": "fsdp", "sharded_load": meta}})
     try:
         session = Session(cfg.model, meta=cfg.workers.loads_sharded)
-        learn_stage(cfg, session, cfg.stages[0], Path(tmp) / "artifacts", prior, CheckpointDir(Path(tmp) / "ckpt", 2),
+        learn_stage(cfg, session, cfg.stages[0], RunDir(tmp), prior, CheckpointDir(Path(tmp) / "ckpt", 2),
                     None, rank, world)
     finally:
         dist.destroy_process_group()

@@ -1,28 +1,32 @@
-"""`RayBackend`: the stages of `pipeline.run.run` on a Ray cluster.
+"""`RayBackend`: the stages of `pipeline.run.run` on a Ray cluster, by their placement
+(`pipeline.stages.Placement`), whatever their kind:
 
-A learning stage runs as a Ray Train worker group (`workers.learn`); an evaluation as
-`workers.num_workers` actors, each holding the model once, that share out the (variant × corpus)
-cells; one-shot, attention-gate, retrieval and lm-eval stages as one Ray task each, on one worker's resources,
-running exactly what `LocalBackend` runs in-process. Every task and actor gets `resources_per_worker`
-(one GPU each with `use_gpu`), so evaluations fan out one device each.
+  DEVICE  one Ray task on one worker's resources, running exactly what `LocalBackend` runs in-process;
+  CELLS   `workers.num_workers` actors, each holding the model once, that share out the stage's cells
+          (an evaluation's variant x corpus);
+  GROUP   a Ray Train worker group of `workers.num_workers` data-parallel ranks (`workers.learn`).
+
+Every task and actor gets `resources_per_worker` (one GPU each with `use_gpu`), so cells fan out one
+device each.
 """
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import ray
 from ray.util import ActorPool
 
 from pipeline import MaskpipeError
-from pipeline.config import AttentionStage, Config, EvalStage, LearnStage, LmEvalStage, OneshotStage, RetrievalStage
-from pipeline.run import LocalBackend, Session, Variant, eval_cell, eval_texts, logs_to
+from pipeline.config import Config
+from pipeline.loggers import logs_to
+from pipeline.run import LocalBackend
+from pipeline.session import Session
+from pipeline.stages import Placement, StageContext, StageKind, StageOutput, kind_of
 from workers.learn import check_resources, learn_on_ray
 
 
-def _on_one_worker(kind: str, cfg: Config, st, run_dir: Path, *args):
-    with logs_to(run_dir):
-        return getattr(LocalBackend(), kind)(cfg, st, run_dir, *args)
+def _on_one_worker(ctx: StageContext) -> StageOutput:
+    with logs_to(ctx.run.root):
+        return LocalBackend().execute(kind_of(ctx.st), ctx)
 
 
 def _raise_ours(e: Exception) -> None:
@@ -41,16 +45,18 @@ def _get(ref):
 
 
 @ray.remote
-class Evaluator:
-    """One device's share of an evaluation stage: the model loaded once, cells evaluated in turn."""
+class CellWorker:
+    """One device's share of a stage's cells: the model loaded once, the stage's setup done once, cells
+    run in turn."""
 
-    def __init__(self, cfg: Config, st: EvalStage, run_dir: Path):
-        self.session, self.st, self.run_dir = Session(cfg.model), st, run_dir
-        self.texts = eval_texts(cfg, st, self.session.tokenizer)
+    def __init__(self, ctx: StageContext):
+        self.kind, self.ctx = kind_of(ctx.st), ctx
+        ctx.session = Session(ctx.cfg.model)
+        self.state = self.kind.setup(ctx)
 
-    def cell(self, v: Variant, key: str) -> tuple[str, str, dict]:
-        with logs_to(self.run_dir):
-            return v.name, key, eval_cell(self.session, self.st, v, key, self.texts[key])
+    def cell(self, cell):
+        with logs_to(self.ctx.run.root):
+            return cell, self.kind.cell(self.ctx, self.state, cell)
 
 
 class RayBackend:
@@ -67,35 +73,22 @@ class RayBackend:
             # Before any stage: the learning group and the evaluation actors ask for this much at once.
             check_resources(self.options, w.num_workers, "workers")
 
-    def _task(self, kind: str, cfg: Config, st, run_dir: Path, *args):
-        return _get(ray.remote(_on_one_worker).options(**self.options).remote(kind, cfg, st, run_dir, *args))
+    def execute(self, kind: StageKind, ctx: StageContext) -> StageOutput:
+        ctx = ctx.without_session()
+        if kind.placement is Placement.GROUP:
+            return learn_on_ray(kind, ctx)
+        if kind.placement is Placement.CELLS:
+            return self._cells(kind, ctx)
+        return _get(ray.remote(_on_one_worker).options(**self.options).remote(ctx))
 
-    def oneshot(self, cfg: Config, st: OneshotStage, run_dir: Path) -> list[Variant]:
-        return self._task("oneshot", cfg, st, run_dir)
-
-    def attention(self, cfg: Config, st: AttentionStage, run_dir: Path, variants: dict[str, Variant]) -> list[Variant]:
-        return self._task("attention", cfg, st, run_dir, variants)
-
-    def retrieval(self, cfg: Config, st: RetrievalStage, run_dir: Path, variants: list[Variant]) -> dict[str, dict]:
-        return self._task("retrieval", cfg, st, run_dir, variants)
-
-    def lm_eval(self, cfg: Config, st: LmEvalStage, run_dir: Path, variants: list[Variant]) -> dict[str, dict]:
-        return self._task("lm_eval", cfg, st, run_dir, variants)
-
-    def learn(self, cfg: Config, st: LearnStage, run_dir: Path, prior: Path | None) -> list[Variant]:
-        return learn_on_ray(cfg, st, run_dir, prior)
-
-    def evaluate(self, cfg: Config, st: EvalStage, run_dir: Path, variants: list[Variant]) -> dict[str, dict[str, dict]]:
-        cells = [(v, key) for v in variants for key in st.data]
-        actors = [Evaluator.options(**self.options).remote(cfg, st, run_dir)
-                  for _ in range(min(self.num_workers, len(cells)))]
-        results: dict[str, dict[str, dict]] = {v.name: {} for v in variants}
+    def _cells(self, kind: StageKind, ctx: StageContext) -> StageOutput:
+        cells = kind.cells(ctx)
+        actors = [CellWorker.options(**self.options).remote(ctx) for _ in range(min(self.num_workers, len(cells)))]
         try:
-            for name, key, res in ActorPool(actors).map_unordered(lambda a, c: a.cell.remote(*c), cells):
-                results[name][key] = res
+            done = list(ActorPool(actors).map_unordered(lambda a, c: a.cell.remote(c), cells))
         except (ray.exceptions.RayTaskError, ray.exceptions.RayActorError) as e:
             _raise_ours(e)
             raise
         for a in actors:
             ray.kill(a)
-        return {name: {key: r[key] for key in st.data} for name, r in results.items()}
+        return kind.gather(ctx, done)

@@ -1,12 +1,14 @@
-"""A learning stage as a Ray Train worker group: data-parallel ranks, checkpoints through Ray.
+"""A training-group stage (`Placement.GROUP`) as a Ray Train worker group: data-parallel ranks,
+checkpoints through Ray.
 
-Every worker loads the model, takes its share of each batch and runs `pipeline.run.learn_stage`; DDP
+Every worker loads the model, takes its share of each batch and runs the stage's body (for `learn`,
+`pipeline.stages.learn.learn_stage`); DDP
 averages the mask gradients over the group (gloo on CPU, NCCL on GPUs, as TorchTrainer sets up).
 Checkpoints go to Ray Train's storage through `ray.train.report`, so when a worker dies Ray restarts
 the group (up to `workers.max_failures` times) and every rank resumes from the last checkpoint; a new
 trainer with the same storage path and name (a resumed run) finds it the same way. Errors a restart
 would only repeat (a bad path, bad data, an error of ours) are not retried: every rank records its
-error in `train/error-<stage>-rank<r>.json` and ends, and the driver raises the first one.
+error in `train/error-<stage>-rank<r>.json` (`RunDir.train_error`) and ends, and the driver raises the first one.
 """
 
 from __future__ import annotations
@@ -28,8 +30,11 @@ from ray.train.torch import TorchTrainer
 from pipeline import MaskpipeError
 from pipeline.artifacts import MANIFEST_FILE, write_json
 from pipeline.checkpoint import Checkpoint, write_shard
-from pipeline.config import Config, LearnStage
-from pipeline.run import MetricsLog, Session, Variant, learn_stage, learned_variant, logs_to
+from pipeline.config import Config
+from pipeline.loggers import MetricsLog, logs_to
+from pipeline.rundir import RunDir
+from pipeline.session import Session
+from pipeline.stages import StageContext, StageKind, StageOutput, kind_of
 
 
 class RayCheckpoints:
@@ -56,15 +61,15 @@ class RayCheckpoints:
 
 
 def learn_loop(config: dict) -> None:
-    """Ray Train's per-worker function for one learning stage."""
+    """Ray Train's per-worker function for one training-group stage."""
     cfg: Config = config["cfg"]
-    st: LearnStage = next(s for s in cfg.stages if s.name == config["stage"])
-    run_dir = Path(config["run_dir"])
+    st = next(s for s in cfg.stages if s.name == config["stage"])
+    run = RunDir(config["run_dir"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.manual_seed(cfg.seed)
     session = Session(cfg.model, meta=cfg.workers.loads_sharded)  # fsdp: each rank reads its rows only
-    metrics = MetricsLog(run_dir, st.name, cfg.logging, config=cfg.model_dump(mode="json")) if rank == 0 else None
+    metrics = MetricsLog(run.root, st.name, cfg.logging, config=cfg.model_dump(mode="json")) if rank == 0 else None
 
     def on_log(entry: dict) -> None:
         if metrics is not None:
@@ -72,16 +77,16 @@ def learn_loop(config: dict) -> None:
         if "loss" in entry:  # every rank logs the same steps, as the collective report needs
             ray.train.report({"stage": st.name, **entry})
 
-    with logs_to(run_dir) if rank == 0 else contextlib.nullcontext():
+    with logs_to(run.root) if rank == 0 else contextlib.nullcontext():
         try:
-            learn_stage(cfg, session, st, run_dir / "artifacts", config["prior"], RayCheckpoints(rank), on_log, rank,
-                        world)
+            kind_of(st).run(StageContext(cfg, st, run, config["variants"], session=session, store=RayCheckpoints(rank),
+                                         on_log=on_log, rank=rank, world_size=world))
         except DETERMINISTIC as e:
             # Ray Train restarts a failed group up to max_failures times, which only replays a bad
             # path, bad data or an error of ours. Such errors happen on every rank at the same point
             # (they come from the config and the data, which all ranks share): each rank records it
             # and ends normally, and the driver raises it once the group is done.
-            write_json(error_file(run_dir, st.name, rank), {"rank": rank, "error": _one_line(e)})
+            write_json(run.train_error(st.name, rank), {"rank": rank, "error": _one_line(e)})
         finally:
             if metrics is not None:
                 metrics.close()
@@ -94,10 +99,6 @@ DETERMINISTIC = (MaskpipeError, OSError, UnicodeError, ValueError)
 
 def _one_line(e: BaseException) -> str:
     return str(e) if isinstance(e, MaskpipeError) else f"{type(e).__name__}: {e}".splitlines()[0]
-
-
-def error_file(run_dir: Path, stage: str, rank: int) -> Path:
-    return run_dir / "train" / f"error-{stage}-rank{rank}.json"
 
 
 def _identity(path: Path) -> tuple[int, int] | None:
@@ -133,37 +134,40 @@ def check_resources(options: dict, workers: int, what: str) -> None:
                                 f"set workers.autoscaling: true if the cluster adds nodes on demand)")
 
 
-def learn_on_ray(cfg: Config, st: LearnStage, run_dir: Path, prior: Path | None) -> list[Variant]:
+def learn_on_ray(kind: StageKind, ctx: StageContext) -> StageOutput:
+    """Run a training-group stage on a Ray Train worker group; its output is what rank 0 left in the
+    run directory (`kind.collect`)."""
     # Ray Train would move workers into its own directory; keeping Ray's worker directory (the job's
     # working_dir, or the driver's directory on a local instance) resolves a config's relative paths
     # the same way for every stage and every kind of worker.
     os.environ["RAY_CHDIR_TO_TRIAL_DIR"] = "0"
+    cfg, st, run = ctx.cfg, ctx.st, ctx.run
     w = cfg.workers
     for rank in range(w.num_workers):
-        error_file(run_dir, st.name, rank).unlink(missing_ok=True)
+        run.train_error(st.name, rank).unlink(missing_ok=True)
     trainer = TorchTrainer(
         learn_loop,
-        train_loop_config={"cfg": cfg, "stage": st.name, "run_dir": str(run_dir), "prior": prior},
+        train_loop_config={"cfg": cfg, "stage": st.name, "run_dir": str(run.root), "variants": ctx.variants},
         scaling_config=ScalingConfig(num_workers=w.num_workers, use_gpu=w.use_gpu,
                                      resources_per_worker=w.resources_per_worker or None),
         run_config=RunConfig(
-            name=train_run_name(run_dir, st.name),
-            storage_path=w.storage_path or str((run_dir / "train").resolve()),
+            name=train_run_name(run.root, st.name),
+            storage_path=w.storage_path or str(run.train.resolve()),
             failure_config=FailureConfig(max_failures=w.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=st.keep_checkpoints),
         ),
     )
-    artifact = run_dir / "artifacts" / st.name
+    artifact = run.artifact(st.name)
     before = _identity(artifact / MANIFEST_FILE)
     try:
         trainer.fit()
     except SystemExit:
         raise KeyboardInterrupt from None  # Ray Train's SIGINT handler exits when its controller is gone
-    errors = sorted(run_dir.glob(f"train/error-{glob.escape(st.name)}-rank*.json"))
+    errors = sorted(run.train.glob(run.train_error(glob.escape(st.name), "*").name))
     if errors:
         raise MaskpipeError(json.loads(errors[0].read_text())["error"])
     after = _identity(artifact / MANIFEST_FILE)
     if after is None or after == before:
         # Ray Train's SIGINT handler aborts the group, and fit() returns as if it had finished.
         raise KeyboardInterrupt
-    return [learned_variant(st, artifact)]
+    return kind.collect(ctx)

@@ -22,6 +22,7 @@ from ray.tune.search.basic_variant import BasicVariantGenerator
 from pipeline import MaskpipeError
 from pipeline.config import Config, dump_config, search_spec
 from pipeline.run import run
+from pipeline.rundir import RunDir
 from pipeline.tune import reference_config, reference_record, summarize, trial_config, trial_record, write_results
 
 log = logging.getLogger("maskpipe")
@@ -51,7 +52,7 @@ def _trial(params: dict[str, Any], cfg: Config, run_dir: str) -> None:
     """One Ray Tune trial: an ordinary run of the trial config, its perplexity reported."""
     trial_id = tune.get_context().get_trial_id()
     tcfg = trial_config(cfg, params, Path(run_dir))
-    trial_dir = run(tcfg, Path(run_dir) / "tune" / "trials" / trial_id, _backend(tcfg))
+    trial_dir = run(tcfg, RunDir(run_dir).tune_trial(trial_id), _backend(tcfg))
     tune.report({**trial_record(cfg, trial_dir), "run_dir": str(trial_dir)})
 
 
@@ -74,8 +75,9 @@ def tune_run(cfg: Config, run_dir: Path) -> dict[str, Any]:
     run_dir = Path(run_dir).resolve()
     ref = reference_config(cfg)
     run(ref, run_dir, _backend(ref))
-    (run_dir / "tune").mkdir(parents=True, exist_ok=True)
-    (run_dir / "tune" / "config.yaml").write_text(dump_config(cfg))
+    paths = RunDir(run_dir)
+    paths.tune.mkdir(parents=True, exist_ok=True)
+    paths.tune_config.write_text(dump_config(cfg))
     # Trials resolve the config's relative paths from Ray's worker directory, as every stage does
     # (Ray Tune would otherwise move each trial into its own folder). Tune passes this on to trials.
     os.environ["RAY_CHDIR_TO_TRIAL_DIR"] = "0"
@@ -87,7 +89,7 @@ def tune_run(cfg: Config, run_dir: Path) -> dict[str, Any]:
         tune_config=tune.TuneConfig(metric="ppl", mode="min", num_samples=cfg.tune.num_samples,
                                     max_concurrent_trials=cfg.tune.max_concurrent,
                                     search_alg=BasicVariantGenerator(random_state=cfg.seed)),
-        run_config=tune.RunConfig(name="ray", storage_path=str(run_dir / "tune"), verbose=0),
+        run_config=tune.RunConfig(name="ray", storage_path=str(paths.tune), verbose=0),
     )
     grid = tuner.fit()
     trials = []

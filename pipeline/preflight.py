@@ -1,0 +1,170 @@
+"""What is checked before a run does any model work: its inputs (corpora, devices, sequence lengths
+against the model's context) and, for a resumed run, that the config computes what the run computed."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pipeline import MaskpipeError
+from pipeline.config import Config, ModelConfig
+from pipeline.rundir import RunDir
+
+log = logging.getLogger("maskpipe")
+
+
+def context_limit(model_cfg: ModelConfig) -> int | None:
+    """The model's context (max_position_embeddings), read from its config without the network; None
+    when it cannot be read here (a hub model not in the cache: the load reports that)."""
+    from transformers import AutoConfig
+
+    try:
+        c = AutoConfig.from_pretrained(model_cfg.name_or_path, revision=model_cfg.revision, local_files_only=True,
+                                       trust_remote_code=model_cfg.trust_remote_code)
+    except Exception:  # noqa: BLE001 - unreadable here is not an error yet; loading the model says why
+        return None
+    return getattr(c.get_text_config(), "max_position_embeddings", None)
+
+
+def _sniff(path: str) -> None:
+    """Refuse a local corpus file whose head is not what its suffix says, naming the file: the
+    streaming readers would fail mid-stage with a traceback. Reads at most the first MiB (and a
+    parquet footer), so a fault further into a large file still surfaces only when it is read."""
+    suffix = Path(path).suffix
+    try:
+        with open(path, "rb") as f:
+            head = f.read(1 << 20)
+            if suffix == ".parquet":
+                f.seek(max(0, Path(path).stat().st_size - 4))
+                tail = f.read(4)
+    except OSError as e:
+        raise MaskpipeError(f"data source {path}: cannot read: {e.strerror}") from None
+    if suffix == ".parquet":
+        if not (head.startswith(b"PAR1") and tail == b"PAR1"):
+            raise MaskpipeError(f"data source {path}: not a parquet file")
+        return
+    if b"\0" in head:
+        raise MaskpipeError(f"data source {path}: a binary file, not text")
+    import codecs
+
+    try:
+        text = codecs.getincrementaldecoder("utf-8")().decode(head, final=len(head) < 1 << 20)
+    except UnicodeDecodeError as e:
+        raise MaskpipeError(f"data source {path}: not UTF-8 text (byte {e.start})") from None
+    if suffix in (".jsonl", ".json"):
+        lines = text.splitlines()
+        for i, line in enumerate(lines[:-1] if len(head) == 1 << 20 else lines, 1):
+            if suffix == ".json" and i == 1 and line.lstrip().startswith("["):
+                break  # one JSON array: read whole by the json reader
+            try:
+                if line.strip():
+                    json.loads(line)
+            except ValueError as e:
+                raise MaskpipeError(f"data source {path}: line {i} is not JSON ({e})") from None
+
+
+def check_device(device: str, key: str = "model.device", local: bool = True) -> None:
+    """Refuse a device torch does not know, or (`local`: this process runs the model) one not here."""
+    if device == "auto":
+        return
+    try:
+        d = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise MaskpipeError(f"{key}: {device!r} is no device (auto, cpu, cuda, cuda:N, mps)") from None
+    if not local:
+        return  # the Ray workers' devices, not this process's
+    if d.type == "cuda" and (not torch.cuda.is_available() or (d.index or 0) >= torch.cuda.device_count()):
+        raise MaskpipeError(f"{key}: {device} asked for, but this machine has {torch.cuda.device_count()} CUDA devices")
+    if d.type == "mps" and not torch.backends.mps.is_available():
+        raise MaskpipeError(f"{key}: mps asked for, but this machine has no MPS device")
+    if d.type not in ("cpu", "cuda", "mps"):
+        raise MaskpipeError(f"{key}: {device!r} is not supported here (auto, cpu, cuda, cuda:N, mps)")
+
+
+def check_inputs(cfg: Config, source: str = "", flags: dict[str, str] | None = None) -> None:
+    """What can be checked before any model work, named by its key (or by the command-line flag in
+    `flags`): every local corpus a stage reads exists and looks like its kind, and no stage asks for
+    sequences longer than the model's context."""
+    from pipeline.data import _local_files
+    from pipeline.stages import kind_of
+
+    flags = flags or {}
+    where = f"{source}: " if source else ""
+    check_device(cfg.model.device, flags.get("model.device", "model.device"), local=cfg.workers.num_workers == 0)
+    used = {ref for st in cfg.stages for ref in kind_of(st).corpora(st).values()}
+    for name in sorted(used):
+        for src in cfg.data[name].sources:
+            for f in _local_files(src) or []:
+                _sniff(f)
+    limit = context_limit(cfg.model)
+    if limit is None:
+        return
+    for i, st in enumerate(cfg.stages):
+        for key, n in kind_of(st).lengths(st).items():
+            if n > limit:
+                name = flags.get(f"stages.{i}.{key}", f"stages.{i}.{key}")
+                raise MaskpipeError(f"{where}{name}: {n} tokens is beyond the context of {cfg.model.name_or_path} "
+                                    f"(max_position_embeddings {limit})")
+
+
+# What a resume may change: where and how the stages run, never what they compute (every strategy
+# and worker count learns the same mask on the same global batch; see README).
+NOT_RESULT = ("output_dir", "tensorboard", "logging", "workers", "model.device")
+
+
+def _result_keys(raw: dict) -> dict[str, Any]:
+    """A config flattened to the key paths that change a run's result. A local corpus counts by its
+    file name: a path fixed or re-rooted (another working directory, a moved checkout) is the same corpus."""
+    flat: dict[str, Any] = {}
+
+    def walk(prefix: str, v: Any) -> None:
+        if prefix in NOT_RESULT:
+            return
+        if isinstance(v, dict):
+            for k, x in v.items():
+                walk(f"{prefix}.{k}" if prefix else str(k), x)
+        elif isinstance(v, list) and v and all(isinstance(x, dict) for x in v):
+            for i, x in enumerate(v):
+                walk(f"{prefix}.{i}", x)
+        else:
+            flat[prefix] = v
+
+    walk("", raw)
+    for key in [k for k in flat if k.startswith("data.") and k.endswith(".path")]:
+        flat[key] = Path(str(flat[key])).name
+    return flat
+
+
+def check_resumable(cfg: Config, run_dir: Path) -> None:
+    """Refuse to continue the run in `run_dir` under a config that would change its result, naming
+    the keys that differ; log the keys that changed without changing it (e.g. workers.num_workers)."""
+    path = RunDir(run_dir).config
+    if not path.exists():
+        return
+    from pipeline.config import config_from_dict, yaml_load
+
+    try:
+        old = config_from_dict(yaml_load(path.read_text()), str(path)).model_dump(mode="json")
+    except (MaskpipeError, ValueError) as e:
+        raise MaskpipeError(f"{run_dir}: holds a run of another config; resume it with its own config.yaml "
+                            f"(its config.yaml does not validate as this one: {str(e).splitlines()[0]})") from None
+    new = cfg.model_dump(mode="json")
+    a, b = _result_keys(old), _result_keys(new)
+    differ = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
+    if differ:
+        shown = ", ".join(f"{k} ({a.get(k)!r} -> {b.get(k)!r})" for k in differ[:3]) + (" ..." if len(differ) > 3 else "")
+        raise MaskpipeError(f"{run_dir}: holds a run of another config; resume it with its own config.yaml "
+                            f"(differs in {shown})")
+    if old != new:
+        log.info("resuming %s with changed keys that do not change the result: %s", run_dir,
+                 ", ".join(sorted(k for k in NOT_RESULT if _get(old, k) != _get(new, k))))
+
+
+def _get(d: dict, dotted: str) -> Any:
+    for part in dotted.split("."):
+        d = d.get(part) if isinstance(d, dict) else None
+    return d

@@ -1,0 +1,93 @@
+"""`attention`: a per-head attention plan (learned DuoAttention gates, re-binarised gates, or random)."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+from pipeline import MaskpipeError
+from pipeline.artifacts import save_artifact
+from pipeline.attention import (AttentionPlan, binarize, default_sink_window, kv_heads, moa_windows, plan_cost,
+                                random_scores, train_gates)
+from pipeline.config import AttentionStage, Config
+from pipeline.data import TokenStream
+from pipeline.rundir import RunDir
+from pipeline.session import Session, Variant
+from pipeline.stages import Placement, Ref, StageContext, StageKind, StageOutput
+
+log = logging.getLogger("maskpipe")
+
+
+def attention_stage(cfg: Config, s: Session, st: AttentionStage, run: RunDir, store, on_log,
+                    variants: dict[str, Variant]) -> list[Variant]:
+    """A per-head attention plan: learned gates (resuming from `store`), an earlier stage's gates
+    re-binarised, or random scores; written as an artifact with the N:M masks of `st.masks`."""
+    default_sink, default_window = default_sink_window(st.seqlen)
+    sink, window = st.sink or default_sink, st.window or default_window
+    shape = kv_heads(s.model)[:2]
+    base = variants[st.masks] if st.masks else Variant("dense")
+    if base.updated_weights is not None:
+        raise MaskpipeError(f"{st.name}: masks: {st.masks} updated its weights; an artifact carries masks over "
+                            "frozen weights only")
+    masks, manifest = ({}, {}) if base.artifact is None else s.load_artifact(base.artifact)
+    gates, history, tokens, data_info = None, [], 0, {}
+    t0 = time.perf_counter()
+    if st.method == "random":
+        scores = random_scores(shape, cfg.seed if st.seed is None else st.seed)
+    elif st.gates_from:
+        scores = gates = s.plan_of(variants[st.gates_from]).gate
+        if bool(gates.isnan().any()):
+            raise MaskpipeError(f"{st.name}: gates_from: {st.gates_from} has no learned gates")
+    else:
+        stream = TokenStream(cfg.data[st.data], s.tokenizer, st.seqlen, cfg.seed)
+        tokens = st.steps * st.batch_size * st.seqlen
+        data_info = {"corpus": st.data, "sources": [x.path for x in cfg.data[st.data].sources], "tokens": tokens}
+        log.info("%s: learning gates of %d x %d KV heads against streaming sink %d + window %d, %d steps",
+                 st.name, *shape, sink, window, st.steps)
+        with s.running(base):
+            gates, history = train_gates(s.model, s.tokenizer, st, stream, sink=sink, window=window, seed=cfg.seed,
+                                         store=store, on_log=on_log)
+        scores = gates
+    seconds = time.perf_counter() - t0
+    streaming = binarize(scores, fraction=st.streaming, threshold=st.threshold)
+    plan = AttentionPlan(streaming, torch.full(shape, sink),
+                         moa_windows(scores, streaming, st.windows) if st.windows else torch.full(shape, window),
+                         gates if gates is not None else torch.full(shape, float("nan")))
+    cost = plan_cost(plan, st.seqlen, *head_geometry(s.model))
+    params = st.model_dump(mode="json", exclude={"stage", "name", "data", "masks"}) | {"sink": sink, "window": window}
+    artifact = save_artifact(
+        run.artifact(st.name), masks, s.linears, base_model=s.base_model_info(), pattern=manifest.get("pattern"),
+        method={"name": f"attention-{st.method}", "params": params, "seconds": round(seconds, 2),
+                "masks_from": manifest.get("method"), "final": history[-1] if history else {}},
+        data=data_info, metrics={f"at_{st.seqlen}_tokens": cost}, config=cfg.model_dump(mode="json"),
+        attention=plan.to_json(s.model),
+    )
+    log.info("%s: %d of %d KV heads streaming (KV cache %.0f%% of dense at %d tokens); artifact %s",
+             st.name, int(streaming.sum()), streaming.numel(), 100 * cost["kv_cache_fraction"], st.seqlen, artifact)
+    info = {"method": f"attention-{st.method}", "streaming": plan.streaming_fraction(), "sink": sink,
+            "window": st.windows or window, "seconds": round(seconds, 2), "tokens": tokens,
+            "prior": st.gates_from or None}
+    return [Variant(st.name, artifact=artifact, info=info)]
+
+
+def head_geometry(model) -> tuple[int, int, int]:
+    """(head_dim, query heads per KV head, bytes per cached element) for KV-cache and FLOP counts."""
+    c = model.config.get_text_config()
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    return head_dim, kv_heads(model)[2], next(model.parameters()).element_size()
+
+
+class Attention(StageKind):
+    name, config, placement, trains = "attention", AttentionStage, Placement.DEVICE, True
+
+    def reads(self, st: AttentionStage) -> list[Ref]:
+        return [Ref(key, getattr(st, key)) for key in ("gates_from", "masks") if getattr(st, key) is not None]
+
+    def run(self, ctx: StageContext) -> StageOutput:
+        return StageOutput(attention_stage(ctx.cfg, ctx.session, ctx.st, ctx.run, ctx.store, ctx.on_log,
+                                           ctx.variants))
+
+
+KIND = Attention()

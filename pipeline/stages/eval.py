@@ -1,0 +1,66 @@
+"""`eval`: perplexity (wikitext-2 protocol) of every chosen variant on every corpus, one cell each."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from pipeline.config import Config, EvalStage
+from pipeline.data import eval_text
+from pipeline.evaluate import Perplexity, perplexity
+from pipeline.session import Session, Variant
+from pipeline.stages import Placement, Ref, StageContext, StageKind, StageOutput
+
+log = logging.getLogger("maskpipe")
+
+
+def eval_texts(cfg: Config, st: EvalStage, tokenizer) -> dict[str, torch.Tensor]:
+    texts = {}
+    for key in st.data:
+        texts[key] = tokenizer(eval_text(cfg.data[key]), return_tensors="pt").input_ids[0]
+        log.info("%s: corpus %s has %d tokens", st.name, key, len(texts[key]))
+    return texts
+
+
+def eval_cell(s: Session, st: EvalStage, v: Variant, key: str, ids: torch.Tensor) -> dict:
+    """Perplexity of one variant on one corpus."""
+    with s.running(v) as model:
+        p: Perplexity = perplexity(model, ids, st.seqlen, st.stride, st.batch_size, desc=f"{v.name}/{key}")
+    log.info("%s: %s on %s: ppl %.3f over %d tokens", st.name, v.name, key, p.ppl, p.tokens)
+    return {"ppl": p.ppl, "nll": p.nll, "tokens": p.tokens, "windows": p.windows, "seqlen": st.seqlen,
+            "stride": st.stride}
+
+
+def masks_refs(st) -> list[Ref]:
+    """The earlier stages an evaluating stage's `masks` names."""
+    return [] if st.masks == "all" else [Ref("masks", name) for name in st.masks]
+
+
+class Eval(StageKind):
+    """Cells: (variant, corpus), variant by variant, so a worker's model runs one artifact for a while."""
+
+    name, config, placement, section = "eval", EvalStage, Placement.CELLS, "perplexity"
+
+    def reads(self, st: EvalStage) -> list[Ref]:
+        return masks_refs(st)
+
+    def corpora(self, st: EvalStage) -> dict[str, str]:
+        return {"data": st.data[0]} if len(st.data) == 1 else {f"data.{i}": r for i, r in enumerate(st.data)}
+
+    def setup(self, ctx: StageContext) -> dict[str, torch.Tensor]:
+        return eval_texts(ctx.cfg, ctx.st, ctx.session.tokenizer)
+
+    def cells(self, ctx: StageContext) -> list[tuple[Variant, str]]:
+        return [(v, key) for v in ctx.chosen() for key in ctx.st.data]
+
+    def cell(self, ctx: StageContext, texts: dict[str, torch.Tensor], cell: tuple[Variant, str]) -> dict:
+        v, key = cell
+        return eval_cell(ctx.session, ctx.st, v, key, texts[key])
+
+    def gather(self, ctx: StageContext, done: list) -> StageOutput:
+        found = {(v.name, key): res for (v, key), res in done}
+        return StageOutput(rows={v.name: {key: found[v.name, key] for key in ctx.st.data} for v in ctx.chosen()})
+
+
+KIND = Eval()

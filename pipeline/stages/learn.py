@@ -1,0 +1,118 @@
+"""`learn`: MaskLLM mask learning (pipeline.learn) on a data-parallel training group."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pipeline import MaskpipeError
+from pipeline.artifacts import load_soft_logits, read_manifest, save_artifact
+from pipeline.config import Config, LearnStage, _KeyError
+from pipeline.data import TokenStream
+from pipeline.learn import hard_mask, train_masks
+from pipeline.models import base_weight, device_of, fingerprint
+from pipeline.plan import model_shape, plan_report
+from pipeline.rundir import RunDir
+from pipeline.session import Session, Variant
+from pipeline.stages import Placement, Ref, StageContext, StageKind, StageOutput
+from pipeline.stages.oneshot import shares
+
+log = logging.getLogger("maskpipe")
+
+
+def learn_stage(cfg: Config, s: Session, st: LearnStage, run: RunDir, prior: Path | None, store, on_log,
+                rank: int = 0, world_size: int = 1) -> list[Variant]:
+    """MaskLLM mask learning from `prior` (an artifact, or None), resuming from `store`; the caller's
+    rank among `world_size` data-parallel workers (each its share of every batch). Rank 0 writes the
+    artifact to `run.artifact(st.name)` and returns its variant; other ranks return nothing."""
+    n, m = cfg.stage_pattern(st)
+    priors = init_logits = None
+    prior_info: dict[str, Any] = {}
+    if prior is not None:
+        priors, manifest = s.load_artifact(prior)
+        if manifest["pattern"] != f"{n}:{m}":
+            raise MaskpipeError(f"{st.name}: prior {prior} is {manifest['pattern']}, the stage learns {n}:{m}")
+        if st.prior.soft:
+            init_logits, priors = load_soft_logits(prior), None
+        prior_info = {"artifact": str(prior), "method": manifest["method"].get("name"),
+                      "strength": st.prior.strength, "soft": st.prior.soft}
+    stream = TokenStream(cfg.data[st.data], s.tokenizer, st.seqlen, cfg.seed, rank, world_size)
+    tokens = st.steps * st.grad_accum * st.batch_size * st.seqlen
+    log.info("%s: learning %d:%d masks for %d linears, %d steps, %d tokens on %d worker(s)", st.name, n, m,
+             len(s.linears), st.steps, tokens, world_size)
+    if rank == 0:
+        device = device_of(base_weight(next(iter(s.linears.values()))))
+        cuda = device.type == "cuda"
+        capacity = torch.cuda.get_device_properties(device).total_memory if cuda else None
+        log.info("%s: memory plan\n%s", st.name,
+                 plan_report(cfg, st, model_shape(s.model.config, cfg.model), world_size, capacity, cuda))
+    # Read before training: a sharded strategy leaves the model's weights partitioned. Only rank 0
+    # writes the artifact, so only rank 0 hashes the weights.
+    shapes = {k: base_weight(lin).shape for k, lin in s.linears.items()}
+    base_model = {**s.base_model_info(), "fingerprint": fingerprint(s.linears)} if rank == 0 else None
+    w = cfg.workers
+    t0 = time.perf_counter()
+    logits, history = train_masks(s.model, s.linears, st, n, m, stream, seed=cfg.seed, store=store, priors=priors,
+                                  init_logits=init_logits, on_log=on_log, strategy=w.strategy,
+                                  zero_stage=w.zero_stage, activation_checkpointing=w.activation_checkpointing,
+                                  shard_group=w.shard_group)
+    seconds = time.perf_counter() - t0
+    if rank != 0:
+        return []
+    log.info("%s: learned on %d tokens, shares %s", st.name, stream.tokens(), shares(stream))
+    masks = {k: hard_mask(v, n, m).reshape(shapes[k]) for k, v in logits.items()}
+    soft = {k: v.to(getattr(torch, st.save_logits)) for k, v in logits.items()} if st.save_logits else None
+    artifact = save_artifact(
+        run.artifact(st.name), masks, s.linears, base_model=base_model, pattern=f"{n}:{m}",
+        method={"name": "maskllm", "params": st.model_dump(mode="json", exclude={"stage", "name", "data"}),
+                "prior": prior_info, "seconds": round(seconds, 2), "workers": world_size,
+                "final": history[-1] if history else {}},
+        data={"corpus": st.data, "sources": [x.path for x in cfg.data[st.data].sources], "tokens": tokens,
+              "token_shares": stream.token_shares()},
+        config=cfg.model_dump(mode="json"), soft_logits=soft,
+    )
+    log.info("%s: mask artifact written to %s (%.1f s)", st.name, artifact, seconds)
+    return [learned_variant(st, artifact)]
+
+
+def learned_variant(st: LearnStage, artifact: Path) -> Variant:
+    """A learning stage's row, read back from its artifact (all that a worker group leaves behind)."""
+    manifest = read_manifest(artifact)
+    method = manifest["method"]
+    info = {"method": "maskllm", "pattern": manifest["pattern"], "seconds": method["seconds"],
+            "tokens": manifest["data"]["tokens"], "token_shares": manifest["data"].get("token_shares"),
+            "workers": method["workers"],
+            "prior": st.prior and (st.prior.stage or Path(st.prior.artifact).name)}
+    return Variant(st.name, artifact=artifact, info=info)
+
+
+def prior_source(st: LearnStage, variants: dict[str, Variant]) -> Path | None:
+    if st.prior is None:
+        return None
+    return variants[st.prior.stage].artifact if st.prior.stage else Path(st.prior.artifact)
+
+
+class Learn(StageKind):
+    name, config, placement, trains = "learn", LearnStage, Placement.GROUP, True
+
+    def reads(self, st: LearnStage) -> list[Ref]:
+        return [Ref("prior.stage", st.prior.stage)] if st.prior is not None and st.prior.stage is not None else []
+
+    def check(self, cfg: Config, st: LearnStage, where: str, earlier: list) -> None:
+        if st.batch_size % max(cfg.workers.num_workers, 1):
+            raise _KeyError(f"{where}.batch_size", f"{st.batch_size} blocks do not split evenly over "
+                                                   f"{cfg.workers.num_workers} workers (workers.num_workers)")
+
+    def run(self, ctx: StageContext) -> StageOutput:
+        return StageOutput(learn_stage(ctx.cfg, ctx.session, ctx.st, ctx.run, prior_source(ctx.st, ctx.variants),
+                                       ctx.store, ctx.on_log, ctx.rank, ctx.world_size))
+
+    def collect(self, ctx: StageContext) -> StageOutput:
+        return StageOutput([learned_variant(ctx.st, ctx.run.artifact(ctx.st.name))])
+
+
+KIND = Learn()

@@ -1,0 +1,45 @@
+"""`lm_eval`: zero-/few-shot task accuracy of every chosen variant through lm-evaluation-harness."""
+
+from __future__ import annotations
+
+import logging
+
+from pipeline.config import Config, LmEvalStage
+from pipeline.session import Session, Variant
+from pipeline.stages import Placement, Ref, StageContext, StageKind, StageOutput
+from pipeline.stages.eval import masks_refs
+from pipeline.zeroshot import check_tasks, evaluate, primary
+
+log = logging.getLogger("maskpipe")
+
+
+def lm_eval_stage(cfg: Config, s: Session, st: LmEvalStage, variants: list[Variant]) -> dict[str, dict[str, dict]]:
+    """Every variant on every task of `st` with session `s`: {variant: {task: {...}}}."""
+    tm = check_tasks(st.tasks, st.include_path, (f"{st.name}.tasks", f"{st.name}.include_path"))
+    results = {}
+    for v in variants:
+        with s.running(v) as model:
+            results[v.name] = evaluate(model, s.tokenizer, st.tasks, tm, num_fewshot=st.num_fewshot, limit=st.limit,
+                                       batch_size=st.batch_size, bootstrap_iters=st.bootstrap_iters, seed=cfg.seed)
+        log.info("%s: %s: %s", st.name, v.name, ", ".join(f"{t} {primary(r)[1]:.3f}" for t, r in results[v.name].items()
+                                                          if primary(r)[1] is not None))
+    return results
+
+
+class LmEval(StageKind):
+    name, config, placement, section = "lm_eval", LmEvalStage, Placement.DEVICE, "lm_eval"
+
+    def reads(self, st: LmEvalStage) -> list[Ref]:
+        return masks_refs(st)
+
+    def corpora(self, st: LmEvalStage) -> dict[str, str]:
+        return {}  # lm-eval tasks bring their own data
+
+    def preflight(self, st: LmEvalStage, where: str) -> None:
+        check_tasks(st.tasks, st.include_path, (f"{where}.tasks", f"{where}.include_path"))
+
+    def run(self, ctx: StageContext) -> StageOutput:
+        return StageOutput(rows=lm_eval_stage(ctx.cfg, ctx.session, ctx.st, ctx.chosen()))
+
+
+KIND = LmEval()

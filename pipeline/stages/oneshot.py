@@ -1,0 +1,98 @@
+"""`oneshot`: N:M masks by magnitude, Wanda or SparseGPT, or DSnoT refining an earlier stage's mask."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+from safetensors.torch import save_file
+
+from pipeline import MaskpipeError
+from pipeline.artifacts import save_artifact
+from pipeline.config import Config, OneshotStage, _KeyError
+from pipeline.data import TokenStream
+from pipeline.models import resolve_device
+from pipeline.oneshot import oneshot_masks
+from pipeline.rundir import RunDir
+from pipeline.session import Session, Variant
+from pipeline.stages import Placement, Ref, StageContext, StageKind, StageOutput
+
+log = logging.getLogger("maskpipe")
+
+
+def shares(stream: TokenStream) -> str:
+    return ", ".join(f"{Path(k).name} {v:.1%}" for k, v in stream.token_shares().items())
+
+
+def oneshot_stage(cfg: Config, s: Session, st: OneshotStage, run: RunDir) -> list[Variant]:
+    """One-shot N:M masks; writes the artifact to `run.artifact(st.name)`. DSnoT refines the mask of the
+    earlier stage `st.mask_from`, whose artifact lies beside it."""
+    n, m = cfg.stage_pattern(st)
+    init_masks = None
+    if st.mask_from is not None:
+        init_masks, manifest = s.load_artifact(run.artifact(st.mask_from))
+        if manifest["pattern"] != f"{n}:{m}":
+            raise MaskpipeError(f"{st.name}: mask_from: {st.mask_from} is {manifest['pattern']}, "
+                                f"the stage makes {n}:{m}")
+    calib, data_info = None, {}
+    if st.data is not None:
+        stream = TokenStream(cfg.data[st.data], s.tokenizer, st.seqlen, cfg.seed)
+        calib = stream.next_batch(st.n_samples)
+        data_info = {"corpus": st.data, "sources": [x.path for x in cfg.data[st.data].sources],
+                     "n_samples": st.n_samples, "seqlen": st.seqlen, "tokens": calib.numel(),
+                     "token_shares": stream.token_shares()}
+        log.info("%s: calibration on %d tokens, shares %s", st.name, calib.numel(), shares(stream))
+    log.info("%s: %s %d:%d over %d linears", st.name, st.method, n, m, len(s.linears))
+    t0 = time.perf_counter()
+    masks, updated = oneshot_masks(
+        s.model, s.linears, st.method, n, m, calib, batch_size=st.batch_size,
+        weight_update=st.weight_update, blocksize=st.blocksize, percdamp=st.percdamp, init_masks=init_masks,
+        max_cycles=st.max_cycles, offload_to=resolve_device(cfg.model.device) if cfg.model.offload else None,
+    )
+    seconds = time.perf_counter() - t0
+    dsnot_only = {"mask_from", "max_cycles"} if st.mask_from is None else set()
+    params = st.model_dump(exclude={"stage", "name", "data"} | dsnot_only)
+    artifact = save_artifact(
+        run.artifact(st.name), masks, s.linears, base_model=s.base_model_info(), pattern=f"{n}:{m}",
+        method={"name": st.method, "params": params, "seconds": round(seconds, 2)},
+        data=data_info, config=cfg.model_dump(mode="json"),
+    )
+    log.info("%s: mask artifact written to %s (%.1f s)", st.name, artifact, seconds)
+    info = {"method": st.method, "pattern": f"{n}:{m}", "seconds": round(seconds, 2),
+            "tokens": data_info.get("tokens", 0), "token_shares": data_info.get("token_shares"),
+            **({"prior": st.mask_from} if st.mask_from else {})}
+    if updated is None:
+        return [Variant(st.name, artifact=artifact, info=info)]
+    # The weight update is a baseline row only: kept in the run directory, never in an artifact.
+    weights = run.baseline_weights(st.name)
+    weights.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in updated.items()}, str(weights))
+    log.warning("%s: SparseGPT weight update changes the base weights; its perplexity is reported as a "
+                "baseline row, and the artifact holds only the mask", st.name)
+    return [Variant(st.name, artifact=artifact, updated_weights=weights,
+                    info={**info, "weight_update": True, "note": "weights updated: not a mask over frozen weights"})]
+
+
+class Oneshot(StageKind):
+    name, config, placement = "oneshot", OneshotStage, Placement.DEVICE
+
+    def reads(self, st: OneshotStage) -> list[Ref]:
+        return [Ref("mask_from", st.mask_from, ("oneshot", "learn"))] if st.mask_from is not None else []
+
+    def lengths(self, st: OneshotStage) -> dict[str, int]:
+        return {} if st.data is None else {"seqlen": st.seqlen}  # magnitude reads no text
+
+    def check(self, cfg: Config, st: OneshotStage, where: str, earlier: list) -> None:
+        if st.mask_from is None:
+            return
+        source = next(s for s in earlier if s.name == st.mask_from)
+        theirs, ours = (":".join(map(str, cfg.stage_pattern(x))) for x in (source, st))
+        if theirs != ours:
+            raise _KeyError(f"{where}.mask_from", f"{st.mask_from} makes {theirs} masks, this stage {ours}")
+
+    def run(self, ctx: StageContext) -> StageOutput:
+        return StageOutput(oneshot_stage(ctx.cfg, ctx.session, ctx.st, ctx.run))
+
+
+KIND = Oneshot()
