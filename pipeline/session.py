@@ -55,7 +55,7 @@ def _file_key(path: Path) -> tuple:
             s = p.stat()
         except OSError:
             return None
-        return s.st_ino, s.st_size, s.st_mtime_ns
+        return s.st_ino, s.st_size, s.st_mtime_ns, s.st_ctime_ns
 
     return str(Path(path).resolve()), stat(path / MANIFEST_FILE), stat(path / MASKS_FILE)
 
