@@ -542,13 +542,6 @@ Stage = Annotated[Union[STAGE_CONFIGS], Field(discriminator="stage")]
 STAGE_KINDS = tuple(c.model_fields["stage"].annotation.__args__[0] for c in STAGE_CONFIGS)
 
 
-def data_refs(st) -> dict[str, str]:
-    """key path (within the stage) -> corpus name, for every corpus a stage reads."""
-    from pipeline.stages import kind_of
-
-    return kind_of(st).corpora(st)
-
-
 class Config(Strict):
     name: str
     seed: int = 0

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable, NamedTuple
 
 from pipeline.rundir import RunDir
@@ -124,6 +123,13 @@ class StageKind:
     def gather(self, ctx: StageContext, done: list[tuple[Any, Any]]) -> StageOutput:
         """CELLS: the output from (cell, value) pairs, in any order."""
         raise NotImplementedError
+
+
+class Evaluates(StageKind):
+    """A kind that runs the variants made so far (`dense` and `masks` of its config: `ctx.chosen()`)."""
+
+    def reads(self, st) -> list[Ref]:
+        return [] if st.masks == "all" else [Ref("masks", name) for name in st.masks]
 
 
 def execute(kind: StageKind, ctx: StageContext) -> StageOutput:

@@ -10,7 +10,7 @@ from pipeline.config import Config, EvalStage
 from pipeline.data import eval_text
 from pipeline.evaluate import Perplexity, perplexity
 from pipeline.session import Session, Variant
-from pipeline.stages import Placement, Ref, StageContext, StageKind, StageOutput
+from pipeline.stages import Evaluates, Placement, StageContext, StageOutput
 
 log = logging.getLogger("maskpipe")
 
@@ -32,18 +32,10 @@ def eval_cell(s: Session, st: EvalStage, v: Variant, key: str, ids: torch.Tensor
             "stride": st.stride}
 
 
-def masks_refs(st) -> list[Ref]:
-    """The earlier stages an evaluating stage's `masks` names."""
-    return [] if st.masks == "all" else [Ref("masks", name) for name in st.masks]
-
-
-class Eval(StageKind):
+class Eval(Evaluates):
     """Cells: (variant, corpus), variant by variant, so a worker's model runs one artifact for a while."""
 
     name, config, placement, section = "eval", EvalStage, Placement.CELLS, "perplexity"
-
-    def reads(self, st: EvalStage) -> list[Ref]:
-        return masks_refs(st)
 
     def corpora(self, st: EvalStage) -> dict[str, str]:
         return {"data": st.data[0]} if len(st.data) == 1 else {f"data.{i}": r for i, r in enumerate(st.data)}

@@ -6,8 +6,7 @@ import logging
 
 from pipeline.config import Config, LmEvalStage
 from pipeline.session import Session, Variant
-from pipeline.stages import Placement, Ref, StageContext, StageKind, StageOutput
-from pipeline.stages.eval import masks_refs
+from pipeline.stages import Evaluates, Placement, StageContext, StageOutput
 from pipeline.zeroshot import check_tasks, evaluate, primary
 
 log = logging.getLogger("maskpipe")
@@ -26,11 +25,8 @@ def lm_eval_stage(cfg: Config, s: Session, st: LmEvalStage, variants: list[Varia
     return results
 
 
-class LmEval(StageKind):
+class LmEval(Evaluates):
     name, config, placement, section = "lm_eval", LmEvalStage, Placement.DEVICE, "lm_eval"
-
-    def reads(self, st: LmEvalStage) -> list[Ref]:
-        return masks_refs(st)
 
     def corpora(self, st: LmEvalStage) -> dict[str, str]:
         return {}  # lm-eval tasks bring their own data

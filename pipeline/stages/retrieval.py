@@ -13,9 +13,8 @@ from pipeline.data import eval_text
 from pipeline.retrieval import (accuracy, multikey_samples, niah_heatmap, niah_samples, passkey_samples, score,
                                 split_sentences)
 from pipeline.session import Session, Variant
-from pipeline.stages import Placement, Ref, StageContext, StageKind, StageOutput
+from pipeline.stages import Evaluates, Placement, StageContext, StageOutput
 from pipeline.stages.attention import head_geometry
-from pipeline.stages.eval import masks_refs
 
 log = logging.getLogger("maskpipe")
 
@@ -64,11 +63,8 @@ def retrieval_stage(cfg: Config, s: Session, st: RetrievalStage, variants: list[
     return results
 
 
-class Retrieval(StageKind):
+class Retrieval(Evaluates):
     name, config, placement, section = "retrieval", RetrievalStage, Placement.DEVICE, "retrieval"
-
-    def reads(self, st: RetrievalStage) -> list[Ref]:
-        return masks_refs(st)
 
     def corpora(self, st: RetrievalStage) -> dict[str, str]:
         return {f"{task}.data": getattr(st, task).data for task in ("niah", "multikey")
