@@ -48,7 +48,10 @@ class LocalBackend:
 
     def execute(self, kind: StageKind, ctx: StageContext) -> StageOutput:
         ctx.session = self.session(ctx.cfg)
-        return execute(kind, ctx)
+        try:
+            return execute(kind, ctx)
+        finally:
+            ctx.session.forget_masks()
 
 
 def stopped_step(run_dir: Path) -> int | None:

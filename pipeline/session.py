@@ -4,7 +4,7 @@ A `Session` verifies each artifact once: the base model's fingerprint over an ar
 sha256 over the bfloat16 bytes of every masked weight, about 13 GB at 7B) is computed once per set of
 layers, and an artifact's decoded, checksummed masks are kept while the same file is used again (the
 cells of one variant, a retrieval variant's plan and masks), keyed by the artifact's path and file
-stat, so a rewritten artifact is read anew.
+stat, so a rewritten artifact is read anew. `LocalBackend` lets go of those masks after each stage.
 """
 
 from __future__ import annotations
@@ -102,6 +102,11 @@ class Session:
             check_plan(manifest["attention"], self.model, str(path), fingerprint=self.fingerprint)
         self._last = (key, masks, manifest)  # one artifact's masks at a time: at 7B they are gigabytes
         return masks, manifest
+
+    def forget_masks(self) -> None:
+        """Let go of the last artifact's decoded masks (a stage is done with them); what was verified
+        stays verified."""
+        self._last = None
 
     def load_artifacts(self, paths: list[Path]) -> tuple[dict[str, torch.Tensor], dict[Path, dict[str, Any]]]:
         """Artifacts applied together: their masks merged, each checked against this base model, all
