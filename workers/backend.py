@@ -75,9 +75,10 @@ class RayBackend:
 
     def execute(self, kind: StageKind, ctx: StageContext) -> StageOutput:
         ctx = ctx.without_session()
-        if kind.placement is Placement.GROUP:
+        where = kind.where(ctx.st)
+        if where is Placement.GROUP:
             return learn_on_ray(kind, ctx)
-        if kind.placement is Placement.CELLS:
+        if where is Placement.CELLS:
             return self._cells(kind, ctx)
         return _get(ray.remote(_on_one_worker).options(**self.options).remote(ctx))
 

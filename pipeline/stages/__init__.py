@@ -81,6 +81,11 @@ class StageKind:
     section: str | None = None  # the results.json section `rows` go to (perplexity, retrieval, lm_eval)
     trains: bool = False  # checkpoints and logs steps: the backend gives it a store and a metrics log
 
+    def where(self, st) -> Placement:
+        """Where this stage runs: the kind's `placement`, unless a kind decides per stage (e.g. an
+        attention stage that learns gates trains, one that draws a random plan does not)."""
+        return self.placement
+
     # -- what a stage reads (config validation and `check_inputs`)
     def reads(self, st) -> list[Ref]:
         """Every earlier stage it reads."""
@@ -134,7 +139,7 @@ class Evaluates(StageKind):
 
 def execute(kind: StageKind, ctx: StageContext) -> StageOutput:
     """Run a stage in this process with `ctx.session`, whatever its placement."""
-    if kind.placement is Placement.CELLS:
+    if kind.where(ctx.st) is Placement.CELLS:
         state = kind.setup(ctx)
         return kind.gather(ctx, [(c, kind.cell(ctx, state, c)) for c in kind.cells(ctx)])
     if not kind.trains or ctx.store is not None:
