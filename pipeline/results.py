@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, PrivateAttr, model_serializer, model_validator
 
 from pipeline.artifacts import write_json
 from pipeline.zeroshot import primary
@@ -22,9 +22,24 @@ NOT_EVALUATED = "No evaluation of this artifact was recorded in its run."
 
 
 class _Open(BaseModel):
-    """A record whose named fields are typed and whose other keys are kept as they are."""
+    """A record whose named fields are typed and whose other keys are kept as they are, written back
+    with the keys it was made with, in their order."""
 
     model_config = ConfigDict(extra="allow")
+    _keys: list[str] = PrivateAttr(default_factory=list)
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _remember_keys(cls, value: Any, handler):
+        record = handler(value)
+        if isinstance(value, dict):
+            record._keys = list(value)
+        return record
+
+    @model_serializer(mode="wrap")
+    def _in_order(self, handler) -> dict[str, Any]:
+        out = handler(self)
+        return {k: out[k] for k in self._keys if k in out}
 
 
 class StageRecord(_Open):
@@ -78,7 +93,7 @@ class Results(BaseModel):
         return cls.model_validate(EMPTY | (json.loads(Path(path).read_text()) if Path(path).exists() else {}))
 
     def dump(self) -> dict[str, Any]:
-        return self.model_dump(mode="json", exclude_unset=True)
+        return self.model_dump(mode="json")
 
     def write(self, path: Path) -> None:
         write_json(path, self.dump())
