@@ -448,6 +448,11 @@ def train_gates(model: nn.Module, tokenizer, st, stream, *, sink: int, window: i
 GATE_STRATEGIES = ("none", "ddp")
 
 
+def gate_strategy(strategy: str) -> str:
+    """The strategy gates learn with under `workers.strategy`: the sharded ones hold the model whole."""
+    return strategy if strategy in GATE_STRATEGIES else "ddp"
+
+
 def _tuples(state):
     """random.Random's state back from JSON, which turned its tuples into lists."""
     return tuple(_tuples(s) for s in state) if isinstance(state, list) else state

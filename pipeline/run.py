@@ -30,8 +30,8 @@ from safetensors.torch import load_file, save_file
 from pipeline import MaskpipeError, __version__, rundir
 from pipeline.artifacts import (check_compatible, check_disjoint, load_artifact, load_soft_logits, read_manifest,
                                 save_artifact, write_json, write_text)
-from pipeline.attention import (AttentionPlan, binarize, check_plan, default_sink_window, kv_heads, moa_windows,
-                                plan_cost, planned, random_scores, train_gates, uniform_plan)
+from pipeline.attention import (AttentionPlan, binarize, check_plan, default_sink_window, gate_strategy, kv_heads,
+                                moa_windows, plan_cost, planned, random_scores, train_gates, uniform_plan)
 from pipeline.checkpoint import CheckpointDir
 from pipeline.config import (AttentionStage, Config, EvalStage, LearnStage, LmEvalStage, ModelConfig, OneshotStage,
                              RetrievalStage, dump_config)
@@ -283,9 +283,10 @@ def eval_cell(s: Session, st: EvalStage, v: Variant, key: str, ids: torch.Tensor
 
 
 def attention_stage(cfg: Config, s: Session, st: AttentionStage, out_dir: Path, store, on_log,
-                    variants: dict[str, Variant]) -> list[Variant]:
-    """A per-head attention plan: learned gates (resuming from `store`), an earlier stage's gates
-    re-binarised, or random scores; written as an artifact with the N:M masks of `st.masks`."""
+                    variants: dict[str, Variant], rank: int = 0, world_size: int = 1) -> list[Variant]:
+    """A per-head attention plan: learned gates (resuming from `store`; the caller's rank among
+    `world_size` data-parallel workers), an earlier stage's gates re-binarised, or random scores;
+    written by rank 0 as an artifact with the N:M masks of `st.masks`. Other ranks return nothing."""
     default_sink, default_window = default_sink_window(st.seqlen)
     sink, window = st.sink or default_sink, st.window or default_window
     shape = kv_heads(s.model)[:2]
@@ -310,9 +311,11 @@ def attention_stage(cfg: Config, s: Session, st: AttentionStage, out_dir: Path, 
                  st.name, *shape, sink, window, st.steps)
         with s.running(base):
             gates, history = train_gates(s.model, s.tokenizer, st, stream, sink=sink, window=window, seed=cfg.seed,
-                                         store=store, on_log=on_log)
+                                         store=store, on_log=on_log, strategy=gate_strategy(cfg.workers.strategy))
         scores = gates
     seconds = time.perf_counter() - t0
+    if rank != 0:
+        return []
     streaming = binarize(scores, fraction=st.streaming, threshold=st.threshold)
     plan = AttentionPlan(streaming, torch.full(shape, sink),
                          moa_windows(scores, streaming, st.windows) if st.windows else torch.full(shape, window),
@@ -328,10 +331,17 @@ def attention_stage(cfg: Config, s: Session, st: AttentionStage, out_dir: Path, 
     )
     log.info("%s: %d of %d KV heads streaming (KV cache %.0f%% of dense at %d tokens); artifact %s",
              st.name, int(streaming.sum()), streaming.numel(), 100 * cost["kv_cache_fraction"], st.seqlen, artifact)
-    info = {"method": f"attention-{st.method}", "streaming": plan.streaming_fraction(), "sink": sink,
-            "window": st.windows or window, "seconds": round(seconds, 2), "tokens": tokens,
-            "prior": st.gates_from or None}
-    return [Variant(st.name, artifact=artifact, info=info)]
+    return [attention_variant(st, artifact)]
+
+
+def attention_variant(st: AttentionStage, artifact: Path) -> Variant:
+    """An attention stage's row, read back from its artifact (all that a worker group leaves behind)."""
+    manifest = read_manifest(artifact)
+    method = manifest["method"]
+    info = {"method": method["name"], "streaming": manifest["attention"]["streaming_fraction"],
+            "sink": method["params"]["sink"], "window": st.windows or method["params"]["window"],
+            "seconds": method["seconds"], "tokens": manifest["data"].get("tokens", 0), "prior": st.gates_from or None}
+    return Variant(st.name, artifact=artifact, info=info)
 
 
 def head_geometry(model) -> tuple[int, int, int]:

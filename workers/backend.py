@@ -1,8 +1,9 @@
 """`RayBackend`: the stages of `pipeline.run.run` on a Ray cluster.
 
-A learning stage runs as a Ray Train worker group (`workers.learn`); an evaluation as
-`workers.num_workers` actors, each holding the model once, that share out the (variant × corpus)
-cells; one-shot, attention-gate, retrieval and lm-eval stages as one Ray task each, on one worker's resources,
+A learning stage (masks, or an attention stage's gates) runs as a Ray Train worker group
+(`workers.learn`); an evaluation as `workers.num_workers` actors, each holding the model once, that
+share out the (variant × corpus) cells; one-shot, other attention (random plans, re-binarised gates),
+retrieval and lm-eval stages as one Ray task each, on one worker's resources,
 running exactly what `LocalBackend` runs in-process. Every task and actor gets `resources_per_worker`
 (one GPU each with `use_gpu`), so evaluations fan out one device each.
 """
@@ -74,6 +75,8 @@ class RayBackend:
         return self._task("oneshot", cfg, st, run_dir)
 
     def attention(self, cfg: Config, st: AttentionStage, run_dir: Path, variants: dict[str, Variant]) -> list[Variant]:
+        if st.learns_gates:
+            return learn_on_ray(cfg, st, run_dir, variants=variants)
         return self._task("attention", cfg, st, run_dir, variants)
 
     def retrieval(self, cfg: Config, st: RetrievalStage, run_dir: Path, variants: list[Variant]) -> dict[str, dict]:
@@ -83,7 +86,7 @@ class RayBackend:
         return self._task("lm_eval", cfg, st, run_dir, variants)
 
     def learn(self, cfg: Config, st: LearnStage, run_dir: Path, prior: Path | None) -> list[Variant]:
-        return learn_on_ray(cfg, st, run_dir, prior)
+        return learn_on_ray(cfg, st, run_dir, prior=prior)
 
     def evaluate(self, cfg: Config, st: EvalStage, run_dir: Path, variants: list[Variant]) -> dict[str, dict[str, dict]]:
         cells = [(v, key) for v in variants for key in st.data]

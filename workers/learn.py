@@ -1,7 +1,8 @@
 """A learning stage as a Ray Train worker group: data-parallel ranks, checkpoints through Ray.
 
-Every worker loads the model, takes its share of each batch and runs `pipeline.run.learn_stage`; DDP
-averages the mask gradients over the group (gloo on CPU, NCCL on GPUs, as TorchTrainer sets up).
+Every worker loads the model, takes its share of each batch and runs `pipeline.run.learn_stage` (masks)
+or `pipeline.run.attention_stage` (gates, `pipeline.attention.GateLearning`); DDP averages the mask
+gradients over the group (gloo on CPU, NCCL on GPUs, as TorchTrainer sets up).
 Checkpoints go to Ray Train's storage through `ray.train.report`, so when a worker dies Ray restarts
 the group (up to `workers.max_failures` times) and every rank resumes from the last checkpoint; a new
 trainer with the same storage path and name (a resumed run) finds it the same way. Errors a restart
@@ -28,8 +29,9 @@ from ray.train.torch import TorchTrainer
 from pipeline import MaskpipeError
 from pipeline.artifacts import MANIFEST_FILE, write_json
 from pipeline.checkpoint import Checkpoint, write_shard
-from pipeline.config import Config, LearnStage
-from pipeline.run import MetricsLog, Session, Variant, learn_stage, learned_variant, logs_to
+from pipeline.config import AttentionStage, Config, LearnStage
+from pipeline.run import (MetricsLog, Session, Variant, attention_stage, attention_variant, learn_stage, learned_variant,
+                          logs_to)
 
 
 class RayCheckpoints:
@@ -56,26 +58,30 @@ class RayCheckpoints:
 
 
 def learn_loop(config: dict) -> None:
-    """Ray Train's per-worker function for one learning stage."""
+    """Ray Train's per-worker function for one learning stage: masks (a learn stage) or gates (an attention stage)."""
     cfg: Config = config["cfg"]
-    st: LearnStage = next(s for s in cfg.stages if s.name == config["stage"])
+    st: LearnStage | AttentionStage = next(s for s in cfg.stages if s.name == config["stage"])
     run_dir = Path(config["run_dir"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.manual_seed(cfg.seed)
-    session = Session(cfg.model, meta=cfg.workers.loads_sharded)  # fsdp: each rank reads its rows only
+    masks = isinstance(st, LearnStage)
+    session = Session(cfg.model, meta=masks and cfg.workers.loads_sharded)  # fsdp: each rank reads its rows only
     metrics = MetricsLog(run_dir, st.name, cfg.logging, config=cfg.model_dump(mode="json")) if rank == 0 else None
 
     def on_log(entry: dict) -> None:
         if metrics is not None:
             metrics(entry)
-        if "loss" in entry:  # every rank logs the same steps, as the collective report needs
+        if "step" in entry:  # every rank logs the same steps, as the collective report needs
             ray.train.report({"stage": st.name, **entry})
 
     with logs_to(run_dir) if rank == 0 else contextlib.nullcontext():
         try:
-            learn_stage(cfg, session, st, run_dir / "artifacts", config["prior"], RayCheckpoints(rank), on_log, rank,
-                        world)
+            store, out_dir = RayCheckpoints(rank), run_dir / "artifacts"
+            if masks:
+                learn_stage(cfg, session, st, out_dir, config["prior"], store, on_log, rank, world)
+            else:
+                attention_stage(cfg, session, st, out_dir, store, on_log, config["variants"], rank, world)
         except DETERMINISTIC as e:
             # Ray Train restarts a failed group up to max_failures times, which only replays a bad
             # path, bad data or an error of ours. Such errors happen on every rank at the same point
@@ -133,7 +139,10 @@ def check_resources(options: dict, workers: int, what: str) -> None:
                                 f"set workers.autoscaling: true if the cluster adds nodes on demand)")
 
 
-def learn_on_ray(cfg: Config, st: LearnStage, run_dir: Path, prior: Path | None) -> list[Variant]:
+def learn_on_ray(cfg: Config, st: LearnStage | AttentionStage, run_dir: Path, *, prior: Path | None = None,
+                 variants: dict[str, Variant] | None = None) -> list[Variant]:
+    """A learning stage on a Ray Train worker group: `prior` is a learn stage's, `variants` (the earlier
+    stages' rows) an attention stage's."""
     # Ray Train would move workers into its own directory; keeping Ray's worker directory (the job's
     # working_dir, or the driver's directory on a local instance) resolves a config's relative paths
     # the same way for every stage and every kind of worker.
@@ -143,7 +152,8 @@ def learn_on_ray(cfg: Config, st: LearnStage, run_dir: Path, prior: Path | None)
         error_file(run_dir, st.name, rank).unlink(missing_ok=True)
     trainer = TorchTrainer(
         learn_loop,
-        train_loop_config={"cfg": cfg, "stage": st.name, "run_dir": str(run_dir), "prior": prior},
+        train_loop_config={"cfg": cfg, "stage": st.name, "run_dir": str(run_dir), "prior": prior,
+                           "variants": variants},
         scaling_config=ScalingConfig(num_workers=w.num_workers, use_gpu=w.use_gpu,
                                      resources_per_worker=w.resources_per_worker or None),
         run_config=RunConfig(
@@ -166,4 +176,4 @@ def learn_on_ray(cfg: Config, st: LearnStage, run_dir: Path, prior: Path | None)
     if after is None or after == before:
         # Ray Train's SIGINT handler aborts the group, and fit() returns as if it had finished.
         raise KeyboardInterrupt
-    return [learned_variant(st, artifact)]
+    return [learned_variant(st, artifact) if isinstance(st, LearnStage) else attention_variant(st, artifact)]
