@@ -413,6 +413,7 @@ class WorkersConfig(Strict):
     storage_path: str | None = None
     # How a learning stage spreads the model and the mask state over the workers (pipeline.shard):
     # ddp replicates everything, fsdp (FSDP2) and deepspeed (ZeRO `zero_stage` 2 or 3) shard it.
+    # Gate learning (an attention stage) is data-parallel under every strategy, the model whole on each worker.
     strategy: Literal["none", "ddp", "fsdp", "deepspeed"] = "ddp"
     zero_stage: Literal[2, 3] = 3
     activation_checkpointing: bool = False  # recompute each decoder block in the backward pass
