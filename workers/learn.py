@@ -30,8 +30,8 @@ from pipeline import MaskpipeError
 from pipeline.artifacts import MANIFEST_FILE, write_json
 from pipeline.checkpoint import Checkpoint, write_shard
 from pipeline.config import AttentionStage, Config, LearnStage
-from pipeline.run import (MetricsLog, Session, Variant, attention_stage, attention_variant, learn_stage, learned_variant,
-                          logs_to)
+from pipeline.run import (MetricsLog, Session, Variant, attention_stage, attention_variant, learn_stage,
+                          learned_variant, logs_to)
 
 
 class RayCheckpoints:
