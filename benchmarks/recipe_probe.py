@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch.nn.utils import parametrize
 
 import pipeline.learn as learn
+import pipeline.loop as loop
 from pipeline.config import DataConfig, LearnStage, ModelConfig
 from pipeline.data import TokenStream, calibration_blocks, eval_text
 from pipeline.evaluate import perplexity
@@ -141,7 +142,7 @@ def main() -> None:
     stream = TokenStream(data, tok, a.seqlen, seed=a.seed)
     if a.learner == "maskpipe":
         if a.sched == "const":
-            learn.cosine_lr = lambda base, step, total, warmup: base
+            loop.cosine_lr = lambda base, step, total, warmup: base
         logits, _ = learn.train_masks(model, linears, st, 2, 4, stream, seed=a.seed, store=NoCheckpoints(),
                                       priors=prior, strategy="none")
         masks = {k: learn.hard_mask(v, 2, 4).reshape(linears[k].weight.shape) for k, v in logits.items()}

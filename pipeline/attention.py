@@ -24,11 +24,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
-from tqdm.auto import tqdm
 
 from pipeline import MaskpipeError
-from pipeline.models import decoder_blocks, decoder_linears, fingerprint
+from pipeline.checkpoint import rank_world
+from pipeline.loop import train
+from pipeline.models import decoder_blocks, decoder_linears, fingerprint, materialize
 from pipeline.retrieval import (PASSKEY_DIGITS, PASSKEY_INTRO, PASSKEY_NEEDLE, PASSKEY_QUESTION, build_prompt,
                                 random_number, split_sentences)
 
@@ -355,72 +357,100 @@ def passkey_batch(rng: random.Random, stream, tokenizer, batch_size: int, seqlen
     return torch.tensor(ids), torch.tensor(targets)
 
 
+class GateLearning:
+    """The `pipeline.loop.Method` of DuoAttention: one step is one synthetic passkey batch, the dense
+    model's and the gate-mixed model's final hidden states on the answer positions, and an AdamW step
+    on the gates (clamped to [0, 1]) against their squared distance plus λ·mean|α|. A checkpoint adds
+    the gates, their moments and the passkey generator's state.
+
+    Data-parallel: every rank draws the whole global batch (the same generator and stream, so resuming
+    stays exact on any number of ranks), runs its rows, and the gate gradients are summed over the
+    ranks, each rank's loss being its share of the global mean; the gates are a few hundred numbers,
+    so every rank holds them and their optimizer state whole, and rank 0 saves them."""
+
+    desc, loss_key = "gate learning", "distance"
+
+    def __init__(self, model: nn.Module, tokenizer, st, stream, *, sink: int, window: int, seed: int):
+        self.model, self.tokenizer, self.st, self.stream = model, tokenizer, st, stream
+        self.rank, self.world = rank_world()
+        self.device = next(model.parameters()).device
+        shape = kv_heads(model)[:2]
+        self.gates = nn.Parameter(torch.ones(shape, device=self.device))  # start as the dense model
+        self.opt = torch.optim.AdamW([self.gates], lr=st.lr, weight_decay=0.0)
+        self.rng = random.Random(seed)
+        self.streaming = uniform_plan(shape, True, sink, window)
+
+    def load(self, ckpt) -> None:
+        with torch.no_grad():
+            self.gates.copy_(ckpt.read("gates"))
+        self.opt.state[self.gates] = {"step": torch.tensor(float(ckpt.step)),
+                                      **{k: ckpt.read(k).to(self.device) for k in ("exp_avg", "exp_avg_sq")}}
+        self.rng.setstate(_tuples(ckpt.meta["rng"]))
+
+    def state(self) -> tuple[dict, dict]:
+        s = self.opt.state[self.gates]
+        tensors = {"gates": self.gates, "exp_avg": s["exp_avg"], "exp_avg_sq": s["exp_avg_sq"]}
+        return tensors if self.rank == 0 else {}, {"rng": self.rng.getstate()}
+
+    def step(self, step: int, lr: float) -> float:
+        st, gates = self.st, self.gates
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+        x, targets = passkey_batch(self.rng, self.stream, self.tokenizer, st.batch_size, st.seqlen, st.needles)
+        answers = int(targets.sum())  # over the global batch
+        share = slice(self.rank * st.batch_size // self.world, (self.rank + 1) * st.batch_size // self.world)
+        x, targets = x[share].to(self.device), targets[share].to(self.device)
+        with torch.no_grad():
+            dense = self.model.base_model(input_ids=x, use_cache=False).last_hidden_state[targets]
+        with planned(self.model, self.streaming, gates):
+            mixed = self.model.base_model(input_ids=x, use_cache=False).last_hidden_state[targets]
+        per_answer = (mixed - dense).pow(2).sum(-1)  # squared L2 per answer position, as DuoAttention
+        distance = per_answer.mean() if self.world == 1 else per_answer.sum() / answers
+        loss = distance + st.reg * gates.abs().mean() / self.world
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        distance = distance.detach()
+        if self.world > 1:
+            dist.all_reduce(gates.grad)
+            dist.all_reduce(distance)
+        self.opt.step()
+        with torch.no_grad():
+            gates.clamp_(0, 1)
+        return distance.item()
+
+    def logged(self, lr: float) -> dict:
+        return {"lr": lr, "gate_mean": self.gates.mean().item(),
+                "gates_below_half": (self.gates < 0.5).float().mean().item()}
+
+
 def train_gates(model: nn.Module, tokenizer, st, stream, *, sink: int, window: int, seed: int, store,
-                on_log=None) -> tuple[torch.Tensor, list[dict]]:
+                on_log=None, strategy: str = "ddp") -> tuple[torch.Tensor, list[dict]]:
     """Learn a gate per KV head (DuoAttention) with every model weight frozen, resuming from
-    `store.latest()` if there is a checkpoint. Returns the gates [layers, kv_heads] and the log history."""
-    from pipeline.learn import cosine_lr
+    `store.latest()` if there is a checkpoint. Returns the gates [layers, kv_heads] and the log history.
 
-    device = next(model.parameters()).device
-    shape = kv_heads(model)[:2]
-    gates = nn.Parameter(torch.ones(shape, device=device))  # start as the dense model
-    opt = torch.optim.AdamW([gates], lr=st.lr, weight_decay=0.0)
-    rng = random.Random(seed)
-    streaming = uniform_plan(shape, True, sink, window)
-    step, history, window_losses = 0, [], []
-    with store.latest() as ckpt:
-        if ckpt is not None:
-            with torch.no_grad():
-                gates.copy_(ckpt.read("gates"))
-            opt.state[gates] = {"step": torch.tensor(float(ckpt.step)),
-                                **{k: ckpt.read(k).to(device) for k in ("exp_avg", "exp_avg_sq")}}
-            stream.load_state_dict(ckpt.meta["stream"])
-            rng.setstate(_tuples(ckpt.meta["rng"]))
-            step, history, window_losses = ckpt.step, ckpt.meta["history"], ckpt.meta["loss_window"]
-            if on_log:
-                on_log({"resumed_from_step": step})
-
-    def checkpoint() -> None:
-        state = opt.state[gates]
-        store.save(step, {"gates": gates, "exp_avg": state["exp_avg"], "exp_avg_sq": state["exp_avg_sq"]},
-                   {"stream": stream.state_dict(), "rng": rng.getstate(), "history": history,
-                    "loss_window": window_losses})
-
+    Under torch.distributed every rank runs this on its share of each global batch of `st.batch_size`
+    samples (`GateLearning`), and the step equals one process's step on the whole batch. Every rank
+    holds the whole frozen model (`strategy` none on one rank, ddp on several): the sharded strategies
+    of `pipeline.shard` shard mask state, and gates have none worth sharding."""
+    _, world = rank_world()
+    if strategy not in GATE_STRATEGIES or (strategy == "none" and world > 1):
+        raise MaskpipeError(f"gate learning on {world} worker(s) runs strategy "
+                            f"{'ddp' if world > 1 else 'none or ddp'}, not {strategy!r}")
+    if st.batch_size % world:
+        raise MaskpipeError(f"batch_size {st.batch_size} is not divisible by the {world} workers")
+    materialize(model)  # a model loaded on meta is read whole
     model.eval()
-    bar = tqdm(total=st.steps, initial=step, desc="gate learning", disable=None)
-    try:
-        while step < st.steps:
-            lr = cosine_lr(st.lr, step, st.steps, st.warmup_steps)
-            for group in opt.param_groups:
-                group["lr"] = lr
-            x, targets = passkey_batch(rng, stream, tokenizer, st.batch_size, st.seqlen, st.needles)
-            x, targets = x.to(device), targets.to(device)
-            with torch.no_grad():
-                dense = model.base_model(input_ids=x, use_cache=False).last_hidden_state[targets]
-            with planned(model, streaming, gates):
-                mixed = model.base_model(input_ids=x, use_cache=False).last_hidden_state[targets]
-            distance = (mixed - dense).pow(2).sum(-1).mean()  # squared L2 per answer position, as DuoAttention
-            loss = distance + st.reg * gates.abs().mean()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            with torch.no_grad():
-                gates.clamp_(0, 1)
-            step += 1
-            window_losses.append(distance.item())
-            bar.update(1)
-            if step % st.log_every == 0 or step == st.steps:
-                entry = {"step": step, "distance": sum(window_losses) / len(window_losses), "lr": lr,
-                         "gate_mean": gates.mean().item(), "gates_below_half": (gates < 0.5).float().mean().item()}
-                window_losses = []
-                history.append(entry)
-                if on_log:
-                    on_log(entry)
-            if step % st.checkpoint_every == 0 or step == st.steps:
-                checkpoint()
-    finally:
-        bar.close()
-    return gates.detach().cpu(), history
+    method = GateLearning(model, tokenizer, st, stream, sink=sink, window=window, seed=seed)
+    history = train(method, st, stream, store, on_log)
+    return method.gates.detach().cpu(), history
+
+
+GATE_STRATEGIES = ("none", "ddp")
+
+
+def gate_strategy(strategy: str) -> str:
+    """The strategy gates learn with under `workers.strategy`: the sharded ones hold the model whole."""
+    return strategy if strategy in GATE_STRATEGIES else "ddp"
 
 
 def _tuples(state):

@@ -130,6 +130,7 @@ class DataConfig(Strict):
 
 class StageBase(Strict):
     name: str | None = None  # unique within a config; defaults to the stage's method or kind
+    stage: str  # the kind: each stage's config narrows it to its Literal (the union's discriminator)
 
 
 class OneshotStage(StageBase):
@@ -244,7 +245,31 @@ class LmEvalStage(StageBase):
     masks: list[str] | Literal["all"] = "all"  # names of earlier stages whose artifacts to evaluate
 
 
-class AttentionStage(StageBase):
+# The settings of the training loop (`pipeline.loop.train`), one type each: a learning stage's config
+# extends `LoopSettings`, and sets its own default where its method needs another value.
+Steps = Annotated[int, Field(gt=0)]
+BatchSize = Annotated[int, Field(gt=0)]  # global: shared out over the workers
+SeqLen = Annotated[int, Field(gt=1)]
+LearningRate = Annotated[float, Field(gt=0)]  # the peak of the cosine schedule
+CheckpointEvery = Annotated[int, Field(gt=0)]
+KeepCheckpoints = Annotated[int, Field(gt=0)]
+
+
+class LoopSettings(StageBase):
+    """What every learning stage sets for the one training loop: its length, batch, lr schedule
+    (linear warmup, then cosine to 0), and log and checkpoint cadence."""
+
+    steps: Steps
+    batch_size: BatchSize
+    seqlen: SeqLen
+    lr: LearningRate
+    warmup_steps: int = Field(default=0, ge=0)
+    log_every: int = Field(default=10, gt=0)  # a log entry averages the losses since the last one
+    checkpoint_every: CheckpointEvery
+    keep_checkpoints: KeepCheckpoints
+
+
+class AttentionStage(LoopSettings):
     """A per-head attention plan: `learned` gates (DuoAttention) binarised at a target fraction of
     streaming KV heads (or a gate threshold), or a `random` plan with the same budget."""
 
@@ -259,18 +284,21 @@ class AttentionStage(StageBase):
     seed: int | None = None  # random: the draw (defaults to the config's seed)
     masks: str | None = None  # an earlier N:M stage: its masks stay on while learning and join the artifact
     data: str | None = None  # haystack corpus of the synthetic passkey samples (learned)
-    steps: int = Field(default=100, gt=0)
-    batch_size: int = Field(default=4, gt=0)
-    seqlen: int = Field(default=512, gt=1)  # also the context the sink/window defaults scale with
+    steps: Steps = 100
+    batch_size: BatchSize = 4
+    seqlen: SeqLen = 512  # also the context the sink/window defaults scale with
     needles: int = Field(default=2, gt=0)  # passkeys per sample
     # Adam moves a gate by about lr per step, so lr ~ 2-4/steps lets an unneeded gate fall from 1 to 0.
-    lr: float = Field(default=0.05, gt=0)
-    warmup_steps: int = Field(default=0, ge=0)
+    lr: LearningRate = 0.05
     # λ of λ·mean|α|; DuoAttention's 0.05·Σ|α| over 48 heads is λ = 2.4 here
     reg: float = Field(default=2.0, ge=0)
-    log_every: int = Field(default=10, gt=0)
-    checkpoint_every: int = Field(default=50, gt=0)
-    keep_checkpoints: int = Field(default=2, gt=0)
+    checkpoint_every: CheckpointEvery = 50
+    keep_checkpoints: KeepCheckpoints = 2
+
+    @property
+    def learns_gates(self) -> bool:
+        """Whether the stage trains gates (on a worker group, as a learn stage trains masks)."""
+        return self.method == "learned" and self.gates_from is None
 
     @model_validator(mode="before")
     @classmethod
@@ -315,31 +343,28 @@ LR_MARGINS = 3.0
 MAX_STEP_MARGIN = 0.1
 
 
-class LearnStage(StageBase):
+class LearnStage(LoopSettings):
     """MaskLLM: Gumbel-softmax over each group's candidate masks, only the logits trained."""
 
     stage: Literal["learn"]
     pattern: str | None = None
     data: str
     prior: PriorConfig | None = None
-    steps: int = Field(gt=0)
-    batch_size: int = Field(default=8, gt=0)
-    seqlen: int = Field(default=2048, gt=1)
+    batch_size: BatchSize = 8
+    seqlen: SeqLen = 2048
     grad_accum: int = Field(default=1, gt=0)
     # Omitted: scaled to the budget so that Adam can move a logit (about lr·steps/2 under the cosine
     # schedule) LR_MARGINS/2 times the prior's margin, strength · init_std (init_std alone without a
     # prior): enough to flip a group whose gradient agrees step after step, too little for noise.
-    lr: float = Field(default=None, gt=0, validate_default=False)
-    warmup_steps: int = Field(default=0, ge=0)
+    lr: LearningRate = Field(default=None, validate_default=False)
     weight_decay: float = Field(default=0.0, ge=0)
     grad_clip: float | None = Field(default=1.0, gt=0)
     tau: tuple[float, float] = (4.0, 0.05)  # Gumbel temperature, annealed linearly start -> end
     kappa: tuple[float, float] = (100.0, 500.0)  # logit scale, annealed linearly start -> end
     sparse_reg: float = Field(default=1e-5, ge=0)  # λ of −λ·Σ‖W⊙M̃‖², decays linearly to 0; 0 = off
     init_std: float = Field(default=0.01, gt=0)
-    log_every: int = Field(default=10, gt=0)
-    checkpoint_every: int = Field(default=100, gt=0)
-    keep_checkpoints: int = Field(default=3, gt=0)
+    checkpoint_every: CheckpointEvery = 100
+    keep_checkpoints: KeepCheckpoints = 3
     save_logits: Literal["bfloat16", "float16", "float32"] | None = "bfloat16"
     # Leaner mask state (see pipeline.learn.GumbelNMMask and docs/RESULTS.md): "positions" keeps M
     # logits per group instead of C(M,N); bfloat16 logits also keep AdamW's moments in bfloat16.
@@ -388,6 +413,7 @@ class WorkersConfig(Strict):
     storage_path: str | None = None
     # How a learning stage spreads the model and the mask state over the workers (pipeline.shard):
     # ddp replicates everything, fsdp (FSDP2) and deepspeed (ZeRO `zero_stage` 2 or 3) shard it.
+    # Gate learning (an attention stage) is data-parallel under every strategy, the model whole on each worker.
     strategy: Literal["none", "ddp", "fsdp", "deepspeed"] = "ddp"
     zero_stage: Literal[2, 3] = 3
     activation_checkpointing: bool = False  # recompute each decoder block in the backward pass

@@ -9,17 +9,16 @@ argmax candidate. Only the logits train; the base weights stay frozen underneath
 from __future__ import annotations
 
 import itertools
-import math
 from functools import lru_cache
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.utils import parametrize
-from tqdm.auto import tqdm
 
 from pipeline import MaskpipeError
 from pipeline.checkpoint import Rows, rank_world
+from pipeline.loop import linear_schedule, train
 from pipeline.models import base_weight, decoder_blocks, defer, deferred, device_of
 from pipeline.shard import MOMENTS, make_strategy
 from pipeline.sparsity import check_divisible
@@ -185,15 +184,79 @@ def add_learned_masks(
     return masks
 
 
-def linear_schedule(start: float, end: float, step: int, total: int) -> float:
-    return start + (end - start) * min(step / max(total - 1, 1), 1.0)
+class MaskLearning:
+    """The `pipeline.loop.Method` of MaskLLM: one step draws each layer's Gumbel noise from the seed,
+    anneals tau, kappa and the regulariser's λ, and runs `grad_accum` micro-batches of the LM loss
+    through `shard` (`pipeline.shard`), which owns the logits and their AdamW state. A checkpoint
+    adds each owned row block of the logits, their moments and the argmax at the last log."""
 
+    desc, loss_key = "mask learning", "loss"
 
-def cosine_lr(base: float, step: int, total: int, warmup: int) -> float:
-    if step < warmup:
-        return base * (step + 1) / warmup
-    progress = (step - warmup) / max(total - warmup, 1)
-    return base * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+    def __init__(self, shard, mods: dict[str, GumbelNMMask], st, n: int, m: int, stream, *, seed: int,
+                 strategy: str, device: torch.device):
+        self.shard, self.mods, self.order, self.st, self.n, self.m = shard, mods, sorted(mods), st, n, m
+        self.stream, self.seed, self.strategy, self.device = stream, seed, strategy, device
+        _, self.world = rank_world()
+        self.last = self.argmaxes()  # the mask-change baseline: argmax candidates at the last log
+        self.tau = self.kappa = self.lam = 0.0
+
+    def argmaxes(self) -> dict[str, torch.Tensor]:
+        """The argmax candidate of every group in the rows this rank owns."""
+        return {k: candidate_logits(self.shard.owned(k).float(), self.n, self.m, self.st.logits_per_group)
+                .argmax(-1).to(torch.uint8) for k in self.order}
+
+    def change_rate(self, before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> float:
+        """Fraction of groups whose argmax candidate flipped (MaskLLM's mask-change rate), over all ranks."""
+        counts = torch.tensor([float(sum(int((before[k] != after[k]).sum()) for k in self.order)),
+                               float(sum(after[k].numel() for k in self.order))]) * self.shard.writes  # one copy a row
+        if self.world > 1:
+            dist.all_reduce(counts)
+        return (counts[0] / counts[1]).item()
+
+    def load(self, ckpt) -> None:
+        self.shard.load(ckpt)
+        self.last = {k: ckpt.read(f"argmax.{k}", *self.shard.rows(k)) for k in self.order}
+
+    def state(self) -> tuple[dict, dict]:
+        tensors = {}
+        for k in self.order if self.shard.writes else ():
+            start = self.shard.rows(k)[0]
+            for what in ("logits", *MOMENTS):
+                tensors[f"{what}.{k}"] = Rows(self.shard.owned(k, what), start)
+            tensors[f"argmax.{k}"] = Rows(self.last[k], start)
+        return tensors, {"world_size": self.world, "strategy": self.strategy}
+
+    def step(self, step: int, lr: float) -> float:
+        st, shard, accum = self.st, self.shard, self.st.grad_accum
+        self.tau = linear_schedule(*st.tau, step, st.steps)
+        self.kappa = linear_schedule(*st.kappa, step, st.steps)
+        self.lam = st.sparse_reg * (1 - step / st.steps)
+        shard.set_lr(lr)
+        shard.zero_grad()
+        lm_loss = torch.zeros((), device=self.device)
+        for micro in range(accum):
+            for i, k in enumerate(self.order):
+                mod = self.mods[k]
+                mod.tau, mod.kappa, mod.lam = self.tau, self.kappa, self.lam / accum
+                mod.noise_seed = (self.seed * 1_000_003 + (step * accum + micro) * len(self.order) + i) % 2**63
+            x = self.stream.next_batch(st.batch_size // self.world).to(self.device)
+            with shard.sync(micro == accum - 1), torch.autocast(self.device.type, torch.bfloat16,
+                                                                enabled=self.device.type == "cuda"):
+                loss = shard.forward(input_ids=x, labels=x, use_cache=False).loss
+                shard.backward(loss / accum)
+            lm_loss += loss.detach().float() / accum
+        if self.world > 1:
+            dist.all_reduce(lm_loss)
+            lm_loss /= self.world
+        shard.step()
+        return lm_loss.item()
+
+    def logged(self, lr: float) -> dict:
+        now = self.argmaxes()
+        entry = {"tau": self.tau, "kappa": self.kappa, "lambda": self.lam, "lr": lr,
+                 "mask_change": self.change_rate(self.last, now), "state_bytes": self.shard.state_bytes()}
+        self.last = now
+        return entry
 
 
 def train_masks(
@@ -217,7 +280,6 @@ def train_masks(
     generator = torch.Generator().manual_seed(seed)  # the initial logits only
     mods = add_learned_masks(linears, n, m, generator, priors, st.prior.strength if st.prior else 0.0, st.init_std,
                              st.logits_per_group, getattr(torch, st.logits_dtype), init_logits)
-    order = sorted(mods)
     if activation_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     model.eval()  # no dropout; the masks alone train
@@ -231,85 +293,11 @@ def train_masks(
                           micro_batch=st.batch_size // world, grad_accum=st.grad_accum, zero_stage=zero_stage,
                           shard_group=shard_group)
     # The logits may now be strategy-owned views (FSDP2's DTensors, ZeRO's partitions): read them through `shard`.
-
-    def argmaxes() -> dict[str, torch.Tensor]:
-        """The argmax candidate of every group in the rows this rank owns."""
-        return {k: candidate_logits(shard.owned(k).float(), n, m, st.logits_per_group).argmax(-1).to(torch.uint8)
-                for k in order}
-
-    def change_rate(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> float:
-        """Fraction of groups whose argmax candidate flipped (MaskLLM's mask-change rate), over all ranks."""
-        counts = torch.tensor([float(sum(int((before[k] != after[k]).sum()) for k in order)),
-                               float(sum(after[k].numel() for k in order))]) * shard.writes  # one copy of each row
-        if world > 1:
-            dist.all_reduce(counts)
-        return (counts[0] / counts[1]).item()
-
-    step, history = 0, []
-    window: list[float] = []  # LM losses since the last log: one batch's loss is too noisy to read
-    last = argmaxes()  # the mask-change baseline: argmax candidates at the last log
-    with store.latest() as ckpt:
-        if ckpt is not None:
-            shard.load(ckpt)
-            meta = ckpt.meta
-            stream.load_state_dict(meta["stream"])
-            step, history, window = meta["step"], meta["history"], meta["loss_window"]
-            last = {k: ckpt.read(f"argmax.{k}", *shard.rows(k)) for k in order}
-            if on_log:
-                on_log({"resumed_from_step": step})
-
-    def checkpoint() -> None:
-        tensors = {}
-        for k in order if shard.writes else ():
-            start = shard.rows(k)[0]
-            for what in ("logits", *MOMENTS):
-                tensors[f"{what}.{k}"] = Rows(shard.owned(k, what), start)
-            tensors[f"argmax.{k}"] = Rows(last[k], start)
-        store.save(step, tensors, {"stream": stream.state_dict(), "history": history, "loss_window": window,
-                                   "world_size": world, "strategy": strategy})
-
-    use_bf16 = device.type == "cuda"
-    bar = tqdm(total=st.steps, initial=step, desc="mask learning", disable=None)
     try:
-        while step < st.steps:
-            tau = linear_schedule(*st.tau, step, st.steps)
-            kappa = linear_schedule(*st.kappa, step, st.steps)
-            lam = st.sparse_reg * (1 - step / st.steps)
-            lr = cosine_lr(st.lr, step, st.steps, st.warmup_steps)
-            shard.set_lr(lr)
-            shard.zero_grad()
-            lm_loss = torch.zeros((), device=device)
-            for micro in range(st.grad_accum):
-                for i, k in enumerate(order):
-                    mod = mods[k]
-                    mod.tau, mod.kappa, mod.lam = tau, kappa, lam / st.grad_accum
-                    mod.noise_seed = (seed * 1_000_003 + (step * st.grad_accum + micro) * len(order) + i) % 2**63
-                x = stream.next_batch(st.batch_size // world).to(device)
-                with shard.sync(micro == st.grad_accum - 1), torch.autocast(device.type, torch.bfloat16,
-                                                                            enabled=use_bf16):
-                    loss = shard.forward(input_ids=x, labels=x, use_cache=False).loss
-                    shard.backward(loss / st.grad_accum)
-                lm_loss += loss.detach().float() / st.grad_accum
-            if world > 1:
-                dist.all_reduce(lm_loss)
-                lm_loss /= world
-            shard.step()
-            step += 1
-            window.append(lm_loss.item())
-            bar.update(1)
-            if step % st.log_every == 0 or step == st.steps:
-                now = argmaxes()
-                entry = {"step": step, "loss": sum(window) / len(window), "tau": tau, "kappa": kappa, "lambda": lam,
-                         "lr": lr, "mask_change": change_rate(last, now), "state_bytes": shard.state_bytes()}
-                last, window = now, []
-                history.append(entry)
-                if on_log:
-                    on_log(entry)
-            if step % st.checkpoint_every == 0 or step == st.steps:
-                checkpoint()
+        method = MaskLearning(shard, mods, st, n, m, stream, seed=seed, strategy=strategy, device=device)
+        history = train(method, st, stream, store, on_log)
         logits = {k: candidate_logits(v.float(), n, m, st.logits_per_group) for k, v in shard.full_logits().items()}
     finally:
-        bar.close()
         if activation_checkpointing:
             model.activation_checkpointing_disable()
         for lin in linears.values():

@@ -7,8 +7,8 @@ from torch.nn.utils import parametrize
 from pipeline.checkpoint import CheckpointDir
 from pipeline.config import DataConfig, LearnStage
 from pipeline.data import TokenStream
-from pipeline.learn import (GumbelNMMask, add_learned_masks, cosine_lr, hard_mask, linear_schedule, nm_candidates,
-                            prior_logits, train_masks)
+from pipeline.learn import GumbelNMMask, add_learned_masks, hard_mask, nm_candidates, prior_logits, train_masks
+from pipeline.loop import cosine_lr, linear_schedule
 from pipeline.models import base_weight
 from pipeline.sparsity import is_nm, nm_mask
 from tests.conftest import CORPORA

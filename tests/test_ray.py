@@ -19,7 +19,7 @@ import yaml
 from cluster import connect
 from jobs.cli import main
 from jobs.submit import TERMINAL, _job_status
-from pipeline.artifacts import load_soft_logits
+from pipeline.artifacts import load_soft_logits, read_manifest
 from pipeline.config import config_from_dict
 from pipeline.run import read_metrics, run
 from tests.conftest import CORPORA, MICRO, ROOT
@@ -111,6 +111,23 @@ def test_two_workers_learn_what_one_process_learns(single, two_workers):
         torch.testing.assert_close(logits[k], single[k], atol=1e-2, rtol=0)
     agree = sum(int((logits[k].argmax(-1) == single[k].argmax(-1)).sum()) for k in single)
     assert agree / sum(v[..., 0].numel() for v in single.values()) > 0.999
+
+
+def test_two_workers_learn_the_gates_one_process_learns(head, tmp_path):
+    """A learned attention stage runs on a Ray Train group as a learn stage does, each worker half of
+    every batch of passkey samples (`pipeline.attention.GateLearning`)."""
+    from workers.backend import RayBackend
+
+    def gates(workers: int) -> torch.Tensor:
+        raw = learn_config(tmp_path / str(workers), workers)
+        raw["stages"] = [{"stage": "attention", "name": "duo", "data": "calib", "steps": 4, "batch_size": 2,
+                          "seqlen": 128, "lr": 0.1, "log_every": 2, "checkpoint_every": 2}]
+        cfg = config_from_dict(raw)
+        run_dir = run(cfg, tmp_path / str(workers) / "run", RayBackend(cfg) if workers else None)
+        plan = read_manifest(run_dir / "artifacts" / "duo")["attention"]
+        return torch.tensor([[h["gate"] for h in layer] for layer in plan["layers"]])
+
+    torch.testing.assert_close(gates(2), gates(0), atol=1e-4, rtol=0)
 
 
 def test_a_killed_worker_restarts_from_the_last_checkpoint_and_ends_with_the_same_mask(head, two_workers, tmp_path):

@@ -30,7 +30,7 @@ from ray.train.torch import TorchTrainer
 from pipeline import MaskpipeError
 from pipeline.artifacts import MANIFEST_FILE, write_json
 from pipeline.checkpoint import Checkpoint, write_shard
-from pipeline.config import Config
+from pipeline.config import Config, LearnStage
 from pipeline.loggers import MetricsLog, logs_to
 from pipeline.rundir import RunDir
 from pipeline.session import Session
@@ -68,13 +68,14 @@ def learn_loop(config: dict) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.manual_seed(cfg.seed)
-    session = Session(cfg.model, meta=cfg.workers.loads_sharded)  # fsdp: each rank reads its rows only
+    # fsdp: each rank of a learn stage reads its rows only (gates train data-parallel over whole models)
+    session = Session(cfg.model, meta=isinstance(st, LearnStage) and cfg.workers.loads_sharded)
     metrics = MetricsLog(run.root, st.name, cfg.logging, config=cfg.model_dump(mode="json")) if rank == 0 else None
 
     def on_log(entry: dict) -> None:
         if metrics is not None:
             metrics(entry)
-        if "loss" in entry:  # every rank logs the same steps, as the collective report needs
+        if "step" in entry:  # every rank logs the same steps, as the collective report needs
             ray.train.report({"stage": st.name, **entry})
 
     with logs_to(run.root) if rank == 0 else contextlib.nullcontext():

@@ -130,6 +130,15 @@ class StageKind:
         raise NotImplementedError
 
 
+def check_batch_split(cfg, st, where: str, what: str) -> None:
+    """A training group's batch splits evenly over its workers (each its share of every batch)."""
+    from pipeline.config import _KeyError
+
+    if st.batch_size % max(cfg.workers.num_workers, 1):
+        raise _KeyError(f"{where}.batch_size", f"{st.batch_size} {what} do not split evenly over "
+                                               f"{cfg.workers.num_workers} workers (workers.num_workers)")
+
+
 class Evaluates(StageKind):
     """A kind that runs the variants made so far (`dense` and `masks` of its config: `ctx.chosen()`)."""
 

@@ -4,26 +4,29 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 
 import torch
 
 from pipeline import MaskpipeError
 from pipeline.artifacts import save_artifact
-from pipeline.attention import (AttentionPlan, binarize, default_sink_window, kv_heads, moa_windows, plan_cost,
-                                random_scores, train_gates)
+from pipeline.artifacts import read_manifest
+from pipeline.attention import (AttentionPlan, binarize, default_sink_window, gate_strategy, kv_heads, moa_windows,
+                                plan_cost, random_scores, train_gates)
 from pipeline.config import AttentionStage, Config
 from pipeline.data import TokenStream
 from pipeline.rundir import RunDir
 from pipeline.session import Session, Variant
-from pipeline.stages import Placement, Ref, StageContext, StageKind, StageOutput
+from pipeline.stages import Placement, Ref, StageContext, StageKind, StageOutput, check_batch_split
 
 log = logging.getLogger("maskpipe")
 
 
 def attention_stage(cfg: Config, s: Session, st: AttentionStage, run: RunDir, store, on_log,
-                    variants: dict[str, Variant]) -> list[Variant]:
-    """A per-head attention plan: learned gates (resuming from `store`), an earlier stage's gates
-    re-binarised, or random scores; written as an artifact with the N:M masks of `st.masks`."""
+                    variants: dict[str, Variant], rank: int = 0, world_size: int = 1) -> list[Variant]:
+    """A per-head attention plan: learned gates (resuming from `store`; the caller's rank among
+    `world_size` data-parallel workers), an earlier stage's gates re-binarised, or random scores;
+    written by rank 0 as an artifact with the N:M masks of `st.masks`. Other ranks return nothing."""
     default_sink, default_window = default_sink_window(st.seqlen)
     sink, window = st.sink or default_sink, st.window or default_window
     shape = kv_heads(s.model)[:2]
@@ -48,9 +51,11 @@ def attention_stage(cfg: Config, s: Session, st: AttentionStage, run: RunDir, st
                  st.name, *shape, sink, window, st.steps)
         with s.running(base):
             gates, history = train_gates(s.model, s.tokenizer, st, stream, sink=sink, window=window, seed=cfg.seed,
-                                         store=store, on_log=on_log)
+                                         store=store, on_log=on_log, strategy=gate_strategy(cfg.workers.strategy))
         scores = gates
     seconds = time.perf_counter() - t0
+    if rank != 0:
+        return []
     streaming = binarize(scores, fraction=st.streaming, threshold=st.threshold)
     plan = AttentionPlan(streaming, torch.full(shape, sink),
                          moa_windows(scores, streaming, st.windows) if st.windows else torch.full(shape, window),
@@ -66,10 +71,17 @@ def attention_stage(cfg: Config, s: Session, st: AttentionStage, run: RunDir, st
     )
     log.info("%s: %d of %d KV heads streaming (KV cache %.0f%% of dense at %d tokens); artifact %s",
              st.name, int(streaming.sum()), streaming.numel(), 100 * cost["kv_cache_fraction"], st.seqlen, artifact)
-    info = {"method": f"attention-{st.method}", "streaming": plan.streaming_fraction(), "sink": sink,
-            "window": st.windows or window, "seconds": round(seconds, 2), "tokens": tokens,
-            "prior": st.gates_from or None}
-    return [Variant(st.name, artifact=artifact, info=info)]
+    return [attention_variant(st, artifact)]
+
+
+def attention_variant(st: AttentionStage, artifact: Path) -> Variant:
+    """An attention stage's row, read back from its artifact (all that a worker group leaves behind)."""
+    manifest = read_manifest(artifact)
+    method = manifest["method"]
+    info = {"method": method["name"], "streaming": manifest["attention"]["streaming_fraction"],
+            "sink": method["params"]["sink"], "window": st.windows or method["params"]["window"],
+            "seconds": method["seconds"], "tokens": manifest["data"].get("tokens", 0), "prior": st.gates_from or None}
+    return Variant(st.name, artifact=artifact, info=info)
 
 
 def head_geometry(model) -> tuple[int, int, int]:
@@ -80,14 +92,27 @@ def head_geometry(model) -> tuple[int, int, int]:
 
 
 class Attention(StageKind):
+    """Learning gates trains on a training group, as a learn stage trains masks; a random plan or
+    re-binarised gates need one device."""
+
     name, config, placement, trains = "attention", AttentionStage, Placement.DEVICE, True
+
+    def where(self, st: AttentionStage) -> Placement:
+        return Placement.GROUP if st.learns_gates else Placement.DEVICE
 
     def reads(self, st: AttentionStage) -> list[Ref]:
         return [Ref(key, getattr(st, key)) for key in ("gates_from", "masks") if getattr(st, key) is not None]
 
+    def check(self, cfg: Config, st: AttentionStage, where: str, earlier: list) -> None:
+        if st.learns_gates:
+            check_batch_split(cfg, st, where, "samples")
+
     def run(self, ctx: StageContext) -> StageOutput:
         return StageOutput(attention_stage(ctx.cfg, ctx.session, ctx.st, ctx.run, ctx.store, ctx.on_log,
-                                           ctx.variants))
+                                           ctx.variants, ctx.rank, ctx.world_size))
+
+    def collect(self, ctx: StageContext) -> StageOutput:
+        return StageOutput([attention_variant(ctx.st, ctx.run.artifact(ctx.st.name))])
 
 
 KIND = Attention()

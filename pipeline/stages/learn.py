@@ -11,14 +11,14 @@ import torch
 
 from pipeline import MaskpipeError
 from pipeline.artifacts import load_soft_logits, read_manifest, save_artifact
-from pipeline.config import Config, LearnStage, _KeyError
+from pipeline.config import Config, LearnStage
 from pipeline.data import TokenStream
 from pipeline.learn import hard_mask, train_masks
 from pipeline.models import base_weight, device_of, fingerprint
 from pipeline.plan import model_shape, plan_report
 from pipeline.rundir import RunDir
 from pipeline.session import Session, Variant
-from pipeline.stages import Placement, Ref, StageContext, StageKind, StageOutput
+from pipeline.stages import Placement, Ref, StageContext, StageKind, StageOutput, check_batch_split
 from pipeline.stages.oneshot import shares
 
 log = logging.getLogger("maskpipe")
@@ -103,9 +103,7 @@ class Learn(StageKind):
         return [Ref("prior.stage", st.prior.stage)] if st.prior is not None and st.prior.stage is not None else []
 
     def check(self, cfg: Config, st: LearnStage, where: str, earlier: list) -> None:
-        if st.batch_size % max(cfg.workers.num_workers, 1):
-            raise _KeyError(f"{where}.batch_size", f"{st.batch_size} blocks do not split evenly over "
-                                                   f"{cfg.workers.num_workers} workers (workers.num_workers)")
+        check_batch_split(cfg, st, where, "blocks")
 
     def run(self, ctx: StageContext) -> StageOutput:
         return StageOutput(learn_stage(ctx.cfg, ctx.session, ctx.st, ctx.run, prior_source(ctx.st, ctx.variants),

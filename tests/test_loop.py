@@ -1,0 +1,133 @@
+"""The one training loop (`pipeline.loop`): masks and gates learn what they learned before it existed,
+and gates learn data-parallel on two real (gloo) ranks what one process learns on the same batch.
+
+The recorded values come from the two loops that `pipeline.loop.train` replaced (commit a179437), run
+on a corpus the test writes itself, so that they do not move with the fixture corpora."""
+
+import hashlib
+import os
+import random
+import shutil
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from pipeline.checkpoint import CheckpointDir
+from tests.conftest import MICRO
+
+# sha256 of the hard masks (first 16 hex digits) and the gates that the loops of a179437 learned.
+RECORDED_MASKS = {"candidates": "8067199acf928b91", "positions": "85205b55c46c1e41"}
+RECORDED_GATES = [[0.9101702570915222, 1.0], [0.8741242289543152, 0.8504647016525269], [0.8771308064460754, 1.0],
+                  [0.8985581398010254, 1.0]]
+
+
+def write_corpus(path) -> str:
+    rng = random.Random(0)
+    words = ["river", "stone", "garden", "window", "letter", "market", "winter", "candle", "harbor", "meadow"]
+    lines = [f"In year {rng.randint(100, 999)} the {rng.choice(words)} by the {rng.choice(words)} was "
+             f"{rng.choice(['old', 'new', 'quiet', 'bright'])}. It stood near the {rng.choice(words)} for "
+             f"{rng.randint(2, 90)} days." for _ in range(600)]
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+def _stream(corpus, tokenizer, seqlen, rank=0, world=1):
+    from pipeline.config import DataConfig
+    from pipeline.data import TokenStream
+
+    data = DataConfig.model_validate({"sources": [corpus], "shuffle_buffer": 8})
+    return TokenStream(data, tokenizer, seqlen, seed=0, rank=rank, world_size=world)
+
+
+def mask_digest(model, linears, tokenizer, corpus, ckpt, per_group: str) -> str:
+    from pipeline.config import LearnStage
+    from pipeline.learn import hard_mask, train_masks
+
+    st = LearnStage.model_validate({"stage": "learn", "name": "learn", "data": "d", "steps": 6, "batch_size": 2,
+                                    "seqlen": 32, "lr": 1e-2, "log_every": 2, "checkpoint_every": 4,
+                                    "grad_accum": 2, "warmup_steps": 2, "sparse_reg": 1e-3,
+                                    "logits_per_group": per_group})
+    logits, _ = train_masks(model, linears, st, 2, 4, _stream(corpus, tokenizer, 32), seed=0,
+                            store=CheckpointDir(ckpt, keep=2))
+    h = hashlib.sha256()
+    for k in sorted(logits):
+        h.update(k.encode())
+        h.update(hard_mask(logits[k], 2, 4).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def gate_stage(**kw):
+    from pipeline.config import AttentionStage
+
+    return AttentionStage.model_validate({"stage": "attention", "data": "d", "steps": 4, "batch_size": 2,
+                                          "seqlen": 128, "needles": 2, "warmup_steps": 1, "log_every": 2,
+                                          "checkpoint_every": 2, "keep_checkpoints": 2, **kw})
+
+
+def learn_gates(model, tokenizer, corpus, ckpt, on_log=None):
+    from pipeline.attention import train_gates
+
+    return train_gates(model, tokenizer, gate_stage(), _stream(corpus, tokenizer, 128), sink=4, window=16, seed=0,
+                       store=CheckpointDir(ckpt, keep=2), on_log=on_log)
+
+
+def test_fixed_seeds_learn_the_recorded_masks_and_gates(micro, tokenizer, tmp_path):
+    model, linears = micro
+    corpus = write_corpus(tmp_path / "corpus.txt")
+    for per_group, digest in RECORDED_MASKS.items():
+        assert mask_digest(model, linears, tokenizer, corpus, tmp_path / per_group, per_group) == digest, per_group
+    gates, history = learn_gates(model, tokenizer, corpus, tmp_path / "gates")
+    torch.testing.assert_close(gates, torch.tensor(RECORDED_GATES), atol=1e-6, rtol=0)
+    assert [h["step"] for h in history] == [2, 4] and list(history[0]) == ["step", "distance", "lr", "gate_mean",
+                                                                           "gates_below_half"]
+
+
+def _gates_on_ranks(rank, world, port, corpus, ckpt, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    from pipeline.config import ModelConfig
+    from pipeline.models import load_model, load_tokenizer
+
+    cfg = ModelConfig(name_or_path=str(MICRO), dtype="float32", device="cpu")
+    model, tokenizer = load_model(cfg), load_tokenizer(cfg)
+    try:
+        gates, history = learn_gates(model, tokenizer, corpus, ckpt)
+        if rank == 0:
+            torch.save({"gates": gates, "history": history}, out)
+    finally:
+        dist.destroy_process_group()
+
+
+def on_two_ranks(tmp_path, name):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / f"{name}.pt"
+    mp.start_processes(_gates_on_ranks, args=(2, port, str(tmp_path / "corpus.txt"), str(tmp_path / name), str(out)),
+                       nprocs=2, start_method="spawn")
+    return torch.load(out)
+
+
+@pytest.mark.slow
+def test_two_ranks_learn_the_gates_of_one_process_and_resume_on_one(micro, tokenizer, tmp_path):
+    """Each rank runs half of every global batch; the checkpoint two ranks wrote resumes on one."""
+    model, _ = micro
+    corpus = write_corpus(tmp_path / "corpus.txt")
+    single, history = learn_gates(model, tokenizer, corpus, tmp_path / "single")
+    two = on_two_ranks(tmp_path, "two")
+    torch.testing.assert_close(two["gates"], single, atol=1e-5, rtol=0)
+    assert [h["step"] for h in two["history"]] == [2, 4]
+    for a, b in zip(two["history"], history):
+        assert a["distance"] == pytest.approx(b["distance"], rel=1e-4)
+
+    written = tmp_path / "two" / "step-00000002"
+    assert [f.name for f in written.glob("shard-*")] == ["shard-00000.safetensors"]  # rank 0 holds the gates whole
+    shutil.copytree(written, tmp_path / "cut" / "step-00000002")
+    events = []
+    resumed, _ = learn_gates(model, tokenizer, corpus, tmp_path / "cut", on_log=events.append)
+    assert events[0] == {"resumed_from_step": 2}
+    torch.testing.assert_close(resumed, single, atol=1e-5, rtol=0)
