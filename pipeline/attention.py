@@ -29,8 +29,8 @@ from tqdm.auto import tqdm
 
 from pipeline import MaskpipeError
 from pipeline.models import decoder_blocks, decoder_linears, fingerprint
-from pipeline.retrieval import (PASSKEY_DIGITS, PASSKEY_INTRO, PASSKEY_NEEDLE, PASSKEY_QUESTION, build_prompt,
-                                random_number, split_sentences)
+from pipeline.prompts import (PASSKEY_DIGITS, PASSKEY_INTRO, PASSKEY_NEEDLE, PASSKEY_QUESTION, build_prompt,
+                              random_number, split_sentences)
 
 IMPLEMENTATION = "maskpipe_heads"  # the name the plans run under in transformers' AttentionInterface
 FULL, STREAMING = "full", "streaming"

@@ -3,8 +3,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import (ConfigError, apply_overrides, config_from_dict, dump_config, load_config, parse_pattern,
-                             yaml_load)
+from pipeline.config import ConfigError, apply_overrides, config_from_dict, dump_config, load_config, yaml_load
+from pipeline.vocab import Pattern
 from tests.conftest import ROOT
 
 BASE = {
@@ -82,13 +82,13 @@ def test_unquoted_pattern_in_yaml_stays_a_pattern(tmp_path):
     # YAML 1.1 would read 2:4 as the base-60 integer 124.
     f = tmp_path / "c.yaml"
     f.write_text("name: t\nmodel: {name_or_path: m}\nsparsity: {pattern: 4:8}\nstages: [{stage: oneshot, method: magnitude}]\n")
-    assert load_config(f).sparsity.nm == (4, 8)
+    assert load_config(f).sparsity.pattern == Pattern(4, 8)
 
 
 def test_overrides_set_nested_keys_and_list_items(tmp_path):
     raw = apply_overrides(BASE, ["stages.0.n_samples=4", "model.dtype=float32", "sparsity.pattern=4:8"], "f")
     cfg = config_from_dict(raw)
-    assert cfg.stages[0].n_samples == 4 and cfg.model.dtype == "float32" and cfg.sparsity.nm == (4, 8)
+    assert cfg.stages[0].n_samples == 4 and cfg.model.dtype == "float32" and cfg.sparsity.pattern == Pattern(4, 8)
     assert BASE["stages"][0].get("n_samples") is None  # the input is not mutated
     with pytest.raises(ConfigError, match="stages has no item 7"):
         apply_overrides(BASE, ["stages.7.method=x"], "f")
@@ -110,11 +110,19 @@ def test_stage_names_default_to_method_or_kind():
     assert [s.name for s in cfg.stages] == ["wanda", "eval"]
 
 
-def test_parse_pattern():
-    assert parse_pattern("2:4") == (2, 4) and parse_pattern("4:8") == (4, 8)
-    for bad in ["4:2", "0:4", "2", "a:b", "2:4:8"]:
-        with pytest.raises(ValueError):
-            parse_pattern(bad)
+def test_pattern_parses_prints_and_validates_in_one_place():
+    assert Pattern.parse("2:4") == Pattern(2, 4) and tuple(Pattern.parse("4:8")) == (4, 8)
+    assert str(Pattern(2, 4)) == "2:4" and Pattern.parse(Pattern(1, 2)) == Pattern(1, 2)
+    for bad in ["4:2", "0:4", "2", "a:b", "2:4:8", None]:
+        with pytest.raises(ValueError, match='expected "N:M" with 0<N<M'):
+            Pattern.parse(bad)
+    with pytest.raises(ValueError, match='got "3:3"'):
+        Pattern(3, 3)
+    # A config holds a Pattern and dumps it as "N:M", so snapshots and manifests keep the string form.
+    cfg = config_from_dict({**BASE, "sparsity": {"pattern": "4:8"}})
+    assert cfg.sparsity.pattern == Pattern(4, 8) and cfg.stages[0].pattern is None
+    assert cfg.model_dump()["sparsity"] == {"pattern": "4:8"} == yaml_load(dump_config(cfg))["sparsity"]
+    assert cfg.stage_pattern(cfg.stages[0]) == Pattern(4, 8)
 
 
 def test_learn_lr_defaults_to_a_move_of_one_and_a_half_prior_margins_over_the_budget():

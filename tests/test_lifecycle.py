@@ -341,7 +341,7 @@ def test_the_command_line_helps_and_takes_overrides_after_options(tmp_path, caps
     assert re.match(r"maskpipe \d+\.\d+", capsys.readouterr().out)
     with pytest.raises(SystemExit):
         main(["eval", "--help"])
-    assert "(default: 2048)" in capsys.readouterr().out
+    assert "(default: 2048, from the config)" in capsys.readouterr().out
     config = write_recipe(tmp_path / "c.yaml", recipe(tmp_path))
     assert main(["validate", str(config), "--print", "seed=7", "stages.1.steps=3"]) == 0
     out = capsys.readouterr().out
