@@ -16,7 +16,7 @@ from pathlib import Path
 from jobs.interop import add_interop_commands
 from jobs.submit import add_job_commands
 from pipeline import MaskpipeError
-from pipeline.vocab import MODEL_DTYPES, SAMPLE_BY, STANDALONE_METHODS
+from pipeline.vocab import MODEL_DTYPES, SAMPLE_BY, STANDALONE_METHODS, check_batch_split
 
 
 def from_config(model: str, key: str, text: str = "") -> str:
@@ -306,9 +306,10 @@ def cmd_plan(a) -> None:
     except ValueError as e:
         raise MaskpipeError(f"--gpu-memory: {e}") from None
     for st in learn:
-        if st.batch_size % world:
-            raise MaskpipeError(f"--gpus {world}: stage {st.name!r} has batch_size {st.batch_size}, which does not "
-                                f"split evenly over {world} devices")
+        try:
+            check_batch_split(st.batch_size, world)
+        except ValueError as e:
+            raise MaskpipeError(f"--gpus {world}: stage {st.name!r}: {e}") from None
     source = a.hf_config or cfg.model.name_or_path
     shipped = sorted(str(p.parent.relative_to(Path.cwd()) if p.is_relative_to(Path.cwd()) else p.parent)
                      for p in (Path(__file__).resolve().parents[1] / "configs" / "hf").glob("*/config.json"))

@@ -19,7 +19,7 @@ from huggingface_hub import ModelCard, ModelCardData
 
 from pipeline import MaskpipeError
 from pipeline.artifacts import LOGITS_FILE, MANIFEST_FILE, MASKS_FILE, atomic_dir, read_manifest
-from pipeline.vocab import LEARNED_METHOD, STANDALONE_METHODS
+from pipeline.vocab import LEARNED_METHOD, RETRIEVAL_TASKS, STANDALONE_METHODS
 
 ONESHOT = STANDALONE_METHODS  # the card's baseline rows: one-shot methods that start from no earlier mask
 NOT_EVALUATED = "No evaluation of this artifact was recorded in its run."
@@ -65,7 +65,7 @@ def _ppl_table(results: dict[str, Any], stage: str) -> list[str]:
     if stage not in rows:
         return [NOT_EVALUATED]
     corpora = sorted({c for r in rows for c in ppl.get(r, {})})
-    tasks = [t for t in ("passkey", "niah", "multikey") if any(t in retrieval.get(r, {}) for r in rows)]
+    tasks = [t for t in RETRIEVAL_TASKS if any(t in retrieval.get(r, {}) for r in rows)]
     lines = ["| variant | " + " | ".join([f"PPL {c}" for c in corpora] + [f"{t} (exact match)" for t in tasks]) + " |",
              "|" + " --- |" * (1 + len(corpora) + len(tasks))]
     dense = ppl.get("dense", {})

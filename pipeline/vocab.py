@@ -22,6 +22,7 @@ LEARNED_METHOD = "maskllm"  # the method name a learn stage's artifact and resul
 STRATEGIES = ("none", "ddp", "fsdp", "deepspeed")
 SHARDING_STRATEGIES = ("fsdp", "deepspeed")  # these need a process group, i.e. Ray workers
 
+RETRIEVAL_TASKS = ("passkey", "niah", "multikey")  # a retrieval stage's tasks, in the order tables show them
 MODEL_DTYPES = ("float32", "bfloat16", "float16")  # what a model loads in (`pipeline.models.DTYPES`)
 SAMPLE_BY = ("line", "paragraph", "document")  # records of a local text file (`pipeline.data`)
 

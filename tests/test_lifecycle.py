@@ -302,7 +302,7 @@ PLAN = ["plan", "configs/llama2-7b-2of4.yaml", "--hf-config", "configs/hf/llama-
 @pytest.mark.parametrize("args,message", [
     (["--gpus", "0"], "--gpus: at least 1 device, got 0"),
     (["--gpus", "-1"], "--gpus: at least 1 device, got -1"),
-    (["--gpus", "3"], "--gpus 3: stage 'maskllm' has batch_size 16, which does not split evenly over 3 devices"),
+    (["--gpus", "3"], "--gpus 3: stage 'maskllm': batch_size 16 does not split evenly over 3 workers"),
     (["--gpu-memory", "80"], "--gpu-memory: '80' has no unit; write e.g. 80GiB"),
 ])
 def test_plan_refuses_impossible_arguments(args, message, in_root, capsys):
