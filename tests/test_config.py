@@ -72,6 +72,16 @@ def error_of(mutate, source="f.yaml"):
          "f.yaml: stages.2.data: dsnot needs a calibration corpus"),
         (lambda r: r.update(workers={"num_workers": 2, "sharded_load": True}),
          "f.yaml: workers.sharded_load: reading each rank's rows needs strategy fsdp, not ddp"),
+        (lambda r: r.update(workers={"strategy": "fsdp"}),
+         "f.yaml: workers.strategy: fsdp runs on Ray workers: set workers.num_workers ≥ 1"),
+        (lambda r: r.update(workers={"num_workers": 2, "strategy": "none"}),
+         "f.yaml: workers.strategy: none runs one worker, not 2: use ddp, fsdp or deepspeed"),
+        (lambda r: r.update(workers={"num_workers": 3, "strategy": "fsdp", "shard_group": 2}),
+         "f.yaml: workers.shard_group: hybrid sharding needs strategy fsdp and a number of workers that is a multiple of 2"),
+        (lambda r: r.update(workers={"num_workers": 3}) or r["stages"].append({"stage": "learn", "data": "c", "steps": 2}),
+         "f.yaml: stages.2.batch_size: batch_size 8 does not split evenly over 3 workers (workers.num_workers)"),
+        (lambda r: r["stages"][0].update(method="obs"), "f.yaml: stages.0.method: Input should be 'magnitude', 'wanda', "
+                                                        "'sparsegpt' or 'dsnot'"),
     ],
 )
 def test_errors_name_file_and_key(mutate, expected):
@@ -146,3 +156,17 @@ def test_fsdp_loads_each_ranks_rows_unless_told_otherwise():
     assert WorkersConfig(num_workers=2, strategy="fsdp").loads_sharded
     assert not WorkersConfig(num_workers=2, strategy="fsdp", sharded_load=False).loads_sharded
     assert not WorkersConfig(num_workers=2, strategy="deepspeed").loads_sharded
+
+
+def test_the_strategy_and_batch_rules_are_one_function_each():
+    from pipeline.vocab import STRATEGIES, check_batch_split, strategy_problem
+
+    assert check_batch_split(8, 0) == 8 and check_batch_split(8, 4) == 2
+    with pytest.raises(ValueError, match="batch_size 8 does not split evenly over 3 workers"):
+        check_batch_split(8, 3)
+    assert all(strategy_problem(s, 2, distributed=True) is None for s in STRATEGIES if s != "none")
+    assert strategy_problem("zero", 1)[0] == "strategy"
+    # the library asks with its process group; the config with its number of workers
+    assert strategy_problem("deepspeed", 1, distributed=False)[1].startswith("deepspeed runs on Ray workers")
+    assert strategy_problem("deepspeed", 1, distributed=True) is None
+    assert strategy_problem("fsdp", 4, shard_group=2) is None and strategy_problem("ddp", 4, shard_group=2)[0] == "shard_group"
