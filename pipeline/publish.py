@@ -19,8 +19,9 @@ from huggingface_hub import ModelCard, ModelCardData
 
 from pipeline import MaskpipeError
 from pipeline.artifacts import LOGITS_FILE, MANIFEST_FILE, MASKS_FILE, atomic_dir, read_manifest
+from pipeline.vocab import LEARNED_METHOD, RETRIEVAL_TASKS, STANDALONE_METHODS
 
-ONESHOT = ("magnitude", "wanda", "sparsegpt")
+ONESHOT = STANDALONE_METHODS  # the card's baseline rows: one-shot methods that start from no earlier mask
 NOT_EVALUATED = "No evaluation of this artifact was recorded in its run."
 CARD = "README.md"
 
@@ -41,7 +42,7 @@ def resolve(source: str | Path, stage: str | None = None) -> tuple[Path, Path | 
                             f"({MANIFEST_FILE})")
     stages = json.loads((source / "results.json").read_text()).get("stages", {})
     if stage is None:
-        learned = [name for name, rec in stages.items() if rec.get("method") == "maskllm"]
+        learned = [name for name, rec in stages.items() if rec.get("method") == LEARNED_METHOD]
         if len(learned) != 1:
             raise MaskpipeError(f"{source}: {'several learned artifacts' if learned else 'no learned artifact'} "
                                 f"({', '.join(learned or stages) or 'no stage wrote one'}): choose one with --stage")
@@ -64,7 +65,7 @@ def _ppl_table(results: dict[str, Any], stage: str) -> list[str]:
     if stage not in rows:
         return [NOT_EVALUATED]
     corpora = sorted({c for r in rows for c in ppl.get(r, {})})
-    tasks = [t for t in ("passkey", "niah", "multikey") if any(t in retrieval.get(r, {}) for r in rows)]
+    tasks = [t for t in RETRIEVAL_TASKS if any(t in retrieval.get(r, {}) for r in rows)]
     lines = ["| variant | " + " | ".join([f"PPL {c}" for c in corpora] + [f"{t} (exact match)" for t in tasks]) + " |",
              "|" + " --- |" * (1 + len(corpora) + len(tasks))]
     dense = ppl.get("dense", {})

@@ -46,6 +46,7 @@ from pipeline.plan import model_shape, plan_report
 from pipeline.retrieval import (accuracy, multikey_samples, niah_heatmap, niah_samples, passkey_samples, score,
                                 split_sentences)
 from pipeline.sparsity import masked
+from pipeline.vocab import LEARNED_METHOD
 from pipeline.zeroshot import check_tasks, lm_eval_stage, zeroshot_table
 
 log = logging.getLogger("maskpipe")
@@ -143,13 +144,14 @@ class Session:
 def oneshot_stage(cfg: Config, s: Session, st: OneshotStage, out_dir: Path) -> list[Variant]:
     """One-shot N:M masks; writes the artifact to `out_dir / st.name`. DSnoT refines the mask of the
     earlier stage `st.mask_from`, whose artifact lies beside it in `out_dir`."""
-    n, m = cfg.stage_pattern(st)
+    pattern = cfg.stage_pattern(st)
+    n, m = pattern
     init_masks = None
     if st.mask_from is not None:
         init_masks, manifest = s.load_artifact(out_dir / st.mask_from)
-        if manifest["pattern"] != f"{n}:{m}":
+        if manifest["pattern"] != str(pattern):
             raise MaskpipeError(f"{st.name}: mask_from: {st.mask_from} is {manifest['pattern']}, "
-                                f"the stage makes {n}:{m}")
+                                f"the stage makes {pattern}")
     calib, data_info = None, {}
     if st.data is not None:
         stream = TokenStream(cfg.data[st.data], s.tokenizer, st.seqlen, cfg.seed)
@@ -169,12 +171,12 @@ def oneshot_stage(cfg: Config, s: Session, st: OneshotStage, out_dir: Path) -> l
     dsnot_only = {"mask_from", "max_cycles"} if st.mask_from is None else set()
     params = st.model_dump(exclude={"stage", "name", "data"} | dsnot_only)
     artifact = save_artifact(
-        out_dir / st.name, masks, s.linears, base_model=s.base_model_info(), pattern=f"{n}:{m}",
+        out_dir / st.name, masks, s.linears, base_model=s.base_model_info(), pattern=pattern,
         method={"name": st.method, "params": params, "seconds": round(seconds, 2)},
         data=data_info, config=cfg.model_dump(mode="json"),
     )
     log.info("%s: mask artifact written to %s (%.1f s)", st.name, artifact, seconds)
-    info = {"method": st.method, "pattern": f"{n}:{m}", "seconds": round(seconds, 2),
+    info = {"method": st.method, "pattern": str(pattern), "seconds": round(seconds, 2),
             "tokens": data_info.get("tokens", 0), "token_shares": data_info.get("token_shares"),
             **({"prior": st.mask_from} if st.mask_from else {})}
     if updated is None:
@@ -194,13 +196,14 @@ def learn_stage(cfg: Config, s: Session, st: LearnStage, out_dir: Path, prior: P
     """MaskLLM mask learning from `prior` (an artifact, or None), resuming from `store`; the caller's
     rank among `world_size` data-parallel workers (each its share of every batch). Rank 0 writes the
     artifact to `out_dir / st.name` and returns its variant; other ranks return nothing."""
-    n, m = cfg.stage_pattern(st)
+    pattern = cfg.stage_pattern(st)
+    n, m = pattern
     priors = init_logits = None
     prior_info: dict[str, Any] = {}
     if prior is not None:
         priors, manifest = s.load_artifact(prior)
-        if manifest["pattern"] != f"{n}:{m}":
-            raise MaskpipeError(f"{st.name}: prior {prior} is {manifest['pattern']}, the stage learns {n}:{m}")
+        if manifest["pattern"] != str(pattern):
+            raise MaskpipeError(f"{st.name}: prior {prior} is {manifest['pattern']}, the stage learns {pattern}")
         if st.prior.soft:
             init_logits, priors = load_soft_logits(prior), None
         prior_info = {"artifact": str(prior), "method": manifest["method"].get("name"),
@@ -232,8 +235,8 @@ def learn_stage(cfg: Config, s: Session, st: LearnStage, out_dir: Path, prior: P
     masks = {k: hard_mask(v, n, m).reshape(shapes[k]) for k, v in logits.items()}
     soft = {k: v.to(getattr(torch, st.save_logits)) for k, v in logits.items()} if st.save_logits else None
     artifact = save_artifact(
-        out_dir / st.name, masks, s.linears, base_model=base_model, pattern=f"{n}:{m}",
-        method={"name": "maskllm", "params": st.model_dump(mode="json", exclude={"stage", "name", "data"}),
+        out_dir / st.name, masks, s.linears, base_model=base_model, pattern=pattern,
+        method={"name": LEARNED_METHOD, "params": st.model_dump(mode="json", exclude={"stage", "name", "data"}),
                 "prior": prior_info, "seconds": round(seconds, 2), "workers": world_size,
                 "final": history[-1] if history else {}},
         data={"corpus": st.data, "sources": [x.path for x in cfg.data[st.data].sources], "tokens": tokens,
@@ -252,7 +255,7 @@ def learned_variant(st: LearnStage, artifact: Path) -> Variant:
     """A learning stage's row, read back from its artifact (all that a worker group leaves behind)."""
     manifest = read_manifest(artifact)
     method = manifest["method"]
-    info = {"method": "maskllm", "pattern": manifest["pattern"], "seconds": method["seconds"],
+    info = {"method": LEARNED_METHOD, "pattern": manifest["pattern"], "seconds": method["seconds"],
             "tokens": manifest["data"]["tokens"], "token_shares": manifest["data"].get("token_shares"),
             "workers": method["workers"],
             "prior": st.prior and (st.prior.stage or Path(st.prior.artifact).name)}
