@@ -16,13 +16,29 @@ from pathlib import Path
 from jobs.interop import add_interop_commands
 from jobs.submit import add_job_commands
 from pipeline import MaskpipeError
+from pipeline.vocab import MODEL_DTYPES, SAMPLE_BY, STANDALONE_METHODS, check_batch_split
+
+
+def from_config(model: str, key: str, text: str = "") -> str:
+    """The help of a flag that defaults to None, so that the config's default applies: says that default.
+    `model`: the name of a `pipeline.config` model, `key` its field."""
+    from pipeline import config
+
+    default = config.__dict__[model].model_fields[key].default
+    shown = " ".join(map(str, default)) if isinstance(default, list) else default
+    return f"{text}{' ' if text else ''}(default: {shown}, from the config)"
+
+
+def given(**values) -> dict:
+    """The flags a user gave (not None), as config keys: the config supplies every other default."""
+    return {k: v for k, v in values.items() if v is not None}
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="local model directory or hub id")
     p.add_argument("--revision", default=None, help="hub revision (branch, tag or commit)")
-    p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    p.add_argument("--dtype", default=None, choices=MODEL_DTYPES, help=from_config("ModelConfig", "dtype"))
+    p.add_argument("--device", default=None, help=from_config("ModelConfig", "device", "auto, cpu, cuda, cuda:1, ..."))
     p.add_argument("--trust-remote-code", action="store_true")
 
 
@@ -30,19 +46,19 @@ def _data_args(p: argparse.ArgumentParser, required: bool = True) -> None:
     p.add_argument("--data", required=required, help="local .txt/.jsonl/.parquet file (or glob) or hub dataset id")
     p.add_argument("--data-name", default=None, help="hub dataset config, e.g. wikitext-2-raw-v1")
     p.add_argument("--split", default=None, help="dataset split (default: train; test for eval)")
-    p.add_argument("--text-field", default="text")
-    p.add_argument("--sample-by", default=None, choices=["line", "paragraph", "document"],
+    p.add_argument("--text-field", default=None, help=from_config("Source", "text_field"))
+    p.add_argument("--sample-by", default=None, choices=SAMPLE_BY,
                    help="local text files: one record per line, paragraph or the whole file")
 
 
 def _model_cfg(a) -> dict:
-    return {"name_or_path": a.model, "revision": a.revision, "dtype": a.dtype, "device": a.device,
-            "trust_remote_code": a.trust_remote_code}
+    return given(name_or_path=a.model, revision=a.revision, dtype=a.dtype, device=a.device,
+                 trust_remote_code=a.trust_remote_code)
 
 
 def _data_cfg(a, split: str, sample_by: str) -> dict:
-    return {"sources": [{"path": a.data, "name": a.data_name, "split": a.split or split,
-                         "text_field": a.text_field, "sample_by": a.sample_by or sample_by}]}
+    return {"sources": [given(path=a.data, name=a.data_name, split=a.split or split, text_field=a.text_field,
+                              sample_by=a.sample_by or sample_by)]}
 
 
 # The quick commands' flags for the key paths of the one-stage config they build, so errors name them.
@@ -142,14 +158,15 @@ def cmd_validate(a) -> None:
 
 def cmd_oneshot(a) -> None:
     from pipeline.artifacts import MANIFEST_FILE, check_replaceable, read_json_or_none
-    from pipeline.config import config_from_dict
+    from pipeline.config import SparsityConfig, config_from_dict
     from pipeline.preflight import check_inputs
     from pipeline.rundir import RunDir
 
-    stage = {"stage": "oneshot", "name": Path(a.out).name, "method": a.method, "pattern": a.pattern,
-             "n_samples": a.n_samples, "seqlen": a.seqlen, "batch_size": a.batch_size,
-             "weight_update": a.weight_update}
-    raw = {"name": "oneshot", "seed": a.seed, "model": _model_cfg(a), "stages": [stage]}
+    # The stage names its pattern, the config's default unless --pattern, so that the artifact records it.
+    pattern = a.pattern or str(SparsityConfig().pattern)
+    stage = given(stage="oneshot", name=Path(a.out).name, method=a.method, pattern=pattern, n_samples=a.n_samples,
+                  seqlen=a.seqlen, batch_size=a.batch_size, weight_update=a.weight_update)
+    raw = given(name="oneshot", seed=a.seed, model=_model_cfg(a), stages=[stage])
     if a.data:
         raw["data"] = {"calib": _data_cfg(a, "train", "line")}
         stage["data"] = "calib"
@@ -194,8 +211,8 @@ def cmd_eval(a) -> None:
     from pipeline.results import perplexity_table
 
     raw = {"name": "eval", "model": _model_cfg(a), "data": {"eval": _data_cfg(a, "test", "document")},
-           "stages": [{"stage": "eval", "data": ["eval"], "seqlen": a.seqlen, "stride": a.stride,
-                       "batch_size": a.batch_size, "dense": a.dense or not a.masks}]}
+           "stages": [given(stage="eval", data=["eval"], seqlen=a.seqlen, stride=a.stride, batch_size=a.batch_size,
+                            dense=a.dense or not a.masks)]}
     cfg = config_from_dict(raw, "command line")
     if a.out:
         check_replaceable_file(a.out, _is_eval_output, "`maskpipe eval --out` result")
@@ -215,16 +232,16 @@ def cmd_retrieval(a) -> None:
     from pipeline.stages.retrieval import retrieval_stage
 
     stage = {"stage": "retrieval", "name": "retrieval", "dense": a.dense or not a.masks}
-    raw = {"name": "retrieval", "seed": a.seed, "model": _model_cfg(a), "stages": [stage], "data": {}}
+    raw = given(name="retrieval", seed=a.seed, model=_model_cfg(a), stages=[stage], data={})
     if a.passkey:
-        stage["passkey"] = {"lengths": a.passkey, "samples": a.samples}
+        stage["passkey"] = given(lengths=a.passkey, samples=a.samples)
     if a.niah:
         if not a.data:
             raise MaskpipeError("retrieval: --niah needs --data, the haystack corpus")
         raw["data"]["haystack"] = _data_cfg(a, "test", "document")
-        stage["niah"] = {"data": "haystack", "lengths": a.niah, "depths": a.depths, "samples": a.niah_samples}
+        stage["niah"] = given(data="haystack", lengths=a.niah, depths=a.depths, samples=a.niah_samples)
     if a.multikey:
-        stage["multikey"] = {"lengths": a.multikey, "samples": a.samples, "keys": a.keys, "values": a.values}
+        stage["multikey"] = given(lengths=a.multikey, samples=a.samples, keys=a.keys, values=a.values)
     cfg = config_from_dict(raw, "command line")
     check_inputs(cfg, "command line", QUICK_FLAGS)
     check_replaceable(a.out, "results.json", _is_retrieval_output, "`maskpipe retrieval --out` directory")
@@ -310,9 +327,10 @@ def cmd_plan(a) -> None:
     except ValueError as e:
         raise MaskpipeError(f"--gpu-memory: {e}") from None
     for st in learn:
-        if st.batch_size % world:
-            raise MaskpipeError(f"--gpus {world}: stage {st.name!r} has batch_size {st.batch_size}, which does not "
-                                f"split evenly over {world} devices")
+        try:
+            check_batch_split(st.batch_size, world)
+        except ValueError as e:
+            raise MaskpipeError(f"--gpus {world}: stage {st.name!r}: {e}") from None
     source = a.hf_config or cfg.model.name_or_path
     shipped = sorted(str(p.parent.relative_to(Path.cwd()) if p.is_relative_to(Path.cwd()) else p.parent)
                      for p in (Path(__file__).resolve().parents[1] / "configs" / "hf").glob("*/config.json"))
@@ -409,16 +427,16 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--print", action="store_true", help="print the resolved config")
     v.set_defaults(fn=cmd_validate)
 
-    o = sub.add_parser("oneshot", help="one-shot N:M mask (magnitude, Wanda, SparseGPT) into an artifact")
+    o = sub.add_parser("oneshot", help=f"one-shot N:M mask ({', '.join(STANDALONE_METHODS)}) into an artifact")
     _model_args(o)
-    o.add_argument("--method", required=True, choices=["magnitude", "wanda", "sparsegpt"])
-    o.add_argument("--pattern", default="2:4")
+    o.add_argument("--method", required=True, choices=STANDALONE_METHODS)
+    o.add_argument("--pattern", default=None, metavar="N:M", help=from_config("SparsityConfig", "pattern"))
     _data_args(o, required=False)
-    o.add_argument("--n-samples", type=int, default=128)
-    o.add_argument("--seqlen", type=int, default=2048)
-    o.add_argument("--batch-size", type=int, default=8)
+    o.add_argument("--n-samples", type=int, default=None, help=from_config("OneshotStage", "n_samples"))
+    o.add_argument("--seqlen", type=int, default=None, help=from_config("OneshotStage", "seqlen"))
+    o.add_argument("--batch-size", type=int, default=None, help=from_config("OneshotStage", "batch_size"))
     o.add_argument("--weight-update", action="store_true", help="SparseGPT: also keep updated weights (baseline)")
-    o.add_argument("--seed", type=int, default=0)
+    o.add_argument("--seed", type=int, default=None, help=from_config("Config", "seed"))
     o.add_argument("--out", required=True, help="artifact directory to write")
     o.set_defaults(fn=cmd_oneshot)
 
@@ -427,9 +445,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--masks", nargs="*", default=[], help="mask artifacts to evaluate")
     e.add_argument("--dense", action="store_true", help="also evaluate the dense model when --masks is given")
     _data_args(e)
-    e.add_argument("--seqlen", type=int, default=2048)
-    e.add_argument("--stride", type=int, default=None)
-    e.add_argument("--batch-size", type=int, default=1)
+    e.add_argument("--seqlen", type=int, default=None, help=from_config("EvalStage", "seqlen"))
+    e.add_argument("--stride", type=int, default=None, help="sliding-window evaluation when < seqlen (default: none)")
+    e.add_argument("--batch-size", type=int, default=None, help=from_config("EvalStage", "batch_size"))
     e.add_argument("--out", default=None, help="write the results as JSON here")
     e.set_defaults(fn=cmd_eval)
 
@@ -438,15 +456,20 @@ def build_parser() -> argparse.ArgumentParser:
     rt.add_argument("--masks", nargs="*", default=[], help="artifacts to evaluate (N:M masks and/or attention plans)")
     rt.add_argument("--dense", action="store_true", help="also evaluate the dense model when --masks is given")
     rt.add_argument("--passkey", type=int, nargs="*", default=[], metavar="LEN", help="passkey prompt lengths (tokens)")
-    rt.add_argument("--samples", type=int, default=10, help="passkey and multi-key samples per length")
+    rt.add_argument("--samples", type=int, default=None,
+                    help=from_config("PasskeyTask", "samples", "passkey and multi-key samples per length"))
     rt.add_argument("--niah", type=int, nargs="*", default=[], metavar="LEN", help="NIAH context lengths (tokens)")
-    rt.add_argument("--depths", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0], help="NIAH needle depths")
-    rt.add_argument("--niah-samples", type=int, default=2, help="NIAH samples per cell")
+    rt.add_argument("--depths", type=float, nargs="+", default=None, help=from_config("NiahTask", "depths",
+                                                                                       "NIAH needle depths"))
+    rt.add_argument("--niah-samples", type=int, default=None,
+                    help=from_config("NiahTask", "samples", "NIAH samples per cell"))
     _data_args(rt, required=False)
     rt.add_argument("--multikey", type=int, nargs="*", default=[], metavar="LEN", help="multi-key prompt lengths")
-    rt.add_argument("--keys", type=int, default=4, help="multi-key: keys in the haystack (1 asked, the rest distract)")
-    rt.add_argument("--values", type=int, default=1, help="multi-key: values per key (all must be retrieved)")
-    rt.add_argument("--seed", type=int, default=0)
+    rt.add_argument("--keys", type=int, default=None, help=from_config(
+        "MultiKeyTask", "keys", "multi-key: keys in the haystack (1 asked, the rest distract)"))
+    rt.add_argument("--values", type=int, default=None,
+                    help=from_config("MultiKeyTask", "values", "multi-key: values per key (all must be retrieved)"))
+    rt.add_argument("--seed", type=int, default=None, help=from_config("Config", "seed"))
     rt.add_argument("--out", required=True, help="directory for results.json, per-sample records and heatmaps")
     rt.set_defaults(fn=cmd_retrieval)
 

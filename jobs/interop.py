@@ -48,7 +48,7 @@ def cmd_export(a) -> None:
 
 
 def cmd_lm_eval(a) -> None:
-    from jobs.cli import _model_cfg, _variants
+    from jobs.cli import _model_cfg, _variants, given
     from pipeline.artifacts import write_json, write_text
     from pipeline.config import config_from_dict
     from pipeline.results import zeroshot_table
@@ -57,11 +57,10 @@ def cmd_lm_eval(a) -> None:
     from pipeline.stages.lm_eval import lm_eval_stage
     from pipeline.zeroshot import check_tasks
 
-    stage = {"stage": "lm_eval", "name": "lm_eval", "tasks": a.tasks, "include_path": a.include_path,
-             "num_fewshot": a.num_fewshot, "batch_size": a.batch_size,
-             "limit": int(a.limit) if a.limit is not None and a.limit >= 1 else a.limit}
-    cfg = config_from_dict({"name": "lm-eval", "seed": a.seed, "model": _model_cfg(a), "stages": [stage]},
-                           "command line")
+    stage = given(stage="lm_eval", name="lm_eval", tasks=a.tasks, include_path=a.include_path,
+                  num_fewshot=a.num_fewshot, batch_size=a.batch_size,
+                  limit=int(a.limit) if a.limit is not None and a.limit >= 1 else a.limit)
+    cfg = config_from_dict(given(name="lm-eval", seed=a.seed, model=_model_cfg(a), stages=[stage]), "command line")
     st = cfg.stages[0]
     for p in a.masks:
         if not Path(p).is_dir():
@@ -108,18 +107,18 @@ def add_interop_commands(sub, model_args) -> None:
     for p in (eml, eduo):
         p.set_defaults(fn=cmd_export)
 
-    from pipeline.zeroshot import DEFAULT_TASKS
+    from jobs.cli import from_config
 
     le = sub.add_parser("lm-eval", help="zero-shot task accuracy (lm-evaluation-harness) of a model, dense and/or "
                                         "masked; needs the [lm-eval] extra")
     model_args(le)
     le.add_argument("--masks", nargs="*", default=[], help="artifacts to evaluate (N:M masks and/or attention plans)")
     le.add_argument("--dense", action="store_true", help="also evaluate the dense model when --masks is given")
-    le.add_argument("--tasks", nargs="+", default=DEFAULT_TASKS, help=f"lm-eval tasks (default: {' '.join(DEFAULT_TASKS)})")
+    le.add_argument("--tasks", nargs="+", default=None, help=from_config("LmEvalStage", "tasks", "lm-eval tasks"))
     le.add_argument("--include-path", default=None, help="a folder of task YAMLs, e.g. configs/lm_eval")
-    le.add_argument("--num-fewshot", type=int, default=0)
+    le.add_argument("--num-fewshot", type=int, default=None, help=from_config("LmEvalStage", "num_fewshot"))
     le.add_argument("--limit", type=float, default=None, help="documents per task (a fraction if < 1)")
-    le.add_argument("--batch-size", type=int, default=8)
-    le.add_argument("--seed", type=int, default=0)
+    le.add_argument("--batch-size", type=int, default=None, help=from_config("LmEvalStage", "batch_size"))
+    le.add_argument("--seed", type=int, default=None, help=from_config("Config", "seed"))
     le.add_argument("--out", required=True, help="directory for results.json and results.md")
     le.set_defaults(fn=cmd_lm_eval)

@@ -246,8 +246,11 @@ ADDRESS_HELP = ("the Ray cluster: its dashboard http://HEAD:8265, or HEAD:6379 /
 
 
 def add_job_commands(sub) -> None:
+    from pipeline.config import Config
+
     def runs_dir(p) -> None:
-        p.add_argument("--runs-dir", default="runs", help="where run ids are looked up (a config's output_dir)")
+        p.add_argument("--runs-dir", default=Config.model_fields["output_dir"].default,
+                       help="where run ids are looked up (a config's output_dir)")
 
     s = sub.add_parser("submit", help="submit a run to a Ray cluster as a Ray job; prints the run id")
     s.add_argument("config")

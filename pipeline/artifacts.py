@@ -38,10 +38,10 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from pipeline import MaskpipeError, __version__
-from pipeline.config import parse_pattern
 from pipeline.encoding import Codec
 from pipeline.models import base_weight, fingerprint
 from pipeline.sparsity import is_nm
+from pipeline.vocab import Pattern
 
 FORMAT = "maskpipe-masks"
 FORMAT_VERSION = 2
@@ -171,7 +171,7 @@ def save_artifact(
     linears: dict[str, nn.Linear],
     *,
     base_model: dict[str, Any],
-    pattern: str | None,
+    pattern: Pattern | str | None,
     method: dict[str, Any],
     data: dict[str, Any] | None = None,
     metrics: dict[str, Any] | None = None,
@@ -185,7 +185,8 @@ def save_artifact(
     brings one computed earlier (a sharded trainer leaves the weights partitioned)."""
     if not masks and attention is None:
         raise MaskpipeError("an artifact needs masks, an attention plan or both")
-    codec = Codec.best(*parse_pattern(pattern)) if masks else None
+    pattern = Pattern.parse(pattern) if masks else None
+    codec = Codec.best(*pattern) if masks else None
     encoded, layers, offset = [], {}, 0
     for name in sorted(masks):
         mask = masks[name].bool()
@@ -202,7 +203,7 @@ def save_artifact(
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "base_model": {"fingerprint": base_model.get("fingerprint") or (
             fingerprint({k: linears[k] for k in masks}) if masks else attention["fingerprint"]), **base_model},
-        "pattern": pattern if masks else None,
+        "pattern": str(pattern) if masks else None,
         "encoding": codec.to_json() if codec else None,
         "layers": layers,
         "method": method,
@@ -251,7 +252,7 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
 
 def _codec(manifest: dict[str, Any], where: Path) -> Codec:
     try:
-        return Codec.from_json(*parse_pattern(manifest["pattern"]), manifest["encoding"])
+        return Codec.from_json(*Pattern.parse(manifest["pattern"]), manifest["encoding"])
     except ValueError as e:
         raise MaskpipeError(f"{where}: {e}") from None
 

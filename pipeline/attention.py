@@ -31,8 +31,8 @@ from pipeline import MaskpipeError
 from pipeline.checkpoint import rank_world
 from pipeline.loop import train
 from pipeline.models import decoder_blocks, decoder_linears, fingerprint, materialize
-from pipeline.retrieval import (PASSKEY_DIGITS, PASSKEY_INTRO, PASSKEY_NEEDLE, PASSKEY_QUESTION, build_prompt,
-                                random_number, split_sentences)
+from pipeline.prompts import (PASSKEY_DIGITS, PASSKEY_INTRO, PASSKEY_NEEDLE, PASSKEY_QUESTION, build_prompt,
+                              random_number, split_sentences)
 
 IMPLEMENTATION = "maskpipe_heads"  # the name the plans run under in transformers' AttentionInterface
 FULL, STREAMING = "full", "streaming"

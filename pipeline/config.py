@@ -11,9 +11,12 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, PlainSerializer, PlainValidator, ValidationError, field_validator,
+                      model_validator)
 
 from pipeline import MaskpipeError
+from pipeline.vocab import (MODEL_DTYPES, ONESHOT_METHODS, SAMPLE_BY, STRATEGIES, Pattern, check_batch_split,
+                            strategy_problem)
 from pipeline.zeroshot import DEFAULT_TASKS
 
 
@@ -41,30 +44,12 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-def parse_pattern(pattern: str) -> tuple[int, int]:
-    """ "2:4" -> (2, 4): keep N of every M consecutive weights along a linear's input dimension."""
-    try:
-        n, m = (int(x) for x in str(pattern).split(":"))
-    except ValueError:
-        n = m = -1
-    if not 0 < n < m:
-        raise ValueError(f'expected "N:M" with 0<N<M, got "{pattern}"')
-    return n, m
+# A `Pattern` in a config: written and dumped as "N:M" (the YAML loader keeps an unquoted 2:4 a string).
+PatternField = Annotated[Pattern, PlainValidator(Pattern.parse), PlainSerializer(str, return_type=str)]
 
 
 class SparsityConfig(Strict):
-    pattern: str = "2:4"
-
-    @field_validator("pattern")
-    @classmethod
-    def _pattern(cls, v: str | None) -> str | None:
-        if v is not None:  # a stage without its own pattern, as a dumped config spells it
-            parse_pattern(v)
-        return v
-
-    @property
-    def nm(self) -> tuple[int, int]:
-        return parse_pattern(self.pattern)
+    pattern: PatternField = Pattern(2, 4)
 
 
 class PruneTargets(Strict):
@@ -78,7 +63,7 @@ class PruneTargets(Strict):
 class ModelConfig(Strict):
     name_or_path: str
     revision: str | None = None
-    dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+    dtype: Literal[MODEL_DTYPES] = "bfloat16"
     trust_remote_code: bool = False
     device: str = "auto"
     # Keep the model in host memory: one-shot stages calibrate each decoder block on `device` in turn
@@ -96,7 +81,7 @@ class Source(Strict):
     split: str = "train"
     text_field: str = "text"
     # Local text files: one record per line, per blank-line paragraph, or the whole file.
-    sample_by: Literal["line", "paragraph", "document"] = "line"
+    sample_by: Literal[SAMPLE_BY] = "line"
 
 
 class DataConfig(Strict):
@@ -135,8 +120,8 @@ class StageBase(Strict):
 
 class OneshotStage(StageBase):
     stage: Literal["oneshot"]
-    method: Literal["magnitude", "wanda", "sparsegpt", "dsnot"]
-    pattern: str | None = None  # defaults to sparsity.pattern
+    method: Literal[ONESHOT_METHODS]
+    pattern: PatternField | None = None  # defaults to sparsity.pattern
     data: str | None = None  # calibration corpus, a key of `data`; magnitude needs none
     n_samples: int = Field(default=128, gt=0)
     seqlen: int = Field(default=2048, gt=1)
@@ -150,8 +135,6 @@ class OneshotStage(StageBase):
     # prune-and-grow swaps each output row makes.
     mask_from: str | None = None
     max_cycles: int = Field(default=50, gt=0)
-
-    _pattern = field_validator("pattern")(SparsityConfig._pattern.__func__)
 
     @model_validator(mode="after")
     def _checks(self) -> OneshotStage:
@@ -347,7 +330,7 @@ class LearnStage(LoopSettings):
     """MaskLLM: Gumbel-softmax over each group's candidate masks, only the logits trained."""
 
     stage: Literal["learn"]
-    pattern: str | None = None
+    pattern: PatternField | None = None  # defaults to sparsity.pattern
     data: str
     prior: PriorConfig | None = None
     batch_size: BatchSize = 8
@@ -370,8 +353,6 @@ class LearnStage(LoopSettings):
     # logits per group instead of C(M,N); bfloat16 logits also keep AdamW's moments in bfloat16.
     logits_per_group: Literal["candidates", "positions"] = "candidates"
     logits_dtype: Literal["float32", "bfloat16"] = "float32"
-
-    _pattern = field_validator("pattern")(SparsityConfig._pattern.__func__)
 
     @model_validator(mode="before")
     @classmethod
@@ -414,7 +395,7 @@ class WorkersConfig(Strict):
     # How a learning stage spreads the model and the mask state over the workers (pipeline.shard):
     # ddp replicates everything, fsdp (FSDP2) and deepspeed (ZeRO `zero_stage` 2 or 3) shard it.
     # Gate learning (an attention stage) is data-parallel under every strategy, the model whole on each worker.
-    strategy: Literal["none", "ddp", "fsdp", "deepspeed"] = "ddp"
+    strategy: Literal[STRATEGIES] = "ddp"
     zero_stage: Literal[2, 3] = 3
     activation_checkpointing: bool = False  # recompute each decoder block in the backward pass
     # fsdp only: shard within groups of this many workers (e.g. the GPUs of a node) and replicate
@@ -436,13 +417,9 @@ class WorkersConfig(Strict):
         if self.sharded_load and self.strategy != "fsdp":
             raise _KeyError("workers.sharded_load", f"reading each rank's rows needs strategy fsdp, "
                                                     f"not {self.strategy}")
-        if self.strategy in ("fsdp", "deepspeed") and self.num_workers == 0:
-            raise _KeyError("workers.strategy", f"{self.strategy} runs on Ray workers: set workers.num_workers ≥ 1")
-        if self.shard_group is not None and (self.strategy != "fsdp" or self.num_workers % self.shard_group):
-            raise _KeyError("workers.shard_group", f"hybrid sharding needs strategy fsdp and a number of workers "
-                                                   f"that is a multiple of {self.shard_group}")
-        if self.strategy == "none" and self.num_workers > 1:
-            raise _KeyError("workers.strategy", f"none runs one worker, not {self.num_workers}: use ddp, fsdp or deepspeed")
+        problem = strategy_problem(self.strategy, self.num_workers, self.shard_group)
+        if problem is not None:
+            raise _KeyError(f"workers.{problem[0]}", problem[1])
         return self
 
 
@@ -643,12 +620,13 @@ class Config(Strict):
                     raise _KeyError(f"tune.space.{key}", f"no stage named {trial.prior.stage!r} before {st.name}")
                 if trial.data not in self.data:
                     raise _KeyError(f"tune.space.{key}", f"no corpus named {trial.data!r} under data")
-                if trial.batch_size % max(self.workers.num_workers, 1):
-                    raise _KeyError(f"tune.space.{key}", f"batch_size {trial.batch_size} does not split evenly over "
-                                                         f"{self.workers.num_workers} workers")
+                try:
+                    check_batch_split(trial.batch_size, self.workers.num_workers)
+                except ValueError as e:
+                    raise _KeyError(f"tune.space.{key}", str(e)) from None
 
-    def stage_pattern(self, stage: OneshotStage | LearnStage) -> tuple[int, int]:
-        return parse_pattern(stage.pattern or self.sparsity.pattern)
+    def stage_pattern(self, stage: OneshotStage | LearnStage) -> Pattern:
+        return stage.pattern or self.sparsity.pattern
 
 
 class _KeyError(ValueError):

@@ -20,6 +20,7 @@ Patterns with C(M,N) ≥ 2^63 (M > 66), whose ranks do not fit an int64, fall ba
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from functools import lru_cache
 from math import comb
@@ -94,8 +95,12 @@ def _codes(groups: np.ndarray) -> np.ndarray:
 
 @lru_cache(maxsize=None)
 def candidates(n: int, m: int) -> np.ndarray:
-    """[C(M,N), M] bool: every candidate mask of a group, in rank order."""
-    return _unrank_walk(np.arange(comb(m, n)), n, m)
+    """[C(M,N), M] bool: every candidate mask of a group, in rank order: the order of
+    `itertools.combinations(range(M), N)` over the kept positions. The one definition of that order:
+    the ranks above compute it, a learned mask's logits (`pipeline.learn.nm_candidates`) follow it."""
+    rows = np.array([[i in keep for i in range(m)] for keep in itertools.combinations(range(m), n)], dtype=bool)
+    rows.flags.writeable = False  # cached: shared by every caller
+    return rows
 
 
 @lru_cache(maxsize=None)

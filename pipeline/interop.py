@@ -38,9 +38,9 @@ from torch import nn
 from pipeline import MaskpipeError
 from pipeline.artifacts import atomic_dir, load_artifact, read_manifest, save_artifact
 from pipeline.attention import AttentionPlan, kv_heads
-from pipeline.config import parse_pattern
 from pipeline.models import base_weight
 from pipeline.sparsity import is_nm
+from pipeline.vocab import Pattern
 
 MASKLLM_SUFFIX = ".weight.mask"  # what MaskLLM appends to a linear's module name
 DUO_GATES, DUO_CONFIG = "full_attention_heads.tsv", "config.json"
@@ -81,7 +81,7 @@ def read_maskllm(path: str | Path, linears: dict[str, nn.Linear]) -> dict[str, t
     return masks
 
 
-def infer_pattern(masks: dict[str, torch.Tensor], source: str) -> str:
+def infer_pattern(masks: dict[str, torch.Tensor], source: str) -> Pattern:
     """The N:M pattern every mask follows, with the smallest M (a 2:4 mask is also 4:8; a 1:2 one also 2:4)."""
     width = math.gcd(*(m.shape[-1] for m in masks.values()))
     first = next(iter(masks.values()))
@@ -90,13 +90,13 @@ def infer_pattern(masks: dict[str, torch.Tensor], source: str) -> str:
             continue
         n = int(first.reshape(-1, m)[0].sum())
         if 0 < n < m and all(is_nm(mask, n, m) for mask in masks.values()):
-            return f"{n}:{m}"
+            return Pattern(n, m)
     raise MaskpipeError(f"{source}: the masks follow no N:M pattern (M up to {min(width, 256)}); "
                         "give --pattern to see which layer breaks it")
 
 
-def check_pattern(masks: dict[str, torch.Tensor], pattern: str, source: str) -> None:
-    n, m = parse_pattern(pattern)
+def check_pattern(masks: dict[str, torch.Tensor], pattern: Pattern, source: str) -> None:
+    n, m = pattern
     for name, mask in masks.items():
         if mask.shape[-1] % m:
             raise MaskpipeError(f"{source}: {name}: input dimension {mask.shape[-1]} is not divisible by M={m}")
@@ -109,7 +109,7 @@ def check_pattern(masks: dict[str, torch.Tensor], pattern: str, source: str) -> 
 
 
 def import_maskllm(path: str | Path, model: nn.Module, linears: dict[str, nn.Linear], out: str | Path, *,
-                   base_model: dict[str, Any], pattern: str | None = None) -> Path:
+                   base_model: dict[str, Any], pattern: Pattern | str | None = None) -> Path:
     """A maskpipe artifact at `out` from a MaskLLM `mask_compressed.npz` (pattern inferred unless given)."""
     path = Path(path)
     masks = read_maskllm(path, linears)
@@ -117,7 +117,7 @@ def import_maskllm(path: str | Path, model: nn.Module, linears: dict[str, nn.Lin
         pattern = infer_pattern(masks, str(path))
     else:
         try:
-            parse_pattern(pattern)
+            pattern = Pattern.parse(pattern)
         except ValueError as e:
             raise MaskpipeError(f"--pattern: {e}") from None
         check_pattern(masks, pattern, str(path))

@@ -8,7 +8,6 @@ argmax candidate. Only the logits train; the base weights stay frozen underneath
 
 from __future__ import annotations
 
-import itertools
 from functools import lru_cache
 
 import torch
@@ -18,10 +17,12 @@ from torch.nn.utils import parametrize
 
 from pipeline import MaskpipeError
 from pipeline.checkpoint import Rows, rank_world
+from pipeline.encoding import candidates
 from pipeline.loop import linear_schedule, train
 from pipeline.models import base_weight, decoder_blocks, defer, deferred, device_of
 from pipeline.shard import MOMENTS, make_strategy
 from pipeline.sparsity import check_divisible
+from pipeline.vocab import check_batch_split
 
 
 # Soft-mask probabilities below this are exact zeros: far above float32's subnormal range (< 1.2e-38),
@@ -31,9 +32,8 @@ PROB_FLOOR = 1e-12
 
 @lru_cache(maxsize=None)
 def nm_candidates(n: int, m: int) -> torch.Tensor:
-    """All C(M,N) masks of one group, [C, M] bool, in lexicographic order of kept positions."""
-    rows = [[i in keep for i in range(m)] for keep in itertools.combinations(range(m), n)]
-    return torch.tensor(rows, dtype=torch.bool)
+    """All C(M,N) masks of one group, [C, M] bool, in the artifact's rank order (`pipeline.encoding.candidates`)."""
+    return torch.tensor(candidates(n, m))
 
 
 class _MaskedWeight(torch.autograd.Function):
@@ -274,8 +274,10 @@ def train_masks(
     optimizer state are spread; every rank draws the same Gumbel noise, so the step equals one
     process's step on the whole batch."""
     _, world = rank_world()
-    if st.batch_size % world:
-        raise MaskpipeError(f"batch_size {st.batch_size} is not divisible by the {world} workers")
+    try:
+        micro_batch = check_batch_split(st.batch_size, world)
+    except ValueError as e:
+        raise MaskpipeError(str(e)) from None
     device = device_of(base_weight(next(iter(linears.values()))))
     generator = torch.Generator().manual_seed(seed)  # the initial logits only
     mods = add_learned_masks(linears, n, m, generator, priors, st.prior.strength if st.prior else 0.0, st.init_std,
@@ -290,7 +292,7 @@ def train_masks(
             block.training = True
     shard = make_strategy(strategy, model, mods, lr=st.lr,
                           weight_decay=st.weight_decay, grad_clip=st.grad_clip,
-                          micro_batch=st.batch_size // world, grad_accum=st.grad_accum, zero_stage=zero_stage,
+                          micro_batch=micro_batch, grad_accum=st.grad_accum, zero_stage=zero_stage,
                           shard_group=shard_group)
     # The logits may now be strategy-owned views (FSDP2's DTensors, ZeRO's partitions): read them through `shard`.
     try:

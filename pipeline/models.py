@@ -18,15 +18,18 @@ import itertools
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 from torch import nn
 
 from pipeline import MaskpipeError
-from pipeline.config import ModelConfig
+from pipeline.vocab import MODEL_DTYPES
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+if TYPE_CHECKING:  # the schema is the caller's; loading a model needs only its fields
+    from pipeline.config import ModelConfig
+
+DTYPES = {name: getattr(torch, name) for name in MODEL_DTYPES}
 
 
 def resolve_device(device: str) -> torch.device:

@@ -27,8 +27,7 @@ from tqdm.auto import tqdm
 from pipeline import MaskpipeError
 from pipeline.models import base_weight, decoder_blocks
 from pipeline.sparsity import check_divisible, is_nm, masked, nm_mask
-
-METHODS = ("magnitude", "wanda", "sparsegpt", "dsnot")
+from pipeline.vocab import ONESHOT_METHODS, Pattern
 
 
 @torch.no_grad()
@@ -45,10 +44,12 @@ def oneshot_masks(
     per output row. On return the model's weights are exactly as they were on entry.
 
     `offload_to`: calibrate on this device a model that stays in host memory (`_Offloaded`)."""
-    if method not in METHODS:
-        raise MaskpipeError(f"unknown one-shot method {method!r} (choose from {', '.join(METHODS)})")
-    if not 0 < n < m:
-        raise MaskpipeError(f"N:M pattern needs 0<N<M, got {n}:{m}")
+    if method not in ONESHOT_METHODS:
+        raise MaskpipeError(f"unknown one-shot method {method!r} (choose from {', '.join(ONESHOT_METHODS)})")
+    try:
+        Pattern(n, m)
+    except ValueError as e:
+        raise MaskpipeError(f"N:M pattern: {e}") from None
     if weight_update and method != "sparsegpt":
         raise MaskpipeError("weight_update: only sparsegpt updates weights")
     for name, lin in linears.items():

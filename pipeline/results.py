@@ -15,9 +15,10 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, PrivateAttr, model_serializer, model_validator
 
 from pipeline.artifacts import write_json
+from pipeline.vocab import LEARNED_METHOD, RETRIEVAL_TASKS, STANDALONE_METHODS
 from pipeline.zeroshot import primary
 
-ONESHOT = ("magnitude", "wanda", "sparsegpt")
+ONESHOT = STANDALONE_METHODS  # the card's baseline rows: one-shot methods that start from no earlier mask
 NOT_EVALUATED = "No evaluation of this artifact was recorded in its run."
 
 
@@ -53,7 +54,7 @@ class StageRecord(_Open):
 
     @property
     def learned(self) -> bool:
-        return self.method == "maskllm"
+        return self.method == LEARNED_METHOD
 
     @property
     def oneshot(self) -> bool:
@@ -167,7 +168,7 @@ def perplexity_table(results: dict[str, dict], stages: dict[str, StageRecord | d
 def retrieval_table(results: dict[str, dict[str, dict]]) -> str:
     """Exact-match accuracy per variant and task (overall, then per length), and what the variant's
     attention costs at the longest length: KV cache and attention FLOPs of a prefill, as a share of dense."""
-    tasks = [t for t in ("passkey", "niah", "multikey") if any(t in r for r in results.values())]
+    tasks = [t for t in RETRIEVAL_TASKS if any(t in r for r in results.values())]
     lengths = {t: sorted({c["length"] for r in results.values() if t in r for c in r[t]["cells"]}) for t in tasks}
 
     def at(cells: list[dict], length: int) -> float:
@@ -225,7 +226,7 @@ def _card_ppl(results: Results, stage: str) -> list[str]:
     if stage not in rows:
         return [NOT_EVALUATED]
     corpora = sorted({c for r in rows for c in ppl.get(r, {})})
-    tasks = [t for t in ("passkey", "niah", "multikey") if any(t in retrieval.get(r, {}) for r in rows)]
+    tasks = [t for t in RETRIEVAL_TASKS if any(t in retrieval.get(r, {}) for r in rows)]
     lines = ["| variant | " + " | ".join([f"PPL {c}" for c in corpora] + [f"{t} (exact match)" for t in tasks]) + " |",
              "|" + " --- |" * (1 + len(corpora) + len(tasks))]
     dense = ppl.get("dense", {})

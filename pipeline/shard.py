@@ -33,8 +33,7 @@ from torch.nn.parallel import DistributedDataParallel
 from pipeline import MaskpipeError
 from pipeline.checkpoint import Checkpoint, rank_world
 from pipeline.models import decoder_blocks, materialize, pending
-
-STRATEGIES = ("none", "ddp", "fsdp", "deepspeed")
+from pipeline.vocab import strategy_problem
 MOMENTS = ("exp_avg", "exp_avg_sq")  # AdamW's state besides its step count
 
 
@@ -265,16 +264,10 @@ class DeepSpeed(Strategy):
 
 def make_strategy(name: str, model: nn.Module, masks: dict[str, nn.Module], **kw) -> Strategy:
     """`masks`: name -> the module whose `logits` parameter trains."""
-    if name not in STRATEGIES:
-        raise MaskpipeError(f"unknown strategy {name!r}: expected one of {', '.join(STRATEGIES)}")
     _, world = rank_world()
-    if name == "none" and world > 1:
-        raise MaskpipeError(f"strategy 'none' runs on one worker, not {world}: use ddp, fsdp or deepspeed")
-    if kw.get("shard_group") and (name != "fsdp" or world % kw["shard_group"]):
-        raise MaskpipeError(f"shard_group {kw['shard_group']} needs strategy fsdp and a multiple of it in ranks "
-                            f"(strategy {name}, {world} ranks)")
-    if name in ("fsdp", "deepspeed") and not torch.distributed.is_initialized():
-        raise MaskpipeError(f"strategy {name!r} needs a process group: run it on Ray workers (workers.num_workers ≥ 1)")
+    problem = strategy_problem(name, world, kw.get("shard_group") or None, torch.distributed.is_initialized())
+    if problem is not None:
+        raise MaskpipeError(f"workers.{problem[0]}: {problem[1]}")
     if name != "fsdp":
         materialize(model)  # a model loaded on meta is read whole where the strategy does not shard it
     return {"fsdp": FSDP, "deepspeed": DeepSpeed}.get(name, Strategy)(model, masks, **kw)

@@ -204,3 +204,17 @@ def test_an_artifact_carries_an_attention_plan_with_or_without_masks(tmp_path, m
     wrong = uniform_plan((shape[0], shape[1] + 1), True, 2, 8).to_json(model)
     with pytest.raises(MaskpipeError, match="attention plan is for 4 layers x 3 KV heads"):
         check_plan(wrong, model, "art")
+
+
+def test_the_artifact_format_and_gate_learning_stand_below_the_schema_and_the_evaluations():
+    """The artifact format needs no config schema, gate learning no retrieval evaluation: what they share
+    with them (`Pattern`, the prompt templates) lives in lower modules (`pipeline.vocab`, `pipeline.prompts`)."""
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    code = ("import sys, pipeline.artifacts, pipeline.attention, pipeline.interop; "
+            "print([m for m in ('pipeline.config', 'pipeline.retrieval') if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

@@ -26,7 +26,6 @@ from pipeline import encoding
 from pipeline.artifacts import MANIFEST_FILE, MASKS_FILE, load_artifact, save_artifact
 from pipeline.checkpoint import META, CheckpointDir
 from pipeline.encoding import BITMAP, Codec, nm_rank, nm_unrank
-from pipeline.learn import nm_candidates
 from pipeline.sparsity import nm_mask
 from tests.conftest import MODEL_FLAGS, cli_fails, MICRO, ROOT
 
@@ -396,11 +395,13 @@ def test_pack_unpack_round_trips_every_nm_up_to_m8(case, chunk_words):
 
 @pytest.mark.parametrize("n,m", [(n, m) for m in range(2, 9) for n in range(1, m)] + [(3, 20), (9, 18)])
 def test_ranks_follow_the_candidate_order_and_approach_the_information_limit(n, m):
-    cands = nm_candidates(n, m).numpy() if m <= 8 else np.array(
-        [[i in keep for i in range(m)] for keep in __import__("itertools").combinations(range(m), n)])
+    # encoding.candidates defines the order (itertools.combinations; learn.nm_candidates is the same table):
+    # the rank arithmetic and the table lookups must both follow it.
+    cands = encoding.candidates(n, m)
     assert (nm_rank(cands, n, m) == np.arange(len(cands))).all()
     assert (nm_unrank(np.arange(len(cands)), n, m) == cands).all()
     assert (encoding._rank_sum(cands, n, m) == np.arange(len(cands))).all()
+    assert (encoding._unrank_walk(np.arange(len(cands)), n, m) == cands).all()
     codec = Codec.best(n, m)
     limit = log2(comb(m, n)) / m
     assert limit <= codec.bits_per_weight <= limit * (1.005 if m <= 8 else 1.01)

@@ -3,8 +3,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import (ConfigError, apply_overrides, config_from_dict, dump_config, load_config, parse_pattern,
-                             yaml_load)
+from pipeline.config import ConfigError, apply_overrides, config_from_dict, dump_config, load_config, yaml_load
+from pipeline.vocab import Pattern
 from tests.conftest import ROOT
 
 BASE = {
@@ -72,6 +72,16 @@ def error_of(mutate, source="f.yaml"):
          "f.yaml: stages.2.data: dsnot needs a calibration corpus"),
         (lambda r: r.update(workers={"num_workers": 2, "sharded_load": True}),
          "f.yaml: workers.sharded_load: reading each rank's rows needs strategy fsdp, not ddp"),
+        (lambda r: r.update(workers={"strategy": "fsdp"}),
+         "f.yaml: workers.strategy: fsdp runs on Ray workers: set workers.num_workers ≥ 1"),
+        (lambda r: r.update(workers={"num_workers": 2, "strategy": "none"}),
+         "f.yaml: workers.strategy: none runs one worker, not 2: use ddp, fsdp or deepspeed"),
+        (lambda r: r.update(workers={"num_workers": 3, "strategy": "fsdp", "shard_group": 2}),
+         "f.yaml: workers.shard_group: hybrid sharding needs strategy fsdp and a number of workers that is a multiple of 2"),
+        (lambda r: r.update(workers={"num_workers": 3}) or r["stages"].append({"stage": "learn", "data": "c", "steps": 2}),
+         "f.yaml: stages.2.batch_size: batch_size 8 does not split evenly over 3 workers (workers.num_workers)"),
+        (lambda r: r["stages"][0].update(method="obs"), "f.yaml: stages.0.method: Input should be 'magnitude', 'wanda', "
+                                                        "'sparsegpt' or 'dsnot'"),
     ],
 )
 def test_errors_name_file_and_key(mutate, expected):
@@ -82,13 +92,13 @@ def test_unquoted_pattern_in_yaml_stays_a_pattern(tmp_path):
     # YAML 1.1 would read 2:4 as the base-60 integer 124.
     f = tmp_path / "c.yaml"
     f.write_text("name: t\nmodel: {name_or_path: m}\nsparsity: {pattern: 4:8}\nstages: [{stage: oneshot, method: magnitude}]\n")
-    assert load_config(f).sparsity.nm == (4, 8)
+    assert load_config(f).sparsity.pattern == Pattern(4, 8)
 
 
 def test_overrides_set_nested_keys_and_list_items(tmp_path):
     raw = apply_overrides(BASE, ["stages.0.n_samples=4", "model.dtype=float32", "sparsity.pattern=4:8"], "f")
     cfg = config_from_dict(raw)
-    assert cfg.stages[0].n_samples == 4 and cfg.model.dtype == "float32" and cfg.sparsity.nm == (4, 8)
+    assert cfg.stages[0].n_samples == 4 and cfg.model.dtype == "float32" and cfg.sparsity.pattern == Pattern(4, 8)
     assert BASE["stages"][0].get("n_samples") is None  # the input is not mutated
     with pytest.raises(ConfigError, match="stages has no item 7"):
         apply_overrides(BASE, ["stages.7.method=x"], "f")
@@ -110,11 +120,19 @@ def test_stage_names_default_to_method_or_kind():
     assert [s.name for s in cfg.stages] == ["wanda", "eval"]
 
 
-def test_parse_pattern():
-    assert parse_pattern("2:4") == (2, 4) and parse_pattern("4:8") == (4, 8)
-    for bad in ["4:2", "0:4", "2", "a:b", "2:4:8"]:
-        with pytest.raises(ValueError):
-            parse_pattern(bad)
+def test_pattern_parses_prints_and_validates_in_one_place():
+    assert Pattern.parse("2:4") == Pattern(2, 4) and tuple(Pattern.parse("4:8")) == (4, 8)
+    assert str(Pattern(2, 4)) == "2:4" and Pattern.parse(Pattern(1, 2)) == Pattern(1, 2)
+    for bad in ["4:2", "0:4", "2", "a:b", "2:4:8", None]:
+        with pytest.raises(ValueError, match='expected "N:M" with 0<N<M'):
+            Pattern.parse(bad)
+    with pytest.raises(ValueError, match='got "3:3"'):
+        Pattern(3, 3)
+    # A config holds a Pattern and dumps it as "N:M", so snapshots and manifests keep the string form.
+    cfg = config_from_dict({**BASE, "sparsity": {"pattern": "4:8"}})
+    assert cfg.sparsity.pattern == Pattern(4, 8) and cfg.stages[0].pattern is None
+    assert cfg.model_dump()["sparsity"] == {"pattern": "4:8"} == yaml_load(dump_config(cfg))["sparsity"]
+    assert cfg.stage_pattern(cfg.stages[0]) == Pattern(4, 8)
 
 
 def test_learn_lr_defaults_to_a_move_of_one_and_a_half_prior_margins_over_the_budget():
@@ -138,3 +156,17 @@ def test_fsdp_loads_each_ranks_rows_unless_told_otherwise():
     assert WorkersConfig(num_workers=2, strategy="fsdp").loads_sharded
     assert not WorkersConfig(num_workers=2, strategy="fsdp", sharded_load=False).loads_sharded
     assert not WorkersConfig(num_workers=2, strategy="deepspeed").loads_sharded
+
+
+def test_the_strategy_and_batch_rules_are_one_function_each():
+    from pipeline.vocab import STRATEGIES, check_batch_split, strategy_problem
+
+    assert check_batch_split(8, 0) == 8 and check_batch_split(8, 4) == 2
+    with pytest.raises(ValueError, match="batch_size 8 does not split evenly over 3 workers"):
+        check_batch_split(8, 3)
+    assert all(strategy_problem(s, 2, distributed=True) is None for s in STRATEGIES if s != "none")
+    assert strategy_problem("zero", 1)[0] == "strategy"
+    # the library asks with its process group; the config with its number of workers
+    assert strategy_problem("deepspeed", 1, distributed=False)[1].startswith("deepspeed runs on Ray workers")
+    assert strategy_problem("deepspeed", 1, distributed=True) is None
+    assert strategy_problem("fsdp", 4, shard_group=2) is None and strategy_problem("ddp", 4, shard_group=2)[0] == "shard_group"

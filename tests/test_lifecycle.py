@@ -309,7 +309,7 @@ PLAN = ["plan", "configs/llama2-7b-2of4.yaml", "--hf-config", "configs/hf/llama-
 @pytest.mark.parametrize("args,message", [
     (["--gpus", "0"], "--gpus: at least 1 device, got 0"),
     (["--gpus", "-1"], "--gpus: at least 1 device, got -1"),
-    (["--gpus", "3"], "--gpus 3: stage 'maskllm' has batch_size 16, which does not split evenly over 3 devices"),
+    (["--gpus", "3"], "--gpus 3: stage 'maskllm': batch_size 16 does not split evenly over 3 workers"),
     (["--gpu-memory", "80"], "--gpu-memory: '80' has no unit; write e.g. 80GiB"),
 ])
 def test_plan_refuses_impossible_arguments(args, message, in_root, capsys):
@@ -348,7 +348,7 @@ def test_the_command_line_helps_and_takes_overrides_after_options(tmp_path, caps
     assert re.match(r"maskpipe \d+\.\d+", capsys.readouterr().out)
     with pytest.raises(SystemExit):
         main(["eval", "--help"])
-    assert "(default: 2048)" in capsys.readouterr().out
+    assert "(default: 2048, from the config)" in capsys.readouterr().out
     config = write_recipe(tmp_path / "c.yaml", recipe(tmp_path))
     assert main(["validate", str(config), "--print", "seed=7", "stages.1.steps=3"]) == 0
     out = capsys.readouterr().out

@@ -130,13 +130,15 @@ class StageKind:
         raise NotImplementedError
 
 
-def check_batch_split(cfg, st, where: str, what: str) -> None:
+def check_batch_split(cfg, st, where: str) -> None:
     """A training group's batch splits evenly over its workers (each its share of every batch)."""
     from pipeline.config import _KeyError
+    from pipeline.vocab import check_batch_split
 
-    if st.batch_size % max(cfg.workers.num_workers, 1):
-        raise _KeyError(f"{where}.batch_size", f"{st.batch_size} {what} do not split evenly over "
-                                               f"{cfg.workers.num_workers} workers (workers.num_workers)")
+    try:
+        check_batch_split(st.batch_size, cfg.workers.num_workers)
+    except ValueError as e:
+        raise _KeyError(f"{where}.batch_size", f"{e} (workers.num_workers)") from None
 
 
 class Evaluates(StageKind):

@@ -105,7 +105,7 @@ class Attention(StageKind):
 
     def check(self, cfg: Config, st: AttentionStage, where: str, earlier: list) -> None:
         if st.learns_gates:
-            check_batch_split(cfg, st, where, "samples")
+            check_batch_split(cfg, st, where)
 
     def run(self, ctx: StageContext) -> StageOutput:
         return StageOutput(attention_stage(ctx.cfg, ctx.session, ctx.st, ctx.run, ctx.store, ctx.on_log,

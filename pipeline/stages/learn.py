@@ -20,6 +20,7 @@ from pipeline.rundir import RunDir
 from pipeline.session import Session, Variant
 from pipeline.stages import Placement, Ref, StageContext, StageKind, StageOutput, check_batch_split
 from pipeline.stages.oneshot import shares
+from pipeline.vocab import LEARNED_METHOD
 
 log = logging.getLogger("maskpipe")
 
@@ -29,13 +30,14 @@ def learn_stage(cfg: Config, s: Session, st: LearnStage, run: RunDir, prior: Pat
     """MaskLLM mask learning from `prior` (an artifact, or None), resuming from `store`; the caller's
     rank among `world_size` data-parallel workers (each its share of every batch). Rank 0 writes the
     artifact to `run.artifact(st.name)` and returns its variant; other ranks return nothing."""
-    n, m = cfg.stage_pattern(st)
+    pattern = cfg.stage_pattern(st)
+    n, m = pattern
     priors = init_logits = None
     prior_info: dict[str, Any] = {}
     if prior is not None:
         priors, manifest = s.load_artifact(prior)
-        if manifest["pattern"] != f"{n}:{m}":
-            raise MaskpipeError(f"{st.name}: prior {prior} is {manifest['pattern']}, the stage learns {n}:{m}")
+        if manifest["pattern"] != str(pattern):
+            raise MaskpipeError(f"{st.name}: prior {prior} is {manifest['pattern']}, the stage learns {pattern}")
         if st.prior.soft:
             init_logits, priors = load_soft_logits(prior), None
         prior_info = {"artifact": str(prior), "method": manifest["method"].get("name"),
@@ -67,8 +69,8 @@ def learn_stage(cfg: Config, s: Session, st: LearnStage, run: RunDir, prior: Pat
     masks = {k: hard_mask(v, n, m).reshape(shapes[k]) for k, v in logits.items()}
     soft = {k: v.to(getattr(torch, st.save_logits)) for k, v in logits.items()} if st.save_logits else None
     artifact = save_artifact(
-        run.artifact(st.name), masks, s.linears, base_model=base_model, pattern=f"{n}:{m}",
-        method={"name": "maskllm", "params": st.model_dump(mode="json", exclude={"stage", "name", "data"}),
+        run.artifact(st.name), masks, s.linears, base_model=base_model, pattern=pattern,
+        method={"name": LEARNED_METHOD, "params": st.model_dump(mode="json", exclude={"stage", "name", "data"}),
                 "prior": prior_info, "seconds": round(seconds, 2), "workers": world_size,
                 "final": history[-1] if history else {}},
         data={"corpus": st.data, "sources": [x.path for x in cfg.data[st.data].sources], "tokens": tokens,
@@ -83,7 +85,7 @@ def learned_variant(st: LearnStage, artifact: Path) -> Variant:
     """A learning stage's row, read back from its artifact (all that a worker group leaves behind)."""
     manifest = read_manifest(artifact)
     method = manifest["method"]
-    info = {"method": "maskllm", "pattern": manifest["pattern"], "seconds": method["seconds"],
+    info = {"method": LEARNED_METHOD, "pattern": manifest["pattern"], "seconds": method["seconds"],
             "tokens": manifest["data"]["tokens"], "token_shares": manifest["data"].get("token_shares"),
             "workers": method["workers"],
             "prior": st.prior and (st.prior.stage or Path(st.prior.artifact).name)}
@@ -103,7 +105,7 @@ class Learn(StageKind):
         return [Ref("prior.stage", st.prior.stage)] if st.prior is not None and st.prior.stage is not None else []
 
     def check(self, cfg: Config, st: LearnStage, where: str, earlier: list) -> None:
-        check_batch_split(cfg, st, where, "blocks")
+        check_batch_split(cfg, st, where)
 
     def run(self, ctx: StageContext) -> StageOutput:
         return StageOutput(learn_stage(ctx.cfg, ctx.session, ctx.st, ctx.run, prior_source(ctx.st, ctx.variants),

@@ -28,13 +28,14 @@ def shares(stream: TokenStream) -> str:
 def oneshot_stage(cfg: Config, s: Session, st: OneshotStage, run: RunDir) -> list[Variant]:
     """One-shot N:M masks; writes the artifact to `run.artifact(st.name)`. DSnoT refines the mask of the
     earlier stage `st.mask_from`, whose artifact lies beside it."""
-    n, m = cfg.stage_pattern(st)
+    pattern = cfg.stage_pattern(st)
+    n, m = pattern
     init_masks = None
     if st.mask_from is not None:
         init_masks, manifest = s.load_artifact(run.artifact(st.mask_from))
-        if manifest["pattern"] != f"{n}:{m}":
+        if manifest["pattern"] != str(pattern):
             raise MaskpipeError(f"{st.name}: mask_from: {st.mask_from} is {manifest['pattern']}, "
-                                f"the stage makes {n}:{m}")
+                                f"the stage makes {pattern}")
     calib, data_info = None, {}
     if st.data is not None:
         stream = TokenStream(cfg.data[st.data], s.tokenizer, st.seqlen, cfg.seed)
@@ -54,12 +55,12 @@ def oneshot_stage(cfg: Config, s: Session, st: OneshotStage, run: RunDir) -> lis
     dsnot_only = {"mask_from", "max_cycles"} if st.mask_from is None else set()
     params = st.model_dump(exclude={"stage", "name", "data"} | dsnot_only)
     artifact = save_artifact(
-        run.artifact(st.name), masks, s.linears, base_model=s.base_model_info(), pattern=f"{n}:{m}",
+        run.artifact(st.name), masks, s.linears, base_model=s.base_model_info(), pattern=pattern,
         method={"name": st.method, "params": params, "seconds": round(seconds, 2)},
         data=data_info, config=cfg.model_dump(mode="json"),
     )
     log.info("%s: mask artifact written to %s (%.1f s)", st.name, artifact, seconds)
-    info = {"method": st.method, "pattern": f"{n}:{m}", "seconds": round(seconds, 2),
+    info = {"method": st.method, "pattern": str(pattern), "seconds": round(seconds, 2),
             "tokens": data_info.get("tokens", 0), "token_shares": data_info.get("token_shares"),
             **({"prior": st.mask_from} if st.mask_from else {})}
     if updated is None:
@@ -87,7 +88,7 @@ class Oneshot(StageKind):
         if st.mask_from is None:
             return
         source = next(s for s in earlier if s.name == st.mask_from)
-        theirs, ours = (":".join(map(str, cfg.stage_pattern(x))) for x in (source, st))
+        theirs, ours = (cfg.stage_pattern(x) for x in (source, st))
         if theirs != ours:
             raise _KeyError(f"{where}.mask_from", f"{st.mask_from} makes {theirs} masks, this stage {ours}")
 

@@ -15,11 +15,9 @@ from pipeline.retrieval import (accuracy, multikey_samples, niah_heatmap, niah_s
 from pipeline.session import Session, Variant
 from pipeline.stages import Evaluates, Placement, StageContext, StageOutput
 from pipeline.stages.attention import head_geometry
+from pipeline.vocab import RETRIEVAL_TASKS
 
 log = logging.getLogger("maskpipe")
-
-TASKS = ("passkey", "niah", "multikey")
-
 
 def retrieval_stage(cfg: Config, s: Session, st: RetrievalStage, variants: list[Variant], folder: Path,
                     root: Path) -> dict[str, dict[str, dict]]:
@@ -71,7 +69,7 @@ class Retrieval(Evaluates):
                 if getattr(st, task) is not None and getattr(st, task).data is not None}
 
     def lengths(self, st: RetrievalStage) -> dict[str, int]:
-        return {f"{task}.lengths": max(getattr(st, task).lengths) for task in TASKS if getattr(st, task) is not None}
+        return {f"{task}.lengths": max(getattr(st, task).lengths) for task in RETRIEVAL_TASKS if getattr(st, task) is not None}
 
     def run(self, ctx: StageContext) -> StageOutput:
         st = ctx.st
