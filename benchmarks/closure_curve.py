@@ -70,7 +70,27 @@ def main() -> None:
     prior = {c: ppl["sparsegpt"][c]["ppl"] for c in ("kjv", "pydocs")}
     overrides = {k: json.loads(v) if v[:1] in "[{" else float(v) for k, v in (o.split("=", 1) for o in a.override)}
 
-    points = []
+    def write_tables() -> None:
+        (out / f"{a.model}.json").write_text(json.dumps({"model": m, "dense": dense, "prior": prior, "overrides": overrides,
+                                                         "points": points}, indent=1))
+        by_tokens: dict[int, list[dict]] = {}
+        for pt in points:
+            by_tokens.setdefault(pt["tokens"], []).append(pt)
+        lines = [f"{a.model}-llama, dense {dense['kjv']:.2f} / {dense['pydocs']:.2f}, SparseGPT 2:4 prior "
+                 f"{prior['kjv']:.2f} / {prior['pydocs']:.2f} (PPL kjv / pydocs); seeds {a.seeds}", "",
+                 "| tokens | steps | PPL kjv (mean) | PPL pydocs (mean) | gap closed kjv: mean (min–max) | gap closed pydocs: mean (min–max) |",
+                 "| --- | --- | --- | --- | --- | --- |"]
+        for tokens, pts in sorted(by_tokens.items()):
+            cells = []
+            for c in ("kjv", "pydocs"):
+                cl = [100 * p["closure"][c] for p in pts]
+                cells.append(f"{statistics.mean(cl):.0f}% ({min(cl):.0f}–{max(cl):.0f})")
+            ppls = [f"{statistics.mean(p['ppl'][c] for p in pts):.2f}" for c in ("kjv", "pydocs")]
+            lines.append(f"| {tokens:,} | {pts[0]['steps']} | {ppls[0]} | {ppls[1]} | {cells[0]} | {cells[1]} |")
+        (out / f"{a.model}.md").write_text("\n".join(lines) + "\n")
+        print("\n".join(lines))
+
+    points: list[dict] = []
     for tokens in a.tokens:
         steps = max(1, round(tokens / (m["batch"] * m["seqlen"])))
         for seed in a.seeds:
@@ -85,28 +105,16 @@ def main() -> None:
             points.append({"tokens": steps * m["batch"] * m["seqlen"], "steps": steps, "seed": seed, "ppl": got,
                            "closure": {c: (prior[c] - got[c]) / (prior[c] - dense[c]) for c in dense}})
             print(json.dumps(points[-1]), flush=True)
+            write_tables()  # after every point: an interrupted curve keeps what it measured
 
-    (out / f"{a.model}.json").write_text(json.dumps({"model": m, "dense": dense, "prior": prior, "overrides": overrides,
-                                                     "points": points}, indent=1))
     by_tokens: dict[int, list[dict]] = {}
     for pt in points:
         by_tokens.setdefault(pt["tokens"], []).append(pt)
-    lines = [f"{a.model}-llama, dense {dense['kjv']:.2f} / {dense['pydocs']:.2f}, SparseGPT 2:4 prior "
-             f"{prior['kjv']:.2f} / {prior['pydocs']:.2f} (PPL kjv / pydocs); seeds {a.seeds}", "",
-             "| tokens | steps | PPL kjv (mean) | PPL pydocs (mean) | gap closed kjv: mean (min–max) | gap closed pydocs: mean (min–max) |",
-             "| --- | --- | --- | --- | --- | --- |"]
-    for tokens, pts in sorted(by_tokens.items()):
-        cells = []
-        for c in ("kjv", "pydocs"):
-            cl = [100 * p["closure"][c] for p in pts]
-            cells.append(f"{statistics.mean(cl):.0f}% ({min(cl):.0f}–{max(cl):.0f})")
-        ppls = [f"{statistics.mean(p['ppl'][c] for p in pts):.2f}" for c in ("kjv", "pydocs")]
-        lines.append(f"| {tokens:,} | {pts[0]['steps']} | {ppls[0]} | {ppls[1]} | {cells[0]} | {cells[1]} |")
-    (out / f"{a.model}.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
-
     import matplotlib
     matplotlib.use("Agg")
+    by_tokens: dict[int, list[dict]] = {}
+    for pt in points:
+        by_tokens.setdefault(pt["tokens"], []).append(pt)
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(6, 4))
     for c, color in (("kjv", "tab:blue"), ("pydocs", "tab:orange")):
