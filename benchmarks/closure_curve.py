@@ -22,8 +22,8 @@ import json
 import statistics
 from pathlib import Path
 
-from pipeline.config import config_from_dict
-from pipeline.run import LocalBackend, run
+from maskpipe.pipeline.config import config_from_dict
+from maskpipe.pipeline.run import LocalBackend, run
 
 MODELS = {
     "tiny": {"path": "../shared/fixtures/models/tiny-llama", "seqlen": 512, "batch": 8},

@@ -25,12 +25,12 @@ import collections
 
 import torch
 
-from pipeline.artifacts import load_artifact
-from pipeline.config import DataConfig, ModelConfig
-from pipeline.data import TokenStream
-from pipeline.models import load_model, load_tokenizer, prunable_linears
-from pipeline.oneshot import dsnot_error, dsnot_refine
-from pipeline.sparsity import nm_mask
+from maskpipe.pipeline.artifacts import load_artifact
+from maskpipe.pipeline.config import DataConfig, ModelConfig
+from maskpipe.pipeline.data import TokenStream
+from maskpipe.pipeline.models import load_model, load_tokenizer, prunable_linears
+from maskpipe.pipeline.oneshot import dsnot_error, dsnot_refine
+from maskpipe.pipeline.sparsity import nm_mask
 
 CORPORA = "../shared/fixtures/corpora"
 

@@ -24,11 +24,11 @@ import time
 
 import torch
 
-from pipeline.config import DataConfig, ModelConfig
-from pipeline.data import TokenStream, eval_text
-from pipeline.evaluate import perplexity
-from pipeline.models import load_model, load_tokenizer, prunable_linears
-from pipeline.oneshot import oneshot_masks
+from maskpipe.pipeline.config import DataConfig, ModelConfig
+from maskpipe.pipeline.data import TokenStream, eval_text
+from maskpipe.pipeline.evaluate import perplexity
+from maskpipe.pipeline.models import load_model, load_tokenizer, prunable_linears
+from maskpipe.pipeline.oneshot import oneshot_masks
 
 CORPORA = "../shared/fixtures/corpora"
 

@@ -105,7 +105,7 @@ class Context:
 
 
 def model_cfg(path, dtype: str, device: str):
-    from pipeline.config import ModelConfig
+    from maskpipe.pipeline.config import ModelConfig
 
     return ModelConfig(name_or_path=str(path), dtype=dtype, device=device)
 
@@ -130,9 +130,9 @@ def part_semi_structured(ctx: Context) -> dict:
 
 
 def part_stages(ctx: Context) -> dict:
-    from pipeline.evaluate import perplexity
-    from pipeline.models import load_model, load_tokenizer
-    from pipeline.retrieval import accuracy, passkey_samples, score
+    from maskpipe.pipeline.evaluate import perplexity
+    from maskpipe.pipeline.models import load_model, load_tokenizer
+    from maskpipe.pipeline.retrieval import accuracy, passkey_samples, score
 
     tokenizer = load_tokenizer(model_cfg(ctx.fixture, "float32", "cpu"))
     text = ctx.text_path.read_text()
@@ -160,9 +160,9 @@ def part_stages(ctx: Context) -> dict:
 
 
 def part_learn_step(ctx: Context) -> dict:
-    from pipeline.learn import add_learned_masks
-    from pipeline.models import prunable_linears
-    from pipeline.plan import CUDA_RESERVE, GiB, memory_plan, model_shape
+    from maskpipe.pipeline.learn import add_learned_masks
+    from maskpipe.pipeline.models import prunable_linears
+    from maskpipe.pipeline.plan import CUDA_RESERVE, GiB, memory_plan, model_shape
 
     dims, (batch, seqlen), repeats = (TOY, (2, 32), 1) if ctx.smoke else (LLAMA_1B, (4, 2048), 5)
     model = ctx.random_llama(dims, torch.bfloat16)
@@ -256,10 +256,10 @@ class TextBlocks:
 def part_strategies(ctx: Context) -> dict:
     import torch.distributed as dist
 
-    from pipeline.checkpoint import CheckpointDir
-    from pipeline.config import LearnStage
-    from pipeline.learn import train_masks
-    from pipeline.models import load_model, load_tokenizer, prunable_linears
+    from maskpipe.pipeline.checkpoint import CheckpointDir
+    from maskpipe.pipeline.config import LearnStage
+    from maskpipe.pipeline.learn import train_masks
+    from maskpipe.pipeline.models import load_model, load_tokenizer, prunable_linears
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -323,7 +323,7 @@ def part_strategies(ctx: Context) -> dict:
 
 @torch.no_grad()
 def part_flex_prefill(ctx: Context) -> dict:
-    from pipeline.attention import kv_heads, plan_cost, planned, uniform_plan
+    from maskpipe.pipeline.attention import kv_heads, plan_cost, planned, uniform_plan
 
     dims, lengths, (sink, window) = (TOY, [256], (16, 64)) if ctx.smoke else (LLAMA_1B, [8192, 32768], (128, 1024))
     model = ctx.random_llama(dims, torch.bfloat16)

@@ -15,9 +15,9 @@ import time
 
 import torch
 
-from pipeline.config import ModelConfig
-from pipeline.learn import add_learned_masks
-from pipeline.models import load_model, prunable_linears
+from maskpipe.pipeline.config import ModelConfig
+from maskpipe.pipeline.learn import add_learned_masks
+from maskpipe.pipeline.models import load_model, prunable_linears
 
 
 def median_time(fn, repeats: int, warmup: int = 2) -> float:

@@ -77,11 +77,11 @@ def worker(rank: int, world: int, port: int, directory: str, meta: bool, steps: 
     torch.set_num_threads(max(1, 2 // world))
     import torch.distributed as dist
 
-    from pipeline.checkpoint import CheckpointDir
-    from pipeline.config import LearnStage, ModelConfig
-    from pipeline.learn import train_masks
-    from pipeline.models import load_model, prunable_linears
-    from pipeline.shard import FSDP
+    from maskpipe.pipeline.checkpoint import CheckpointDir
+    from maskpipe.pipeline.config import LearnStage, ModelConfig
+    from maskpipe.pipeline.learn import train_masks
+    from maskpipe.pipeline.models import load_model, prunable_linears
+    from maskpipe.pipeline.shard import FSDP
 
     dist.init_process_group("gloo", rank=rank, world_size=world)
     cfg = ModelConfig(name_or_path=directory, dtype="bfloat16", device="cpu")
@@ -133,8 +133,8 @@ def main() -> None:
     a = p.parse_args()
     from transformers import AutoConfig
 
-    from pipeline.config import ModelConfig
-    from pipeline.plan import gib, loading_plan, memory_plan, model_shape
+    from maskpipe.pipeline.config import ModelConfig
+    from maskpipe.pipeline.plan import gib, loading_plan, memory_plan, model_shape
 
     directory = Path(a.dir)
     write_model(directory)

@@ -15,11 +15,11 @@ import argparse
 
 import torch
 
-from pipeline.config import DataConfig, ModelConfig
-from pipeline.data import TokenStream
-from pipeline.learn import add_learned_masks
-from pipeline.models import load_model, load_tokenizer, prunable_linears
-from pipeline.oneshot import oneshot_masks
+from maskpipe.pipeline.config import DataConfig, ModelConfig
+from maskpipe.pipeline.data import TokenStream
+from maskpipe.pipeline.learn import add_learned_masks
+from maskpipe.pipeline.models import load_model, load_tokenizer, prunable_linears
+from maskpipe.pipeline.oneshot import oneshot_masks
 
 
 def main() -> None:

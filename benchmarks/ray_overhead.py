@@ -49,7 +49,7 @@ def main() -> None:
     a = p.parse_args()
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
     env["RAY_AUTH_MODE"] = "token"
-    maskpipe = [sys.executable, "-m", "jobs.cli"]
+    maskpipe = [sys.executable, "-m", "maskpipe.jobs.cli"]
     times = {}
     with tempfile.TemporaryDirectory() as tmp:
         times["foreground (no Ray)"], _ = timed(maskpipe + ["run", a.config, f"output_dir={tmp}/fg",

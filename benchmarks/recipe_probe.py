@@ -25,13 +25,13 @@ import torch
 import torch.nn.functional as F
 from torch.nn.utils import parametrize
 
-import pipeline.learn as learn
-import pipeline.loop as loop
-from pipeline.config import DataConfig, LearnStage, ModelConfig
-from pipeline.data import TokenStream, calibration_blocks, eval_text
-from pipeline.evaluate import perplexity
-from pipeline.models import load_model, load_tokenizer, prunable_linears
-from pipeline.oneshot import oneshot_masks
+import maskpipe.pipeline.learn as learn
+import maskpipe.pipeline.loop as loop
+from maskpipe.pipeline.config import DataConfig, LearnStage, ModelConfig
+from maskpipe.pipeline.data import TokenStream, calibration_blocks, eval_text
+from maskpipe.pipeline.evaluate import perplexity
+from maskpipe.pipeline.models import load_model, load_tokenizer, prunable_linears
+from maskpipe.pipeline.oneshot import oneshot_masks
 
 
 class NoCheckpoints:

@@ -18,10 +18,10 @@ from contextlib import nullcontext
 
 import torch
 
-from pipeline.attention import kv_heads, planned, uniform_plan
-from pipeline.config import ModelConfig
-from pipeline.models import load_model, load_tokenizer
-from pipeline.retrieval import passkey_samples, score
+from maskpipe.pipeline.attention import kv_heads, planned, uniform_plan
+from maskpipe.pipeline.config import ModelConfig
+from maskpipe.pipeline.models import load_model, load_tokenizer
+from maskpipe.pipeline.retrieval import passkey_samples, score
 
 
 def main() -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 
-from pipeline import MaskpipeError
+from maskpipe.pipeline import MaskpipeError
 
 # Clients only send the cluster's token when told that the cluster wants one.
 os.environ.setdefault("RAY_AUTH_MODE", "token")

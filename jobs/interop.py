@@ -14,15 +14,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline import MaskpipeError
+from maskpipe.pipeline import MaskpipeError
 
 
 def cmd_import(a) -> None:
-    from jobs.cli import _model_cfg
-    from pipeline.attention import AttentionPlan
-    from pipeline.config import ModelConfig
-    from pipeline.interop import import_duo_attention, import_maskllm
-    from pipeline.session import Session
+    from maskpipe.jobs.cli import _model_cfg
+    from maskpipe.pipeline.attention import AttentionPlan
+    from maskpipe.pipeline.config import ModelConfig
+    from maskpipe.pipeline.interop import import_duo_attention, import_maskllm
+    from maskpipe.pipeline.session import Session
 
     if not Path(a.file).exists():
         raise MaskpipeError(f"{a.file}: no such file")
@@ -41,21 +41,21 @@ def cmd_import(a) -> None:
 
 
 def cmd_export(a) -> None:
-    from pipeline.interop import export_duo_attention, export_maskllm
+    from maskpipe.pipeline.interop import export_duo_attention, export_maskllm
 
     out = export_maskllm(a.artifact, a.out) if a.format == "maskllm" else export_duo_attention(a.artifact, a.out)
     print(f"{a.artifact}: exported as {a.format} to {out}")
 
 
 def cmd_lm_eval(a) -> None:
-    from jobs.cli import _model_cfg, _variants, given
-    from pipeline.artifacts import write_json, write_text
-    from pipeline.config import config_from_dict
-    from pipeline.results import zeroshot_table
-    from pipeline.rundir import RunDir
-    from pipeline.session import Session
-    from pipeline.stages.lm_eval import lm_eval_stage
-    from pipeline.zeroshot import check_tasks
+    from maskpipe.jobs.cli import _model_cfg, _variants, given
+    from maskpipe.pipeline.artifacts import write_json, write_text
+    from maskpipe.pipeline.config import config_from_dict
+    from maskpipe.pipeline.results import zeroshot_table
+    from maskpipe.pipeline.rundir import RunDir
+    from maskpipe.pipeline.session import Session
+    from maskpipe.pipeline.stages.lm_eval import lm_eval_stage
+    from maskpipe.pipeline.zeroshot import check_tasks
 
     stage = given(stage="lm_eval", name="lm_eval", tasks=a.tasks, include_path=a.include_path,
                   num_fewshot=a.num_fewshot, batch_size=a.batch_size,
@@ -107,7 +107,7 @@ def add_interop_commands(sub, model_args) -> None:
     for p in (eml, eduo):
         p.set_defaults(fn=cmd_export)
 
-    from jobs.cli import from_config
+    from maskpipe.jobs.cli import from_config
 
     le = sub.add_parser("lm-eval", help="zero-shot task accuracy (lm-evaluation-harness) of a model, dense and/or "
                                         "masked; needs the [lm-eval] extra")

@@ -19,8 +19,8 @@ import shlex
 import time
 from pathlib import Path
 
-from pipeline import MaskpipeError
-from pipeline.rundir import RunDir
+from maskpipe.pipeline import MaskpipeError
+from maskpipe.pipeline.rundir import RunDir
 
 ROOT = Path(__file__).resolve().parents[1]
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
@@ -44,7 +44,7 @@ def _read_json(path: Path) -> dict:
 
 def _latest_job(run_dir: Path):
     """(Jobs client of the run's cluster, id of its newest job)."""
-    from cluster import job_client
+    from maskpipe.cluster import job_client
 
     jobs = _read_json(RunDir(run_dir).jobs)
     if not jobs.get("submissions"):
@@ -60,12 +60,12 @@ DRIVER_LOCK_WAIT_S = 60
 def _submit(run_dir: Path, client) -> str:
     """Submit the run's entrypoint as a new Ray job of `client`'s cluster; the caller owns the run
     directory (`RunLock`) meanwhile."""
-    from pipeline.artifacts import write_json
+    from maskpipe.pipeline.artifacts import write_json
 
     paths = RunDir(run_dir)
     jobs = _read_json(paths.jobs)
     submissions = jobs.get("submissions", [])
-    entrypoint = (f"python -m jobs.cli run {shlex.quote(str(paths.config))} "
+    entrypoint = (f"python -m maskpipe.jobs.cli run {shlex.quote(str(paths.config))} "
                   f"--run-dir {shlex.quote(str(run_dir))} --wait-for-lock {DRIVER_LOCK_WAIT_S}")
     try:
         job_id = client.submit_job(
@@ -102,7 +102,7 @@ def run_state(run_dir: Path, job: str | None = None) -> str:
     """What a run is doing: its status.json, corrected by what outlived it. A run whose status says
     running but whose owner is gone (killed, its machine lost) `died`; a job Ray ended without the
     run writing its end is `failed (job)` / `stopped (job)`."""
-    from pipeline import rundir
+    from maskpipe.pipeline import rundir
 
     state = _read_json(RunDir(run_dir).status).get("status", "submitted")
     if state not in ("running", "submitted"):
@@ -119,8 +119,8 @@ def run_state(run_dir: Path, job: str | None = None) -> str:
 def run_summary(run_dir: Path, job: str | None = None) -> dict:
     """One row of `maskpipe runs`. The cluster is asked about the run's job (unless `job` already
     says) only while the run directory says it is running."""
-    from pipeline.config import yaml_load
-    from pipeline.loggers import read_metrics
+    from maskpipe.pipeline.config import yaml_load
+    from maskpipe.pipeline.loggers import read_metrics
 
     paths = RunDir(run_dir)
     status = _read_json(paths.status)
@@ -135,11 +135,11 @@ def run_summary(run_dir: Path, job: str | None = None) -> dict:
 def cmd_submit(a) -> None:
     import shutil
 
-    from cluster import job_client
-    from pipeline import rundir
-    from pipeline.artifacts import write_text
-    from pipeline.config import dump_config, load_config
-    from pipeline.preflight import check_inputs
+    from maskpipe.cluster import job_client
+    from maskpipe.pipeline import rundir
+    from maskpipe.pipeline.artifacts import write_text
+    from maskpipe.pipeline.config import dump_config, load_config
+    from maskpipe.pipeline.preflight import check_inputs
 
     cfg = load_config(a.config, a.overrides)
     check_inputs(cfg, a.config)
@@ -165,8 +165,8 @@ def cmd_submit(a) -> None:
 
 
 def cmd_resume(a) -> None:
-    from cluster import job_client
-    from pipeline import rundir
+    from maskpipe.cluster import job_client
+    from maskpipe.pipeline import rundir
 
     run_dir = run_dir_of(a.run, a.runs_dir)
     status = _read_json(RunDir(run_dir).status).get("status")
@@ -183,7 +183,7 @@ def cmd_resume(a) -> None:
 
 
 def cmd_status(a) -> None:
-    from pipeline import rundir
+    from maskpipe.pipeline import rundir
 
     run_dir = run_dir_of(a.run, a.runs_dir)
     job = _job_status(run_dir)
@@ -246,7 +246,7 @@ ADDRESS_HELP = ("the Ray cluster: its dashboard http://HEAD:8265, or HEAD:6379 /
 
 
 def add_job_commands(sub) -> None:
-    from pipeline.config import Config
+    from maskpipe.pipeline.config import Config
 
     def runs_dir(p) -> None:
         p.add_argument("--runs-dir", default=Config.model_fields["output_dir"].default,

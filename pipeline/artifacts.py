@@ -37,11 +37,11 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from pipeline import MaskpipeError, __version__
-from pipeline.encoding import Codec
-from pipeline.models import base_weight, fingerprint
-from pipeline.sparsity import is_nm
-from pipeline.vocab import Pattern
+from maskpipe.pipeline import MaskpipeError, __version__
+from maskpipe.pipeline.encoding import Codec
+from maskpipe.pipeline.models import base_weight, fingerprint
+from maskpipe.pipeline.sparsity import is_nm
+from maskpipe.pipeline.vocab import Pattern
 
 FORMAT = "maskpipe-masks"
 FORMAT_VERSION = 2

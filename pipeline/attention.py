@@ -27,11 +27,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from pipeline import MaskpipeError
-from pipeline.checkpoint import rank_world
-from pipeline.loop import train
-from pipeline.models import decoder_blocks, decoder_linears, fingerprint, materialize
-from pipeline.prompts import (PASSKEY_DIGITS, PASSKEY_INTRO, PASSKEY_NEEDLE, PASSKEY_QUESTION, build_prompt,
+from maskpipe.pipeline import MaskpipeError
+from maskpipe.pipeline.checkpoint import rank_world
+from maskpipe.pipeline.loop import train
+from maskpipe.pipeline.models import decoder_blocks, decoder_linears, fingerprint, materialize
+from maskpipe.pipeline.prompts import (PASSKEY_DIGITS, PASSKEY_INTRO, PASSKEY_NEEDLE, PASSKEY_QUESTION, build_prompt,
                               random_number, split_sentences)
 
 IMPLEMENTATION = "maskpipe_heads"  # the name the plans run under in transformers' AttentionInterface

@@ -28,7 +28,7 @@ import torch.distributed as dist
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from pipeline import MaskpipeError
+from maskpipe.pipeline import MaskpipeError
 
 META = "state.json"
 

@@ -14,10 +14,10 @@ import yaml
 from pydantic import (BaseModel, ConfigDict, Field, PlainSerializer, PlainValidator, ValidationError, field_validator,
                       model_validator)
 
-from pipeline import MaskpipeError
-from pipeline.vocab import (MODEL_DTYPES, ONESHOT_METHODS, SAMPLE_BY, STRATEGIES, Pattern, check_batch_split,
+from maskpipe.pipeline import MaskpipeError
+from maskpipe.pipeline.vocab import (MODEL_DTYPES, ONESHOT_METHODS, SAMPLE_BY, STRATEGIES, Pattern, check_batch_split,
                             strategy_problem)
-from pipeline.zeroshot import DEFAULT_TASKS
+from maskpipe.pipeline.zeroshot import DEFAULT_TASKS
 
 
 class ConfigError(MaskpipeError):
@@ -580,7 +580,7 @@ class Config(Strict):
 
     @model_validator(mode="after")
     def _references(self) -> Config:
-        from pipeline.stages import kind_of
+        from maskpipe.pipeline.stages import kind_of
 
         for i, st in enumerate(self.stages):
             where, earlier = f"stages.{i}", self.stages[:i]

@@ -15,8 +15,8 @@ import datasets
 import torch
 from datasets.exceptions import DatasetNotFoundError
 
-from pipeline import MaskpipeError
-from pipeline.config import DataConfig, Source
+from maskpipe.pipeline import MaskpipeError
+from maskpipe.pipeline.config import DataConfig, Source
 
 _BUILDERS = {".txt": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 _TEXT = datasets.Features({"text": datasets.Value("string")})

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from pipeline import MaskpipeError
+from maskpipe.pipeline import MaskpipeError
 
 
 @dataclass(frozen=True)

@@ -35,12 +35,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline import MaskpipeError
-from pipeline.artifacts import atomic_dir, load_artifact, read_manifest, save_artifact
-from pipeline.attention import AttentionPlan, kv_heads
-from pipeline.models import base_weight
-from pipeline.sparsity import is_nm
-from pipeline.vocab import Pattern
+from maskpipe.pipeline import MaskpipeError
+from maskpipe.pipeline.artifacts import atomic_dir, load_artifact, read_manifest, save_artifact
+from maskpipe.pipeline.attention import AttentionPlan, kv_heads
+from maskpipe.pipeline.models import base_weight
+from maskpipe.pipeline.sparsity import is_nm
+from maskpipe.pipeline.vocab import Pattern
 
 MASKLLM_SUFFIX = ".weight.mask"  # what MaskLLM appends to a linear's module name
 DUO_GATES, DUO_CONFIG = "full_attention_heads.tsv", "config.json"

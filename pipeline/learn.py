@@ -15,14 +15,14 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.utils import parametrize
 
-from pipeline import MaskpipeError
-from pipeline.checkpoint import Rows, rank_world
-from pipeline.encoding import candidates
-from pipeline.loop import linear_schedule, train
-from pipeline.models import base_weight, decoder_blocks, defer, deferred, device_of
-from pipeline.shard import MOMENTS, make_strategy
-from pipeline.sparsity import check_divisible
-from pipeline.vocab import check_batch_split
+from maskpipe.pipeline import MaskpipeError
+from maskpipe.pipeline.checkpoint import Rows, rank_world
+from maskpipe.pipeline.encoding import candidates
+from maskpipe.pipeline.loop import linear_schedule, train
+from maskpipe.pipeline.models import base_weight, decoder_blocks, defer, deferred, device_of
+from maskpipe.pipeline.shard import MOMENTS, make_strategy
+from maskpipe.pipeline.sparsity import check_divisible
+from maskpipe.pipeline.vocab import check_batch_split
 
 
 # Soft-mask probabilities below this are exact zeros: far above float32's subnormal range (< 1.2e-38),

@@ -31,9 +31,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Protocol
 
-from pipeline import MaskpipeError
-from pipeline.artifacts import write_json, write_text
-from pipeline.rundir import RunDir
+from maskpipe.pipeline import MaskpipeError
+from maskpipe.pipeline.artifacts import write_json, write_text
+from maskpipe.pipeline.rundir import RunDir
 
 log = logging.getLogger("maskpipe")
 

@@ -19,7 +19,7 @@ from typing import Any, Callable, Protocol
 
 from tqdm.auto import tqdm
 
-from pipeline.checkpoint import Checkpoint
+from maskpipe.pipeline.checkpoint import Checkpoint
 
 
 def linear_schedule(start: float, end: float, step: int, total: int) -> float:

@@ -23,11 +23,11 @@ from typing import TYPE_CHECKING, Callable
 import torch
 from torch import nn
 
-from pipeline import MaskpipeError
-from pipeline.vocab import MODEL_DTYPES
+from maskpipe.pipeline import MaskpipeError
+from maskpipe.pipeline.vocab import MODEL_DTYPES
 
 if TYPE_CHECKING:  # the schema is the caller's; loading a model needs only its fields
-    from pipeline.config import ModelConfig
+    from maskpipe.pipeline.config import ModelConfig
 
 DTYPES = {name: getattr(torch, name) for name in MODEL_DTYPES}
 

@@ -24,10 +24,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from pipeline import MaskpipeError
-from pipeline.models import base_weight, decoder_blocks
-from pipeline.sparsity import check_divisible, is_nm, masked, nm_mask
-from pipeline.vocab import ONESHOT_METHODS, Pattern
+from maskpipe.pipeline import MaskpipeError
+from maskpipe.pipeline.models import base_weight, decoder_blocks
+from maskpipe.pipeline.sparsity import check_divisible, is_nm, masked, nm_mask
+from maskpipe.pipeline.vocab import ONESHOT_METHODS, Pattern
 
 
 @torch.no_grad()

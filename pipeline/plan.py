@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-from pipeline.models import DTYPES, decoder_blocks, prunable_linears
+from maskpipe.pipeline.models import DTYPES, decoder_blocks, prunable_linears
 
 GiB = 1024**3
 CUDA_RESERVE = 2 * GiB  # CUDA context, NCCL buffers and allocator fragmentation: a rule of thumb

@@ -10,9 +10,9 @@ from typing import Any
 
 import torch
 
-from pipeline import MaskpipeError
-from pipeline.config import Config, ModelConfig
-from pipeline.rundir import RunDir
+from maskpipe.pipeline import MaskpipeError
+from maskpipe.pipeline.config import Config, ModelConfig
+from maskpipe.pipeline.rundir import RunDir
 
 log = logging.getLogger("maskpipe")
 
@@ -89,8 +89,8 @@ def check_inputs(cfg: Config, source: str = "", flags: dict[str, str] | None = N
     """What can be checked before any model work, named by its key (or by the command-line flag in
     `flags`): every local corpus a stage reads exists and looks like its kind, and no stage asks for
     sequences longer than the model's context."""
-    from pipeline.data import _local_files
-    from pipeline.stages import kind_of
+    from maskpipe.pipeline.data import _local_files
+    from maskpipe.pipeline.stages import kind_of
 
     flags = flags or {}
     where = f"{source}: " if source else ""
@@ -145,7 +145,7 @@ def check_resumable(cfg: Config, run_dir: Path) -> None:
     path = RunDir(run_dir).config
     if not path.exists():
         return
-    from pipeline.config import config_from_dict, yaml_load
+    from maskpipe.pipeline.config import config_from_dict, yaml_load
 
     try:
         old = config_from_dict(yaml_load(path.read_text()), str(path)).model_dump(mode="json")

@@ -7,7 +7,7 @@ from __future__ import annotations
 import random
 import re
 
-from pipeline import MaskpipeError
+from maskpipe.pipeline import MaskpipeError
 
 # The passkey template of Mohtashami & Jaggi (2023), as the fixture models were trained on it.
 PASSKEY_INTRO = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "

@@ -17,10 +17,10 @@ from typing import Any
 import yaml
 from huggingface_hub import ModelCard, ModelCardData
 
-from pipeline import MaskpipeError
-from pipeline.artifacts import LOGITS_FILE, MANIFEST_FILE, MASKS_FILE, atomic_dir, read_manifest
-from pipeline.results import Results, card_tables
-from pipeline.rundir import RunDir
+from maskpipe.pipeline import MaskpipeError
+from maskpipe.pipeline.artifacts import LOGITS_FILE, MANIFEST_FILE, MASKS_FILE, atomic_dir, read_manifest
+from maskpipe.pipeline.results import Results, card_tables
+from maskpipe.pipeline.rundir import RunDir
 
 CARD = "README.md"
 

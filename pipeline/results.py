@@ -14,9 +14,9 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, PrivateAttr, model_serializer, model_validator
 
-from pipeline.artifacts import write_json
-from pipeline.vocab import LEARNED_METHOD, RETRIEVAL_TASKS, STANDALONE_METHODS
-from pipeline.zeroshot import primary
+from maskpipe.pipeline.artifacts import write_json
+from maskpipe.pipeline.vocab import LEARNED_METHOD, RETRIEVAL_TASKS, STANDALONE_METHODS
+from maskpipe.pipeline.zeroshot import primary
 
 ONESHOT = STANDALONE_METHODS  # the card's baseline rows: one-shot methods that start from no earlier mask
 NOT_EVALUATED = "No evaluation of this artifact was recorded in its run."

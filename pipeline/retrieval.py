@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from pipeline import MaskpipeError
-from pipeline.prompts import (FILLER, MULTIKEY_DIGITS, MULTIKEY_INTRO, MULTIKEY_NEEDLE, MULTIKEY_QUESTION,
+from maskpipe.pipeline import MaskpipeError
+from maskpipe.pipeline.prompts import (FILLER, MULTIKEY_DIGITS, MULTIKEY_INTRO, MULTIKEY_NEEDLE, MULTIKEY_QUESTION,
                               MULTIKEY_WORDS, MULTIVALUE_QUESTION, PASSKEY_DIGITS, PASSKEY_INTRO, PASSKEY_NEEDLE,
                               PASSKEY_QUESTION, build_prompt, random_number, split_sentences)
 

@@ -21,15 +21,15 @@ from pathlib import Path
 
 import torch
 
-from pipeline import MaskpipeError, __version__, rundir
-from pipeline.artifacts import write_json, write_text
-from pipeline.config import Config, dump_config
-from pipeline.loggers import log_results, logs_to, read_metrics, require
-from pipeline.preflight import check_inputs, check_resumable
-from pipeline.results import Results, StageRecord
-from pipeline.rundir import RunDir
-from pipeline.session import Session, Variant
-from pipeline.stages import StageContext, StageKind, StageOutput, execute, kind_of
+from maskpipe.pipeline import MaskpipeError, __version__, rundir
+from maskpipe.pipeline.artifacts import write_json, write_text
+from maskpipe.pipeline.config import Config, dump_config
+from maskpipe.pipeline.loggers import log_results, logs_to, read_metrics, require
+from maskpipe.pipeline.preflight import check_inputs, check_resumable
+from maskpipe.pipeline.results import Results, StageRecord
+from maskpipe.pipeline.rundir import RunDir
+from maskpipe.pipeline.session import Session, Variant
+from maskpipe.pipeline.stages import StageContext, StageKind, StageOutput, execute, kind_of
 
 log = logging.getLogger("maskpipe")
 

@@ -33,7 +33,7 @@ import threading
 import time
 from pathlib import Path
 
-from pipeline import MaskpipeError
+from maskpipe.pipeline import MaskpipeError
 
 LOCK = ".lock"
 HEARTBEAT_S = 30.0

@@ -18,12 +18,12 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from pipeline import MaskpipeError, rundir
-from pipeline.artifacts import MANIFEST_FILE, MASKS_FILE, check_compatible, check_disjoint, load_artifact, read_manifest
-from pipeline.attention import AttentionPlan, check_plan, planned
-from pipeline.config import ModelConfig
-from pipeline.models import base_weight, fingerprint, load_model, load_tokenizer, prunable_linears
-from pipeline.sparsity import masked
+from maskpipe.pipeline import MaskpipeError, rundir
+from maskpipe.pipeline.artifacts import MANIFEST_FILE, MASKS_FILE, check_compatible, check_disjoint, load_artifact, read_manifest
+from maskpipe.pipeline.attention import AttentionPlan, check_plan, planned
+from maskpipe.pipeline.config import ModelConfig
+from maskpipe.pipeline.models import base_weight, fingerprint, load_model, load_tokenizer, prunable_linears
+from maskpipe.pipeline.sparsity import masked
 
 
 @dataclass

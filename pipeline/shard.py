@@ -30,10 +30,10 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from pipeline import MaskpipeError
-from pipeline.checkpoint import Checkpoint, rank_world
-from pipeline.models import decoder_blocks, materialize, pending
-from pipeline.vocab import strategy_problem
+from maskpipe.pipeline import MaskpipeError
+from maskpipe.pipeline.checkpoint import Checkpoint, rank_world
+from maskpipe.pipeline.models import decoder_blocks, materialize, pending
+from maskpipe.pipeline.vocab import strategy_problem
 MOMENTS = ("exp_avg", "exp_avg_sq")  # AdamW's state besides its step count
 
 

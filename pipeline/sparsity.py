@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from pipeline import MaskpipeError
+from maskpipe.pipeline import MaskpipeError
 
 
 def check_divisible(name: str, shape: tuple[int, ...] | torch.Size, m: int) -> None:

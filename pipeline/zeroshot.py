@@ -23,7 +23,7 @@ import functools
 import logging
 from typing import Any
 
-from pipeline import MaskpipeError
+from maskpipe.pipeline import MaskpipeError
 
 log = logging.getLogger("maskpipe")
 

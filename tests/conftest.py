@@ -15,7 +15,7 @@ torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", 2)))
 
 @pytest.fixture(scope="session")
 def micro_cfg():
-    from pipeline.config import ModelConfig
+    from maskpipe.pipeline.config import ModelConfig
 
     return ModelConfig(name_or_path=str(MICRO), dtype="float32", device="cpu")
 
@@ -23,7 +23,7 @@ def micro_cfg():
 @pytest.fixture()
 def micro(micro_cfg):
     """A fresh micro-llama (float32, CPU) with its prunable linears."""
-    from pipeline.models import load_model, prunable_linears
+    from maskpipe.pipeline.models import load_model, prunable_linears
 
     model = load_model(micro_cfg)
     return model, prunable_linears(model, micro_cfg)
@@ -31,7 +31,7 @@ def micro(micro_cfg):
 
 @pytest.fixture(scope="session")
 def tokenizer(micro_cfg):
-    from pipeline.models import load_tokenizer
+    from maskpipe.pipeline.models import load_tokenizer
 
     return load_tokenizer(micro_cfg)
 
@@ -49,7 +49,7 @@ MODEL_FLAGS = ["--model", str(MICRO), "--dtype", "float32", "--device", "cpu"]
 def cli_fails(argv: list[str], capsys, message: str, *absent, one_line: bool = False) -> str:
     """The command exits with 2 and `message` on stderr (no traceback; with `one_line`, exactly one
     `error:` line), and none of `absent` exists."""
-    from jobs.cli import main
+    from maskpipe.jobs.cli import main
 
     capsys.readouterr()
     assert main(argv) == 2, argv

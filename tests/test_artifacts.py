@@ -4,12 +4,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from pipeline import MaskpipeError
-from pipeline.artifacts import (MASKS_FILE, MANIFEST_FILE, atomic_dir, check_compatible, load_artifact,
+from maskpipe.pipeline import MaskpipeError
+from maskpipe.pipeline.artifacts import (MASKS_FILE, MANIFEST_FILE, atomic_dir, check_compatible, load_artifact,
                                 materialize, read_manifest, save_artifact)
-from pipeline.config import ModelConfig
-from pipeline.models import load_model, prunable_linears
-from pipeline.sparsity import is_nm, masked, nm_mask
+from maskpipe.pipeline.config import ModelConfig
+from maskpipe.pipeline.models import load_model, prunable_linears
+from maskpipe.pipeline.sparsity import is_nm, masked, nm_mask
 from tests.conftest import FIXTURES, MICRO
 
 BASE = {"name_or_path": "micro-llama", "revision": None}
@@ -155,9 +155,9 @@ def test_materialized_model_loads_and_matches_masked_logits(tmp_path, micro, mic
 
 
 def test_an_artifact_carries_an_attention_plan_with_or_without_masks(tmp_path, micro, micro_cfg, capsys):
-    from jobs.cli import main
-    from pipeline.attention import AttentionPlan, check_plan, kv_heads, uniform_plan
-    from pipeline.session import Session, Variant
+    from maskpipe.jobs.cli import main
+    from maskpipe.pipeline.attention import AttentionPlan, check_plan, kv_heads, uniform_plan
+    from maskpipe.pipeline.session import Session, Variant
     from tests.conftest import MICRO
 
     model, linears = micro

@@ -21,12 +21,12 @@ from safetensors.torch import load_file
 from torch import nn
 from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
 
-from jobs.cli import main
-from pipeline import encoding
-from pipeline.artifacts import MANIFEST_FILE, MASKS_FILE, load_artifact, save_artifact
-from pipeline.checkpoint import META, CheckpointDir
-from pipeline.encoding import BITMAP, Codec, nm_rank, nm_unrank
-from pipeline.sparsity import nm_mask
+from maskpipe.jobs.cli import main
+from maskpipe.pipeline import encoding
+from maskpipe.pipeline.artifacts import MANIFEST_FILE, MASKS_FILE, load_artifact, save_artifact
+from maskpipe.pipeline.checkpoint import META, CheckpointDir
+from maskpipe.pipeline.encoding import BITMAP, Codec, nm_rank, nm_unrank
+from maskpipe.pipeline.sparsity import nm_mask
 from tests.conftest import MODEL_FLAGS, cli_fails, MICRO, ROOT
 
 MODEL = MODEL_FLAGS
@@ -144,9 +144,9 @@ def test_an_artifact_for_another_model_or_an_unusable_model_is_refused(model, me
 @pytest.fixture(scope="module")
 def parts(tmp_path_factory, artifact):
     """Artifacts of one base model: attention layers, MLP layers (4:8), an attention plan, and one more plan."""
-    from pipeline.attention import kv_heads, uniform_plan
-    from pipeline.config import ModelConfig
-    from pipeline.models import load_model, prunable_linears
+    from maskpipe.pipeline.attention import kv_heads, uniform_plan
+    from maskpipe.pipeline.config import ModelConfig
+    from maskpipe.pipeline.models import load_model, prunable_linears
 
     root = tmp_path_factory.mktemp("parts")
     model = load_model(ModelConfig(name_or_path=str(MICRO), dtype="float32", device="cpu"))
@@ -197,8 +197,8 @@ def test_artifacts_for_different_models_are_refused_together(parts, other_models
           f"the artifacts were made for different architectures: {parts['attn']} for LlamaForCausalLM, "
           f"{foreign} for Qwen2ForCausalLM", tmp_path / "o")
     # one artifact that fits and one made on other weights for other layers: only the fingerprint can tell
-    from pipeline.config import ModelConfig
-    from pipeline.models import load_model, prunable_linears
+    from maskpipe.pipeline.config import ModelConfig
+    from maskpipe.pipeline.models import load_model, prunable_linears
 
     cfg = ModelConfig(name_or_path=str(other_models / "other-weights"), dtype="float32", device="cpu")
     mlp = {k: v for k, v in prunable_linears(load_model(cfg), cfg).items() if "mlp" in k}
@@ -281,7 +281,7 @@ def linear_and_masks(seed: int):
 
 CHILD = """
 import os, sys, time, torch
-import pipeline.artifacts, pipeline.checkpoint
+import maskpipe.pipeline.artifacts, maskpipe.pipeline.checkpoint; from maskpipe import pipeline
 from safetensors.torch import save_file
 from tests.test_bad_input import linear_and_masks
 
@@ -343,7 +343,7 @@ def test_killing_a_checkpoint_writer_leaves_the_previous_checkpoint(tmp_path):
 
 
 def test_an_exception_mid_write_leaves_the_previous_artifact_and_no_debris(tmp_path, monkeypatch):
-    import pipeline.artifacts
+    import maskpipe.pipeline.artifacts; from maskpipe import pipeline
     from safetensors.torch import save_file
 
     linears, masks = linear_and_masks(1)

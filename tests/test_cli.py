@@ -6,10 +6,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from jobs.cli import main
-from pipeline.artifacts import MASKS_FILE, load_artifact
-from pipeline.config import load_config
-from pipeline.run import run
+from maskpipe.jobs.cli import main
+from maskpipe.pipeline.artifacts import MASKS_FILE, load_artifact
+from maskpipe.pipeline.config import load_config
+from maskpipe.pipeline.run import run
 from tests.conftest import CORPORA, MICRO, ROOT
 
 
@@ -96,9 +96,11 @@ def test_maskpipe_run_tiny_yaml(tmp_path):
     assert results["stages"]["maskllm"]["workers"] == 2
     ppl = results["perplexity"]
     assert ppl["dense"]["kjv"]["ppl"] < ppl["sparsegpt"]["kjv"]["ppl"]
-    # the learned mask beats its own one-shot prior, on both corpora
+    # the learned mask closes a good share of its prior's gap on both corpora (52% / 55% when measured in
+    # one process, docs/RESULTS.md); with train excerpts from the head of each corpus it closed 26% / 36%
     for corpus in ("kjv", "pydocs"):
-        assert ppl["maskllm"][corpus]["ppl"] < ppl["sparsegpt"][corpus]["ppl"]
+        assert ((ppl["sparsegpt"][corpus]["ppl"] - ppl["maskllm"][corpus]["ppl"])
+                / (ppl["sparsegpt"][corpus]["ppl"] - ppl["dense"][corpus]["ppl"])) > 0.4
     assert json.loads((tmp_path / "tiny" / "status.json").read_text())["status"] == "completed"
     assert "resumed_from_step" not in (tmp_path / "tiny" / "run.log").read_text()
 

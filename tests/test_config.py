@@ -3,8 +3,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import ConfigError, apply_overrides, config_from_dict, dump_config, load_config, yaml_load
-from pipeline.vocab import Pattern
+from maskpipe.pipeline.config import ConfigError, apply_overrides, config_from_dict, dump_config, load_config, yaml_load
+from maskpipe.pipeline.vocab import Pattern
 from tests.conftest import ROOT
 
 BASE = {
@@ -136,7 +136,7 @@ def test_pattern_parses_prints_and_validates_in_one_place():
 
 
 def test_learn_lr_defaults_to_a_move_of_one_and_a_half_prior_margins_over_the_budget():
-    from pipeline.config import LR_MARGINS, LearnStage
+    from maskpipe.pipeline.config import LR_MARGINS, LearnStage
 
     def lr(**kw):
         return LearnStage.model_validate({"stage": "learn", "data": "x", **kw}).lr
@@ -151,7 +151,7 @@ def test_learn_lr_defaults_to_a_move_of_one_and_a_half_prior_margins_over_the_bu
 
 
 def test_fsdp_loads_each_ranks_rows_unless_told_otherwise():
-    from pipeline.config import WorkersConfig
+    from maskpipe.pipeline.config import WorkersConfig
 
     assert WorkersConfig(num_workers=2, strategy="fsdp").loads_sharded
     assert not WorkersConfig(num_workers=2, strategy="fsdp", sharded_load=False).loads_sharded
@@ -159,7 +159,7 @@ def test_fsdp_loads_each_ranks_rows_unless_told_otherwise():
 
 
 def test_the_strategy_and_batch_rules_are_one_function_each():
-    from pipeline.vocab import STRATEGIES, check_batch_split, strategy_problem
+    from maskpipe.pipeline.vocab import STRATEGIES, check_batch_split, strategy_problem
 
     assert check_batch_split(8, 0) == 8 and check_batch_split(8, 4) == 2
     with pytest.raises(ValueError, match="batch_size 8 does not split evenly over 3 workers"):

@@ -5,9 +5,9 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from pipeline import MaskpipeError
-from pipeline.config import DataConfig
-from pipeline.data import TokenStream, calibration_blocks, eval_text, open_source
+from maskpipe.pipeline import MaskpipeError
+from maskpipe.pipeline.config import DataConfig
+from maskpipe.pipeline.data import TokenStream, calibration_blocks, eval_text, open_source
 from tests.conftest import CORPORA, ROOT
 
 SEQLEN = 64

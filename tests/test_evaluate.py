@@ -3,8 +3,8 @@ import math
 import pytest
 import torch
 
-from pipeline import MaskpipeError
-from pipeline.evaluate import perplexity, windows
+from maskpipe.pipeline import MaskpipeError
+from maskpipe.pipeline.evaluate import perplexity, windows
 
 
 def test_windows_non_overlapping_drop_the_tail():

@@ -4,12 +4,12 @@ import numpy as np
 import pytest
 import torch
 
-from jobs.cli import main
-from pipeline.artifacts import load_artifact, read_manifest
-from pipeline.attention import AttentionPlan
-from pipeline.interop import duo_streaming
-from pipeline.models import base_weight
-from pipeline.sparsity import nm_mask
+from maskpipe.jobs.cli import main
+from maskpipe.pipeline.artifacts import load_artifact, read_manifest
+from maskpipe.pipeline.attention import AttentionPlan
+from maskpipe.pipeline.interop import duo_streaming
+from maskpipe.pipeline.models import base_weight
+from maskpipe.pipeline.sparsity import nm_mask
 from tests.conftest import MICRO
 
 MODEL = ["--model", str(MICRO), "--dtype", "float32", "--device", "cpu"]

@@ -17,13 +17,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from jobs.cli import main
-from pipeline import rundir
-from pipeline.artifacts import MANIFEST_FILE, load_artifact
-from pipeline.config import config_from_dict, load_config
-from pipeline.loggers import read_metrics
-from pipeline.preflight import check_resumable
-from pipeline.run import LocalBackend, run
+from maskpipe.jobs.cli import main
+from maskpipe.pipeline import rundir
+from maskpipe.pipeline.artifacts import MANIFEST_FILE, load_artifact
+from maskpipe.pipeline.config import config_from_dict, load_config
+from maskpipe.pipeline.loggers import read_metrics
+from maskpipe.pipeline.preflight import check_resumable
+from maskpipe.pipeline.run import LocalBackend, run
 from tests.conftest import MODEL_FLAGS, cli_fails, CORPORA, MICRO, ROOT
 from tests.test_ray import head  # noqa: F401 - the module's Ray head, for the tests marked slow at the end
 
@@ -128,7 +128,7 @@ def test_a_resume_before_the_first_checkpoint_logs_each_step_once(tmp_path, monk
     original = LocalBackend.execute
 
     def dies_at_step_2(self, kind, ctx):
-        from pipeline.loggers import MetricsLog
+        from maskpipe.pipeline.loggers import MetricsLog
 
         real = MetricsLog.__call__
 
@@ -206,7 +206,7 @@ def test_submit_without_a_cluster_leaves_nothing(tmp_path, capsys):
 @pytest.fixture()
 def no_model(monkeypatch):
     """Loading a model fails the test: output paths are checked before any model work."""
-    import pipeline.session
+    import maskpipe.pipeline.session; from maskpipe import pipeline
 
     def refuse(*a, **k):
         raise AssertionError("a model was loaded")
@@ -362,7 +362,7 @@ def test_the_command_line_helps_and_takes_overrides_after_options(tmp_path, caps
 
 
 def cli(*args: str, **kw) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "jobs.cli", *args], cwd=ROOT, stdout=subprocess.PIPE,
+    return subprocess.Popen([sys.executable, "-m", "maskpipe.jobs.cli", *args], cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, **kw)
 
 

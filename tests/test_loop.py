@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from pipeline.checkpoint import CheckpointDir
+from maskpipe.pipeline.checkpoint import CheckpointDir
 from tests.conftest import MICRO
 
 # sha256 of the hard masks (first 16 hex digits) and the gates that the loops of a179437 learned.
@@ -35,16 +35,16 @@ def write_corpus(path) -> str:
 
 
 def _stream(corpus, tokenizer, seqlen, rank=0, world=1):
-    from pipeline.config import DataConfig
-    from pipeline.data import TokenStream
+    from maskpipe.pipeline.config import DataConfig
+    from maskpipe.pipeline.data import TokenStream
 
     data = DataConfig.model_validate({"sources": [corpus], "shuffle_buffer": 8})
     return TokenStream(data, tokenizer, seqlen, seed=0, rank=rank, world_size=world)
 
 
 def mask_digest(model, linears, tokenizer, corpus, ckpt, per_group: str) -> str:
-    from pipeline.config import LearnStage
-    from pipeline.learn import hard_mask, train_masks
+    from maskpipe.pipeline.config import LearnStage
+    from maskpipe.pipeline.learn import hard_mask, train_masks
 
     st = LearnStage.model_validate({"stage": "learn", "name": "learn", "data": "d", "steps": 6, "batch_size": 2,
                                     "seqlen": 32, "lr": 1e-2, "log_every": 2, "checkpoint_every": 4,
@@ -60,7 +60,7 @@ def mask_digest(model, linears, tokenizer, corpus, ckpt, per_group: str) -> str:
 
 
 def gate_stage(**kw):
-    from pipeline.config import AttentionStage
+    from maskpipe.pipeline.config import AttentionStage
 
     return AttentionStage.model_validate({"stage": "attention", "data": "d", "steps": 4, "batch_size": 2,
                                           "seqlen": 128, "needles": 2, "warmup_steps": 1, "log_every": 2,
@@ -68,7 +68,7 @@ def gate_stage(**kw):
 
 
 def learn_gates(model, tokenizer, corpus, ckpt, on_log=None):
-    from pipeline.attention import train_gates
+    from maskpipe.pipeline.attention import train_gates
 
     return train_gates(model, tokenizer, gate_stage(), _stream(corpus, tokenizer, 128), sink=4, window=16, seed=0,
                        store=CheckpointDir(ckpt, keep=2), on_log=on_log)
@@ -89,8 +89,8 @@ def _gates_on_ranks(rank, world, port, corpus, ckpt, out):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    from pipeline.config import ModelConfig
-    from pipeline.models import load_model, load_tokenizer
+    from maskpipe.pipeline.config import ModelConfig
+    from maskpipe.pipeline.models import load_model, load_tokenizer
 
     cfg = ModelConfig(name_or_path=str(MICRO), dtype="float32", device="cpu")
     model, tokenizer = load_model(cfg), load_tokenizer(cfg)

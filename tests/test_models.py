@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from pipeline import MaskpipeError
-from pipeline.config import ModelConfig, PruneTargets
-from pipeline.models import decoder_blocks, fingerprint, load_model, load_tokenizer, materialize, prunable_linears
+from maskpipe.pipeline import MaskpipeError
+from maskpipe.pipeline.config import ModelConfig, PruneTargets
+from maskpipe.pipeline.models import decoder_blocks, fingerprint, load_model, load_tokenizer, materialize, prunable_linears
 from tests.conftest import MICRO
 
 

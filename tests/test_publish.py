@@ -5,10 +5,10 @@ import pytest
 import torch
 from huggingface_hub import HfApi, ModelCard
 
-from jobs.cli import main
-from pipeline.artifacts import MANIFEST_FILE, MASKS_FILE, load_artifact
-from pipeline.config import load_config
-from pipeline.run import run
+from maskpipe.jobs.cli import main
+from maskpipe.pipeline.artifacts import MANIFEST_FILE, MASKS_FILE, load_artifact
+from maskpipe.pipeline.config import load_config
+from maskpipe.pipeline.run import run
 from tests.conftest import MICRO, ROOT
 
 STAGES = ("stages=[{stage: oneshot, method: magnitude}, {stage: learn, name: maskllm, data: calib, "

@@ -16,12 +16,12 @@ import pytest
 import torch
 import yaml
 
-from cluster import connect
-from jobs.cli import main
-from jobs.submit import TERMINAL, _job_status
-from pipeline.artifacts import load_soft_logits, read_manifest
-from pipeline.config import config_from_dict
-from pipeline.run import read_metrics, run
+from maskpipe.cluster import connect
+from maskpipe.jobs.cli import main
+from maskpipe.jobs.submit import TERMINAL, _job_status
+from maskpipe.pipeline.artifacts import load_soft_logits, read_manifest
+from maskpipe.pipeline.config import config_from_dict
+from maskpipe.pipeline.run import read_metrics, run
 from tests.conftest import CORPORA, MICRO, ROOT
 
 pytestmark = pytest.mark.slow
@@ -93,7 +93,7 @@ def single(tmp_path_factory):
 @pytest.fixture(scope="module")
 def two_workers(head, tmp_path_factory):
     """Two Ray Train workers sharding the model and the mask state with FSDP2."""
-    from workers.backend import RayBackend
+    from maskpipe.workers.backend import RayBackend
 
     tmp = tmp_path_factory.mktemp("two")
     cfg = config_from_dict(learn_config(tmp, 2, "fsdp"))
@@ -116,7 +116,7 @@ def test_two_workers_learn_what_one_process_learns(single, two_workers):
 def test_two_workers_learn_the_gates_one_process_learns(head, tmp_path):
     """A learned attention stage runs on a Ray Train group as a learn stage does, each worker half of
     every batch of passkey samples (`pipeline.attention.GateLearning`)."""
-    from workers.backend import RayBackend
+    from maskpipe.workers.backend import RayBackend
 
     def gates(workers: int) -> torch.Tensor:
         raw = learn_config(tmp_path / str(workers), workers)
@@ -133,7 +133,7 @@ def test_two_workers_learn_the_gates_one_process_learns(head, tmp_path):
 def test_a_killed_worker_restarts_from_the_last_checkpoint_and_ends_with_the_same_mask(head, two_workers, tmp_path):
     from ray.util.state import list_actors
 
-    from workers.backend import RayBackend
+    from maskpipe.workers.backend import RayBackend
 
     cfg = config_from_dict(learn_config(tmp_path, 2, "fsdp"))
     run_dir = tmp_path / "run"
@@ -164,7 +164,7 @@ def test_a_killed_worker_restarts_from_the_last_checkpoint_and_ends_with_the_sam
 
 def cli(*args: str) -> str:
     """`maskpipe ARGS` in a fresh process (as a user types it), from the repository root."""
-    out = subprocess.run([sys.executable, "-m", "jobs.cli", *args], cwd=ROOT, capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "-m", "maskpipe.jobs.cli", *args], cwd=ROOT, capture_output=True, text=True,
                          env={**os.environ, "RAY_AUTH_MODE": "token"}, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     return out.stdout

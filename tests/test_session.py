@@ -3,18 +3,18 @@ checksums while the same files are used again."""
 
 import shutil
 
-from pipeline.config import config_from_dict
-from pipeline.rundir import RunDir
-from pipeline.session import Session, Variant
-from pipeline.stages import StageContext, execute, kind_of
+from maskpipe.pipeline.config import config_from_dict
+from maskpipe.pipeline.rundir import RunDir
+from maskpipe.pipeline.session import Session, Variant
+from maskpipe.pipeline.stages import StageContext, execute, kind_of
 from tests.conftest import CORPORA, FIXTURES, MICRO
 
 ARTIFACT = FIXTURES / "artifacts" / "micro-llama-magnitude-2of4-v1"
 
 
 def test_an_eval_over_two_corpora_hashes_the_base_weights_and_each_artifact_once(tmp_path, monkeypatch):
-    import pipeline.artifacts
-    import pipeline.session
+    import maskpipe.pipeline.artifacts; from maskpipe import pipeline
+    import maskpipe.pipeline.session; from maskpipe import pipeline
 
     counts = {"fingerprint": 0, "sha256": 0}
 
@@ -48,7 +48,7 @@ def test_an_eval_over_two_corpora_hashes_the_base_weights_and_each_artifact_once
 
 
 def test_an_artifact_rewritten_in_place_is_verified_again(tmp_path, monkeypatch):
-    import pipeline.session
+    import maskpipe.pipeline.session; from maskpipe import pipeline
 
     calls = []
     real = pipeline.session.load_artifact

@@ -5,8 +5,8 @@ import sys
 import pytest
 import torch
 
-from pipeline import MaskpipeError
-from pipeline.sparsity import check_divisible, is_nm, masked, nm_mask, to_semi_structured
+from maskpipe.pipeline import MaskpipeError
+from maskpipe.pipeline.sparsity import check_divisible, is_nm, masked, nm_mask, to_semi_structured
 from tests.conftest import ROOT
 
 

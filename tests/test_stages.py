@@ -1,7 +1,7 @@
 """The stage registry: one kind per `stage:` of the config's union, each declaring what it reads."""
 
-from pipeline.config import STAGE_CONFIGS, STAGE_KINDS, config_from_dict
-from pipeline.stages import KINDS, Placement, Ref, check_registry, kind_of
+from maskpipe.pipeline.config import STAGE_CONFIGS, STAGE_KINDS, config_from_dict
+from maskpipe.pipeline.stages import KINDS, Placement, Ref, check_registry, kind_of
 
 
 def test_the_registry_and_the_config_union_name_the_same_kinds():

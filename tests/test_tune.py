@@ -6,10 +6,10 @@ import json
 
 import pytest
 
-from cluster import connect  # before Ray is imported: it sets how clients authenticate
+from maskpipe.cluster import connect  # before Ray is imported: it sets how clients authenticate
 
-from pipeline.config import ConfigError, LearnStage, config_from_dict, search_spec
-from pipeline.tune import reference_config, summarize, trial_config, tune_table
+from maskpipe.pipeline.config import ConfigError, LearnStage, config_from_dict, search_spec
+from maskpipe.pipeline.tune import reference_config, summarize, trial_config, tune_table
 from tests.conftest import CORPORA, MICRO
 
 BASE = {
@@ -106,7 +106,7 @@ def test_table_sorts_trials_best_first_and_failed_last():
 def test_param_space_is_ray_tunes():
     from ray import tune
 
-    from workers.tune import param_space
+    from maskpipe.workers.tune import param_space
 
     raw = copy.deepcopy(BASE)
     raw["tune"]["space"] |= {"grad_clip": {"choice": [0.5, 1.0]}, "warmup_steps": {"randint": [0, 3]}}
@@ -121,7 +121,7 @@ def test_param_space_is_ray_tunes():
 def test_maskpipe_tune_runs_two_trials_on_ray_and_writes_one_table(tmp_path, capsys):
     import ray
 
-    from jobs.cli import main
+    from maskpipe.jobs.cli import main
 
     raw = copy.deepcopy(BASE)
     raw["stages"] = [raw["stages"][1], {**raw["stages"][3], "prior": {"stage": "wanda", "strength": 10}}]

@@ -2,10 +2,10 @@ import json
 
 import pytest
 
-from jobs.cli import main
-from pipeline.config import load_config
-from pipeline.publish import publish
-from pipeline.run import run
+from maskpipe.jobs.cli import main
+from maskpipe.pipeline.config import load_config
+from maskpipe.pipeline.publish import publish
+from maskpipe.pipeline.run import run
 from tests.conftest import FIXTURES, MICRO
 
 pytest.importorskip("lm_eval", reason="the [lm-eval] extra")  # installed in CI by pip install -e '.[dev]'
@@ -77,7 +77,7 @@ def test_a_run_with_an_lm_eval_stage_tables_dense_oneshot_and_learned_masks_and_
 
 
 def test_a_run_refuses_an_lm_eval_task_before_any_stage_runs(in_root, tmp_path):
-    from pipeline import MaskpipeError
+    from maskpipe.pipeline import MaskpipeError
 
     cfg = load_config("configs/tiny-lm-eval.yaml", ["stages.3.tasks=[nope]", f"output_dir={tmp_path}"])
     with pytest.raises(MaskpipeError, match=r"^stages\.3\.tasks: nope: no such lm-eval task"):

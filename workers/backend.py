@@ -15,13 +15,13 @@ from __future__ import annotations
 import ray
 from ray.util import ActorPool
 
-from pipeline import MaskpipeError
-from pipeline.config import Config
-from pipeline.loggers import logs_to
-from pipeline.run import LocalBackend
-from pipeline.session import Session
-from pipeline.stages import Placement, StageContext, StageKind, StageOutput, kind_of
-from workers.learn import check_resources, learn_on_ray
+from maskpipe.pipeline import MaskpipeError
+from maskpipe.pipeline.config import Config
+from maskpipe.pipeline.loggers import logs_to
+from maskpipe.pipeline.run import LocalBackend
+from maskpipe.pipeline.session import Session
+from maskpipe.pipeline.stages import Placement, StageContext, StageKind, StageOutput, kind_of
+from maskpipe.workers.learn import check_resources, learn_on_ray
 
 
 def _on_one_worker(ctx: StageContext) -> StageOutput:

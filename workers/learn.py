@@ -27,14 +27,14 @@ import torch
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from pipeline import MaskpipeError
-from pipeline.artifacts import MANIFEST_FILE, write_json
-from pipeline.checkpoint import Checkpoint, write_shard
-from pipeline.config import Config, LearnStage
-from pipeline.loggers import MetricsLog, logs_to
-from pipeline.rundir import RunDir
-from pipeline.session import Session
-from pipeline.stages import StageContext, StageKind, StageOutput, kind_of
+from maskpipe.pipeline import MaskpipeError
+from maskpipe.pipeline.artifacts import MANIFEST_FILE, write_json
+from maskpipe.pipeline.checkpoint import Checkpoint, write_shard
+from maskpipe.pipeline.config import Config, LearnStage
+from maskpipe.pipeline.loggers import MetricsLog, logs_to
+from maskpipe.pipeline.rundir import RunDir
+from maskpipe.pipeline.session import Session
+from maskpipe.pipeline.stages import StageContext, StageKind, StageOutput, kind_of
 
 
 class RayCheckpoints:

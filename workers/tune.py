@@ -19,11 +19,11 @@ from typing import Any
 from ray import tune
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
-from pipeline import MaskpipeError
-from pipeline.config import Config, dump_config, search_spec
-from pipeline.run import run
-from pipeline.rundir import RunDir
-from pipeline.tune import reference_config, reference_record, summarize, trial_config, trial_record, write_results
+from maskpipe.pipeline import MaskpipeError
+from maskpipe.pipeline.config import Config, dump_config, search_spec
+from maskpipe.pipeline.run import run
+from maskpipe.pipeline.rundir import RunDir
+from maskpipe.pipeline.tune import reference_config, reference_record, summarize, trial_config, trial_record, write_results
 
 log = logging.getLogger("maskpipe")
 
@@ -43,7 +43,7 @@ def param_space(cfg: Config) -> dict[str, Any]:
 def _backend(cfg: Config):
     if cfg.workers.num_workers == 0:
         return None  # pipeline.run's LocalBackend, in this process
-    from workers.backend import RayBackend
+    from maskpipe.workers.backend import RayBackend
 
     return RayBackend(cfg)
 

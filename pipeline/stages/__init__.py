@@ -21,8 +21,8 @@ import enum
 from dataclasses import dataclass, field
 from typing import Any, Callable, NamedTuple
 
-from pipeline.rundir import RunDir
-from pipeline.session import Session, Variant
+from maskpipe.pipeline.rundir import RunDir
+from maskpipe.pipeline.session import Session, Variant
 
 
 class Placement(enum.Enum):
@@ -132,8 +132,8 @@ class StageKind:
 
 def check_batch_split(cfg, st, where: str) -> None:
     """A training group's batch splits evenly over its workers (each its share of every batch)."""
-    from pipeline.config import _KeyError
-    from pipeline.vocab import check_batch_split
+    from maskpipe.pipeline.config import _KeyError
+    from maskpipe.pipeline.vocab import check_batch_split
 
     try:
         check_batch_split(st.batch_size, cfg.workers.num_workers)
@@ -155,8 +155,8 @@ def execute(kind: StageKind, ctx: StageContext) -> StageOutput:
         return kind.gather(ctx, [(c, kind.cell(ctx, state, c)) for c in kind.cells(ctx)])
     if not kind.trains or ctx.store is not None:
         return kind.run(ctx)
-    from pipeline.checkpoint import CheckpointDir
-    from pipeline.loggers import MetricsLog
+    from maskpipe.pipeline.checkpoint import CheckpointDir
+    from maskpipe.pipeline.loggers import MetricsLog
 
     st = ctx.st
     ctx.store = CheckpointDir(ctx.run.checkpoints(st.name), st.keep_checkpoints)
@@ -168,7 +168,7 @@ def execute(kind: StageKind, ctx: StageContext) -> StageOutput:
 
 
 def _registry() -> dict[str, StageKind]:
-    from pipeline.stages import attention, eval, learn, lm_eval, oneshot, retrieval
+    from maskpipe.pipeline.stages import attention, eval, learn, lm_eval, oneshot, retrieval
 
     # The registry: one line per stage kind.
     kinds = [oneshot.KIND, learn.KIND, eval.KIND, retrieval.KIND, attention.KIND, lm_eval.KIND]
@@ -184,7 +184,7 @@ def kind_of(st) -> StageKind:
 
 def check_registry() -> None:
     """The registry and the config's `Stage` union name the same kinds with the same config classes."""
-    from pipeline.config import STAGE_CONFIGS
+    from maskpipe.pipeline.config import STAGE_CONFIGS
 
     ours = {k.name: k.config for k in KINDS.values()}
     theirs = {c.model_fields["stage"].annotation.__args__[0]: c for c in STAGE_CONFIGS}

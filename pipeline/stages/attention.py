@@ -8,16 +8,16 @@ from pathlib import Path
 
 import torch
 
-from pipeline import MaskpipeError
-from pipeline.artifacts import save_artifact
-from pipeline.artifacts import read_manifest
-from pipeline.attention import (AttentionPlan, binarize, default_sink_window, gate_strategy, kv_heads, moa_windows,
+from maskpipe.pipeline import MaskpipeError
+from maskpipe.pipeline.artifacts import save_artifact
+from maskpipe.pipeline.artifacts import read_manifest
+from maskpipe.pipeline.attention import (AttentionPlan, binarize, default_sink_window, gate_strategy, kv_heads, moa_windows,
                                 plan_cost, random_scores, train_gates)
-from pipeline.config import AttentionStage, Config
-from pipeline.data import TokenStream
-from pipeline.rundir import RunDir
-from pipeline.session import Session, Variant
-from pipeline.stages import Placement, Ref, StageContext, StageKind, StageOutput, check_batch_split
+from maskpipe.pipeline.config import AttentionStage, Config
+from maskpipe.pipeline.data import TokenStream
+from maskpipe.pipeline.rundir import RunDir
+from maskpipe.pipeline.session import Session, Variant
+from maskpipe.pipeline.stages import Placement, Ref, StageContext, StageKind, StageOutput, check_batch_split
 
 log = logging.getLogger("maskpipe")
 

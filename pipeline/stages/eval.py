@@ -6,11 +6,11 @@ import logging
 
 import torch
 
-from pipeline.config import Config, EvalStage
-from pipeline.data import eval_text
-from pipeline.evaluate import Perplexity, perplexity
-from pipeline.session import Session, Variant
-from pipeline.stages import Evaluates, Placement, StageContext, StageOutput
+from maskpipe.pipeline.config import Config, EvalStage
+from maskpipe.pipeline.data import eval_text
+from maskpipe.pipeline.evaluate import Perplexity, perplexity
+from maskpipe.pipeline.session import Session, Variant
+from maskpipe.pipeline.stages import Evaluates, Placement, StageContext, StageOutput
 
 log = logging.getLogger("maskpipe")
 

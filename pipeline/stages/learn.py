@@ -9,18 +9,18 @@ from typing import Any
 
 import torch
 
-from pipeline import MaskpipeError
-from pipeline.artifacts import load_soft_logits, read_manifest, save_artifact
-from pipeline.config import Config, LearnStage
-from pipeline.data import TokenStream
-from pipeline.learn import hard_mask, train_masks
-from pipeline.models import base_weight, device_of, fingerprint
-from pipeline.plan import model_shape, plan_report
-from pipeline.rundir import RunDir
-from pipeline.session import Session, Variant
-from pipeline.stages import Placement, Ref, StageContext, StageKind, StageOutput, check_batch_split
-from pipeline.stages.oneshot import shares
-from pipeline.vocab import LEARNED_METHOD
+from maskpipe.pipeline import MaskpipeError
+from maskpipe.pipeline.artifacts import load_soft_logits, read_manifest, save_artifact
+from maskpipe.pipeline.config import Config, LearnStage
+from maskpipe.pipeline.data import TokenStream
+from maskpipe.pipeline.learn import hard_mask, train_masks
+from maskpipe.pipeline.models import base_weight, device_of, fingerprint
+from maskpipe.pipeline.plan import model_shape, plan_report
+from maskpipe.pipeline.rundir import RunDir
+from maskpipe.pipeline.session import Session, Variant
+from maskpipe.pipeline.stages import Placement, Ref, StageContext, StageKind, StageOutput, check_batch_split
+from maskpipe.pipeline.stages.oneshot import shares
+from maskpipe.pipeline.vocab import LEARNED_METHOD
 
 log = logging.getLogger("maskpipe")
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import logging
 
-from pipeline.config import Config, LmEvalStage
-from pipeline.session import Session, Variant
-from pipeline.stages import Evaluates, Placement, StageContext, StageOutput
-from pipeline.zeroshot import check_tasks, evaluate, primary
+from maskpipe.pipeline.config import Config, LmEvalStage
+from maskpipe.pipeline.session import Session, Variant
+from maskpipe.pipeline.stages import Evaluates, Placement, StageContext, StageOutput
+from maskpipe.pipeline.zeroshot import check_tasks, evaluate, primary
 
 log = logging.getLogger("maskpipe")
 

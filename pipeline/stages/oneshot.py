@@ -8,15 +8,15 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
-from pipeline import MaskpipeError
-from pipeline.artifacts import save_artifact
-from pipeline.config import Config, OneshotStage, _KeyError
-from pipeline.data import TokenStream
-from pipeline.models import resolve_device
-from pipeline.oneshot import oneshot_masks
-from pipeline.rundir import RunDir
-from pipeline.session import Session, Variant
-from pipeline.stages import Placement, Ref, StageContext, StageKind, StageOutput
+from maskpipe.pipeline import MaskpipeError
+from maskpipe.pipeline.artifacts import save_artifact
+from maskpipe.pipeline.config import Config, OneshotStage, _KeyError
+from maskpipe.pipeline.data import TokenStream
+from maskpipe.pipeline.models import resolve_device
+from maskpipe.pipeline.oneshot import oneshot_masks
+from maskpipe.pipeline.rundir import RunDir
+from maskpipe.pipeline.session import Session, Variant
+from maskpipe.pipeline.stages import Placement, Ref, StageContext, StageKind, StageOutput
 
 log = logging.getLogger("maskpipe")
 

@@ -5,17 +5,17 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from pipeline import rundir
-from pipeline.artifacts import write_json
-from pipeline.attention import kv_heads, plan_cost, uniform_plan
-from pipeline.config import Config, RetrievalStage
-from pipeline.data import eval_text
-from pipeline.retrieval import (accuracy, multikey_samples, niah_heatmap, niah_samples, passkey_samples, score,
+from maskpipe.pipeline import rundir
+from maskpipe.pipeline.artifacts import write_json
+from maskpipe.pipeline.attention import kv_heads, plan_cost, uniform_plan
+from maskpipe.pipeline.config import Config, RetrievalStage
+from maskpipe.pipeline.data import eval_text
+from maskpipe.pipeline.retrieval import (accuracy, multikey_samples, niah_heatmap, niah_samples, passkey_samples, score,
                                 split_sentences)
-from pipeline.session import Session, Variant
-from pipeline.stages import Evaluates, Placement, StageContext, StageOutput
-from pipeline.stages.attention import head_geometry
-from pipeline.vocab import RETRIEVAL_TASKS
+from maskpipe.pipeline.session import Session, Variant
+from maskpipe.pipeline.stages import Evaluates, Placement, StageContext, StageOutput
+from maskpipe.pipeline.stages.attention import head_geometry
+from maskpipe.pipeline.vocab import RETRIEVAL_TASKS
 
 log = logging.getLogger("maskpipe")
 

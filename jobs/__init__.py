@@ -1,0 +1,1 @@
+"""Command-line entry points: `maskpipe …` (cli), submitted jobs (submit), mask exchange (interop)."""
