@@ -20,7 +20,7 @@ from maskpipe.cluster import connect
 from maskpipe.jobs.cli import main
 from maskpipe.jobs.submit import TERMINAL, _job_status
 from maskpipe.pipeline.artifacts import load_soft_logits, read_manifest
-from maskpipe.pipeline.config import config_from_dict
+from maskpipe.pipeline.config import config_from_dict, load_config
 from maskpipe.pipeline.run import read_metrics, run
 from tests.conftest import CORPORA, MICRO, ROOT
 
@@ -216,7 +216,8 @@ def test_submit_tiny_yaml_to_a_ray_head(head, tmp_path):
     logs = cli("logs", run_id, "--runs-dir", str(tmp_path))
     assert "| maskllm |" in logs and f"run directory: {run_dir}" in logs
     table = cli("runs", "--runs-dir", str(tmp_path))
-    assert re.search(rf"{run_id}\s+tiny\s+eval\s+150\s+completed\s+loss", table)
+    steps = next(st.steps for st in load_config(ROOT / "configs" / "tiny.yaml").stages if st.stage == "learn")
+    assert re.search(rf"{run_id}\s+tiny\s+eval\s+{steps}\s+completed\s+loss", table)
 
     results = json.loads((run_dir / "results.json").read_text())
     assert results["stages"]["maskllm"]["workers"] == 2
