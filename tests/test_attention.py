@@ -131,7 +131,7 @@ def _stream(tokenizer):
 def test_passkey_batches_mark_the_key_digits_and_resume_exactly(tokenizer):
     import random
 
-    from maskpipe.pipeline.attention import passkey_batch
+    from maskpipe.pipeline.gates import passkey_batch
 
     rng, stream = random.Random(0), _stream(tokenizer)
     passkey_batch(rng, stream, tokenizer, 2, 128, needles=2)
@@ -152,7 +152,7 @@ def test_passkey_batches_mark_the_key_digits_and_resume_exactly(tokenizer):
 
 
 def test_gate_learning_trains_only_gates_and_resumes_exactly(micro, tokenizer, tmp_path):
-    from maskpipe.pipeline.attention import train_gates
+    from maskpipe.pipeline.gates import train_gates
     from maskpipe.pipeline.checkpoint import CheckpointDir
 
     model, _ = micro

@@ -68,7 +68,7 @@ def gate_stage(**kw):
 
 
 def learn_gates(model, tokenizer, corpus, ckpt, on_log=None):
-    from maskpipe.pipeline.attention import train_gates
+    from maskpipe.pipeline.gates import train_gates
 
     return train_gates(model, tokenizer, gate_stage(), _stream(corpus, tokenizer, 128), sink=4, window=16, seed=0,
                        store=CheckpointDir(ckpt, keep=2), on_log=on_log)

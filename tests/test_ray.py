@@ -115,7 +115,7 @@ def test_two_workers_learn_what_one_process_learns(single, two_workers):
 
 def test_two_workers_learn_the_gates_one_process_learns(head, tmp_path):
     """A learned attention stage runs on a Ray Train group as a learn stage does, each worker half of
-    every batch of passkey samples (`pipeline.attention.GateLearning`)."""
+    every batch of passkey samples (`pipeline.gates.GateLearning`)."""
     from maskpipe.workers.backend import RayBackend
 
     def gates(workers: int) -> torch.Tensor:

@@ -11,8 +11,9 @@ import torch
 from maskpipe.pipeline import MaskpipeError
 from maskpipe.pipeline.artifacts import save_artifact
 from maskpipe.pipeline.artifacts import read_manifest
-from maskpipe.pipeline.attention import (AttentionPlan, binarize, default_sink_window, gate_strategy, kv_heads, moa_windows,
-                                plan_cost, random_scores, train_gates)
+from maskpipe.pipeline.attention import (AttentionPlan, binarize, default_sink_window, kv_heads, moa_windows, plan_cost,
+                                         random_scores)
+from maskpipe.pipeline.gates import gate_strategy, train_gates
 from maskpipe.pipeline.config import AttentionStage, Config
 from maskpipe.pipeline.data import TokenStream
 from maskpipe.pipeline.rundir import RunDir
