@@ -46,6 +46,14 @@ def base_config(model: str, name: str, stages: list[dict]) -> dict:
     }
 
 
+def group_by_tokens(points: list[dict]) -> dict[int, list[dict]]:
+    """The points of each budget (one per seed)."""
+    by_tokens: dict[int, list[dict]] = {}
+    for pt in points:
+        by_tokens.setdefault(pt["tokens"], []).append(pt)
+    return by_tokens
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", choices=sorted(MODELS), default="tiny")
@@ -73,9 +81,7 @@ def main() -> None:
     def write_tables() -> None:
         (out / f"{a.model}.json").write_text(json.dumps({"model": m, "dense": dense, "prior": prior, "overrides": overrides,
                                                          "points": points}, indent=1))
-        by_tokens: dict[int, list[dict]] = {}
-        for pt in points:
-            by_tokens.setdefault(pt["tokens"], []).append(pt)
+        by_tokens = group_by_tokens(points)
         lines = [f"{a.model}-llama, dense {dense['kjv']:.2f} / {dense['pydocs']:.2f}, SparseGPT 2:4 prior "
                  f"{prior['kjv']:.2f} / {prior['pydocs']:.2f} (PPL kjv / pydocs); seeds {a.seeds}", "",
                  "| tokens | steps | PPL kjv (mean) | PPL pydocs (mean) | gap closed kjv: mean (min–max) | gap closed pydocs: mean (min–max) |",
@@ -107,14 +113,10 @@ def main() -> None:
             print(json.dumps(points[-1]), flush=True)
             write_tables()  # after every point: an interrupted curve keeps what it measured
 
-    by_tokens: dict[int, list[dict]] = {}
-    for pt in points:
-        by_tokens.setdefault(pt["tokens"], []).append(pt)
+    by_tokens = group_by_tokens(points)
     import matplotlib
     matplotlib.use("Agg")
-    by_tokens: dict[int, list[dict]] = {}
-    for pt in points:
-        by_tokens.setdefault(pt["tokens"], []).append(pt)
+    by_tokens = group_by_tokens(points)
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(6, 4))
     for c, color in (("kjv", "tab:blue"), ("pydocs", "tab:orange")):
