@@ -113,11 +113,10 @@ def main() -> None:
             print(json.dumps(points[-1]), flush=True)
             write_tables()  # after every point: an interrupted curve keeps what it measured
 
-    by_tokens = group_by_tokens(points)
     import matplotlib
     matplotlib.use("Agg")
-    by_tokens = group_by_tokens(points)
     import matplotlib.pyplot as plt
+    by_tokens = group_by_tokens(points)
     fig, ax = plt.subplots(figsize=(6, 4))
     for c, color in (("kjv", "tab:blue"), ("pydocs", "tab:orange")):
         xs = sorted(by_tokens)

@@ -108,6 +108,7 @@ def main() -> None:
     p.add_argument("--init-std", type=float, default=0.01)
     p.add_argument("--lam", type=float, default=0.0)
     p.add_argument("--calib", type=int, default=32)
+    p.add_argument("--shuffle-buffer", type=int, default=64, help="records per source (DataConfig.shuffle_buffer)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     a = p.parse_args()
@@ -121,7 +122,7 @@ def main() -> None:
     model, tok = load_model(cfg), load_tokenizer(cfg)
     linears = prunable_linears(model, cfg)
     data = DataConfig.model_validate({"sources": [f"{a.corpora}/kjv.train.txt", f"{a.corpora}/pydocs.train.txt"],
-                                      "shuffle_buffer": 64})
+                                      "shuffle_buffer": a.shuffle_buffer})
     texts = {k: tok(eval_text(DataConfig.model_validate({"sources": [{"path": f"{a.corpora}/{k}.valid.txt",
                                                                       "sample_by": "document"}]})),
                     add_special_tokens=False, return_tensors="pt")["input_ids"][0] for k in ("kjv", "pydocs")}

@@ -127,8 +127,23 @@ def test_state_is_global_so_a_run_resumes_on_another_number_of_ranks(small, toke
     assert torch.equal(got, expected)
 
 
+def test_default_stream_reads_a_corpus_stored_in_order_from_all_over_not_its_head(tmp_path, tokenizer):
+    # A book or a manual is stored in order; read in file order, a run's first blocks (all a short
+    # budget sees) are its first chapters. The default record buffer spreads them over the whole file.
+    records = [f"{i}: {line[:60]}" for i, line in enumerate(lines("kjv.train.txt"))]  # 111 chapters
+    (tmp_path / "book.txt").write_text("\n".join(records) + "\n")
+    ids = {token_ids(tokenizer, r): i for i, r in enumerate(records)}
+    for data, spread in ((corpus(str(tmp_path / "book.txt"), shuffle_blocks=0), True),
+                         (corpus(str(tmp_path / "book.txt"), shuffle_buffer=0, shuffle_blocks=0), False)):
+        blocks = TokenStream(data, tokenizer, SEQLEN).next_batch(12)  # about a quarter of the file
+        seen = [ids[d] for d in documents(blocks, tokenizer.eos_token_id)]
+        assert len(seen) >= 20
+        assert (max(seen) > 0.75 * len(records)) == spread, sorted(seen)
+
+
 def test_unshuffled_stream_is_the_corpus_in_order(small, tokenizer):
-    blocks = calibration_blocks(corpus(small["kjv"], shuffle_blocks=0), tokenizer, n_samples=20, seqlen=SEQLEN)
+    blocks = calibration_blocks(corpus(small["kjv"], shuffle_buffer=0, shuffle_blocks=0), tokenizer, n_samples=20,
+                                seqlen=SEQLEN)
     expected = [token_ids(tokenizer, r) for r in small["kjv_records"]]
     assert documents(blocks, tokenizer.eos_token_id)[: len(expected)] == expected
 
