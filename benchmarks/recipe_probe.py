@@ -34,6 +34,28 @@ from maskpipe.pipeline.models import load_model, load_tokenizer, prunable_linear
 from maskpipe.pipeline.oneshot import oneshot_masks
 
 
+class RandomWindows:
+    """The issue-14 reference learner's data: random `seqlen`-token windows cut anywhere in each whole
+    tokenized train file (no record boundaries, no EOS), each sequence from one corpus picked 50/50."""
+
+    def __init__(self, corpora: list[torch.Tensor], seqlen: int, seed: int):
+        self.corpora, self.seqlen, self.gen = corpora, seqlen, torch.Generator().manual_seed(seed)
+
+    def next_batch(self, batch: int) -> torch.Tensor:
+        out = []
+        for _ in range(batch):
+            ids = self.corpora[int(torch.randint(len(self.corpora), (1,), generator=self.gen))]
+            start = int(torch.randint(len(ids) - self.seqlen, (1,), generator=self.gen))
+            out.append(ids[start:start + self.seqlen])
+        return torch.stack(out)
+
+    def token_shares(self) -> str:
+        return "50/50 per sequence"
+
+    def state_dict(self) -> dict:
+        return {}
+
+
 class NoCheckpoints:
     @contextlib.contextmanager
     def latest(self):
@@ -108,6 +130,8 @@ def main() -> None:
     p.add_argument("--init-std", type=float, default=0.01)
     p.add_argument("--lam", type=float, default=0.0)
     p.add_argument("--calib", type=int, default=32)
+    p.add_argument("--stream", choices=["maskpipe", "windows"], default="maskpipe",
+                   help="windows: random windows of the whole train files (RandomWindows) for learning and calibration")
     p.add_argument("--shuffle-buffer", type=int, default=64, help="records per source (DataConfig.shuffle_buffer)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
@@ -138,9 +162,16 @@ def main() -> None:
 
     t0 = time.time()
     dense = ppl()
-    prior, _ = oneshot_masks(model, linears, "sparsegpt", 2, 4, calibration_blocks(data, tok, a.calib, a.seqlen))
+    if a.stream == "windows":
+        files = [f"{a.corpora}/{k}.train.txt" for k in ("kjv", "pydocs")]
+        corpora = [torch.tensor(tok(open(f).read(), add_special_tokens=False)["input_ids"]) for f in files]
+        calib = RandomWindows(corpora, a.seqlen, seed=1_000 + a.seed).next_batch(a.calib)
+        stream = RandomWindows(corpora, a.seqlen, seed=a.seed)
+    else:
+        calib = calibration_blocks(data, tok, a.calib, a.seqlen)
+        stream = TokenStream(data, tok, a.seqlen, seed=a.seed)
+    prior, _ = oneshot_masks(model, linears, "sparsegpt", 2, 4, calib)
     prior_ppl = ppl(prior)
-    stream = TokenStream(data, tok, a.seqlen, seed=a.seed)
     if a.learner == "maskpipe":
         if a.sched == "const":
             loop.cosine_lr = lambda base, step, total, warmup: base
