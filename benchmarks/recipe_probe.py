@@ -38,19 +38,24 @@ class RandomWindows:
     """The issue-14 reference learner's data: random `seqlen`-token windows cut anywhere in each whole
     tokenized train file (no record boundaries, no EOS), each sequence from one corpus picked 50/50."""
 
-    def __init__(self, corpora: list[torch.Tensor], seqlen: int, seed: int):
+    def __init__(self, corpora: dict[str, torch.Tensor], seqlen: int, seed: int):
         self.corpora, self.seqlen, self.gen = corpora, seqlen, torch.Generator().manual_seed(seed)
+        self.drawn = dict.fromkeys(corpora, 0)
 
     def next_batch(self, batch: int) -> torch.Tensor:
         out = []
         for _ in range(batch):
-            ids = self.corpora[int(torch.randint(len(self.corpora), (1,), generator=self.gen))]
+            name = list(self.corpora)[int(torch.randint(len(self.corpora), (1,), generator=self.gen))]
+            ids = self.corpora[name]
             start = int(torch.randint(len(ids) - self.seqlen, (1,), generator=self.gen))
             out.append(ids[start:start + self.seqlen])
+            self.drawn[name] += 1
         return torch.stack(out)
 
-    def token_shares(self) -> str:
-        return "50/50 per sequence"
+    def token_shares(self) -> dict[str, float]:
+        """The realised share of tokens per corpus, as TokenStream reports it."""
+        total = sum(self.drawn.values())
+        return {k: (n / total if total else 0.0) for k, n in self.drawn.items()}
 
     def state_dict(self) -> dict:
         return {}
@@ -164,7 +169,7 @@ def main() -> None:
     dense = ppl()
     if a.stream == "windows":
         files = [f"{a.corpora}/{k}.train.txt" for k in ("kjv", "pydocs")]
-        corpora = [torch.tensor(tok(open(f).read(), add_special_tokens=False)["input_ids"]) for f in files]
+        corpora = {f: torch.tensor(tok(open(f).read(), add_special_tokens=False)["input_ids"]) for f in files}
         calib = RandomWindows(corpora, a.seqlen, seed=1_000 + a.seed).next_batch(a.calib)
         stream = RandomWindows(corpora, a.seqlen, seed=a.seed)
     else:
