@@ -138,6 +138,8 @@ def main() -> None:
     p.add_argument("--stream", choices=["maskpipe", "windows"], default="maskpipe",
                    help="windows: random windows of the whole train files (RandomWindows) for learning and calibration")
     p.add_argument("--shuffle-buffer", type=int, default=64, help="records per source (DataConfig.shuffle_buffer)")
+    p.add_argument("--shuffle-blocks", type=int, default=None, help="DataConfig.shuffle_blocks (default: its default)")
+    p.add_argument("--separator", default="eos", help="DataConfig.separator")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     a = p.parse_args()
@@ -151,7 +153,8 @@ def main() -> None:
     model, tok = load_model(cfg), load_tokenizer(cfg)
     linears = prunable_linears(model, cfg)
     data = DataConfig.model_validate({"sources": [f"{a.corpora}/kjv.train.txt", f"{a.corpora}/pydocs.train.txt"],
-                                      "shuffle_buffer": a.shuffle_buffer})
+                                      "shuffle_buffer": a.shuffle_buffer,
+                                      "shuffle_blocks": a.shuffle_blocks, "separator": a.separator})
     texts = {k: tok(eval_text(DataConfig.model_validate({"sources": [{"path": f"{a.corpora}/{k}.valid.txt",
                                                                       "sample_by": "document"}]})),
                     add_special_tokens=False, return_tensors="pt")["input_ids"][0] for k in ("kjv", "pydocs")}

@@ -16,7 +16,7 @@ import torch
 from datasets.exceptions import DatasetNotFoundError
 
 from maskpipe.pipeline import MaskpipeError
-from maskpipe.pipeline.config import DataConfig, Source
+from maskpipe.pipeline.config import SHUFFLE_WINDOW_TOKENS, DataConfig, Source
 
 _BUILDERS = {".txt": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 _TEXT = datasets.Features({"text": datasets.Value("string")})
@@ -79,8 +79,8 @@ def open_source(src: Source, seed: int = 0, shuffle_buffer: int = 0) -> datasets
 
 
 class _SourceBlocks:
-    """One source's records tokenized (no special tokens, EOS after each record as a document
-    separator) and packed back to back into blocks of `seqlen` tokens: a block may span records, no
+    """One source's records tokenized (no special tokens, each followed by `separator`: the EOS token
+    or a text) and packed back to back into blocks of `seqlen` tokens: a block may span records, no
     token is padded or dropped. Cycles epochs forever, each reshuffled by `set_epoch`.
 
     State: (epoch, raw records consumed this epoch, leftover packing buffer). Loading it rebuilds the
@@ -88,9 +88,11 @@ class _SourceBlocks:
     deterministic function of (seed, epoch). `datasets`' own state_dict can't be used: it drops the
     shuffle buffer's contents."""
 
-    def __init__(self, ds: datasets.IterableDataset, tokenizer, seqlen: int, where: str):
+    def __init__(self, ds: datasets.IterableDataset, tokenizer, seqlen: int, where: str, separator: str = "eos"):
         self._ds, self.tokenizer, self.seqlen, self.where = ds, tokenizer, seqlen, where
-        self._eos = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
+        eos = separator == "eos"
+        self._eos = [tokenizer.eos_token_id] if eos and tokenizer.eos_token_id is not None else []
+        self._suffix = "" if eos else separator
         self._buffer: list[int] = []
         self._start_epoch(0)
 
@@ -123,11 +125,15 @@ class _SourceBlocks:
             text = record["text"]
             if not text.strip():
                 continue
-            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"] + self._eos
+            ids = self.tokenizer(text + self._suffix, add_special_tokens=False)["input_ids"] + self._eos
             self._buffer += ids
             self._epoch_tokens += len(ids)
         block, self._buffer = self._buffer[: self.seqlen], self._buffer[self.seqlen :]
         return block
+
+    @property
+    def epoch(self) -> int:
+        return self._epoch
 
     def state_dict(self) -> dict:
         return {"epoch": self._epoch, "records": self._consumed, "buffer": list(self._buffer)}
@@ -149,8 +155,9 @@ class TokenStream:
 
     Shuffling is by block: the blend is cut into windows of `shuffle_blocks` consecutive blocks and
     each window is emitted in a random order seeded by (seed, window). Without it a batch would be
-    consecutive pieces of one or two documents. `shuffle_buffer` additionally shuffles each source's
-    records.
+    consecutive pieces of one or two documents, and a short run would read a handful of long documents
+    from end to end. A window closes early once every source has begun a new epoch in it: a bigger one
+    would only repeat blocks. `shuffle_buffer` additionally shuffles each source's records.
 
     Ranks share one global sequence of blocks and rank r takes blocks r, r + W, r + 2W, ... So the
     blocks of a global batch are the same whatever the number of workers W: data-parallel learning
@@ -175,12 +182,13 @@ class TokenStream:
         self.labels = [_label(s) for _, s, _ in picked]
         self._sources = [
             _SourceBlocks(open_source(s, (seed * 1_000_003 + i) % 2**32, data.shuffle_buffer), tokenizer, seqlen,
-                          f"corpus {s.path!r}")
+                          f"corpus {s.path!r}", data.separator)
             for i, s, _ in picked
         ]
         total = sum(w for _, _, w in picked)
         self._shares = [w / total for _, _, w in picked]
-        self._window_size = max(data.shuffle_blocks, 1)
+        blocks = data.shuffle_blocks
+        self._window_size = max(-(-SHUFFLE_WINDOW_TOKENS // seqlen) if blocks is None else blocks, 1)
         # Rank and world size are not part of it: the state is global, so any rank of any world size resumes it.
         self._fingerprint = {"seqlen": seqlen, "seed": seed, "data": data.model_dump(mode="json")}
         self._where = f"corpus {[s.path for s in data.sources]}"
@@ -199,7 +207,10 @@ class TokenStream:
     def _next_window(self) -> None:
         self._window_index += 1
         self._window_start = {"sources": [s.state_dict() for s in self._sources], "taken": list(self._taken)}
-        blocks = [self._draw() for _ in range(self._window_size)]
+        epochs = [s.epoch for s in self._sources]
+        blocks = []
+        while len(blocks) < self._window_size and not all(s.epoch > e for s, e in zip(self._sources, epochs)):
+            blocks.append(self._draw())
         gen = torch.Generator().manual_seed((self.seed * 1_000_003 + self._window_index) % 2**63)
         order = torch.randperm(len(blocks), generator=gen).tolist() if len(blocks) > 1 else [0]
         self._window, self._pos = [blocks[j] for j in order], 0
@@ -263,7 +274,7 @@ class TokenStream:
 
 def calibration_blocks(data: DataConfig, tokenizer, n_samples: int, seqlen: int, seed: int = 0) -> torch.Tensor:
     """The first `n_samples` blocks of a single-rank TokenStream: [n_samples, seqlen]. With the
-    block shuffle they are spread over the first `shuffle_blocks` blocks of the blend."""
+    block shuffle they are spread over the first window of the blend (2M tokens by default)."""
     return TokenStream(data, tokenizer, seqlen, seed=seed).next_batch(n_samples)
 
 

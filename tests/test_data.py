@@ -1,4 +1,5 @@
 import json
+import re
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -139,6 +140,35 @@ def test_default_stream_reads_a_corpus_stored_in_order_from_all_over_not_its_hea
         seen = [ids[d] for d in documents(blocks, tokenizer.eos_token_id)]
         assert len(seen) >= 20
         assert (max(seen) > 0.75 * len(records)) == spread, sorted(seen)
+
+
+def test_default_short_run_reads_pieces_of_many_long_documents_not_a_few_whole_ones(tmp_path, tokenizer):
+    # 300 documents of ~2,400 tokens. A window of 512 blocks held 16 of them, so a short run (and its
+    # calibration set) read those few from end to end; a 2M-token window holds the whole file.
+    (tmp_path / "docs.txt").write_text("\n".join(f"Document {i} says hello. " * 240 for i in range(300)) + "\n")
+    blocks = TokenStream(corpus(str(tmp_path / "docs.txt")), tokenizer, SEQLEN).next_batch(64)
+    docs = {re.search(r"Document (\d+)", tokenizer.decode(b)).group(1) for b in blocks}
+    assert len(docs) >= 40, sorted(docs)
+    old = TokenStream(corpus(str(tmp_path / "docs.txt"), shuffle_blocks=512), tokenizer, SEQLEN).next_batch(64)
+    assert len({re.search(r"Document (\d+)", tokenizer.decode(b)).group(1) for b in old}) <= 20
+
+
+def test_a_shuffle_window_never_holds_more_than_one_epoch_of_every_source(small, tokenizer):
+    # A window larger than the corpus would only repeat blocks (and tokenize them all up front).
+    shuffled = TokenStream(corpus(small["kjv"], small["py"], shuffle_blocks=10_000), tokenizer, SEQLEN)
+    first = next(shuffled)
+    window = sorted(tuple(b.tolist()) for b in [first, *shuffled.next_batch(len(shuffled._window) - 1)])
+    in_order = TokenStream(corpus(small["kjv"], small["py"], shuffle_blocks=0), tokenizer, SEQLEN)
+    assert len(window) < 40  # an epoch of the two sources is about 30 blocks
+    assert window == sorted(tuple(b.tolist()) for b in in_order.next_batch(len(window)))
+
+
+def test_records_end_with_the_separator_text_instead_of_eos_when_asked(small, tokenizer):
+    blocks = TokenStream(corpus(small["kjv"], shuffle_buffer=0, shuffle_blocks=0, separator="\n"), tokenizer,
+                         SEQLEN).next_batch(4)
+    assert tokenizer.eos_token_id not in blocks.flatten().tolist()
+    first = token_ids(tokenizer, small["kjv_records"][0] + "\n")
+    assert tuple(blocks.flatten().tolist()[: len(first)]) == first
 
 
 def test_unshuffled_stream_is_the_corpus_in_order(small, tokenizer):
