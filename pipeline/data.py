@@ -207,13 +207,19 @@ class TokenStream:
     def _next_window(self) -> None:
         self._window_index += 1
         self._window_start = {"sources": [s.state_dict() for s in self._sources], "taken": list(self._taken)}
+        blocks = self._fill_window()
+        gen = torch.Generator().manual_seed((self.seed * 1_000_003 + self._window_index) % 2**63)
+        order = torch.randperm(len(blocks), generator=gen).tolist() if len(blocks) > 1 else [0]
+        self._window, self._pos = [blocks[j] for j in order], 0
+
+    def _fill_window(self) -> list[tuple[int, torch.Tensor]]:
+        """The next window's blocks in blend order: `_window_size` of them, fewer once every source has
+        begun a new epoch in this window."""
         epochs = [s.epoch for s in self._sources]
         blocks = []
         while len(blocks) < self._window_size and not all(s.epoch > e for s, e in zip(self._sources, epochs)):
             blocks.append(self._draw())
-        gen = torch.Generator().manual_seed((self.seed * 1_000_003 + self._window_index) % 2**63)
-        order = torch.randperm(len(blocks), generator=gen).tolist() if len(blocks) > 1 else [0]
-        self._window, self._pos = [blocks[j] for j in order], 0
+        return blocks
 
     def _block(self) -> torch.Tensor:
         if self._pos >= len(self._window):

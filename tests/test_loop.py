@@ -38,8 +38,15 @@ def _stream(corpus, tokenizer, seqlen, rank=0, world=1):
     from maskpipe.pipeline.config import DataConfig
     from maskpipe.pipeline.data import TokenStream
 
+    class BlocksOfA179437(TokenStream):
+        """The batches the recorded values were learned on: shuffle windows of exactly 512 blocks, the
+        default then, even past an epoch. The stream's windows have changed since; the loop must not."""
+
+        def _fill_window(self):
+            return [self._draw() for _ in range(512)]
+
     data = DataConfig.model_validate({"sources": [corpus], "shuffle_buffer": 8})
-    return TokenStream(data, tokenizer, seqlen, seed=0, rank=rank, world_size=world)
+    return BlocksOfA179437(data, tokenizer, seqlen, seed=0, rank=rank, world_size=world)
 
 
 def mask_digest(model, linears, tokenizer, corpus, ckpt, per_group: str) -> str:
