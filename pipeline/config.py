@@ -99,7 +99,7 @@ class DataConfig(Strict):
     # Blocks: the blend is emitted in seeded random order within windows of this many blocks (never more
     # than one epoch of every source), so that a batch, a calibration set and a whole short run are
     # spread over many documents; 0 = in order. Default: SHUFFLE_WINDOW_TOKENS / seqlen blocks. A window
-    # of 512 x 256 tokens held 15 of pydocs' 343 documents, and a 0.2M-token run learned a mask that
+    # of 512 x 256 tokens held about 10 of pydocs' 343 documents, and a 0.2M-token run learned a mask that
     # was 1 PPL worse on both valid corpora than one learned from the whole files (docs/RESULTS.md).
     shuffle_blocks: int | None = Field(default=None, ge=0)
     # What ends each record when records are packed into blocks: "eos" (the tokenizer's EOS token) or

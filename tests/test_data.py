@@ -143,8 +143,8 @@ def test_default_stream_reads_a_corpus_stored_in_order_from_all_over_not_its_hea
 
 
 def test_default_short_run_reads_pieces_of_many_long_documents_not_a_few_whole_ones(tmp_path, tokenizer):
-    # 300 documents of ~2,400 tokens. A window of 512 blocks held 16 of them, so a short run (and its
-    # calibration set) read those few from end to end; a 2M-token window holds the whole file.
+    # 300 documents of about 3,100 tokens. A window of 512 x 64 tokens held about 11 of them, so a short
+    # run (and its calibration set) read those few from end to end; a 2M-token window holds the whole file.
     (tmp_path / "docs.txt").write_text("\n".join(f"Document {i} says hello. " * 240 for i in range(300)) + "\n")
     blocks = TokenStream(corpus(str(tmp_path / "docs.txt")), tokenizer, SEQLEN).next_batch(64)
     docs = {re.search(r"Document (\d+)", tokenizer.decode(b)).group(1) for b in blocks}
