@@ -334,8 +334,10 @@ class PriorConfig(Strict):
         return self
 
 
-# A learn stage's default lr is LR_MARGINS · margin / steps, at most MAX_STEP_MARGIN · margin (see LearnStage.lr).
+# A learn stage's default lr is LR_MARGINS · margin / steps, kept between MIN_STEP_MARGIN · margin and
+# MAX_STEP_MARGIN · margin (see LearnStage.lr).
 LR_MARGINS = 3.0
+MIN_STEP_MARGIN = 0.03
 MAX_STEP_MARGIN = 0.1
 
 
@@ -351,7 +353,10 @@ class LearnStage(LoopSettings):
     grad_accum: int = Field(default=1, gt=0)
     # Omitted: scaled to the budget so that Adam can move a logit (about lr·steps/2 under the cosine
     # schedule) LR_MARGINS/2 times the prior's margin, strength · init_std (init_std alone without a
-    # prior): enough to flip a group whose gradient agrees step after step, too little for noise.
+    # prior): enough to flip a group whose gradient agrees step after step, too little for noise. From
+    # 100 steps on, the per-step move stays at MIN_STEP_MARGIN of the margin instead of shrinking, so a
+    # longer run moves logits further (a fixed total move made every budget past 0.2M tokens plateau:
+    # docs/RESULTS.md, "Tokens to closure").
     lr: LearningRate = Field(default=None, validate_default=False)
     weight_decay: float = Field(default=0.0, ge=0)
     grad_clip: float | None = Field(default=1.0, gt=0)
@@ -379,7 +384,8 @@ class LearnStage(LoopSettings):
                 margin = init_std * (strength if prior is not None else 1.0)
                 # Adam's first steps move every logit by about lr whatever its gradient, so a flip
                 # must take at least 1 / MAX_STEP_MARGIN agreeing steps, however short the run.
-                v = {**v, "lr": float(f"{min(LR_MARGINS / max(steps, 1), MAX_STEP_MARGIN) * margin:.3g}")}
+                per_step = min(max(LR_MARGINS / max(steps, 1), MIN_STEP_MARGIN), MAX_STEP_MARGIN)
+                v = {**v, "lr": float(f"{per_step * margin:.3g}")}
             except (KeyError, TypeError, ValueError, AttributeError):
                 pass  # the field validators report the bad key
         return v

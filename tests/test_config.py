@@ -135,17 +135,18 @@ def test_pattern_parses_prints_and_validates_in_one_place():
     assert cfg.stage_pattern(cfg.stages[0]) == Pattern(4, 8)
 
 
-def test_learn_lr_defaults_to_a_move_of_one_and_a_half_prior_margins_over_the_budget():
-    from maskpipe.pipeline.config import LR_MARGINS, LearnStage
+def test_learn_lr_defaults_to_a_move_of_one_and_a_half_prior_margins_but_never_less_than_3_percent_a_step():
+    from maskpipe.pipeline.config import LR_MARGINS, MIN_STEP_MARGIN, LearnStage
 
     def lr(**kw):
         return LearnStage.model_validate({"stage": "learn", "data": "x", **kw}).lr
 
-    assert LR_MARGINS == 3.0
-    assert lr(steps=150, prior={"stage": "sparsegpt"}) == pytest.approx(3 * 10 * 0.01 / 150)  # strength 10
-    assert lr(steps=600, prior={"stage": "sparsegpt"}) == pytest.approx(5e-4)
-    assert lr(steps=150, prior={"stage": "sparsegpt", "strength": 3}, init_std=0.02) == pytest.approx(3 * 3 * 0.02 / 150)
-    assert lr(steps=150) == pytest.approx(3 * 0.01 / 150)  # no prior: the init's spread is the margin
+    assert (LR_MARGINS, MIN_STEP_MARGIN) == (3.0, 0.03)
+    assert lr(steps=50, prior={"stage": "sparsegpt"}) == pytest.approx(3 * 10 * 0.01 / 50)  # strength 10
+    assert lr(steps=50, prior={"stage": "sparsegpt", "strength": 3}, init_std=0.02) == pytest.approx(3 * 3 * 0.02 / 50)
+    assert lr(steps=50) == pytest.approx(3 * 0.01 / 50)  # no prior: the init's spread is the margin
+    # From 100 steps on, a step moves a logit 3% of the margin: a longer run moves it further.
+    assert lr(steps=100, prior={"stage": "sparsegpt"}) == lr(steps=5000, prior={"stage": "sparsegpt"}) == pytest.approx(3e-3)
     assert lr(steps=150, lr=1e-3, prior={"stage": "sparsegpt"}) == 1e-3  # an explicit lr wins
     assert lr(steps=2, prior={"stage": "sparsegpt"}) == pytest.approx(0.1 * 10 * 0.01)  # >= 10 steps to flip
 
