@@ -53,3 +53,15 @@ def test_sliding_window_beats_non_overlapping(micro, ids):
 def test_too_short_text_is_an_error(micro):
     with pytest.raises(MaskpipeError, match="fewer than one window"):
         perplexity(micro[0], torch.arange(10), 64)
+
+
+def test_a_mask_learned_from_a_learned_mask_reports_the_gap_of_the_one_shot_mask_it_started_from():
+    from maskpipe.pipeline.results import perplexity_table
+
+    ppl = {"dense": {"kjv": {"ppl": 68.0, "tokens": 10}}, "sparsegpt": {"kjv": {"ppl": 76.0, "tokens": 10}},
+           "general": {"kjv": {"ppl": 69.0, "tokens": 10}}, "domain": {"kjv": {"ppl": 67.0, "tokens": 10}}}
+    stages = {"sparsegpt": {"method": "sparsegpt"}, "general": {"method": "maskllm", "prior": "sparsegpt"},
+              "domain": {"method": "maskllm", "prior": "general"}}
+    table = perplexity_table(ppl, stages)
+    assert "maskllm from sparsegpt (gap closed: kjv 88%)" in table  # (76 - 69) / (76 - 68)
+    assert "maskllm from general (gap of sparsegpt's closed: kjv 112%)" in table  # (76 - 67) / (76 - 68)
