@@ -152,11 +152,11 @@ def perplexity_table(results: dict[str, dict], stages: dict[str, StageRecord | d
         method = info.get("method") or ""
         if info.get("prior"):
             method += f" from {info['prior']}"
-        # Against the one-shot mask the chain of priors started from: a learned prior is often near
-        # dense, and the share of its small gap is no measure of the mask.
+        # Against the first mask in the chain of priors that was not learned: a learned prior is
+        # often near dense, and the share of its small gap is no measure of the mask.
         root = info.get("prior")
-        while root is not None and _info(stages, root).get("prior") and root != name:
-            root = _info(stages, root)["prior"]
+        while root not in (None, name) and _info(stages, root).get("method") == LEARNED_METHOD:
+            root = _info(stages, root).get("prior")
         closed = [gap_closed(results, name, root, c) for c in corpora]
         if any(x is not None for x in closed):
             against = "" if root == info.get("prior") else f" of {root}'s"

@@ -59,9 +59,12 @@ def test_a_mask_learned_from_a_learned_mask_reports_the_gap_of_the_one_shot_mask
     from maskpipe.pipeline.results import perplexity_table
 
     ppl = {"dense": {"kjv": {"ppl": 68.0, "tokens": 10}}, "sparsegpt": {"kjv": {"ppl": 76.0, "tokens": 10}},
-           "general": {"kjv": {"ppl": 69.0, "tokens": 10}}, "domain": {"kjv": {"ppl": 67.0, "tokens": 10}}}
+           "general": {"kjv": {"ppl": 69.0, "tokens": 10}}, "domain": {"kjv": {"ppl": 67.0, "tokens": 10}},
+           "dsnot": {"kjv": {"ppl": 74.0, "tokens": 10}}, "from-dsnot": {"kjv": {"ppl": 70.0, "tokens": 10}}}
     stages = {"sparsegpt": {"method": "sparsegpt"}, "general": {"method": "maskllm", "prior": "sparsegpt"},
-              "domain": {"method": "maskllm", "prior": "general"}}
+              "domain": {"method": "maskllm", "prior": "general"},
+              "dsnot": {"method": "dsnot", "prior": "sparsegpt"}, "from-dsnot": {"method": "maskllm", "prior": "dsnot"}}
     table = perplexity_table(ppl, stages)
     assert "maskllm from sparsegpt (gap closed: kjv 88%)" in table  # (76 - 69) / (76 - 68)
     assert "maskllm from general (gap of sparsegpt's closed: kjv 112%)" in table  # (76 - 67) / (76 - 68)
+    assert "maskllm from dsnot (gap closed: kjv 67%)" in table  # a one-shot prior is its own start: (74 - 70) / (74 - 68)
