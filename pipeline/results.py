@@ -15,7 +15,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, PrivateAttr, model_serializer, model_validator
 
 from maskpipe.pipeline.artifacts import write_json
-from maskpipe.pipeline.vocab import LEARNED_METHOD, RETRIEVAL_TASKS, STANDALONE_METHODS
+from maskpipe.pipeline.vocab import LEARNED_METHOD, REFINING_METHODS, RETRIEVAL_TASKS, STANDALONE_METHODS
 from maskpipe.pipeline.zeroshot import primary
 
 ONESHOT = STANDALONE_METHODS  # the card's baseline rows: one-shot methods that start from no earlier mask
@@ -157,7 +157,10 @@ def perplexity_table(results: dict[str, dict], stages: dict[str, StageRecord | d
         root = info.get("prior")
         while root not in (None, name) and _info(stages, root).get("method") == LEARNED_METHOD:
             root = _info(stages, root).get("prior")
-        closed = [gap_closed(results, name, root, c) for c in corpora]
+        # Only a weight mask started from another has a gap to close; an attention plan re-binarised
+        # from another plan does not.
+        weight_mask = info.get("method") in (LEARNED_METHOD, *REFINING_METHODS)
+        closed = [gap_closed(results, name, root, c) if weight_mask else None for c in corpora]
         if any(x is not None for x in closed):
             against = "" if root == info.get("prior") else f" of {root}'s"
             method += f" (gap{against} closed: " + ", ".join(

@@ -68,3 +68,8 @@ def test_a_mask_learned_from_a_learned_mask_reports_the_gap_of_the_one_shot_mask
     assert "maskllm from sparsegpt (gap closed: kjv 88%)" in table  # (76 - 69) / (76 - 68)
     assert "maskllm from general (gap of sparsegpt's closed: kjv 112%)" in table  # (76 - 67) / (76 - 68)
     assert "maskllm from dsnot (gap closed: kjv 67%)" in table  # a one-shot prior is its own start: (74 - 70) / (74 - 68)
+    plans = perplexity_table({"dense": ppl["dense"], "learned-50": {"kjv": {"ppl": 68.3, "tokens": 10}},
+                              "learned-75": {"kjv": {"ppl": 68.5, "tokens": 10}}},
+                             {"learned-50": {"method": "attention-learned"},
+                              "learned-75": {"method": "attention-learned", "prior": "learned-50"}})
+    assert "attention-learned from learned-50 |" in plans and "gap" not in plans  # a plan has no gap to close
