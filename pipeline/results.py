@@ -134,6 +134,20 @@ def gap_closed(results: dict[str, dict], name: str, prior: str | None, corpus: s
     return (start - got) / (start - dense) if start != dense else None
 
 
+def gap_start(stages: dict, name: str) -> str | None:
+    """The mask whose gap a stage's gap closed is measured against: for a learned or refined weight mask,
+    the first mask up its chain of priors that was not learned (a learned prior is often near dense, and
+    the share of its small gap is no measure of the mask); None for anything else (an attention plan
+    re-binarised from another plan has no gap to close)."""
+    info = _info(stages, name)
+    if info.get("method") not in (LEARNED_METHOD, *REFINING_METHODS):
+        return None
+    start = info.get("prior")
+    while start not in (None, name) and _info(stages, start).get("method") == LEARNED_METHOD:
+        start = _info(stages, start).get("prior")
+    return start
+
+
 def _info(stages: dict, name: str) -> dict[str, Any]:
     rec = stages.get(name)
     return {} if rec is None else rec.model_dump() if isinstance(rec, StageRecord) else rec
@@ -152,17 +166,10 @@ def perplexity_table(results: dict[str, dict], stages: dict[str, StageRecord | d
         method = info.get("method") or ""
         if info.get("prior"):
             method += f" from {info['prior']}"
-        # Against the first mask in the chain of priors that was not learned: a learned prior is
-        # often near dense, and the share of its small gap is no measure of the mask.
-        root = info.get("prior")
-        while root not in (None, name) and _info(stages, root).get("method") == LEARNED_METHOD:
-            root = _info(stages, root).get("prior")
-        # Only a weight mask started from another has a gap to close; an attention plan re-binarised
-        # from another plan does not.
-        weight_mask = info.get("method") in (LEARNED_METHOD, *REFINING_METHODS)
-        closed = [gap_closed(results, name, root, c) if weight_mask else None for c in corpora]
+        start = gap_start(stages, name)
+        closed = [gap_closed(results, name, start, c) for c in corpora]
         if any(x is not None for x in closed):
-            against = "" if root == info.get("prior") else f" of {root}'s"
+            against = "" if start == info.get("prior") else f" of {start}'s"
             method += f" (gap{against} closed: " + ", ".join(
                 f"{c} {x:.0%}" for c, x in zip(corpora, closed) if x is not None) + ")"
         cells = [f"{_ppl(results, name, c):.2f}" if c in row else "" for c in corpora]
