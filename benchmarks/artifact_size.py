@@ -16,11 +16,11 @@ import time
 from math import comb, log2
 from pathlib import Path
 
-from maskpipe.pipeline.artifacts import MANIFEST_FILE, MASKS_FILE, load_artifact, save_artifact
+from maskpipe.pipeline.io.artifacts import MANIFEST_FILE, MASKS_FILE, load_artifact, save_artifact
 from maskpipe.pipeline.config import ModelConfig
-from maskpipe.pipeline.encoding import Codec
-from maskpipe.pipeline.models import load_model, prunable_linears
-from maskpipe.pipeline.sparsity import nm_mask
+from maskpipe.pipeline.nm.encoding import Codec
+from maskpipe.pipeline.core.models import load_model, prunable_linears
+from maskpipe.pipeline.nm.sparsity import nm_mask
 
 
 def main() -> None:

@@ -4,7 +4,7 @@ on each corpus after a given number of training tokens, over several seeds, with
     python benchmarks/closure_curve.py --model tiny   # ../shared/fixtures/models/tiny-llama, 512-token blocks
     python benchmarks/closure_curve.py --model micro  # the vendored micro-llama, 256-token blocks
 
-Every point is a normal run of maskpipe's pipeline (`pipeline.run.run`, one process): a SparseGPT 2:4
+Every point is a normal run of maskpipe's pipeline (`pipeline.run.runner.run`, one process): a SparseGPT 2:4
 prior computed once (128 calibration blocks of the blend), then per (budget, seed) a `learn` stage with
 every recipe key left at its `LearnStage` default except the budget (steps x batch_size x seqlen) and the
 prior, and an `eval` stage. Data: both `train` corpora of ../shared/fixtures, token-balanced and
@@ -23,7 +23,7 @@ import statistics
 from pathlib import Path
 
 from maskpipe.pipeline.config import config_from_dict
-from maskpipe.pipeline.run import LocalBackend, run
+from maskpipe.pipeline.run.runner import LocalBackend, run
 
 MODELS = {
     "tiny": {"path": "../shared/fixtures/models/tiny-llama", "seqlen": 512, "batch": 8},

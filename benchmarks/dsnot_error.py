@@ -6,7 +6,7 @@ For every prunable linear of the *dense* model (one calibration pass, inputs of 
 layers are independent of each other), with x the layer's input over the calibration tokens:
   - exact error  E = Σ_i r_iᵀ E[x xᵀ] r_i, r_i = W_i ⊙ ¬M_i (the expected squared output change that
     pruning causes, with every correlation between input channels);
-  - DSnoT's D = Σ_i (Σ_j r_ij E[x_j])² + Σ_j r_ij² Var[x_j] (`pipeline.oneshot.dsnot_error`: the same with
+  - DSnoT's D = Σ_i (Σ_j r_ij E[x_j])² + Σ_j r_ij² Var[x_j] (`pipeline.nm.oneshot.dsnot_error`: the same with
     input channels taken as independent).
 Prints, per kind of linear, the mean ratio DSnoT-refined / initial for both, for Wanda's mask as the
 initial one (or, with --artifacts, two masks a run made, e.g. its wanda and wanda+dsnot stages).
@@ -25,12 +25,12 @@ import collections
 
 import torch
 
-from maskpipe.pipeline.artifacts import load_artifact
+from maskpipe.pipeline.io.artifacts import load_artifact
 from maskpipe.pipeline.config import DataConfig, ModelConfig
-from maskpipe.pipeline.data import TokenStream
-from maskpipe.pipeline.models import load_model, load_tokenizer, prunable_linears
-from maskpipe.pipeline.oneshot import dsnot_error, dsnot_refine
-from maskpipe.pipeline.sparsity import nm_mask
+from maskpipe.pipeline.io.data import TokenStream
+from maskpipe.pipeline.core.models import load_model, load_tokenizer, prunable_linears
+from maskpipe.pipeline.nm.oneshot import dsnot_error, dsnot_refine
+from maskpipe.pipeline.nm.sparsity import nm_mask
 
 CORPORA = "../shared/fixtures/corpora"
 

@@ -25,10 +25,10 @@ import time
 import torch
 
 from maskpipe.pipeline.config import DataConfig, ModelConfig
-from maskpipe.pipeline.data import TokenStream, eval_text
-from maskpipe.pipeline.evaluate import perplexity
-from maskpipe.pipeline.models import load_model, load_tokenizer, prunable_linears
-from maskpipe.pipeline.oneshot import oneshot_masks
+from maskpipe.pipeline.io.data import TokenStream, eval_text
+from maskpipe.pipeline.eval.perplexity import perplexity
+from maskpipe.pipeline.core.models import load_model, load_tokenizer, prunable_linears
+from maskpipe.pipeline.nm.oneshot import oneshot_masks
 
 CORPORA = "../shared/fixtures/corpora"
 

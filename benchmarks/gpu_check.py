@@ -12,7 +12,7 @@ Independent parts, each timed; a part that raises is recorded as `failed: <reaso
   learn_step       a learned 2:4 mask step (Gumbel masks, fp32 logits, bf16 autocast) vs a dense bf16
                    forward+backward with weight gradients and AdamW, on a randomly initialised LLaMA of
                    TinyLlama-1.1B's shape, 4 × 2048 tokens: tokens/s, ratio, and the mask step's peak
-                   `torch.cuda.max_memory_allocated` against `pipeline.plan.memory_plan`
+                   `torch.cuda.max_memory_allocated` against `pipeline.train.plan.memory_plan`
   strategies       `train_masks` on tiny-llama, 8 steps, with strategy none, fsdp (whole load), fsdp
                    loaded from meta (each rank reads its rows), deepspeed ZeRO-3: world size 1 in an
                    NCCL process group; every mask against strategy none's
@@ -130,9 +130,9 @@ def part_semi_structured(ctx: Context) -> dict:
 
 
 def part_stages(ctx: Context) -> dict:
-    from maskpipe.pipeline.evaluate import perplexity
-    from maskpipe.pipeline.models import load_model, load_tokenizer
-    from maskpipe.pipeline.retrieval import accuracy, passkey_samples, score
+    from maskpipe.pipeline.eval.perplexity import perplexity
+    from maskpipe.pipeline.core.models import load_model, load_tokenizer
+    from maskpipe.pipeline.eval.retrieval import accuracy, passkey_samples, score
 
     tokenizer = load_tokenizer(model_cfg(ctx.fixture, "float32", "cpu"))
     text = ctx.text_path.read_text()
@@ -160,9 +160,9 @@ def part_stages(ctx: Context) -> dict:
 
 
 def part_learn_step(ctx: Context) -> dict:
-    from maskpipe.pipeline.learn import add_learned_masks
-    from maskpipe.pipeline.models import prunable_linears
-    from maskpipe.pipeline.plan import CUDA_RESERVE, GiB, memory_plan, model_shape
+    from maskpipe.pipeline.nm.learn import add_learned_masks
+    from maskpipe.pipeline.core.models import prunable_linears
+    from maskpipe.pipeline.train.plan import CUDA_RESERVE, GiB, memory_plan, model_shape
 
     dims, (batch, seqlen), repeats = (TOY, (2, 32), 1) if ctx.smoke else (LLAMA_1B, (4, 2048), 5)
     model = ctx.random_llama(dims, torch.bfloat16)
@@ -256,10 +256,10 @@ class TextBlocks:
 def part_strategies(ctx: Context) -> dict:
     import torch.distributed as dist
 
-    from maskpipe.pipeline.checkpoint import CheckpointDir
+    from maskpipe.pipeline.train.checkpoint import CheckpointDir
     from maskpipe.pipeline.config import LearnStage
-    from maskpipe.pipeline.learn import train_masks
-    from maskpipe.pipeline.models import load_model, load_tokenizer, prunable_linears
+    from maskpipe.pipeline.nm.learn import train_masks
+    from maskpipe.pipeline.core.models import load_model, load_tokenizer, prunable_linears
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -323,7 +323,7 @@ def part_strategies(ctx: Context) -> dict:
 
 @torch.no_grad()
 def part_flex_prefill(ctx: Context) -> dict:
-    from maskpipe.pipeline.attention import kv_heads, plan_cost, planned, uniform_plan
+    from maskpipe.pipeline.attention.plans import kv_heads, plan_cost, planned, uniform_plan
 
     dims, lengths, (sink, window) = (TOY, [256], (16, 64)) if ctx.smoke else (LLAMA_1B, [8192, 32768], (128, 1024))
     model = ctx.random_llama(dims, torch.bfloat16)

@@ -16,8 +16,8 @@ import time
 import torch
 
 from maskpipe.pipeline.config import ModelConfig
-from maskpipe.pipeline.learn import add_learned_masks
-from maskpipe.pipeline.models import load_model, prunable_linears
+from maskpipe.pipeline.nm.learn import add_learned_masks
+from maskpipe.pipeline.core.models import load_model, prunable_linears
 
 
 def median_time(fn, repeats: int, warmup: int = 2) -> float:

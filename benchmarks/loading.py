@@ -12,7 +12,7 @@ it every rank keeps every block's soft mask, whatever the number of ranks), for 
 its state at the end of the first step; later steps add at most one block's activations to that peak). Each rank
 reports the growth of its peak resident set (VmHWM, reset through /proc/self/clear_refs) over its
 resident set before loading: once when FSDP has sharded and filled the model (loading), once after the
-steps. The planned figures are `pipeline.plan.loading_plan` and `memory_plan` (fsdp, CPU). The table
+steps. The planned figures are `pipeline.train.plan.loading_plan` and `memory_plan` (fsdp, CPU). The table
 gives the largest rank of each run.
 """
 
@@ -77,11 +77,11 @@ def worker(rank: int, world: int, port: int, directory: str, meta: bool, steps: 
     torch.set_num_threads(max(1, 2 // world))
     import torch.distributed as dist
 
-    from maskpipe.pipeline.checkpoint import CheckpointDir
+    from maskpipe.pipeline.train.checkpoint import CheckpointDir
     from maskpipe.pipeline.config import LearnStage, ModelConfig
-    from maskpipe.pipeline.learn import train_masks
-    from maskpipe.pipeline.models import load_model, prunable_linears
-    from maskpipe.pipeline.shard import FSDP
+    from maskpipe.pipeline.nm.learn import train_masks
+    from maskpipe.pipeline.core.models import load_model, prunable_linears
+    from maskpipe.pipeline.train.shard import FSDP
 
     dist.init_process_group("gloo", rank=rank, world_size=world)
     cfg = ModelConfig(name_or_path=directory, dtype="bfloat16", device="cpu")
@@ -134,7 +134,7 @@ def main() -> None:
     from transformers import AutoConfig
 
     from maskpipe.pipeline.config import ModelConfig
-    from maskpipe.pipeline.plan import gib, loading_plan, memory_plan, model_shape
+    from maskpipe.pipeline.train.plan import gib, loading_plan, memory_plan, model_shape
 
     directory = Path(a.dir)
     write_model(directory)

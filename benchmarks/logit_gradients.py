@@ -16,10 +16,10 @@ import argparse
 import torch
 
 from maskpipe.pipeline.config import DataConfig, ModelConfig
-from maskpipe.pipeline.data import TokenStream
-from maskpipe.pipeline.learn import add_learned_masks
-from maskpipe.pipeline.models import load_model, load_tokenizer, prunable_linears
-from maskpipe.pipeline.oneshot import oneshot_masks
+from maskpipe.pipeline.io.data import TokenStream
+from maskpipe.pipeline.nm.learn import add_learned_masks
+from maskpipe.pipeline.core.models import load_model, load_tokenizer, prunable_linears
+from maskpipe.pipeline.nm.oneshot import oneshot_masks
 
 
 def main() -> None:

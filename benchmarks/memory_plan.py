@@ -19,12 +19,12 @@ from pathlib import Path
 
 import torch
 
-from maskpipe.pipeline.checkpoint import CheckpointDir
+from maskpipe.pipeline.train.checkpoint import CheckpointDir
 from maskpipe.pipeline.config import DataConfig, LearnStage, ModelConfig
-from maskpipe.pipeline.data import TokenStream
-from maskpipe.pipeline.learn import train_masks
-from maskpipe.pipeline.models import load_model, load_tokenizer, prunable_linears
-from maskpipe.pipeline.plan import CUDA_RESERVE, gib, memory_plan, model_shape
+from maskpipe.pipeline.io.data import TokenStream
+from maskpipe.pipeline.nm.learn import train_masks
+from maskpipe.pipeline.core.models import load_model, load_tokenizer, prunable_linears
+from maskpipe.pipeline.train.plan import CUDA_RESERVE, gib, memory_plan, model_shape
 
 
 def rss(field: str) -> int:

@@ -6,7 +6,7 @@ MaskLLM learner, with every recipe knob on the command line: how the default rec
 
 Both learners read the same prior (SparseGPT 2:4 on `--calib` blocks of the blend), the same stream
 (`TokenStream`: both train excerpts, token-balanced, block-shuffled) and the same schedules; the
-reference learner shares no code with `pipeline.learn`: `F.gumbel_softmax` with one global generator,
+reference learner shares no code with `pipeline.nm.learn`: `F.gumbel_softmax` with one global generator,
 its own parametrization and MaskLLM's own 2:4 prior rule. Prints one JSON line: dense, prior and learned
 perplexity (wikitext protocol on each valid excerpt), gap closed per corpus, share of weights whose mask
 bit differs from the prior's, realised token shares.
@@ -25,13 +25,13 @@ import torch
 import torch.nn.functional as F
 from torch.nn.utils import parametrize
 
-import maskpipe.pipeline.learn as learn
-import maskpipe.pipeline.loop as loop
+import maskpipe.pipeline.nm.learn as learn
+import maskpipe.pipeline.train.loop as loop
 from maskpipe.pipeline.config import DataConfig, LearnStage, ModelConfig
-from maskpipe.pipeline.data import TokenStream, calibration_blocks, eval_text
-from maskpipe.pipeline.evaluate import perplexity
-from maskpipe.pipeline.models import load_model, load_tokenizer, prunable_linears
-from maskpipe.pipeline.oneshot import oneshot_masks
+from maskpipe.pipeline.io.data import TokenStream, calibration_blocks, eval_text
+from maskpipe.pipeline.eval.perplexity import perplexity
+from maskpipe.pipeline.core.models import load_model, load_tokenizer, prunable_linears
+from maskpipe.pipeline.nm.oneshot import oneshot_masks
 
 
 class RandomWindows:

@@ -18,10 +18,10 @@ from contextlib import nullcontext
 
 import torch
 
-from maskpipe.pipeline.attention import kv_heads, planned, uniform_plan
+from maskpipe.pipeline.attention.plans import kv_heads, planned, uniform_plan
 from maskpipe.pipeline.config import ModelConfig
-from maskpipe.pipeline.models import load_model, load_tokenizer
-from maskpipe.pipeline.retrieval import passkey_samples, score
+from maskpipe.pipeline.core.models import load_model, load_tokenizer
+from maskpipe.pipeline.eval.retrieval import passkey_samples, score
 
 
 def main() -> None:

@@ -6,7 +6,7 @@
 Linear layers: LLaMA-2-7B and -70B shapes, y = x Wᵀ for x of `--tokens` rows, dense W (2:4 zeros
 included) against `torch.sparse.to_sparse_semi_structured(W)`. End to end: the model's forward pass
 (`--batches` × `--seqlen`) with its prunable linears masked by `--masks` (default: magnitude 2:4) held
-dense, against the same linears semi-structured (`pipeline.sparsity.to_semi_structured`); the logits of
+dense, against the same linears semi-structured (`pipeline.nm.sparsity.to_semi_structured`); the logits of
 the two are compared too. Median of `--repeats` timed runs after warm-up, CUDA events. Without a CUDA
 GPU of compute capability ≥ 8.0 it says so and exits with status 2: nothing is measured on CPU.
 """
@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.utils import parametrize
 
-from maskpipe.pipeline.sparsity import SEMI_STRUCTURED_CAPABILITY, nm_mask, to_semi_structured
+from maskpipe.pipeline.nm.sparsity import SEMI_STRUCTURED_CAPABILITY, nm_mask, to_semi_structured
 
 # (out_features, in_features): LLaMA-2-7B q/k/v/o, gate/up, down; LLaMA-2-70B gate/up, down
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (28672, 8192), (8192, 28672)]
@@ -74,10 +74,10 @@ def linear_layers(tokens: list[int], dtype: torch.dtype, repeats: int) -> list[s
 @torch.no_grad()
 def end_to_end(model_path: str, masks_path: str | None, dtype: str, batches: list[int], seqlen: int,
                repeats: int) -> list[str]:
-    from maskpipe.pipeline.artifacts import load_artifact
+    from maskpipe.pipeline.io.artifacts import load_artifact
     from maskpipe.pipeline.config import ModelConfig
-    from maskpipe.pipeline.models import load_model, prunable_linears
-    from maskpipe.pipeline.sparsity import masked
+    from maskpipe.pipeline.core.models import load_model, prunable_linears
+    from maskpipe.pipeline.nm.sparsity import masked
 
     cfg = ModelConfig(name_or_path=model_path, dtype=dtype, device="cuda")
     model = load_model(cfg)

@@ -16,7 +16,7 @@ from pathlib import Path
 from maskpipe.jobs.interop import add_interop_commands
 from maskpipe.jobs.submit import add_job_commands
 from maskpipe.pipeline import MaskpipeError
-from maskpipe.pipeline.vocab import MODEL_DTYPES, SAMPLE_BY, STANDALONE_METHODS, check_batch_split
+from maskpipe.pipeline.core.vocab import MODEL_DTYPES, SAMPLE_BY, STANDALONE_METHODS, check_batch_split
 
 
 def from_config(model: str, key: str, text: str = "") -> str:
@@ -69,8 +69,8 @@ QUICK_FLAGS = {"stages.0.seqlen": "--seqlen", "model.device": "--device", "stage
 def _one_stage(cfg, variants: list | None = None, run=None):
     """Run the one stage of a quick command's config in this process, as `maskpipe run` would run it
     (`pipeline.stages`); `variants` are those it evaluates, `run` where it writes."""
-    from maskpipe.pipeline.rundir import RunDir
-    from maskpipe.pipeline.session import Session
+    from maskpipe.pipeline.io.rundir import RunDir
+    from maskpipe.pipeline.io.session import Session
     from maskpipe.pipeline.stages import StageContext, execute, kind_of
 
     st = cfg.stages[0]
@@ -80,7 +80,7 @@ def _one_stage(cfg, variants: list | None = None, run=None):
 
 def _variants(a) -> list:
     """dense (with --dense, or without --masks) and one variant per --masks artifact, named by its folder."""
-    from maskpipe.pipeline.session import Variant
+    from maskpipe.pipeline.io.session import Variant
 
     return [Variant("dense")] * (a.dense or not a.masks) + [Variant(Path(p).name, artifact=Path(p)) for p in a.masks]
 
@@ -91,10 +91,10 @@ def _interrupt(signum, frame):
 
 
 def cmd_run(a) -> int:
-    from maskpipe.pipeline import rundir
+    from maskpipe.pipeline.io import rundir
     from maskpipe.pipeline.config import load_config
-    from maskpipe.pipeline.preflight import check_inputs
-    from maskpipe.pipeline.run import run, stopped_step
+    from maskpipe.pipeline.run.preflight import check_inputs
+    from maskpipe.pipeline.run.runner import run, stopped_step
 
     cfg = load_config(a.config, a.overrides)
     run_dir = Path(a.run_dir or rundir.new_run_dir(cfg.output_dir, cfg.name)).absolute()
@@ -128,7 +128,7 @@ def cmd_run(a) -> int:
 def cmd_tune(a) -> None:
     from maskpipe.cluster import connect
     from maskpipe.pipeline.config import load_config
-    from maskpipe.pipeline.rundir import RunDir, new_run_dir
+    from maskpipe.pipeline.io.rundir import RunDir, new_run_dir
     from maskpipe.workers.tune import tune_run
 
     cfg = load_config(a.config, a.overrides)
@@ -147,7 +147,7 @@ def cmd_tune(a) -> None:
 
 def cmd_validate(a) -> None:
     from maskpipe.pipeline.config import dump_config, load_config
-    from maskpipe.pipeline.preflight import check_inputs
+    from maskpipe.pipeline.run.preflight import check_inputs
 
     cfg = load_config(a.config, a.overrides)
     check_inputs(cfg, a.config)
@@ -157,10 +157,10 @@ def cmd_validate(a) -> None:
 
 
 def cmd_oneshot(a) -> None:
-    from maskpipe.pipeline.artifacts import MANIFEST_FILE, check_replaceable, read_json_or_none
+    from maskpipe.pipeline.io.artifacts import MANIFEST_FILE, check_replaceable, read_json_or_none
     from maskpipe.pipeline.config import SparsityConfig, config_from_dict
-    from maskpipe.pipeline.preflight import check_inputs
-    from maskpipe.pipeline.rundir import RunDir
+    from maskpipe.pipeline.run.preflight import check_inputs
+    from maskpipe.pipeline.io.rundir import RunDir
 
     # The stage names its pattern, the config's default unless --pattern, so that the artifact records it.
     pattern = a.pattern or str(SparsityConfig().pattern)
@@ -188,7 +188,7 @@ def cmd_oneshot(a) -> None:
 
 def _is_eval_output(path: Path) -> bool:
     """An earlier `eval --out`: {variant: {corpus: {ppl, tokens, ...}}}."""
-    from maskpipe.pipeline.artifacts import read_json_or_none
+    from maskpipe.pipeline.io.artifacts import read_json_or_none
 
     res = read_json_or_none(path)
     return isinstance(res, dict) and bool(res) and all(
@@ -198,17 +198,17 @@ def _is_eval_output(path: Path) -> bool:
 
 def _is_retrieval_output(path: Path) -> bool:
     """An earlier `retrieval --out` results.json: {variant: {cost, passkey/niah/multikey ...}}."""
-    from maskpipe.pipeline.artifacts import read_json_or_none
+    from maskpipe.pipeline.io.artifacts import read_json_or_none
 
     res = read_json_or_none(path)
     return isinstance(res, dict) and bool(res) and all(isinstance(r, dict) and "cost" in r for r in res.values())
 
 
 def cmd_eval(a) -> None:
-    from maskpipe.pipeline.artifacts import check_replaceable_file, write_json
+    from maskpipe.pipeline.io.artifacts import check_replaceable_file, write_json
     from maskpipe.pipeline.config import config_from_dict
-    from maskpipe.pipeline.preflight import check_inputs
-    from maskpipe.pipeline.results import perplexity_table
+    from maskpipe.pipeline.run.preflight import check_inputs
+    from maskpipe.pipeline.run.results import perplexity_table
 
     raw = {"name": "eval", "model": _model_cfg(a), "data": {"eval": _data_cfg(a, "test", "document")},
            "stages": [given(stage="eval", data=["eval"], seqlen=a.seqlen, stride=a.stride, batch_size=a.batch_size,
@@ -224,11 +224,11 @@ def cmd_eval(a) -> None:
 
 
 def cmd_retrieval(a) -> None:
-    from maskpipe.pipeline.artifacts import atomic_dir, check_replaceable, write_json
+    from maskpipe.pipeline.io.artifacts import atomic_dir, check_replaceable, write_json
     from maskpipe.pipeline.config import config_from_dict
-    from maskpipe.pipeline.preflight import check_inputs
-    from maskpipe.pipeline.results import retrieval_table
-    from maskpipe.pipeline.session import Session
+    from maskpipe.pipeline.run.preflight import check_inputs
+    from maskpipe.pipeline.run.results import retrieval_table
+    from maskpipe.pipeline.io.session import Session
     from maskpipe.pipeline.stages.retrieval import retrieval_stage
 
     stage = {"stage": "retrieval", "name": "retrieval", "dense": a.dense or not a.masks}
@@ -255,10 +255,10 @@ def cmd_retrieval(a) -> None:
 
 
 def cmd_apply(a) -> None:
-    from maskpipe.pipeline.artifacts import materialize
-    from maskpipe.pipeline.attention import AttentionPlan, plan_cost
+    from maskpipe.pipeline.io.artifacts import materialize
+    from maskpipe.pipeline.attention.plans import AttentionPlan, plan_cost
     from maskpipe.pipeline.config import ModelConfig
-    from maskpipe.pipeline.session import Session
+    from maskpipe.pipeline.io.session import Session
     from maskpipe.pipeline.stages.attention import head_geometry
 
     session = Session(ModelConfig(**_model_cfg(a)))
@@ -311,7 +311,7 @@ def cmd_plan(a) -> None:
     from transformers import AutoConfig
 
     from maskpipe.pipeline.config import LearnStage, load_config
-    from maskpipe.pipeline.plan import model_shape, parse_bytes, plan_report, stage_plan, what_fits
+    from maskpipe.pipeline.train.plan import model_shape, parse_bytes, plan_report, stage_plan, what_fits
 
     cfg = load_config(a.config, a.overrides)
     learn = [s for s in cfg.stages if isinstance(s, LearnStage) and (a.stage is None or s.name == a.stage)]
@@ -354,8 +354,8 @@ def cmd_plan(a) -> None:
 
 
 def cmd_publish(a) -> None:
-    from maskpipe.pipeline.artifacts import read_manifest
-    from maskpipe.pipeline.publish import looks_like_hub_id, publish, push, resolve
+    from maskpipe.pipeline.io.artifacts import read_manifest
+    from maskpipe.pipeline.run.publish import looks_like_hub_id, publish, push, resolve
 
     artifact, run = resolve(a.source, a.stage)
     out = publish(artifact, run, a.out, repo=a.push, base_model=a.base_model, license=a.license)

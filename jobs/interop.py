@@ -7,7 +7,7 @@
     maskpipe export duo-attention ARTIFACT --out DIR
     maskpipe lm-eval --model M [--masks ARTIFACT ...] [--tasks T ...] [--include-path DIR] --out DIR
 
-The logic lives in `pipeline.interop` and `pipeline.lm_eval`; these are recipes over it.
+The logic lives in `pipeline.io.interop` and `pipeline.lm_eval`; these are recipes over it.
 """
 
 from __future__ import annotations
@@ -19,10 +19,10 @@ from maskpipe.pipeline import MaskpipeError
 
 def cmd_import(a) -> None:
     from maskpipe.jobs.cli import _model_cfg
-    from maskpipe.pipeline.attention import AttentionPlan
+    from maskpipe.pipeline.attention.plans import AttentionPlan
     from maskpipe.pipeline.config import ModelConfig
-    from maskpipe.pipeline.interop import import_duo_attention, import_maskllm
-    from maskpipe.pipeline.session import Session
+    from maskpipe.pipeline.io.interop import import_duo_attention, import_maskllm
+    from maskpipe.pipeline.io.session import Session
 
     if not Path(a.file).exists():
         raise MaskpipeError(f"{a.file}: no such file")
@@ -41,7 +41,7 @@ def cmd_import(a) -> None:
 
 
 def cmd_export(a) -> None:
-    from maskpipe.pipeline.interop import export_duo_attention, export_maskllm
+    from maskpipe.pipeline.io.interop import export_duo_attention, export_maskllm
 
     out = export_maskllm(a.artifact, a.out) if a.format == "maskllm" else export_duo_attention(a.artifact, a.out)
     print(f"{a.artifact}: exported as {a.format} to {out}")
@@ -49,13 +49,13 @@ def cmd_export(a) -> None:
 
 def cmd_lm_eval(a) -> None:
     from maskpipe.jobs.cli import _model_cfg, _variants, given
-    from maskpipe.pipeline.artifacts import write_json, write_text
+    from maskpipe.pipeline.io.artifacts import write_json, write_text
     from maskpipe.pipeline.config import config_from_dict
-    from maskpipe.pipeline.results import zeroshot_table
-    from maskpipe.pipeline.rundir import RunDir
-    from maskpipe.pipeline.session import Session
+    from maskpipe.pipeline.run.results import zeroshot_table
+    from maskpipe.pipeline.io.rundir import RunDir
+    from maskpipe.pipeline.io.session import Session
     from maskpipe.pipeline.stages.lm_eval import lm_eval_stage
-    from maskpipe.pipeline.zeroshot import check_tasks
+    from maskpipe.pipeline.eval.zeroshot import check_tasks
 
     stage = given(stage="lm_eval", name="lm_eval", tasks=a.tasks, include_path=a.include_path,
                   num_fewshot=a.num_fewshot, batch_size=a.batch_size,

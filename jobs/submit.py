@@ -6,7 +6,7 @@ anything runs, so it must be on storage that the cluster's nodes see at the same
 any local directory). It is the run's whole state: the resolved config, status, metrics, checkpoints,
 artifacts and `jobs.json`, the run's Ray submissions, newest last. `resume` submits the same entrypoint
 again, which continues from what the directory holds. `submit` and `resume` own the run directory
-(`pipeline.rundir.RunLock`) while they set a job up, and the job's driver waits for them to let go, so a
+(`pipeline.io.rundir.RunLock`) while they set a job up, and the job's driver waits for them to let go, so a
 second `submit`, `resume` or `run` on the same directory is refused while anything owns it. A run whose
 status says running but whose owner is gone shows as `died`.
 """
@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from maskpipe.pipeline import MaskpipeError
-from maskpipe.pipeline.rundir import RunDir
+from maskpipe.pipeline.io.rundir import RunDir
 
 ROOT = Path(__file__).resolve().parents[1]
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
@@ -60,7 +60,7 @@ DRIVER_LOCK_WAIT_S = 60
 def _submit(run_dir: Path, client) -> str:
     """Submit the run's entrypoint as a new Ray job of `client`'s cluster; the caller owns the run
     directory (`RunLock`) meanwhile."""
-    from maskpipe.pipeline.artifacts import write_json
+    from maskpipe.pipeline.io.artifacts import write_json
 
     paths = RunDir(run_dir)
     jobs = _read_json(paths.jobs)
@@ -102,7 +102,7 @@ def run_state(run_dir: Path, job: str | None = None) -> str:
     """What a run is doing: its status.json, corrected by what outlived it. A run whose status says
     running but whose owner is gone (killed, its machine lost) `died`; a job Ray ended without the
     run writing its end is `failed (job)` / `stopped (job)`."""
-    from maskpipe.pipeline import rundir
+    from maskpipe.pipeline.io import rundir
 
     state = _read_json(RunDir(run_dir).status).get("status", "submitted")
     if state not in ("running", "submitted"):
@@ -120,7 +120,7 @@ def run_summary(run_dir: Path, job: str | None = None) -> dict:
     """One row of `maskpipe runs`. The cluster is asked about the run's job (unless `job` already
     says) only while the run directory says it is running."""
     from maskpipe.pipeline.config import yaml_load
-    from maskpipe.pipeline.loggers import read_metrics
+    from maskpipe.pipeline.io.loggers import read_metrics
 
     paths = RunDir(run_dir)
     status = _read_json(paths.status)
@@ -136,10 +136,10 @@ def cmd_submit(a) -> None:
     import shutil
 
     from maskpipe.cluster import job_client
-    from maskpipe.pipeline import rundir
-    from maskpipe.pipeline.artifacts import write_text
+    from maskpipe.pipeline.io import rundir
+    from maskpipe.pipeline.io.artifacts import write_text
     from maskpipe.pipeline.config import dump_config, load_config
-    from maskpipe.pipeline.preflight import check_inputs
+    from maskpipe.pipeline.run.preflight import check_inputs
 
     cfg = load_config(a.config, a.overrides)
     check_inputs(cfg, a.config)
@@ -166,7 +166,7 @@ def cmd_submit(a) -> None:
 
 def cmd_resume(a) -> None:
     from maskpipe.cluster import job_client
-    from maskpipe.pipeline import rundir
+    from maskpipe.pipeline.io import rundir
 
     run_dir = run_dir_of(a.run, a.runs_dir)
     status = _read_json(RunDir(run_dir).status).get("status")
@@ -183,7 +183,7 @@ def cmd_resume(a) -> None:
 
 
 def cmd_status(a) -> None:
-    from maskpipe.pipeline import rundir
+    from maskpipe.pipeline.io import rundir
 
     run_dir = run_dir_of(a.run, a.runs_dir)
     job = _job_status(run_dir)

@@ -15,9 +15,9 @@ from pydantic import (BaseModel, ConfigDict, Field, PlainSerializer, PlainValida
                       model_validator)
 
 from maskpipe.pipeline import MaskpipeError
-from maskpipe.pipeline.vocab import (MODEL_DTYPES, ONESHOT_METHODS, SAMPLE_BY, STRATEGIES, Pattern, check_batch_split,
+from maskpipe.pipeline.core.vocab import (MODEL_DTYPES, ONESHOT_METHODS, SAMPLE_BY, STRATEGIES, Pattern, check_batch_split,
                             strategy_problem)
-from maskpipe.pipeline.zeroshot import DEFAULT_TASKS
+from maskpipe.pipeline.eval.zeroshot import DEFAULT_TASKS
 
 
 class ConfigError(MaskpipeError):
@@ -67,7 +67,7 @@ class ModelConfig(Strict):
     trust_remote_code: bool = False
     device: str = "auto"
     # Keep the model in host memory: one-shot stages calibrate each decoder block on `device` in turn
-    # (pipeline.oneshot), for a model larger than the device; the other stages then run on the CPU.
+    # (pipeline.nm.oneshot), for a model larger than the device; the other stages then run on the CPU.
     offload: bool = False
     prune: PruneTargets = PruneTargets()
 
@@ -228,7 +228,7 @@ class RetrievalStage(StageBase):
 
 
 class LmEvalStage(StageBase):
-    """Zero-/few-shot task accuracy of every variant through lm-evaluation-harness (`pipeline.zeroshot`)."""
+    """Zero-/few-shot task accuracy of every variant through lm-evaluation-harness (`pipeline.eval.zeroshot`)."""
 
     stage: Literal["lm_eval"]
     tasks: list[str] = Field(default=DEFAULT_TASKS, min_length=1)  # lm-eval task (or group) names
@@ -241,7 +241,7 @@ class LmEvalStage(StageBase):
     masks: list[str] | Literal["all"] = "all"  # names of earlier stages whose artifacts to evaluate
 
 
-# The settings of the training loop (`pipeline.loop.train`), one type each: a learning stage's config
+# The settings of the training loop (`pipeline.train.loop.train`), one type each: a learning stage's config
 # extends `LoopSettings`, and sets its own default where its method needs another value.
 Steps = Annotated[int, Field(gt=0)]
 BatchSize = Annotated[int, Field(gt=0)]  # global: shared out over the workers
@@ -367,7 +367,7 @@ class LearnStage(LoopSettings):
     checkpoint_every: CheckpointEvery = 100
     keep_checkpoints: KeepCheckpoints = 3
     save_logits: Literal["bfloat16", "float16", "float32"] | None = "bfloat16"
-    # Leaner mask state (see pipeline.learn.GumbelNMMask and docs/RESULTS.md): "positions" keeps M
+    # Leaner mask state (see pipeline.nm.learn.GumbelNMMask and docs/RESULTS.md): "positions" keeps M
     # logits per group instead of C(M,N); bfloat16 logits also keep AdamW's moments in bfloat16.
     logits_per_group: Literal["candidates", "positions"] = "candidates"
     logits_dtype: Literal["float32", "bfloat16"] = "float32"
@@ -411,7 +411,7 @@ class WorkersConfig(Strict):
     # Ray Train storage for the learning stages' checkpoints: a path every node sees, or a pyarrow URI
     # such as s3://bucket/prefix. Default: the run directory's `train/`.
     storage_path: str | None = None
-    # How a learning stage spreads the model and the mask state over the workers (pipeline.shard):
+    # How a learning stage spreads the model and the mask state over the workers (pipeline.train.shard):
     # ddp replicates everything, fsdp (FSDP2) and deepspeed (ZeRO `zero_stage` 2 or 3) shard it.
     # Gate learning (an attention stage) is data-parallel under every strategy, the model whole on each worker.
     strategy: Literal[STRATEGIES] = "ddp"
@@ -424,7 +424,7 @@ class WorkersConfig(Strict):
     # current nodes cannot hold wait for new ones instead of being refused before the run starts.
     autoscaling: bool = False
     # Build the model on the meta device and let each rank read only its rows of the safetensors
-    # checkpoint (pipeline.models), instead of a whole copy per worker. Default: on under fsdp.
+    # checkpoint (pipeline.core.models), instead of a whole copy per worker. Default: on under fsdp.
     sharded_load: bool | None = None
 
     @property
@@ -487,7 +487,7 @@ class TuneMetric(Strict):
 
 
 class TuneConfig(Strict):
-    """`maskpipe tune`: a sweep over one learn stage's keys at a small budget (pipeline.tune)."""
+    """`maskpipe tune`: a sweep over one learn stage's keys at a small budget (pipeline.run.tune)."""
 
     stage: str  # the learn stage to tune
     metric: TuneMetric
@@ -550,7 +550,7 @@ class MLflowConfig(Strict):
 
 
 class LoggingConfig(Strict):
-    """Where learning metrics go besides `metrics.jsonl` (always written): see `pipeline.loggers`."""
+    """Where learning metrics go besides `metrics.jsonl` (always written): see `pipeline.io.loggers`."""
 
     tensorboard: bool = False
     wandb: WandbConfig | None = None

@@ -23,7 +23,7 @@ def micro_cfg():
 @pytest.fixture()
 def micro(micro_cfg):
     """A fresh micro-llama (float32, CPU) with its prunable linears."""
-    from maskpipe.pipeline.models import load_model, prunable_linears
+    from maskpipe.pipeline.core.models import load_model, prunable_linears
 
     model = load_model(micro_cfg)
     return model, prunable_linears(model, micro_cfg)
@@ -31,7 +31,7 @@ def micro(micro_cfg):
 
 @pytest.fixture(scope="session")
 def tokenizer(micro_cfg):
-    from maskpipe.pipeline.models import load_tokenizer
+    from maskpipe.pipeline.core.models import load_tokenizer
 
     return load_tokenizer(micro_cfg)
 

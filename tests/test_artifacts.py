@@ -5,11 +5,11 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from maskpipe.pipeline import MaskpipeError
-from maskpipe.pipeline.artifacts import (MASKS_FILE, MANIFEST_FILE, atomic_dir, check_compatible, load_artifact,
+from maskpipe.pipeline.io.artifacts import (MASKS_FILE, MANIFEST_FILE, atomic_dir, check_compatible, load_artifact,
                                 materialize, read_manifest, save_artifact)
 from maskpipe.pipeline.config import ModelConfig
-from maskpipe.pipeline.models import load_model, prunable_linears
-from maskpipe.pipeline.sparsity import is_nm, masked, nm_mask
+from maskpipe.pipeline.core.models import load_model, prunable_linears
+from maskpipe.pipeline.nm.sparsity import is_nm, masked, nm_mask
 from tests.conftest import FIXTURES, MICRO
 
 BASE = {"name_or_path": "micro-llama", "revision": None}
@@ -156,8 +156,8 @@ def test_materialized_model_loads_and_matches_masked_logits(tmp_path, micro, mic
 
 def test_an_artifact_carries_an_attention_plan_with_or_without_masks(tmp_path, micro, micro_cfg, capsys):
     from maskpipe.jobs.cli import main
-    from maskpipe.pipeline.attention import AttentionPlan, check_plan, kv_heads, uniform_plan
-    from maskpipe.pipeline.session import Session, Variant
+    from maskpipe.pipeline.attention.plans import AttentionPlan, check_plan, kv_heads, uniform_plan
+    from maskpipe.pipeline.io.session import Session, Variant
     from tests.conftest import MICRO
 
     model, linears = micro
@@ -208,13 +208,13 @@ def test_an_artifact_carries_an_attention_plan_with_or_without_masks(tmp_path, m
 
 def test_the_artifact_format_and_gate_learning_stand_below_the_schema_and_the_evaluations():
     """The artifact format needs no config schema, gate learning no retrieval evaluation: what they share
-    with them (`Pattern`, the prompt templates) lives in lower modules (`pipeline.vocab`, `pipeline.prompts`)."""
+    with them (`Pattern`, the prompt templates) lives in lower modules (`pipeline.core.vocab`, `pipeline.eval.prompts`)."""
     import subprocess
     import sys
 
     from tests.conftest import ROOT
 
-    code = ("import sys, pipeline.artifacts, pipeline.attention, pipeline.interop; "
-            "print([m for m in ('pipeline.config', 'pipeline.retrieval') if m in sys.modules])")
+    code = ("import sys, pipeline.io.artifacts, pipeline.attention.plans, pipeline.io.interop; "
+            "print([m for m in ('pipeline.config', 'pipeline.eval.retrieval') if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

@@ -4,7 +4,7 @@ import re
 import pytest
 import torch
 
-from maskpipe.pipeline.attention import (AttentionPlan, LayerHeads, attended_keys, binarize, kv_heads, moa_windows,
+from maskpipe.pipeline.attention.plans import (AttentionPlan, LayerHeads, attended_keys, binarize, kv_heads, moa_windows,
                                 plan_cost, planned, planned_attention, random_scores, uniform_plan)
 
 
@@ -121,7 +121,7 @@ def _gate_stage(**kw):
 
 def _stream(tokenizer):
     from maskpipe.pipeline.config import DataConfig
-    from maskpipe.pipeline.data import TokenStream
+    from maskpipe.pipeline.io.data import TokenStream
     from tests.conftest import CORPORA
 
     return TokenStream(DataConfig.model_validate({"sources": [str(CORPORA / "kjv.train.txt")], "shuffle_buffer": 8}),
@@ -131,7 +131,7 @@ def _stream(tokenizer):
 def test_passkey_batches_mark_the_key_digits_and_resume_exactly(tokenizer):
     import random
 
-    from maskpipe.pipeline.gates import passkey_batch
+    from maskpipe.pipeline.attention.gates import passkey_batch
 
     rng, stream = random.Random(0), _stream(tokenizer)
     passkey_batch(rng, stream, tokenizer, 2, 128, needles=2)
@@ -152,8 +152,8 @@ def test_passkey_batches_mark_the_key_digits_and_resume_exactly(tokenizer):
 
 
 def test_gate_learning_trains_only_gates_and_resumes_exactly(micro, tokenizer, tmp_path):
-    from maskpipe.pipeline.gates import train_gates
-    from maskpipe.pipeline.checkpoint import CheckpointDir
+    from maskpipe.pipeline.attention.gates import train_gates
+    from maskpipe.pipeline.train.checkpoint import CheckpointDir
 
     model, _ = micro
     before = {k: v.clone() for k, v in model.state_dict().items()}

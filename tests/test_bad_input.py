@@ -22,11 +22,11 @@ from torch import nn
 from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
 
 from maskpipe.jobs.cli import main
-from maskpipe.pipeline import encoding
-from maskpipe.pipeline.artifacts import MANIFEST_FILE, MASKS_FILE, load_artifact, save_artifact
-from maskpipe.pipeline.checkpoint import META, CheckpointDir
-from maskpipe.pipeline.encoding import BITMAP, Codec, nm_rank, nm_unrank
-from maskpipe.pipeline.sparsity import nm_mask
+from maskpipe.pipeline.nm import encoding
+from maskpipe.pipeline.io.artifacts import MANIFEST_FILE, MASKS_FILE, load_artifact, save_artifact
+from maskpipe.pipeline.train.checkpoint import META, CheckpointDir
+from maskpipe.pipeline.nm.encoding import BITMAP, Codec, nm_rank, nm_unrank
+from maskpipe.pipeline.nm.sparsity import nm_mask
 from tests.conftest import MODEL_FLAGS, cli_fails, MICRO, ROOT
 
 MODEL = MODEL_FLAGS
@@ -144,9 +144,9 @@ def test_an_artifact_for_another_model_or_an_unusable_model_is_refused(model, me
 @pytest.fixture(scope="module")
 def parts(tmp_path_factory, artifact):
     """Artifacts of one base model: attention layers, MLP layers (4:8), an attention plan, and one more plan."""
-    from maskpipe.pipeline.attention import kv_heads, uniform_plan
+    from maskpipe.pipeline.attention.plans import kv_heads, uniform_plan
     from maskpipe.pipeline.config import ModelConfig
-    from maskpipe.pipeline.models import load_model, prunable_linears
+    from maskpipe.pipeline.core.models import load_model, prunable_linears
 
     root = tmp_path_factory.mktemp("parts")
     model = load_model(ModelConfig(name_or_path=str(MICRO), dtype="float32", device="cpu"))
@@ -198,7 +198,7 @@ def test_artifacts_for_different_models_are_refused_together(parts, other_models
           f"{foreign} for Qwen2ForCausalLM", tmp_path / "o")
     # one artifact that fits and one made on other weights for other layers: only the fingerprint can tell
     from maskpipe.pipeline.config import ModelConfig
-    from maskpipe.pipeline.models import load_model, prunable_linears
+    from maskpipe.pipeline.core.models import load_model, prunable_linears
 
     cfg = ModelConfig(name_or_path=str(other_models / "other-weights"), dtype="float32", device="cpu")
     mlp = {k: v for k, v in prunable_linears(load_model(cfg), cfg).items() if "mlp" in k}
@@ -281,7 +281,7 @@ def linear_and_masks(seed: int):
 
 CHILD = """
 import os, sys, time, torch
-import maskpipe.pipeline.artifacts, maskpipe.pipeline.checkpoint; from maskpipe import pipeline
+import maskpipe.pipeline.io.artifacts, maskpipe.pipeline.train.checkpoint; from maskpipe import pipeline
 from safetensors.torch import save_file
 from tests.test_bad_input import linear_and_masks
 
@@ -292,13 +292,13 @@ def half_then_hang(tensors, filename, metadata=None):
     open(sys.argv[3], "w").close()  # tell the parent: mid-write
     time.sleep(120)
 
-pipeline.artifacts.save_file = pipeline.checkpoint.save_file = half_then_hang
+pipeline.io.artifacts.save_file = pipeline.train.checkpoint.save_file = half_then_hang
 if sys.argv[1] == "artifact":
     linears, masks = linear_and_masks(2)
-    pipeline.artifacts.save_artifact(sys.argv[2], masks, linears, base_model={"name_or_path": "x"}, pattern="2:4",
+    pipeline.io.artifacts.save_artifact(sys.argv[2], masks, linears, base_model={"name_or_path": "x"}, pattern="2:4",
                                      method={"name": "second"})
 else:
-    pipeline.checkpoint.CheckpointDir(sys.argv[2], keep=1).save(2, {"x": torch.full((4,), 2.0)}, {"v": 2})
+    pipeline.train.checkpoint.CheckpointDir(sys.argv[2], keep=1).save(2, {"x": torch.full((4,), 2.0)}, {"v": 2})
 """
 
 
@@ -343,7 +343,7 @@ def test_killing_a_checkpoint_writer_leaves_the_previous_checkpoint(tmp_path):
 
 
 def test_an_exception_mid_write_leaves_the_previous_artifact_and_no_debris(tmp_path, monkeypatch):
-    import maskpipe.pipeline.artifacts; from maskpipe import pipeline
+    import maskpipe.pipeline.io.artifacts; from maskpipe import pipeline
     from safetensors.torch import save_file
 
     linears, masks = linear_and_masks(1)
@@ -356,7 +356,7 @@ def test_an_exception_mid_write_leaves_the_previous_artifact_and_no_debris(tmp_p
             f.truncate(os.path.getsize(filename) // 2)
         raise OSError("disk full")
 
-    monkeypatch.setattr(pipeline.artifacts, "save_file", half_then_fail)
+    monkeypatch.setattr(pipeline.io.artifacts, "save_file", half_then_fail)
     _, second = linear_and_masks(2)
     with pytest.raises(OSError, match="disk full"):
         save_artifact(dest, second, linears, base_model={"name_or_path": "x"}, pattern="2:4", method={"name": "x"})

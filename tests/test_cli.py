@@ -7,9 +7,9 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from maskpipe.jobs.cli import main
-from maskpipe.pipeline.artifacts import MASKS_FILE, load_artifact
+from maskpipe.pipeline.io.artifacts import MASKS_FILE, load_artifact
 from maskpipe.pipeline.config import load_config
-from maskpipe.pipeline.run import run
+from maskpipe.pipeline.run.runner import run
 from tests.conftest import CORPORA, MICRO, ROOT
 
 

@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 
 from maskpipe.pipeline.config import ConfigError, apply_overrides, config_from_dict, dump_config, load_config, yaml_load
-from maskpipe.pipeline.vocab import Pattern
+from maskpipe.pipeline.core.vocab import Pattern
 from tests.conftest import ROOT
 
 BASE = {
@@ -160,7 +160,7 @@ def test_fsdp_loads_each_ranks_rows_unless_told_otherwise():
 
 
 def test_the_strategy_and_batch_rules_are_one_function_each():
-    from maskpipe.pipeline.vocab import STRATEGIES, check_batch_split, strategy_problem
+    from maskpipe.pipeline.core.vocab import STRATEGIES, check_batch_split, strategy_problem
 
     assert check_batch_split(8, 0) == 8 and check_batch_split(8, 4) == 2
     with pytest.raises(ValueError, match="batch_size 8 does not split evenly over 3 workers"):

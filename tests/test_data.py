@@ -8,7 +8,7 @@ import torch
 
 from maskpipe.pipeline import MaskpipeError
 from maskpipe.pipeline.config import DataConfig
-from maskpipe.pipeline.data import TokenStream, calibration_blocks, eval_text, open_source
+from maskpipe.pipeline.io.data import TokenStream, calibration_blocks, eval_text, open_source
 from tests.conftest import CORPORA, ROOT
 
 SEQLEN = 64

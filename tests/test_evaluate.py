@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from maskpipe.pipeline import MaskpipeError
-from maskpipe.pipeline.evaluate import perplexity, windows
+from maskpipe.pipeline.eval.perplexity import perplexity, windows
 
 
 def test_windows_non_overlapping_drop_the_tail():
@@ -56,7 +56,7 @@ def test_too_short_text_is_an_error(micro):
 
 
 def test_a_mask_learned_from_a_learned_mask_reports_the_gap_of_the_one_shot_mask_it_started_from():
-    from maskpipe.pipeline.results import perplexity_table
+    from maskpipe.pipeline.run.results import perplexity_table
 
     ppl = {"dense": {"kjv": {"ppl": 68.0, "tokens": 10}}, "sparsegpt": {"kjv": {"ppl": 76.0, "tokens": 10}},
            "general": {"kjv": {"ppl": 69.0, "tokens": 10}}, "domain": {"kjv": {"ppl": 67.0, "tokens": 10}},

@@ -5,11 +5,11 @@ import pytest
 import torch
 
 from maskpipe.jobs.cli import main
-from maskpipe.pipeline.artifacts import load_artifact, read_manifest
-from maskpipe.pipeline.attention import AttentionPlan
-from maskpipe.pipeline.interop import duo_streaming
-from maskpipe.pipeline.models import base_weight
-from maskpipe.pipeline.sparsity import nm_mask
+from maskpipe.pipeline.io.artifacts import load_artifact, read_manifest
+from maskpipe.pipeline.attention.plans import AttentionPlan
+from maskpipe.pipeline.io.interop import duo_streaming
+from maskpipe.pipeline.core.models import base_weight
+from maskpipe.pipeline.nm.sparsity import nm_mask
 from tests.conftest import MICRO
 
 MODEL = ["--model", str(MICRO), "--dtype", "float32", "--device", "cpu"]

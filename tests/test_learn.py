@@ -4,13 +4,13 @@ import pytest
 import torch
 from torch.nn.utils import parametrize
 
-from maskpipe.pipeline.checkpoint import CheckpointDir
+from maskpipe.pipeline.train.checkpoint import CheckpointDir
 from maskpipe.pipeline.config import DataConfig, LearnStage
-from maskpipe.pipeline.data import TokenStream
-from maskpipe.pipeline.learn import GumbelNMMask, add_learned_masks, hard_mask, nm_candidates, prior_logits, train_masks
-from maskpipe.pipeline.loop import cosine_lr, linear_schedule
-from maskpipe.pipeline.models import base_weight
-from maskpipe.pipeline.sparsity import is_nm, nm_mask
+from maskpipe.pipeline.io.data import TokenStream
+from maskpipe.pipeline.nm.learn import GumbelNMMask, add_learned_masks, hard_mask, nm_candidates, prior_logits, train_masks
+from maskpipe.pipeline.train.loop import cosine_lr, linear_schedule
+from maskpipe.pipeline.core.models import base_weight
+from maskpipe.pipeline.nm.sparsity import is_nm, nm_mask
 from tests.conftest import CORPORA
 
 
@@ -148,7 +148,7 @@ def test_interrupted_and_resumed_run_ends_with_the_same_mask(micro, micro_cfg, t
 
 
 def test_metrics_log_drops_steps_past_a_resume_and_writes_tensorboard_events(tmp_path):
-    from maskpipe.pipeline.loggers import MetricsLog, read_metrics
+    from maskpipe.pipeline.io.loggers import MetricsLog, read_metrics
 
     log = MetricsLog(tmp_path, "learn", tensorboard=True)
     other = MetricsLog(tmp_path, "other")
@@ -165,7 +165,7 @@ def test_metrics_log_drops_steps_past_a_resume_and_writes_tensorboard_events(tmp
 
 def test_regulariser_in_the_backward_is_the_gradient_of_the_loss_term():
     """W ⊙ M's backward adds ∂(−λ‖W⊙M‖²)/∂M: the same gradient as the explicit loss term."""
-    from maskpipe.pipeline.learn import _MaskedWeight
+    from maskpipe.pipeline.nm.learn import _MaskedWeight
 
     torch.manual_seed(0)
     w, mask, g = torch.randn(8, 16), torch.rand(8, 16, requires_grad=True), torch.randn(8, 16)
@@ -187,7 +187,7 @@ def test_gumbel_noise_depends_only_on_the_seed():
 
 @pytest.mark.parametrize("n,m", [(2, 4), (4, 8), (1, 4)])
 def test_per_position_logits_take_the_prior_and_export_over_candidates(n, m):
-    from maskpipe.pipeline.learn import candidate_logits, positions_from_candidates
+    from maskpipe.pipeline.nm.learn import candidate_logits, positions_from_candidates
 
     torch.manual_seed(0)
     prior = nm_mask(torch.randn(6, 4 * m), n, m)

@@ -18,12 +18,12 @@ import pytest
 import yaml
 
 from maskpipe.jobs.cli import main
-from maskpipe.pipeline import rundir
-from maskpipe.pipeline.artifacts import MANIFEST_FILE, load_artifact
+from maskpipe.pipeline.io import rundir
+from maskpipe.pipeline.io.artifacts import MANIFEST_FILE, load_artifact
 from maskpipe.pipeline.config import config_from_dict, load_config
-from maskpipe.pipeline.loggers import read_metrics
-from maskpipe.pipeline.preflight import check_resumable
-from maskpipe.pipeline.run import LocalBackend, run
+from maskpipe.pipeline.io.loggers import read_metrics
+from maskpipe.pipeline.run.preflight import check_resumable
+from maskpipe.pipeline.run.runner import LocalBackend, run
 from tests.conftest import MODEL_FLAGS, cli_fails, CORPORA, MICRO, ROOT
 from tests.test_ray import head  # noqa: F401 - the module's Ray head, for the tests marked slow at the end
 
@@ -128,7 +128,7 @@ def test_a_resume_before_the_first_checkpoint_logs_each_step_once(tmp_path, monk
     original = LocalBackend.execute
 
     def dies_at_step_2(self, kind, ctx):
-        from maskpipe.pipeline.loggers import MetricsLog
+        from maskpipe.pipeline.io.loggers import MetricsLog
 
         real = MetricsLog.__call__
 
@@ -206,12 +206,12 @@ def test_submit_without_a_cluster_leaves_nothing(tmp_path, capsys):
 @pytest.fixture()
 def no_model(monkeypatch):
     """Loading a model fails the test: output paths are checked before any model work."""
-    import maskpipe.pipeline.session; from maskpipe import pipeline
+    import maskpipe.pipeline.io.session; from maskpipe import pipeline
 
     def refuse(*a, **k):
         raise AssertionError("a model was loaded")
 
-    monkeypatch.setattr(pipeline.session.Session, "__init__", refuse)
+    monkeypatch.setattr(pipeline.io.session.Session, "__init__", refuse)
 
 
 def test_eval_out_never_replaces_an_unrelated_file(tmp_path, no_model, capsys):

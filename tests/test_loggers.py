@@ -3,7 +3,7 @@ import json
 import pytest
 
 from maskpipe.pipeline.config import ConfigError, config_from_dict
-from maskpipe.pipeline.loggers import MetricsLog, log_results, read_metrics
+from maskpipe.pipeline.io.loggers import MetricsLog, log_results, read_metrics
 
 BASE = {"name": "t", "model": {"name_or_path": "m"}, "stages": [{"stage": "oneshot", "method": "magnitude"}]}
 

@@ -1,7 +1,7 @@
-"""The one training loop (`pipeline.loop`): masks and gates learn what they learned before it existed,
+"""The one training loop (`pipeline.train.loop`): masks and gates learn what they learned before it existed,
 and gates learn data-parallel on two real (gloo) ranks what one process learns on the same batch.
 
-The recorded values come from the two loops that `pipeline.loop.train` replaced (commit a179437), run
+The recorded values come from the two loops that `pipeline.train.loop.train` replaced (commit a179437), run
 on a corpus the test writes itself, so that they do not move with the fixture corpora."""
 
 import hashlib
@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from maskpipe.pipeline.checkpoint import CheckpointDir
+from maskpipe.pipeline.train.checkpoint import CheckpointDir
 from tests.conftest import MICRO
 
 # sha256 of the hard masks (first 16 hex digits) and the gates that the loops of a179437 learned.
@@ -36,7 +36,7 @@ def write_corpus(path) -> str:
 
 def _stream(corpus, tokenizer, seqlen, rank=0, world=1):
     from maskpipe.pipeline.config import DataConfig
-    from maskpipe.pipeline.data import TokenStream
+    from maskpipe.pipeline.io.data import TokenStream
 
     class BlocksOfA179437(TokenStream):
         """The batches the recorded values were learned on: shuffle windows of exactly 512 blocks, the
@@ -51,7 +51,7 @@ def _stream(corpus, tokenizer, seqlen, rank=0, world=1):
 
 def mask_digest(model, linears, tokenizer, corpus, ckpt, per_group: str) -> str:
     from maskpipe.pipeline.config import LearnStage
-    from maskpipe.pipeline.learn import hard_mask, train_masks
+    from maskpipe.pipeline.nm.learn import hard_mask, train_masks
 
     st = LearnStage.model_validate({"stage": "learn", "name": "learn", "data": "d", "steps": 6, "batch_size": 2,
                                     "seqlen": 32, "lr": 1e-2, "log_every": 2, "checkpoint_every": 4,
@@ -75,7 +75,7 @@ def gate_stage(**kw):
 
 
 def learn_gates(model, tokenizer, corpus, ckpt, on_log=None):
-    from maskpipe.pipeline.gates import train_gates
+    from maskpipe.pipeline.attention.gates import train_gates
 
     return train_gates(model, tokenizer, gate_stage(), _stream(corpus, tokenizer, 128), sink=4, window=16, seed=0,
                        store=CheckpointDir(ckpt, keep=2), on_log=on_log)
@@ -97,7 +97,7 @@ def _gates_on_ranks(rank, world, port, corpus, ckpt, out):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     from maskpipe.pipeline.config import ModelConfig
-    from maskpipe.pipeline.models import load_model, load_tokenizer
+    from maskpipe.pipeline.core.models import load_model, load_tokenizer
 
     cfg = ModelConfig(name_or_path=str(MICRO), dtype="float32", device="cpu")
     model, tokenizer = load_model(cfg), load_tokenizer(cfg)

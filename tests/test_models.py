@@ -3,7 +3,7 @@ import torch
 
 from maskpipe.pipeline import MaskpipeError
 from maskpipe.pipeline.config import ModelConfig, PruneTargets
-from maskpipe.pipeline.models import decoder_blocks, fingerprint, load_model, load_tokenizer, materialize, prunable_linears
+from maskpipe.pipeline.core.models import decoder_blocks, fingerprint, load_model, load_tokenizer, materialize, prunable_linears
 from tests.conftest import MICRO
 
 

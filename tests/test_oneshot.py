@@ -8,11 +8,11 @@ from torch import nn
 
 from maskpipe.pipeline import MaskpipeError
 from maskpipe.pipeline.config import ModelConfig
-from maskpipe.pipeline.evaluate import perplexity
-from maskpipe.pipeline.models import load_model, load_tokenizer, prunable_linears
-from maskpipe.pipeline.oneshot import (ChannelMoments, Hessian, _swapped_weights, dsnot_error, dsnot_refine, oneshot_masks,
+from maskpipe.pipeline.eval.perplexity import perplexity
+from maskpipe.pipeline.core.models import load_model, load_tokenizer, prunable_linears
+from maskpipe.pipeline.nm.oneshot import (ChannelMoments, Hessian, _swapped_weights, dsnot_error, dsnot_refine, oneshot_masks,
                               sparsegpt_prune)
-from maskpipe.pipeline.sparsity import is_nm, masked, nm_mask
+from maskpipe.pipeline.nm.sparsity import is_nm, masked, nm_mask
 
 FIXTURES = Path(__file__).parent / "fixtures"
 CFG = ModelConfig(name_or_path=str(FIXTURES / "models/micro-llama"), dtype="float32")
@@ -422,9 +422,9 @@ def test_dsnot_refuses_a_missing_or_malformed_initial_mask(micro, calib):
 
 
 def test_a_dsnot_stage_refines_the_artifact_of_an_earlier_stage_of_a_run(tmp_path):
-    from maskpipe.pipeline.artifacts import load_artifact
+    from maskpipe.pipeline.io.artifacts import load_artifact
     from maskpipe.pipeline.config import config_from_dict
-    from maskpipe.pipeline.run import run
+    from maskpipe.pipeline.run.runner import run
 
     calib = {"stage": "oneshot", "data": "calib", "n_samples": 4, "seqlen": 64}
     cfg = config_from_dict({
@@ -447,7 +447,7 @@ OTHER = torch.device("cpu", 0)  # a device other than the model's "cpu" as far a
 
 
 def test_offloaded_calibration_holds_one_block_on_the_device_at_a_time(micro, calib, monkeypatch):
-    from maskpipe.pipeline.models import decoder_blocks
+    from maskpipe.pipeline.core.models import decoder_blocks
 
     model, linears, _ = micro
     reference = oneshot_masks(model, linears, "sparsegpt", 2, 4, calib, batch_size=3, weight_update=True)

@@ -3,7 +3,7 @@
 import pytest
 
 from maskpipe.jobs.cli import main
-from maskpipe.pipeline.plan import memory_plan, model_shape, parse_bytes
+from maskpipe.pipeline.train.plan import memory_plan, model_shape, parse_bytes
 
 
 def test_shape_counts_the_model_without_loading_it(micro, micro_cfg):
@@ -55,7 +55,7 @@ def test_loading_and_oneshot_plans_shrink_with_sharding_and_offload(in_root):
     from transformers import AutoConfig
 
     from maskpipe.pipeline.config import ModelConfig
-    from maskpipe.pipeline.plan import GiB, loading_plan, oneshot_plan
+    from maskpipe.pipeline.train.plan import GiB, loading_plan, oneshot_plan
 
     shape = model_shape(AutoConfig.from_pretrained("configs/hf/llama-2-13b"), ModelConfig(name_or_path="llama-2-13b"))
     whole = loading_plan(shape, n=2, m=4, world=8, sharded=False)

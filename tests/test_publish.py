@@ -6,9 +6,9 @@ import torch
 from huggingface_hub import HfApi, ModelCard
 
 from maskpipe.jobs.cli import main
-from maskpipe.pipeline.artifacts import MANIFEST_FILE, MASKS_FILE, load_artifact
+from maskpipe.pipeline.io.artifacts import MANIFEST_FILE, MASKS_FILE, load_artifact
 from maskpipe.pipeline.config import load_config
-from maskpipe.pipeline.run import run
+from maskpipe.pipeline.run.runner import run
 from tests.conftest import MICRO, ROOT
 
 STAGES = ("stages=[{stage: oneshot, method: magnitude}, {stage: learn, name: maskllm, data: calib, "

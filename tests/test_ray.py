@@ -19,9 +19,9 @@ import yaml
 from maskpipe.cluster import connect
 from maskpipe.jobs.cli import main
 from maskpipe.jobs.submit import TERMINAL, _job_status
-from maskpipe.pipeline.artifacts import load_soft_logits, read_manifest
+from maskpipe.pipeline.io.artifacts import load_soft_logits, read_manifest
 from maskpipe.pipeline.config import config_from_dict
-from maskpipe.pipeline.run import read_metrics, run
+from maskpipe.pipeline.run.runner import read_metrics, run
 from tests.conftest import CORPORA, MICRO, ROOT
 
 pytestmark = pytest.mark.slow
@@ -115,7 +115,7 @@ def test_two_workers_learn_what_one_process_learns(single, two_workers):
 
 def test_two_workers_learn_the_gates_one_process_learns(head, tmp_path):
     """A learned attention stage runs on a Ray Train group as a learn stage does, each worker half of
-    every batch of passkey samples (`pipeline.gates.GateLearning`)."""
+    every batch of passkey samples (`pipeline.attention.gates.GateLearning`)."""
     from maskpipe.workers.backend import RayBackend
 
     def gates(workers: int) -> torch.Tensor:

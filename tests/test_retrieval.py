@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from maskpipe.jobs.cli import main
-from maskpipe.pipeline.attention import kv_heads, planned, uniform_plan
-from maskpipe.pipeline.prompts import FILLER, PASSKEY_INTRO, PASSKEY_QUESTION, build_prompt, split_sentences
-from maskpipe.pipeline.retrieval import exact_match, multikey_samples, niah_samples, passkey_samples, score
+from maskpipe.pipeline.attention.plans import kv_heads, planned, uniform_plan
+from maskpipe.pipeline.eval.prompts import FILLER, PASSKEY_INTRO, PASSKEY_QUESTION, build_prompt, split_sentences
+from maskpipe.pipeline.eval.retrieval import exact_match, multikey_samples, niah_samples, passkey_samples, score
 from tests.conftest import CORPORA, MICRO
 
 NEEDLE = "The pass key is 12345. Remember it. 12345 is the pass key."

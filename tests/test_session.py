@@ -4,8 +4,8 @@ checksums while the same files are used again."""
 import shutil
 
 from maskpipe.pipeline.config import config_from_dict
-from maskpipe.pipeline.rundir import RunDir
-from maskpipe.pipeline.session import Session, Variant
+from maskpipe.pipeline.io.rundir import RunDir
+from maskpipe.pipeline.io.session import Session, Variant
 from maskpipe.pipeline.stages import StageContext, execute, kind_of
 from tests.conftest import CORPORA, FIXTURES, MICRO
 
@@ -13,8 +13,8 @@ ARTIFACT = FIXTURES / "artifacts" / "micro-llama-magnitude-2of4-v1"
 
 
 def test_an_eval_over_two_corpora_hashes_the_base_weights_and_each_artifact_once(tmp_path, monkeypatch):
-    import maskpipe.pipeline.artifacts; from maskpipe import pipeline
-    import maskpipe.pipeline.session; from maskpipe import pipeline
+    import maskpipe.pipeline.io.artifacts; from maskpipe import pipeline
+    import maskpipe.pipeline.io.session; from maskpipe import pipeline
 
     counts = {"fingerprint": 0, "sha256": 0}
 
@@ -24,8 +24,8 @@ def test_an_eval_over_two_corpora_hashes_the_base_weights_and_each_artifact_once
             return real(*args, **kwargs)
         return wrapped
 
-    monkeypatch.setattr(pipeline.session, "fingerprint", counting("fingerprint", pipeline.session.fingerprint))
-    monkeypatch.setattr(pipeline.artifacts, "_sha256", counting("sha256", pipeline.artifacts._sha256))
+    monkeypatch.setattr(pipeline.io.session, "fingerprint", counting("fingerprint", pipeline.io.session.fingerprint))
+    monkeypatch.setattr(pipeline.io.artifacts, "_sha256", counting("sha256", pipeline.io.artifacts._sha256))
     for name in ("a", "b"):
         shutil.copytree(ARTIFACT, tmp_path / name)
     for name in ("kjv", "pydocs"):  # excerpts: the count, not the perplexity, is what is tested
@@ -48,11 +48,11 @@ def test_an_eval_over_two_corpora_hashes_the_base_weights_and_each_artifact_once
 
 
 def test_an_artifact_rewritten_in_place_is_verified_again(tmp_path, monkeypatch):
-    import maskpipe.pipeline.session; from maskpipe import pipeline
+    import maskpipe.pipeline.io.session; from maskpipe import pipeline
 
     calls = []
-    real = pipeline.session.load_artifact
-    monkeypatch.setattr(pipeline.session, "load_artifact", lambda p: calls.append(p) or real(p))
+    real = pipeline.io.session.load_artifact
+    monkeypatch.setattr(pipeline.io.session, "load_artifact", lambda p: calls.append(p) or real(p))
     shutil.copytree(ARTIFACT, tmp_path / "a")
     session = Session(config_from_dict({"name": "x", "model": {"name_or_path": str(MICRO), "dtype": "float32",
                                                                "device": "cpu"},

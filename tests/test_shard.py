@@ -16,8 +16,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 
-from maskpipe.pipeline.checkpoint import Checkpoint, CheckpointDir
-from maskpipe.pipeline.shard import owned_rows
+from maskpipe.pipeline.train.checkpoint import Checkpoint, CheckpointDir
+from maskpipe.pipeline.train.shard import owned_rows
 from tests.conftest import CORPORA, MICRO, ROOT
 
 STEPS = 8
@@ -37,9 +37,9 @@ def _learn(rank, world, port, strategy, out, ckpt_dir, stop_at, threads, kw):
     if world > 1:
         dist.init_process_group("gloo", rank=rank, world_size=world)
     from maskpipe.pipeline.config import DataConfig, LearnStage, ModelConfig
-    from maskpipe.pipeline.data import TokenStream
-    from maskpipe.pipeline.learn import train_masks
-    from maskpipe.pipeline.models import fingerprint, load_model, load_tokenizer, prunable_linears
+    from maskpipe.pipeline.io.data import TokenStream
+    from maskpipe.pipeline.nm.learn import train_masks
+    from maskpipe.pipeline.core.models import fingerprint, load_model, load_tokenizer, prunable_linears
 
     recompute = kw.pop("activation_checkpointing", False)
     zero_stage = kw.pop("zero_stage", 3)
@@ -204,10 +204,10 @@ def _stage(rank, world, port, tmp, meta):
                       LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    from maskpipe.pipeline.checkpoint import CheckpointDir
+    from maskpipe.pipeline.train.checkpoint import CheckpointDir
     from maskpipe.pipeline.config import config_from_dict
-    from maskpipe.pipeline.rundir import RunDir
-    from maskpipe.pipeline.session import Session
+    from maskpipe.pipeline.io.rundir import RunDir
+    from maskpipe.pipeline.io.session import Session
     from maskpipe.pipeline.stages.learn import learn_stage
 
     prior = ROOT / "tests" / "fixtures" / "artifacts" / "micro-llama-magnitude-2of4-v1"
@@ -229,9 +229,9 @@ def test_a_learning_stage_loaded_from_meta_writes_the_artifact_of_a_whole_load(t
     """The Ray workers' path under fsdp (Session on meta, the prior checked against the checkpoint's
     weights, rank 0 fingerprinting from the checkpoint): the artifact is the whole load's, and it
     applies to a whole load of the model."""
-    from maskpipe.pipeline.artifacts import check_compatible, load_artifact
+    from maskpipe.pipeline.io.artifacts import check_compatible, load_artifact
     from maskpipe.pipeline.config import ModelConfig
-    from maskpipe.pipeline.models import load_model, prunable_linears
+    from maskpipe.pipeline.core.models import load_model, prunable_linears
 
     for meta in (False, True):
         with socket.socket() as s:

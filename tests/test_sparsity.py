@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from maskpipe.pipeline import MaskpipeError
-from maskpipe.pipeline.sparsity import check_divisible, is_nm, masked, nm_mask, to_semi_structured
+from maskpipe.pipeline.nm.sparsity import check_divisible, is_nm, masked, nm_mask, to_semi_structured
 from tests.conftest import ROOT
 
 

@@ -9,7 +9,7 @@ import pytest
 from maskpipe.cluster import connect  # before Ray is imported: it sets how clients authenticate
 
 from maskpipe.pipeline.config import ConfigError, LearnStage, config_from_dict, search_spec
-from maskpipe.pipeline.tune import reference_config, summarize, trial_config, tune_table
+from maskpipe.pipeline.run.tune import reference_config, summarize, trial_config, tune_table
 from tests.conftest import CORPORA, MICRO
 
 BASE = {

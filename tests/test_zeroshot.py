@@ -4,8 +4,8 @@ import pytest
 
 from maskpipe.jobs.cli import main
 from maskpipe.pipeline.config import load_config
-from maskpipe.pipeline.publish import publish
-from maskpipe.pipeline.run import run
+from maskpipe.pipeline.run.publish import publish
+from maskpipe.pipeline.run.runner import run
 from tests.conftest import FIXTURES, MICRO
 
 pytest.importorskip("lm_eval", reason="the [lm-eval] extra")  # installed in CI by pip install -e '.[dev]'

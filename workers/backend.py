@@ -1,4 +1,4 @@
-"""`RayBackend`: the stages of `pipeline.run.run` on a Ray cluster, by their placement
+"""`RayBackend`: the stages of `pipeline.run.runner.run` on a Ray cluster, by their placement
 (`pipeline.stages.Placement`), whatever their kind:
 
   DEVICE  one Ray task on one worker's resources, running exactly what `LocalBackend` runs in-process;
@@ -17,9 +17,9 @@ from ray.util import ActorPool
 
 from maskpipe.pipeline import MaskpipeError
 from maskpipe.pipeline.config import Config
-from maskpipe.pipeline.loggers import logs_to
-from maskpipe.pipeline.run import LocalBackend
-from maskpipe.pipeline.session import Session
+from maskpipe.pipeline.io.loggers import logs_to
+from maskpipe.pipeline.run.runner import LocalBackend
+from maskpipe.pipeline.io.session import Session
 from maskpipe.pipeline.stages import Placement, StageContext, StageKind, StageOutput, kind_of
 from maskpipe.workers.learn import check_resources, learn_on_ray
 

@@ -28,12 +28,12 @@ from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from maskpipe.pipeline import MaskpipeError
-from maskpipe.pipeline.artifacts import MANIFEST_FILE, write_json
-from maskpipe.pipeline.checkpoint import Checkpoint, write_shard
+from maskpipe.pipeline.io.artifacts import MANIFEST_FILE, write_json
+from maskpipe.pipeline.train.checkpoint import Checkpoint, write_shard
 from maskpipe.pipeline.config import Config, LearnStage
-from maskpipe.pipeline.loggers import MetricsLog, logs_to
-from maskpipe.pipeline.rundir import RunDir
-from maskpipe.pipeline.session import Session
+from maskpipe.pipeline.io.loggers import MetricsLog, logs_to
+from maskpipe.pipeline.io.rundir import RunDir
+from maskpipe.pipeline.io.session import Session
 from maskpipe.pipeline.stages import StageContext, StageKind, StageOutput, kind_of
 
 

@@ -1,7 +1,7 @@
 """`maskpipe tune` on Ray Tune: one trial per point of a learn stage's search space.
 
-The recipes come from `pipeline.tune`: the reference stages (the tuned stage's prior) run once into the
-run directory, then each Ray Tune trial runs `pipeline.run.run` on its trial config in
+The recipes come from `pipeline.run.tune`: the reference stages (the tuned stage's prior) run once into the
+run directory, then each Ray Tune trial runs `pipeline.run.runner.run` on its trial config in
 `tune/trials/<trial id>/` and reports the perplexity of its mask on the metric corpus; Ray Tune ranks
 the trials by it (mode min). With `workers.num_workers: 0` a trial learns in its own Ray worker (one
 `resources_per_worker`, default one CPU) and trials run side by side as the cluster allows; with N ≥ 1
@@ -21,9 +21,9 @@ from ray.tune.search.basic_variant import BasicVariantGenerator
 
 from maskpipe.pipeline import MaskpipeError
 from maskpipe.pipeline.config import Config, dump_config, search_spec
-from maskpipe.pipeline.run import run
-from maskpipe.pipeline.rundir import RunDir
-from maskpipe.pipeline.tune import reference_config, reference_record, summarize, trial_config, trial_record, write_results
+from maskpipe.pipeline.run.runner import run
+from maskpipe.pipeline.io.rundir import RunDir
+from maskpipe.pipeline.run.tune import reference_config, reference_record, summarize, trial_config, trial_record, write_results
 
 log = logging.getLogger("maskpipe")
 
@@ -42,7 +42,7 @@ def param_space(cfg: Config) -> dict[str, Any]:
 
 def _backend(cfg: Config):
     if cfg.workers.num_workers == 0:
-        return None  # pipeline.run's LocalBackend, in this process
+        return None  # pipeline.run.runner's LocalBackend, in this process
     from maskpipe.workers.backend import RayBackend
 
     return RayBackend(cfg)

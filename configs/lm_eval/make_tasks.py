@@ -18,7 +18,7 @@ import random
 import re
 from pathlib import Path
 
-from maskpipe.pipeline.retrieval import FILLER, PASSKEY_INTRO, PASSKEY_NEEDLE, PASSKEY_QUESTION, random_number
+from maskpipe.pipeline.eval.retrieval import FILLER, PASSKEY_INTRO, PASSKEY_NEEDLE, PASSKEY_QUESTION, random_number
 
 HERE = Path(__file__).parent
 KJV = Path("tests/fixtures/corpora/kjv.valid.txt")

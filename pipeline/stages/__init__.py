@@ -9,7 +9,7 @@ A stage kind (`StageKind`) declares
   - its body (`run`), and what it leaves in `results.json`: variants (artifacts) and/or rows of one
     results section (`section`).
 
-`pipeline.run` orders the stages; a backend runs each one by its placement (`execute` here, in
+`pipeline.run.runner` orders the stages; a backend runs each one by its placement (`execute` here, in
 process; `workers.backend.RayBackend` on Ray: a task, an actor pool, a Ray Train worker group).
 Adding a stage kind: its config class in `pipeline.config` (joined to the `Stage` union there), one
 file here defining `KIND`, and one line in `KINDS` below.
@@ -21,8 +21,8 @@ import enum
 from dataclasses import dataclass, field
 from typing import Any, Callable, NamedTuple
 
-from maskpipe.pipeline.rundir import RunDir
-from maskpipe.pipeline.session import Session, Variant
+from maskpipe.pipeline.io.rundir import RunDir
+from maskpipe.pipeline.io.session import Session, Variant
 
 
 class Placement(enum.Enum):
@@ -133,7 +133,7 @@ class StageKind:
 def check_batch_split(cfg, st, where: str) -> None:
     """A training group's batch splits evenly over its workers (each its share of every batch)."""
     from maskpipe.pipeline.config import _KeyError
-    from maskpipe.pipeline.vocab import check_batch_split
+    from maskpipe.pipeline.core.vocab import check_batch_split
 
     try:
         check_batch_split(st.batch_size, cfg.workers.num_workers)
@@ -155,8 +155,8 @@ def execute(kind: StageKind, ctx: StageContext) -> StageOutput:
         return kind.gather(ctx, [(c, kind.cell(ctx, state, c)) for c in kind.cells(ctx)])
     if not kind.trains or ctx.store is not None:
         return kind.run(ctx)
-    from maskpipe.pipeline.checkpoint import CheckpointDir
-    from maskpipe.pipeline.loggers import MetricsLog
+    from maskpipe.pipeline.train.checkpoint import CheckpointDir
+    from maskpipe.pipeline.io.loggers import MetricsLog
 
     st = ctx.st
     ctx.store = CheckpointDir(ctx.run.checkpoints(st.name), st.keep_checkpoints)

@@ -9,15 +9,15 @@ from pathlib import Path
 import torch
 
 from maskpipe.pipeline import MaskpipeError
-from maskpipe.pipeline.artifacts import save_artifact
-from maskpipe.pipeline.artifacts import read_manifest
-from maskpipe.pipeline.attention import (AttentionPlan, binarize, default_sink_window, kv_heads, moa_windows, plan_cost,
+from maskpipe.pipeline.io.artifacts import save_artifact
+from maskpipe.pipeline.io.artifacts import read_manifest
+from maskpipe.pipeline.attention.plans import (AttentionPlan, binarize, default_sink_window, kv_heads, moa_windows, plan_cost,
                                          random_scores)
-from maskpipe.pipeline.gates import gate_strategy, train_gates
+from maskpipe.pipeline.attention.gates import gate_strategy, train_gates
 from maskpipe.pipeline.config import AttentionStage, Config
-from maskpipe.pipeline.data import TokenStream
-from maskpipe.pipeline.rundir import RunDir
-from maskpipe.pipeline.session import Session, Variant
+from maskpipe.pipeline.io.data import TokenStream
+from maskpipe.pipeline.io.rundir import RunDir
+from maskpipe.pipeline.io.session import Session, Variant
 from maskpipe.pipeline.stages import Placement, Ref, StageContext, StageKind, StageOutput, check_batch_split
 
 log = logging.getLogger("maskpipe")

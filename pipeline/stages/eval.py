@@ -7,9 +7,9 @@ import logging
 import torch
 
 from maskpipe.pipeline.config import Config, EvalStage
-from maskpipe.pipeline.data import eval_text
-from maskpipe.pipeline.evaluate import Perplexity, perplexity
-from maskpipe.pipeline.session import Session, Variant
+from maskpipe.pipeline.io.data import eval_text
+from maskpipe.pipeline.eval.perplexity import Perplexity, perplexity
+from maskpipe.pipeline.io.session import Session, Variant
 from maskpipe.pipeline.stages import Evaluates, Placement, StageContext, StageOutput
 
 log = logging.getLogger("maskpipe")

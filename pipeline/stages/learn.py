@@ -1,4 +1,4 @@
-"""`learn`: MaskLLM mask learning (pipeline.learn) on a data-parallel training group."""
+"""`learn`: MaskLLM mask learning (pipeline.nm.learn) on a data-parallel training group."""
 
 from __future__ import annotations
 
@@ -10,17 +10,17 @@ from typing import Any
 import torch
 
 from maskpipe.pipeline import MaskpipeError
-from maskpipe.pipeline.artifacts import load_soft_logits, read_manifest, save_artifact
+from maskpipe.pipeline.io.artifacts import load_soft_logits, read_manifest, save_artifact
 from maskpipe.pipeline.config import Config, LearnStage
-from maskpipe.pipeline.data import TokenStream
-from maskpipe.pipeline.learn import hard_mask, train_masks
-from maskpipe.pipeline.models import base_weight, device_of, fingerprint
-from maskpipe.pipeline.plan import model_shape, plan_report
-from maskpipe.pipeline.rundir import RunDir
-from maskpipe.pipeline.session import Session, Variant
+from maskpipe.pipeline.io.data import TokenStream
+from maskpipe.pipeline.nm.learn import hard_mask, train_masks
+from maskpipe.pipeline.core.models import base_weight, device_of, fingerprint
+from maskpipe.pipeline.train.plan import model_shape, plan_report
+from maskpipe.pipeline.io.rundir import RunDir
+from maskpipe.pipeline.io.session import Session, Variant
 from maskpipe.pipeline.stages import Placement, Ref, StageContext, StageKind, StageOutput, check_batch_split
 from maskpipe.pipeline.stages.oneshot import shares
-from maskpipe.pipeline.vocab import LEARNED_METHOD
+from maskpipe.pipeline.core.vocab import LEARNED_METHOD
 
 log = logging.getLogger("maskpipe")
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import logging
 
 from maskpipe.pipeline.config import Config, LmEvalStage
-from maskpipe.pipeline.session import Session, Variant
+from maskpipe.pipeline.io.session import Session, Variant
 from maskpipe.pipeline.stages import Evaluates, Placement, StageContext, StageOutput
-from maskpipe.pipeline.zeroshot import check_tasks, evaluate, primary
+from maskpipe.pipeline.eval.zeroshot import check_tasks, evaluate, primary
 
 log = logging.getLogger("maskpipe")
 

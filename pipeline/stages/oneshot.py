@@ -9,13 +9,13 @@ from pathlib import Path
 from safetensors.torch import save_file
 
 from maskpipe.pipeline import MaskpipeError
-from maskpipe.pipeline.artifacts import save_artifact
+from maskpipe.pipeline.io.artifacts import save_artifact
 from maskpipe.pipeline.config import Config, OneshotStage, _KeyError
-from maskpipe.pipeline.data import TokenStream
-from maskpipe.pipeline.models import resolve_device
-from maskpipe.pipeline.oneshot import oneshot_masks
-from maskpipe.pipeline.rundir import RunDir
-from maskpipe.pipeline.session import Session, Variant
+from maskpipe.pipeline.io.data import TokenStream
+from maskpipe.pipeline.core.models import resolve_device
+from maskpipe.pipeline.nm.oneshot import oneshot_masks
+from maskpipe.pipeline.io.rundir import RunDir
+from maskpipe.pipeline.io.session import Session, Variant
 from maskpipe.pipeline.stages import Placement, Ref, StageContext, StageKind, StageOutput
 
 log = logging.getLogger("maskpipe")

@@ -5,17 +5,17 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from maskpipe.pipeline import rundir
-from maskpipe.pipeline.artifacts import write_json
-from maskpipe.pipeline.attention import kv_heads, plan_cost, uniform_plan
+from maskpipe.pipeline.io import rundir
+from maskpipe.pipeline.io.artifacts import write_json
+from maskpipe.pipeline.attention.plans import kv_heads, plan_cost, uniform_plan
 from maskpipe.pipeline.config import Config, RetrievalStage
-from maskpipe.pipeline.data import eval_text
-from maskpipe.pipeline.retrieval import (accuracy, multikey_samples, niah_heatmap, niah_samples, passkey_samples, score,
+from maskpipe.pipeline.io.data import eval_text
+from maskpipe.pipeline.eval.retrieval import (accuracy, multikey_samples, niah_heatmap, niah_samples, passkey_samples, score,
                                 split_sentences)
-from maskpipe.pipeline.session import Session, Variant
+from maskpipe.pipeline.io.session import Session, Variant
 from maskpipe.pipeline.stages import Evaluates, Placement, StageContext, StageOutput
 from maskpipe.pipeline.stages.attention import head_geometry
-from maskpipe.pipeline.vocab import RETRIEVAL_TASKS
+from maskpipe.pipeline.core.vocab import RETRIEVAL_TASKS
 
 log = logging.getLogger("maskpipe")
 

@@ -9,7 +9,7 @@ that dispatches attention through transformers' AttentionInterface: on CUDA thro
 (a block mask from a per-head `mask_mod`, so masked blocks are never computed), elsewhere through
 SDPA with an explicit boolean mask (exact, but dense compute).
 
-Learning the gates that choose a plan (DuoAttention) is in `pipeline.gates`.
+Learning the gates that choose a plan (DuoAttention) is in `pipeline.attention.gates`.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from maskpipe.pipeline import MaskpipeError
-from maskpipe.pipeline.models import decoder_blocks, decoder_linears, fingerprint
+from maskpipe.pipeline.core.models import decoder_blocks, decoder_linears, fingerprint
 
 IMPLEMENTATION = "maskpipe_heads"  # the name the plans run under in transformers' AttentionInterface
 FULL, STREAMING = "full", "streaming"

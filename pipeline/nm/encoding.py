@@ -4,7 +4,7 @@ A group of M weights that keeps N is one of C = C(M,N) candidates, so it carries
 (0.646 bits per weight for 2:4, against 1 for a bitmap). The encoding gets within 0.2% of that:
 
 - rank: the group's index in `itertools.combinations(range(M), N)` order, the order of
-  `pipeline.learn.nm_candidates` and of an artifact's logits. By the combinatorial number system, for
+  `pipeline.nm.learn.nm_candidates` and of an artifact's logits. By the combinatorial number system, for
   kept positions c_1 < ... < c_N: rank = C − 1 − Σ_i C(M − 1 − c_i, N + 1 − i).
 - words: k consecutive ranks r_0 … r_{k−1} as the integer Σ_j r_j·C^j < C^k ≤ 2^w, in w bits. k runs
   over every block size that fits a 64-bit word and the fewest bits per group wins (ties: smaller k).
@@ -97,7 +97,7 @@ def _codes(groups: np.ndarray) -> np.ndarray:
 def candidates(n: int, m: int) -> np.ndarray:
     """[C(M,N), M] bool: every candidate mask of a group, in rank order: the order of
     `itertools.combinations(range(M), N)` over the kept positions. The one definition of that order:
-    the ranks above compute it, a learned mask's logits (`pipeline.learn.nm_candidates`) follow it."""
+    the ranks above compute it, a learned mask's logits (`pipeline.nm.learn.nm_candidates`) follow it."""
     rows = np.array([[i in keep for i in range(m)] for keep in itertools.combinations(range(m), n)], dtype=bool)
     rows.flags.writeable = False  # cached: shared by every caller
     return rows

@@ -1,5 +1,5 @@
-"""Prompt templates and their assembly, shared by the retrieval evaluations (`pipeline.retrieval`) and gate
-learning's synthetic passkey samples (`pipeline.attention`): an intro, a haystack of whole sentences with
+"""Prompt templates and their assembly, shared by the retrieval evaluations (`pipeline.eval.retrieval`) and gate
+learning's synthetic passkey samples (`pipeline.attention.plans`): an intro, a haystack of whole sentences with
 needles at sentence boundaries, and a question, fitted to a length in tokens of the model's tokenizer."""
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 An artifact is a directory:
   masks.safetensors  one uint8 tensor `masks`: every masked linear's mask, flattened row-major and
-                     encoded by `pipeline.encoding` (0.647 bits per weight at 2:4), the layers back to
+                     encoded by `pipeline.nm.encoding` (0.647 bits per weight at 2:4), the layers back to
                      back in name order, each at the byte offset the manifest gives
   manifest.json      format version, base model id/revision/fingerprint, pattern, encoding, per-layer
                      shapes, offsets and sha256 checksums, method and its parameters, data summary,
@@ -38,10 +38,10 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from maskpipe.pipeline import MaskpipeError, __version__
-from maskpipe.pipeline.encoding import Codec
-from maskpipe.pipeline.models import base_weight, fingerprint
-from maskpipe.pipeline.sparsity import is_nm
-from maskpipe.pipeline.vocab import Pattern
+from maskpipe.pipeline.nm.encoding import Codec
+from maskpipe.pipeline.core.models import base_weight, fingerprint
+from maskpipe.pipeline.nm.sparsity import is_nm
+from maskpipe.pipeline.core.vocab import Pattern
 
 FORMAT = "maskpipe-masks"
 FORMAT_VERSION = 2
@@ -309,7 +309,7 @@ def load_soft_logits(path: str | Path) -> dict[str, torch.Tensor]:
 def check_compatible(manifest: dict[str, Any], linears: dict[str, nn.Linear], source: str = "artifact",
                      fingerprint=fingerprint) -> None:
     """Refuse, before anything is touched, masks made for another model or other shapes (an attention
-    plan is checked against the model by `pipeline.attention.check_plan`). `fingerprint` hashes the
+    plan is checked against the model by `pipeline.attention.plans.check_plan`). `fingerprint` hashes the
     base layers (a `Session` passes its cached one)."""
     layers = manifest["layers"]
     if not layers:

@@ -9,14 +9,14 @@ for the frozen bf16 weight, so the logits and the optimizer state are what a lar
               hybrid sharding: sharded within each group of G ranks (a node), replicated across groups
   deepspeed   DeepSpeed ZeRO stage 2 (gradients and optimizer state sharded) or 3 (parameters too)
 
-A model loaded on the meta device (`pipeline.models.load_model(meta=True)`, `workers.sharded_load`) is
+A model loaded on the meta device (`pipeline.core.models.load_model(meta=True)`, `workers.sharded_load`) is
 filled after sharding: under fsdp each rank reads only the rows of each frozen weight that it owns
 and makes only its rows of the initial logits, so no rank ever holds the whole model; the other
 strategies, which keep whole copies, read it whole.
 
 Whatever the strategy, rank r of W *owns* rows chunk r of every logits tensor, as `torch.chunk` would
 cut them (FSDP2's own row shards; under hybrid sharding, chunk r mod G of G, saved by the first group),
-and saves exactly those rows (`pipeline.checkpoint`). So a
+and saves exactly those rows (`pipeline.train.checkpoint`). So a
 checkpoint never depends on the strategy or the number of ranks that wrote it: a run resumes on another
 world size, or switches strategy, by reading the rows it now owns.
 """
@@ -31,9 +31,9 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from maskpipe.pipeline import MaskpipeError
-from maskpipe.pipeline.checkpoint import Checkpoint, rank_world
-from maskpipe.pipeline.models import decoder_blocks, materialize, pending
-from maskpipe.pipeline.vocab import strategy_problem
+from maskpipe.pipeline.train.checkpoint import Checkpoint, rank_world
+from maskpipe.pipeline.core.models import decoder_blocks, materialize, pending
+from maskpipe.pipeline.core.vocab import strategy_problem
 MOMENTS = ("exp_avg", "exp_avg_sq")  # AdamW's state besides its step count
 
 

@@ -16,13 +16,13 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from maskpipe.pipeline import MaskpipeError
-from maskpipe.pipeline.checkpoint import Rows, rank_world
-from maskpipe.pipeline.encoding import candidates
-from maskpipe.pipeline.loop import linear_schedule, train
-from maskpipe.pipeline.models import base_weight, decoder_blocks, defer, deferred, device_of
-from maskpipe.pipeline.shard import MOMENTS, make_strategy
-from maskpipe.pipeline.sparsity import check_divisible
-from maskpipe.pipeline.vocab import check_batch_split
+from maskpipe.pipeline.train.checkpoint import Rows, rank_world
+from maskpipe.pipeline.nm.encoding import candidates
+from maskpipe.pipeline.train.loop import linear_schedule, train
+from maskpipe.pipeline.core.models import base_weight, decoder_blocks, defer, deferred, device_of
+from maskpipe.pipeline.train.shard import MOMENTS, make_strategy
+from maskpipe.pipeline.nm.sparsity import check_divisible
+from maskpipe.pipeline.core.vocab import check_batch_split
 
 
 # Soft-mask probabilities below this are exact zeros: far above float32's subnormal range (< 1.2e-38),
@@ -32,7 +32,7 @@ PROB_FLOOR = 1e-12
 
 @lru_cache(maxsize=None)
 def nm_candidates(n: int, m: int) -> torch.Tensor:
-    """All C(M,N) masks of one group, [C, M] bool, in the artifact's rank order (`pipeline.encoding.candidates`)."""
+    """All C(M,N) masks of one group, [C, M] bool, in the artifact's rank order (`pipeline.nm.encoding.candidates`)."""
     return torch.tensor(candidates(n, m))
 
 
@@ -150,7 +150,7 @@ def add_learned_masks(
 ) -> dict[str, GumbelNMMask]:
     """Put a GumbelNMMask on every linear; returns name -> mask module (whose logits are what trains).
     `init_logits` (over the candidates) replace the random start. On a linear whose weight is deferred
-    (`pipeline.models.load_model(meta=True)`) the logits are deferred too: each layer's initial logits
+    (`pipeline.core.models.load_model(meta=True)`) the logits are deferred too: each layer's initial logits
     are made whole when they are materialized, in this same order (the generator's draws are those of
     an ordinary load), and only the rows asked for are kept."""
     for name, lin in linears.items():
@@ -185,9 +185,9 @@ def add_learned_masks(
 
 
 class MaskLearning:
-    """The `pipeline.loop.Method` of MaskLLM: one step draws each layer's Gumbel noise from the seed,
+    """The `pipeline.train.loop.Method` of MaskLLM: one step draws each layer's Gumbel noise from the seed,
     anneals tau, kappa and the regulariser's λ, and runs `grad_accum` micro-batches of the LM loss
-    through `shard` (`pipeline.shard`), which owns the logits and their AdamW state. A checkpoint
+    through `shard` (`pipeline.train.shard`), which owns the logits and their AdamW state. A checkpoint
     adds each owned row block of the logits, their moments and the argmax at the last log."""
 
     desc, loss_key = "mask learning", "loss"
@@ -270,7 +270,7 @@ def train_masks(
     model is left without parametrizations, its base weights untouched.
 
     Under torch.distributed every rank runs this with its own share of each global batch of
-    `st.batch_size` blocks, and `strategy` (`pipeline.shard`) decides how the logits and their
+    `st.batch_size` blocks, and `strategy` (`pipeline.train.shard`) decides how the logits and their
     optimizer state are spread; every rank draws the same Gumbel noise, so the step equals one
     process's step on the whole batch."""
     _, world = rank_world()

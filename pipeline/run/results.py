@@ -14,9 +14,9 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, PrivateAttr, model_serializer, model_validator
 
-from maskpipe.pipeline.artifacts import write_json
-from maskpipe.pipeline.vocab import LEARNED_METHOD, REFINING_METHODS, RETRIEVAL_TASKS, STANDALONE_METHODS
-from maskpipe.pipeline.zeroshot import primary
+from maskpipe.pipeline.io.artifacts import write_json
+from maskpipe.pipeline.core.vocab import LEARNED_METHOD, REFINING_METHODS, RETRIEVAL_TASKS, STANDALONE_METHODS
+from maskpipe.pipeline.eval.zeroshot import primary
 
 ONESHOT = STANDALONE_METHODS  # the card's baseline rows: one-shot methods that start from no earlier mask
 NOT_EVALUATED = "No evaluation of this artifact was recorded in its run."
@@ -62,7 +62,7 @@ class StageRecord(_Open):
 
 
 class PplCell(_Open):
-    """Perplexity of one variant on one corpus (`pipeline.evaluate.perplexity`)."""
+    """Perplexity of one variant on one corpus (`pipeline.eval.perplexity.perplexity`)."""
 
     ppl: float
     nll: float | None = None

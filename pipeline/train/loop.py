@@ -1,5 +1,5 @@
 """The one training loop of everything maskpipe learns over a frozen model: N:M mask logits
-(`pipeline.learn`) and attention gates (`pipeline.attention`).
+(`pipeline.nm.learn`) and attention gates (`pipeline.attention.plans`).
 
 The loop owns what every learning method repeats: resuming from a checkpoint (the step, the log
 history, the loss window and the data stream's position), the cosine lr schedule with warmup, the
@@ -7,7 +7,7 @@ loss window that a log entry averages, the log and checkpoint cadence, and the p
 supplies the rest as a `Method`: what one optimizer step does (its parameters, its loss, its own
 per-step schedules), what it adds to a log entry, and what a checkpoint holds besides the common state.
 
-Checkpoints go through a store (`pipeline.checkpoint`): `save(step, tensors, meta)` on every rank and
+Checkpoints go through a store (`pipeline.train.checkpoint`): `save(step, tensors, meta)` on every rank and
 `latest()`. The meta of every checkpoint holds `stream`, `history` and `loss_window`, and whatever
 the method adds (`Method.state`); the step is the store's own.
 """
@@ -19,7 +19,7 @@ from typing import Any, Callable, Protocol
 
 from tqdm.auto import tqdm
 
-from maskpipe.pipeline.checkpoint import Checkpoint
+from maskpipe.pipeline.train.checkpoint import Checkpoint
 
 
 def linear_schedule(start: float, end: float, step: int, total: int) -> float:

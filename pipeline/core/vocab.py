@@ -4,27 +4,27 @@ workers, how a batch splits over them).
 
 Plain Python (no torch, no pydantic), so that the config schema, the artifact format, the library and the
 command line all import it: `pipeline.config` builds its `Literal`s from these tuples, `jobs.cli` its
-`choices`, `pipeline.publish` the card's baseline rows.
+`choices`, `pipeline.run.publish` the card's baseline rows.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-# One-shot methods (`pipeline.oneshot`). A refiner starts from an earlier stage's mask (`mask_from`), so it
+# One-shot methods (`pipeline.nm.oneshot`). A refiner starts from an earlier stage's mask (`mask_from`), so it
 # is no baseline of its own and the quick `maskpipe oneshot` command (no earlier stage) does not offer it.
 ONESHOT_METHODS = ("magnitude", "wanda", "sparsegpt", "dsnot")
 REFINING_METHODS = ("dsnot",)
 STANDALONE_METHODS = tuple(m for m in ONESHOT_METHODS if m not in REFINING_METHODS)
 LEARNED_METHOD = "maskllm"  # the method name a learn stage's artifact and results record
 
-# How a learning stage spreads the model and the mask state over its workers (`pipeline.shard`).
+# How a learning stage spreads the model and the mask state over its workers (`pipeline.train.shard`).
 STRATEGIES = ("none", "ddp", "fsdp", "deepspeed")
 SHARDING_STRATEGIES = ("fsdp", "deepspeed")  # these need a process group, i.e. Ray workers
 
 RETRIEVAL_TASKS = ("passkey", "niah", "multikey")  # a retrieval stage's tasks, in the order tables show them
-MODEL_DTYPES = ("float32", "bfloat16", "float16")  # what a model loads in (`pipeline.models.DTYPES`)
-SAMPLE_BY = ("line", "paragraph", "document")  # records of a local text file (`pipeline.data`)
+MODEL_DTYPES = ("float32", "bfloat16", "float16")  # what a model loads in (`pipeline.core.models.DTYPES`)
+SAMPLE_BY = ("line", "paragraph", "document")  # records of a local text file (`pipeline.io.data`)
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ import torch
 
 from maskpipe.pipeline import MaskpipeError
 from maskpipe.pipeline.config import Config, ModelConfig
-from maskpipe.pipeline.rundir import RunDir
+from maskpipe.pipeline.io.rundir import RunDir
 
 log = logging.getLogger("maskpipe")
 
@@ -89,7 +89,7 @@ def check_inputs(cfg: Config, source: str = "", flags: dict[str, str] | None = N
     """What can be checked before any model work, named by its key (or by the command-line flag in
     `flags`): every local corpus a stage reads exists and looks like its kind, and no stage asks for
     sequences longer than the model's context."""
-    from maskpipe.pipeline.data import _local_files
+    from maskpipe.pipeline.io.data import _local_files
     from maskpipe.pipeline.stages import kind_of
 
     flags = flags or {}

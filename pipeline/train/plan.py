@@ -2,7 +2,7 @@
 (`memory_plan`), of loading it under fsdp (`loading_plan`), and of a one-shot stage (`oneshot_plan`).
 
 The model is built on the meta device, so every architecture transformers knows is counted exactly;
-the bytes per item follow from what each strategy keeps on a device (see `pipeline.shard`):
+the bytes per item follow from what each strategy keeps on a device (see `pipeline.train.shard`):
 
   frozen weights    all parameters in the model dtype; sharded by fsdp and ZeRO-3
   gathered blocks   fsdp / ZeRO-3 all-gather one decoder block and prefetch the next: 2 blocks whole,
@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-from maskpipe.pipeline.models import DTYPES, decoder_blocks, prunable_linears
+from maskpipe.pipeline.core.models import DTYPES, decoder_blocks, prunable_linears
 
 GiB = 1024**3
 CUDA_RESERVE = 2 * GiB  # CUDA context, NCCL buffers and allocator fragmentation: a rule of thumb
@@ -126,7 +126,7 @@ def loading_plan(shape: Shape, *, n: int, m: int, world: int, sharded: bool, mod
     A whole load (`sharded=False`) holds every frozen weight and, before `fully_shard` cuts them,
     every layer's initial logits; `from_pretrained` also maps the checkpoint's pages while it copies
     them into the model (a checkpoint in the model's dtype assumed). A load from meta
-    (`pipeline.models`) holds only this rank's rows of weights and logits; in flight, one layer's
+    (`pipeline.core.models`) holds only this rank's rows of weights and logits; in flight, one layer's
     initial logits made whole (drawn in float32, then cast), since the random draw must be the one an
     ordinary load makes."""
     wb, lb = DTYPES[model_dtype].itemsize, DTYPES[logits_dtype].itemsize
@@ -142,7 +142,7 @@ def loading_plan(shape: Shape, *, n: int, m: int, world: int, sharded: bool, mod
 
 def oneshot_plan(shape: Shape, *, method: str, n_samples: int, seqlen: int, batch_size: int,
                  model_dtype: str = "bfloat16", offload: bool = False, cuda: bool = True) -> dict[str, int]:
-    """Device bytes of a one-shot stage (`pipeline.oneshot`), LLaMA-style blocks (q, k, v, o, gate,
+    """Device bytes of a one-shot stage (`pipeline.nm.oneshot`), LLaMA-style blocks (q, k, v, o, gate,
     up read `hidden` inputs, down reads `intermediate`). Whole model on the device, or with `offload`
     only what lies outside the blocks (embeddings, head) and the one block being calibrated. Every
     calibration sample's hidden states are kept twice (a block's inputs and its outputs); SparseGPT

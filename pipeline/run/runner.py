@@ -1,10 +1,10 @@
 """Running a recipe: the stages a config lists, in order, into a run directory.
 
-A run directory (`pipeline.rundir.RunDir` owns its layout) holds `config.yaml` (the resolved config),
+A run directory (`pipeline.io.rundir.RunDir` owns its layout) holds `config.yaml` (the resolved config),
 `run.log`, `status.json` (status running/stopped/failed/completed, the stage, the owner's pid and host,
 start and end, and for a run that ended early its last step and error), `metrics.jsonl` (every logged
 training step, each once), one mask artifact per mask-producing stage under `artifacts/`, the last
-checkpoints of each learning stage, `results.json` + `results.md` (`pipeline.results`), and `.lock`,
+checkpoints of each learning stage, `results.json` + `results.md` (`pipeline.run.results`), and `.lock`,
 its owner. Paths in `results.json` are relative to the run directory.
 
 `run` only orders the stages and records what they produced. What a stage is lives in its module of
@@ -21,14 +21,15 @@ from pathlib import Path
 
 import torch
 
-from maskpipe.pipeline import MaskpipeError, __version__, rundir
-from maskpipe.pipeline.artifacts import write_json, write_text
+from maskpipe.pipeline import MaskpipeError, __version__
+from maskpipe.pipeline.io import rundir
+from maskpipe.pipeline.io.artifacts import write_json, write_text
 from maskpipe.pipeline.config import Config, dump_config
-from maskpipe.pipeline.loggers import log_results, logs_to, read_metrics, require
-from maskpipe.pipeline.preflight import check_inputs, check_resumable
-from maskpipe.pipeline.results import Results, StageRecord
-from maskpipe.pipeline.rundir import RunDir
-from maskpipe.pipeline.session import Session, Variant
+from maskpipe.pipeline.io.loggers import log_results, logs_to, read_metrics, require
+from maskpipe.pipeline.run.preflight import check_inputs, check_resumable
+from maskpipe.pipeline.run.results import Results, StageRecord
+from maskpipe.pipeline.io.rundir import RunDir
+from maskpipe.pipeline.io.session import Session, Variant
 from maskpipe.pipeline.stages import StageContext, StageKind, StageOutput, execute, kind_of
 
 log = logging.getLogger("maskpipe")
@@ -66,7 +67,7 @@ def run(cfg: Config, run_dir: Path | None = None, backend=None, lock_wait: float
 
     Given the directory of an interrupted run of the same config, it resumes: finished stages are
     skipped and a learning stage continues from its latest checkpoint. The run directory is owned
-    (`pipeline.rundir.RunLock`) for the whole run: a second writer is refused, after waiting
+    (`pipeline.io.rundir.RunLock`) for the whole run: a second writer is refused, after waiting
     `lock_wait` seconds for the owner to let go."""
     require(cfg.logging)
     check_inputs(cfg)

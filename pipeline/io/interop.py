@@ -17,7 +17,7 @@ fixed `threshold`. They break ties with noise of 1e-6; maskpipe breaks them by h
 same file gives the same plan every time.
 
 The importers check everything against the base model before writing anything, and write ordinary
-maskpipe artifacts (`pipeline.artifacts`): fingerprinted, so they never apply to another model.
+maskpipe artifacts (`pipeline.io.artifacts`): fingerprinted, so they never apply to another model.
 """
 
 from __future__ import annotations
@@ -36,11 +36,11 @@ import torch
 from torch import nn
 
 from maskpipe.pipeline import MaskpipeError
-from maskpipe.pipeline.artifacts import atomic_dir, load_artifact, read_manifest, save_artifact
-from maskpipe.pipeline.attention import AttentionPlan, kv_heads
-from maskpipe.pipeline.models import base_weight
-from maskpipe.pipeline.sparsity import is_nm
-from maskpipe.pipeline.vocab import Pattern
+from maskpipe.pipeline.io.artifacts import atomic_dir, load_artifact, read_manifest, save_artifact
+from maskpipe.pipeline.attention.plans import AttentionPlan, kv_heads
+from maskpipe.pipeline.core.models import base_weight
+from maskpipe.pipeline.nm.sparsity import is_nm
+from maskpipe.pipeline.core.vocab import Pattern
 
 MASKLLM_SUFFIX = ".weight.mask"  # what MaskLLM appends to a linear's module name
 DUO_GATES, DUO_CONFIG = "full_attention_heads.tsv", "config.json"

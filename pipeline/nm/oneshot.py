@@ -25,9 +25,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from maskpipe.pipeline import MaskpipeError
-from maskpipe.pipeline.models import base_weight, decoder_blocks
-from maskpipe.pipeline.sparsity import check_divisible, is_nm, masked, nm_mask
-from maskpipe.pipeline.vocab import ONESHOT_METHODS, Pattern
+from maskpipe.pipeline.core.models import base_weight, decoder_blocks
+from maskpipe.pipeline.nm.sparsity import check_divisible, is_nm, masked, nm_mask
+from maskpipe.pipeline.core.vocab import ONESHOT_METHODS, Pattern
 
 
 @torch.no_grad()
@@ -272,7 +272,7 @@ class _Offloaded:
     pipelines do: everything outside the decoder blocks (embeddings, final norm, head, rotary
     buffers) moves to the device for the whole calibration, each block only while `each` is at it,
     so the device holds one block, its statistics and the calibration activations, never the model
-    (`pipeline.plan.oneshot_plan`). With `device` None or the model's own device nothing moves."""
+    (`pipeline.train.plan.oneshot_plan`). With `device` None or the model's own device nothing moves."""
 
     def __init__(self, model: nn.Module, blocks: nn.ModuleList, device: torch.device | str | None):
         self.model, self.blocks = model, blocks

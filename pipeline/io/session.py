@@ -18,12 +18,13 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from maskpipe.pipeline import MaskpipeError, rundir
-from maskpipe.pipeline.artifacts import MANIFEST_FILE, MASKS_FILE, check_compatible, check_disjoint, load_artifact, read_manifest
-from maskpipe.pipeline.attention import AttentionPlan, check_plan, planned
+from maskpipe.pipeline import MaskpipeError
+from maskpipe.pipeline.io import rundir
+from maskpipe.pipeline.io.artifacts import MANIFEST_FILE, MASKS_FILE, check_compatible, check_disjoint, load_artifact, read_manifest
+from maskpipe.pipeline.attention.plans import AttentionPlan, check_plan, planned
 from maskpipe.pipeline.config import ModelConfig
-from maskpipe.pipeline.models import base_weight, fingerprint, load_model, load_tokenizer, prunable_linears
-from maskpipe.pipeline.sparsity import masked
+from maskpipe.pipeline.core.models import base_weight, fingerprint, load_model, load_tokenizer, prunable_linears
+from maskpipe.pipeline.nm.sparsity import masked
 
 
 @dataclass
@@ -83,7 +84,7 @@ class Session:
         }
 
     def fingerprint(self, layers: dict[str, torch.nn.Linear]) -> str:
-        """`pipeline.models.fingerprint` of these base layers, hashed once per Session. The base weights
+        """`pipeline.core.models.fingerprint` of these base layers, hashed once per Session. The base weights
         never change under a Session: a variant's updated weights are swapped in only while it runs."""
         key = frozenset(layers)
         if key not in self._fingerprints:

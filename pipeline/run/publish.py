@@ -18,9 +18,9 @@ import yaml
 from huggingface_hub import ModelCard, ModelCardData
 
 from maskpipe.pipeline import MaskpipeError
-from maskpipe.pipeline.artifacts import LOGITS_FILE, MANIFEST_FILE, MASKS_FILE, atomic_dir, read_manifest
-from maskpipe.pipeline.results import Results, card_tables
-from maskpipe.pipeline.rundir import RunDir
+from maskpipe.pipeline.io.artifacts import LOGITS_FILE, MANIFEST_FILE, MASKS_FILE, atomic_dir, read_manifest
+from maskpipe.pipeline.run.results import Results, card_tables
+from maskpipe.pipeline.io.rundir import RunDir
 
 CARD = "README.md"
 
@@ -61,7 +61,7 @@ SERVING = ("A mask changes no storage format: `maskpipe apply --out` writes the 
            "checkpoint (zeros where the mask drops a weight), and serving engines load it as a dense model, with "
            "no speed-up: current vLLM does (its 2:4 sparse path was removed). Where a 2:4 "
            "speed-up exists is PyTorch's semi-structured sparse kernels (`torch.sparse.to_sparse_semi_structured`, "
-           "torchao), on GPUs of compute capability 8.0 or newer: `pipeline.sparsity.to_semi_structured` converts "
+           "torchao), on GPUs of compute capability 8.0 or newer: `pipeline.nm.sparsity.to_semi_structured` converts "
            "the masked linears of a loaded model. An attention plan needs maskpipe's attention implementation "
            "(or DuoAttention's own code: `maskpipe export duo-attention`).")
 

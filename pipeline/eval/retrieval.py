@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from maskpipe.pipeline import MaskpipeError
-from maskpipe.pipeline.prompts import (FILLER, MULTIKEY_DIGITS, MULTIKEY_INTRO, MULTIKEY_NEEDLE, MULTIKEY_QUESTION,
+from maskpipe.pipeline.eval.prompts import (FILLER, MULTIKEY_DIGITS, MULTIKEY_INTRO, MULTIKEY_NEEDLE, MULTIKEY_QUESTION,
                               MULTIKEY_WORDS, MULTIVALUE_QUESTION, PASSKEY_DIGITS, PASSKEY_INTRO, PASSKEY_NEEDLE,
                               PASSKEY_QUESTION, build_prompt, random_number, split_sentences)
 
@@ -100,7 +100,7 @@ def greedy_decode(model: nn.Module, prompts: list[list[int]], max_new_tokens: in
 
     Prompts of different lengths are left-padded: the attention mask hides the padding and the
     position ids count from each prompt's first token, so every prompt decodes as it would alone
-    (attention plans count their sink from that token too: `pipeline.attention`). Decoding does not
+    (attention plans count their sink from that token too: `pipeline.attention.plans`). Decoding does not
     stop at an end-of-sequence token, so a prompt's tokens never depend on its batch."""
     device = next(model.parameters()).device
     width = max(len(p) for p in prompts)

@@ -4,7 +4,7 @@ Two ways to load. `load_model` reads the whole checkpoint into every process (`f
 `load_model(..., meta=True)` builds the model on the meta device and reads nothing: every parameter is
 *deferred*, registered with a function that reads any rows [start, stop) of it from the checkpoint's
 safetensors files (`safe_open(...).get_slice`, which reads those rows and nothing else). Whoever
-places the parameters asks for the rows it needs: `pipeline.shard`'s FSDP asks each rank for the rows
+places the parameters asks for the rows it needs: `pipeline.train.shard`'s FSDP asks each rank for the rows
 it owns, so no process ever holds the whole model; `materialize` reads them whole. The checkpoint
 layout is Hugging Face's: `model.safetensors`, or `model.safetensors.index.json` (`weight_map`: tensor
 name -> file) and its shards, tensor names equal to the model's parameter names.
@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from maskpipe.pipeline import MaskpipeError
-from maskpipe.pipeline.vocab import MODEL_DTYPES
+from maskpipe.pipeline.core.vocab import MODEL_DTYPES
 
 if TYPE_CHECKING:  # the schema is the caller's; loading a model needs only its fields
     from maskpipe.pipeline.config import ModelConfig

@@ -32,8 +32,8 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from maskpipe.pipeline import MaskpipeError
-from maskpipe.pipeline.artifacts import write_json, write_text
-from maskpipe.pipeline.rundir import RunDir
+from maskpipe.pipeline.io.artifacts import write_json, write_text
+from maskpipe.pipeline.io.rundir import RunDir
 
 log = logging.getLogger("maskpipe")
 

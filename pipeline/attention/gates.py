@@ -1,9 +1,9 @@
 """Learning a per-head attention plan (DuoAttention, Xiao et al. 2024, arXiv 2410.10819): a gate
-α ∈ [0, 1] per KV head mixes the outputs of full and streaming attention (`pipeline.attention`),
+α ∈ [0, 1] per KV head mixes the outputs of full and streaming attention (`pipeline.attention.plans`),
 α·full + (1 − α)·streaming; only the gates train, to keep the mixed model's final hidden states on the
 answers of synthetic passkey samples close to the dense model's, plus λ·mean|α|. The gates are then
-binarised (`pipeline.attention.binarize`): the heads with the lowest gates stream. The loop around the
-step is `pipeline.loop`'s, as for mask learning.
+binarised (`pipeline.attention.plans.binarize`): the heads with the lowest gates stream. The loop around the
+step is `pipeline.train.loop`'s, as for mask learning.
 """
 
 from __future__ import annotations
@@ -15,11 +15,11 @@ import torch.distributed as dist
 from torch import nn
 
 from maskpipe.pipeline import MaskpipeError
-from maskpipe.pipeline.attention import kv_heads, planned, uniform_plan
-from maskpipe.pipeline.checkpoint import rank_world
-from maskpipe.pipeline.loop import train
-from maskpipe.pipeline.models import materialize
-from maskpipe.pipeline.prompts import (PASSKEY_DIGITS, PASSKEY_INTRO, PASSKEY_NEEDLE, PASSKEY_QUESTION, build_prompt,
+from maskpipe.pipeline.attention.plans import kv_heads, planned, uniform_plan
+from maskpipe.pipeline.train.checkpoint import rank_world
+from maskpipe.pipeline.train.loop import train
+from maskpipe.pipeline.core.models import materialize
+from maskpipe.pipeline.eval.prompts import (PASSKEY_DIGITS, PASSKEY_INTRO, PASSKEY_NEEDLE, PASSKEY_QUESTION, build_prompt,
                                        random_number, split_sentences)
 
 
@@ -53,7 +53,7 @@ def passkey_batch(rng: random.Random, stream, tokenizer, batch_size: int, seqlen
 
 
 class GateLearning:
-    """The `pipeline.loop.Method` of DuoAttention: one step is one synthetic passkey batch, the dense
+    """The `pipeline.train.loop.Method` of DuoAttention: one step is one synthetic passkey batch, the dense
     model's and the gate-mixed model's final hidden states on the answer positions, and an AdamW step
     on the gates (clamped to [0, 1]) against their squared distance plus λ·mean|α|. A checkpoint adds
     the gates, their moments and the passkey generator's state.
@@ -126,7 +126,7 @@ def train_gates(model: nn.Module, tokenizer, st, stream, *, sink: int, window: i
     Under torch.distributed every rank runs this on its share of each global batch of `st.batch_size`
     samples (`GateLearning`), and the step equals one process's step on the whole batch. Every rank
     holds the whole frozen model (`strategy` none on one rank, ddp on several): the sharded strategies
-    of `pipeline.shard` shard mask state, and gates have none worth sharding."""
+    of `pipeline.train.shard` shard mask state, and gates have none worth sharding."""
     _, world = rank_world()
     if strategy not in GATE_STRATEGIES or (strategy == "none" and world > 1):
         raise MaskpipeError(f"gate learning on {world} worker(s) runs strategy "

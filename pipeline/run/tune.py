@@ -34,10 +34,10 @@ from typing import Any
 
 import yaml
 
-from maskpipe.pipeline.artifacts import write_json, write_text
+from maskpipe.pipeline.io.artifacts import write_json, write_text
 from maskpipe.pipeline.config import Config, LearnStage, OneshotStage, config_from_dict, search_spec, set_keys
-from maskpipe.pipeline.results import Results
-from maskpipe.pipeline.rundir import RunDir
+from maskpipe.pipeline.run.results import Results
+from maskpipe.pipeline.io.rundir import RunDir
 
 
 def tuned_stage(cfg: Config) -> LearnStage:
