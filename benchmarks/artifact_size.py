@@ -17,7 +17,7 @@ from math import comb, log2
 from pathlib import Path
 
 from maskpipe.pipeline.io.artifacts import MANIFEST_FILE, MASKS_FILE, load_artifact, save_artifact
-from maskpipe.pipeline.config import ModelConfig
+from maskpipe.pipeline.core.schema import ModelConfig
 from maskpipe.pipeline.nm.encoding import Codec
 from maskpipe.pipeline.core.models import load_model, prunable_linears
 from maskpipe.pipeline.nm.sparsity import nm_mask

@@ -26,7 +26,7 @@ import collections
 import torch
 
 from maskpipe.pipeline.io.artifacts import load_artifact
-from maskpipe.pipeline.config import DataConfig, ModelConfig
+from maskpipe.pipeline.core.schema import DataConfig, ModelConfig
 from maskpipe.pipeline.io.data import TokenStream
 from maskpipe.pipeline.core.models import load_model, load_tokenizer, prunable_linears
 from maskpipe.pipeline.nm.oneshot import dsnot_error, dsnot_refine

@@ -24,7 +24,7 @@ import time
 
 import torch
 
-from maskpipe.pipeline.config import DataConfig, ModelConfig
+from maskpipe.pipeline.core.schema import DataConfig, ModelConfig
 from maskpipe.pipeline.io.data import TokenStream, eval_text
 from maskpipe.pipeline.eval.perplexity import perplexity
 from maskpipe.pipeline.core.models import load_model, load_tokenizer, prunable_linears

@@ -105,7 +105,7 @@ class Context:
 
 
 def model_cfg(path, dtype: str, device: str):
-    from maskpipe.pipeline.config import ModelConfig
+    from maskpipe.pipeline.core.schema import ModelConfig
 
     return ModelConfig(name_or_path=str(path), dtype=dtype, device=device)
 
@@ -257,7 +257,7 @@ def part_strategies(ctx: Context) -> dict:
     import torch.distributed as dist
 
     from maskpipe.pipeline.train.checkpoint import CheckpointDir
-    from maskpipe.pipeline.config import LearnStage
+    from maskpipe.pipeline.stages.learn import LearnStage
     from maskpipe.pipeline.nm.learn import train_masks
     from maskpipe.pipeline.core.models import load_model, load_tokenizer, prunable_linears
 

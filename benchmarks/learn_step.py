@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from maskpipe.pipeline.config import ModelConfig
+from maskpipe.pipeline.core.schema import ModelConfig
 from maskpipe.pipeline.nm.learn import add_learned_masks
 from maskpipe.pipeline.core.models import load_model, prunable_linears
 

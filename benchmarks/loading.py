@@ -78,7 +78,8 @@ def worker(rank: int, world: int, port: int, directory: str, meta: bool, steps: 
     import torch.distributed as dist
 
     from maskpipe.pipeline.train.checkpoint import CheckpointDir
-    from maskpipe.pipeline.config import LearnStage, ModelConfig
+    from maskpipe.pipeline.core.schema import ModelConfig
+    from maskpipe.pipeline.stages.learn import LearnStage
     from maskpipe.pipeline.nm.learn import train_masks
     from maskpipe.pipeline.core.models import load_model, prunable_linears
     from maskpipe.pipeline.train.shard import FSDP
@@ -133,7 +134,7 @@ def main() -> None:
     a = p.parse_args()
     from transformers import AutoConfig
 
-    from maskpipe.pipeline.config import ModelConfig
+    from maskpipe.pipeline.core.schema import ModelConfig
     from maskpipe.pipeline.train.plan import gib, loading_plan, memory_plan, model_shape
 
     directory = Path(a.dir)

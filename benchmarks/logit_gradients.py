@@ -15,7 +15,7 @@ import argparse
 
 import torch
 
-from maskpipe.pipeline.config import DataConfig, ModelConfig
+from maskpipe.pipeline.core.schema import DataConfig, ModelConfig
 from maskpipe.pipeline.io.data import TokenStream
 from maskpipe.pipeline.nm.learn import add_learned_masks
 from maskpipe.pipeline.core.models import load_model, load_tokenizer, prunable_linears

@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 
 from maskpipe.pipeline.train.checkpoint import CheckpointDir
-from maskpipe.pipeline.config import DataConfig, LearnStage, ModelConfig
+from maskpipe.pipeline.core.schema import DataConfig, ModelConfig
+from maskpipe.pipeline.stages.learn import LearnStage
 from maskpipe.pipeline.io.data import TokenStream
 from maskpipe.pipeline.nm.learn import train_masks
 from maskpipe.pipeline.core.models import load_model, load_tokenizer, prunable_linears

@@ -27,7 +27,8 @@ from torch.nn.utils import parametrize
 
 import maskpipe.pipeline.nm.learn as learn
 import maskpipe.pipeline.train.loop as loop
-from maskpipe.pipeline.config import DataConfig, LearnStage, ModelConfig
+from maskpipe.pipeline.core.schema import DataConfig, ModelConfig
+from maskpipe.pipeline.stages.learn import LearnStage
 from maskpipe.pipeline.io.data import TokenStream, calibration_blocks, eval_text
 from maskpipe.pipeline.eval.perplexity import perplexity
 from maskpipe.pipeline.core.models import load_model, load_tokenizer, prunable_linears

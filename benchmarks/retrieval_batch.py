@@ -19,7 +19,7 @@ from contextlib import nullcontext
 import torch
 
 from maskpipe.pipeline.attention.plans import kv_heads, planned, uniform_plan
-from maskpipe.pipeline.config import ModelConfig
+from maskpipe.pipeline.core.schema import ModelConfig
 from maskpipe.pipeline.core.models import load_model, load_tokenizer
 from maskpipe.pipeline.eval.retrieval import passkey_samples, score
 

@@ -75,7 +75,7 @@ def linear_layers(tokens: list[int], dtype: torch.dtype, repeats: int) -> list[s
 def end_to_end(model_path: str, masks_path: str | None, dtype: str, batches: list[int], seqlen: int,
                repeats: int) -> list[str]:
     from maskpipe.pipeline.io.artifacts import load_artifact
-    from maskpipe.pipeline.config import ModelConfig
+    from maskpipe.pipeline.core.schema import ModelConfig
     from maskpipe.pipeline.core.models import load_model, prunable_linears
     from maskpipe.pipeline.nm.sparsity import masked
 

@@ -21,10 +21,12 @@ from maskpipe.pipeline.core.vocab import MODEL_DTYPES, SAMPLE_BY, STANDALONE_MET
 
 def from_config(model: str, key: str, text: str = "") -> str:
     """The help of a flag that defaults to None, so that the config's default applies: says that default.
-    `model`: the name of a `pipeline.config` model, `key` its field."""
-    from maskpipe.pipeline import config
+    `model`: a config class as `module.Class` under `maskpipe.pipeline` (e.g. `stages.eval.EvalStage`),
+    `key` its field."""
+    import importlib
 
-    default = config.__dict__[model].model_fields[key].default
+    module, _, name = model.rpartition(".")
+    default = getattr(importlib.import_module(f"maskpipe.pipeline.{module}"), name).model_fields[key].default
     shown = " ".join(map(str, default)) if isinstance(default, list) else default
     return f"{text}{' ' if text else ''}(default: {shown}, from the config)"
 
@@ -37,8 +39,8 @@ def given(**values) -> dict:
 def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="local model directory or hub id")
     p.add_argument("--revision", default=None, help="hub revision (branch, tag or commit)")
-    p.add_argument("--dtype", default=None, choices=MODEL_DTYPES, help=from_config("ModelConfig", "dtype"))
-    p.add_argument("--device", default=None, help=from_config("ModelConfig", "device", "auto, cpu, cuda, cuda:1, ..."))
+    p.add_argument("--dtype", default=None, choices=MODEL_DTYPES, help=from_config("core.schema.ModelConfig", "dtype"))
+    p.add_argument("--device", default=None, help=from_config("core.schema.ModelConfig", "device", "auto, cpu, cuda, cuda:1, ..."))
     p.add_argument("--trust-remote-code", action="store_true")
 
 
@@ -46,7 +48,7 @@ def _data_args(p: argparse.ArgumentParser, required: bool = True) -> None:
     p.add_argument("--data", required=required, help="local .txt/.jsonl/.parquet file (or glob) or hub dataset id")
     p.add_argument("--data-name", default=None, help="hub dataset config, e.g. wikitext-2-raw-v1")
     p.add_argument("--split", default=None, help="dataset split (default: train; test for eval)")
-    p.add_argument("--text-field", default=None, help=from_config("Source", "text_field"))
+    p.add_argument("--text-field", default=None, help=from_config("core.schema.Source", "text_field"))
     p.add_argument("--sample-by", default=None, choices=SAMPLE_BY,
                    help="local text files: one record per line, paragraph or the whole file")
 
@@ -257,7 +259,7 @@ def cmd_retrieval(a) -> None:
 def cmd_apply(a) -> None:
     from maskpipe.pipeline.io.artifacts import materialize
     from maskpipe.pipeline.attention.plans import AttentionPlan, plan_cost
-    from maskpipe.pipeline.config import ModelConfig
+    from maskpipe.pipeline.core.schema import ModelConfig
     from maskpipe.pipeline.io.session import Session
     from maskpipe.pipeline.stages.attention import head_geometry
 
@@ -310,7 +312,8 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
 def cmd_plan(a) -> None:
     from transformers import AutoConfig
 
-    from maskpipe.pipeline.config import LearnStage, load_config
+    from maskpipe.pipeline.config import load_config
+    from maskpipe.pipeline.stages.learn import LearnStage
     from maskpipe.pipeline.train.plan import model_shape, parse_bytes, plan_report, stage_plan, what_fits
 
     cfg = load_config(a.config, a.overrides)
@@ -430,13 +433,13 @@ def build_parser() -> argparse.ArgumentParser:
     o = sub.add_parser("oneshot", help=f"one-shot N:M mask ({', '.join(STANDALONE_METHODS)}) into an artifact")
     _model_args(o)
     o.add_argument("--method", required=True, choices=STANDALONE_METHODS)
-    o.add_argument("--pattern", default=None, metavar="N:M", help=from_config("SparsityConfig", "pattern"))
+    o.add_argument("--pattern", default=None, metavar="N:M", help=from_config("config.SparsityConfig", "pattern"))
     _data_args(o, required=False)
-    o.add_argument("--n-samples", type=int, default=None, help=from_config("OneshotStage", "n_samples"))
-    o.add_argument("--seqlen", type=int, default=None, help=from_config("OneshotStage", "seqlen"))
-    o.add_argument("--batch-size", type=int, default=None, help=from_config("OneshotStage", "batch_size"))
+    o.add_argument("--n-samples", type=int, default=None, help=from_config("stages.oneshot.OneshotStage", "n_samples"))
+    o.add_argument("--seqlen", type=int, default=None, help=from_config("stages.oneshot.OneshotStage", "seqlen"))
+    o.add_argument("--batch-size", type=int, default=None, help=from_config("stages.oneshot.OneshotStage", "batch_size"))
     o.add_argument("--weight-update", action="store_true", help="SparseGPT: also keep updated weights (baseline)")
-    o.add_argument("--seed", type=int, default=None, help=from_config("Config", "seed"))
+    o.add_argument("--seed", type=int, default=None, help=from_config("config.Config", "seed"))
     o.add_argument("--out", required=True, help="artifact directory to write")
     o.set_defaults(fn=cmd_oneshot)
 
@@ -445,9 +448,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--masks", nargs="*", default=[], help="mask artifacts to evaluate")
     e.add_argument("--dense", action="store_true", help="also evaluate the dense model when --masks is given")
     _data_args(e)
-    e.add_argument("--seqlen", type=int, default=None, help=from_config("EvalStage", "seqlen"))
+    e.add_argument("--seqlen", type=int, default=None, help=from_config("stages.eval.EvalStage", "seqlen"))
     e.add_argument("--stride", type=int, default=None, help="sliding-window evaluation when < seqlen (default: none)")
-    e.add_argument("--batch-size", type=int, default=None, help=from_config("EvalStage", "batch_size"))
+    e.add_argument("--batch-size", type=int, default=None, help=from_config("stages.eval.EvalStage", "batch_size"))
     e.add_argument("--out", default=None, help="write the results as JSON here")
     e.set_defaults(fn=cmd_eval)
 
@@ -457,19 +460,19 @@ def build_parser() -> argparse.ArgumentParser:
     rt.add_argument("--dense", action="store_true", help="also evaluate the dense model when --masks is given")
     rt.add_argument("--passkey", type=int, nargs="*", default=[], metavar="LEN", help="passkey prompt lengths (tokens)")
     rt.add_argument("--samples", type=int, default=None,
-                    help=from_config("PasskeyTask", "samples", "passkey and multi-key samples per length"))
+                    help=from_config("stages.retrieval.PasskeyTask", "samples", "passkey and multi-key samples per length"))
     rt.add_argument("--niah", type=int, nargs="*", default=[], metavar="LEN", help="NIAH context lengths (tokens)")
-    rt.add_argument("--depths", type=float, nargs="+", default=None, help=from_config("NiahTask", "depths",
+    rt.add_argument("--depths", type=float, nargs="+", default=None, help=from_config("stages.retrieval.NiahTask", "depths",
                                                                                        "NIAH needle depths"))
     rt.add_argument("--niah-samples", type=int, default=None,
-                    help=from_config("NiahTask", "samples", "NIAH samples per cell"))
+                    help=from_config("stages.retrieval.NiahTask", "samples", "NIAH samples per cell"))
     _data_args(rt, required=False)
     rt.add_argument("--multikey", type=int, nargs="*", default=[], metavar="LEN", help="multi-key prompt lengths")
     rt.add_argument("--keys", type=int, default=None, help=from_config(
-        "MultiKeyTask", "keys", "multi-key: keys in the haystack (1 asked, the rest distract)"))
+        "stages.retrieval.MultiKeyTask", "keys", "multi-key: keys in the haystack (1 asked, the rest distract)"))
     rt.add_argument("--values", type=int, default=None,
-                    help=from_config("MultiKeyTask", "values", "multi-key: values per key (all must be retrieved)"))
-    rt.add_argument("--seed", type=int, default=None, help=from_config("Config", "seed"))
+                    help=from_config("stages.retrieval.MultiKeyTask", "values", "multi-key: values per key (all must be retrieved)"))
+    rt.add_argument("--seed", type=int, default=None, help=from_config("config.Config", "seed"))
     rt.add_argument("--out", required=True, help="directory for results.json, per-sample records and heatmaps")
     rt.set_defaults(fn=cmd_retrieval)
 

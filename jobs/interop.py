@@ -20,7 +20,7 @@ from maskpipe.pipeline import MaskpipeError
 def cmd_import(a) -> None:
     from maskpipe.jobs.cli import _model_cfg
     from maskpipe.pipeline.attention.plans import AttentionPlan
-    from maskpipe.pipeline.config import ModelConfig
+    from maskpipe.pipeline.core.schema import ModelConfig
     from maskpipe.pipeline.io.interop import import_duo_attention, import_maskllm
     from maskpipe.pipeline.io.session import Session
 
@@ -114,11 +114,11 @@ def add_interop_commands(sub, model_args) -> None:
     model_args(le)
     le.add_argument("--masks", nargs="*", default=[], help="artifacts to evaluate (N:M masks and/or attention plans)")
     le.add_argument("--dense", action="store_true", help="also evaluate the dense model when --masks is given")
-    le.add_argument("--tasks", nargs="+", default=None, help=from_config("LmEvalStage", "tasks", "lm-eval tasks"))
+    le.add_argument("--tasks", nargs="+", default=None, help=from_config("stages.lm_eval.LmEvalStage", "tasks", "lm-eval tasks"))
     le.add_argument("--include-path", default=None, help="a folder of task YAMLs, e.g. configs/lm_eval")
-    le.add_argument("--num-fewshot", type=int, default=None, help=from_config("LmEvalStage", "num_fewshot"))
+    le.add_argument("--num-fewshot", type=int, default=None, help=from_config("stages.lm_eval.LmEvalStage", "num_fewshot"))
     le.add_argument("--limit", type=float, default=None, help="documents per task (a fraction if < 1)")
-    le.add_argument("--batch-size", type=int, default=None, help=from_config("LmEvalStage", "batch_size"))
-    le.add_argument("--seed", type=int, default=None, help=from_config("Config", "seed"))
+    le.add_argument("--batch-size", type=int, default=None, help=from_config("stages.lm_eval.LmEvalStage", "batch_size"))
+    le.add_argument("--seed", type=int, default=None, help=from_config("config.Config", "seed"))
     le.add_argument("--out", required=True, help="directory for results.json and results.md")
     le.set_defaults(fn=cmd_lm_eval)

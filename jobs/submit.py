@@ -119,7 +119,7 @@ def run_state(run_dir: Path, job: str | None = None) -> str:
 def run_summary(run_dir: Path, job: str | None = None) -> dict:
     """One row of `maskpipe runs`. The cluster is asked about the run's job (unless `job` already
     says) only while the run directory says it is running."""
-    from maskpipe.pipeline.config import yaml_load
+    from maskpipe.pipeline.core.schema import yaml_load
     from maskpipe.pipeline.io.loggers import read_metrics
 
     paths = RunDir(run_dir)

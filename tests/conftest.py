@@ -15,7 +15,7 @@ torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", 2)))
 
 @pytest.fixture(scope="session")
 def micro_cfg():
-    from maskpipe.pipeline.config import ModelConfig
+    from maskpipe.pipeline.core.schema import ModelConfig
 
     return ModelConfig(name_or_path=str(MICRO), dtype="float32", device="cpu")
 

@@ -7,7 +7,7 @@ from transformers import AutoModelForCausalLM
 from maskpipe.pipeline import MaskpipeError
 from maskpipe.pipeline.io.artifacts import (MASKS_FILE, MANIFEST_FILE, atomic_dir, check_compatible, load_artifact,
                                 materialize, read_manifest, save_artifact)
-from maskpipe.pipeline.config import ModelConfig
+from maskpipe.pipeline.core.schema import ModelConfig
 from maskpipe.pipeline.core.models import load_model, prunable_linears
 from maskpipe.pipeline.nm.sparsity import is_nm, masked, nm_mask
 from tests.conftest import FIXTURES, MICRO

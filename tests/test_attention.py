@@ -112,7 +112,7 @@ def test_plan_json_round_trip_and_costs():
 
 
 def _gate_stage(**kw):
-    from maskpipe.pipeline.config import AttentionStage
+    from maskpipe.pipeline.stages.attention import AttentionStage
 
     return AttentionStage.model_validate({"stage": "attention", "data": "d", "steps": 4, "batch_size": 1,
                                           "seqlen": 128, "needles": 2, "log_every": 1, "checkpoint_every": 2,
@@ -120,7 +120,7 @@ def _gate_stage(**kw):
 
 
 def _stream(tokenizer):
-    from maskpipe.pipeline.config import DataConfig
+    from maskpipe.pipeline.core.schema import DataConfig
     from maskpipe.pipeline.io.data import TokenStream
     from tests.conftest import CORPORA
 

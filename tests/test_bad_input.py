@@ -145,7 +145,7 @@ def test_an_artifact_for_another_model_or_an_unusable_model_is_refused(model, me
 def parts(tmp_path_factory, artifact):
     """Artifacts of one base model: attention layers, MLP layers (4:8), an attention plan, and one more plan."""
     from maskpipe.pipeline.attention.plans import kv_heads, uniform_plan
-    from maskpipe.pipeline.config import ModelConfig
+    from maskpipe.pipeline.core.schema import ModelConfig
     from maskpipe.pipeline.core.models import load_model, prunable_linears
 
     root = tmp_path_factory.mktemp("parts")
@@ -197,7 +197,7 @@ def test_artifacts_for_different_models_are_refused_together(parts, other_models
           f"the artifacts were made for different architectures: {parts['attn']} for LlamaForCausalLM, "
           f"{foreign} for Qwen2ForCausalLM", tmp_path / "o")
     # one artifact that fits and one made on other weights for other layers: only the fingerprint can tell
-    from maskpipe.pipeline.config import ModelConfig
+    from maskpipe.pipeline.core.schema import ModelConfig
     from maskpipe.pipeline.core.models import load_model, prunable_linears
 
     cfg = ModelConfig(name_or_path=str(other_models / "other-weights"), dtype="float32", device="cpu")

@@ -3,7 +3,8 @@ from pathlib import Path
 
 import pytest
 
-from maskpipe.pipeline.config import ConfigError, apply_overrides, config_from_dict, dump_config, load_config, yaml_load
+from maskpipe.pipeline.config import apply_overrides, config_from_dict, dump_config, load_config
+from maskpipe.pipeline.core.schema import ConfigError, yaml_load
 from maskpipe.pipeline.core.vocab import Pattern
 from tests.conftest import ROOT
 
@@ -136,7 +137,7 @@ def test_pattern_parses_prints_and_validates_in_one_place():
 
 
 def test_learn_lr_defaults_to_a_move_of_one_and_a_half_prior_margins_but_never_less_than_3_percent_a_step():
-    from maskpipe.pipeline.config import LR_MARGINS, MIN_STEP_MARGIN, LearnStage
+    from maskpipe.pipeline.stages.learn import LR_MARGINS, MIN_STEP_MARGIN, LearnStage
 
     def lr(**kw):
         return LearnStage.model_validate({"stage": "learn", "data": "x", **kw}).lr

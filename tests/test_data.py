@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from maskpipe.pipeline import MaskpipeError
-from maskpipe.pipeline.config import DataConfig
+from maskpipe.pipeline.core.schema import DataConfig
 from maskpipe.pipeline.io.data import TokenStream, calibration_blocks, eval_text, open_source
 from tests.conftest import CORPORA, ROOT
 

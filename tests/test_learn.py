@@ -5,7 +5,8 @@ import torch
 from torch.nn.utils import parametrize
 
 from maskpipe.pipeline.train.checkpoint import CheckpointDir
-from maskpipe.pipeline.config import DataConfig, LearnStage
+from maskpipe.pipeline.core.schema import DataConfig
+from maskpipe.pipeline.stages.learn import LearnStage
 from maskpipe.pipeline.io.data import TokenStream
 from maskpipe.pipeline.nm.learn import GumbelNMMask, add_learned_masks, hard_mask, nm_candidates, prior_logits, train_masks
 from maskpipe.pipeline.train.loop import cosine_lr, linear_schedule

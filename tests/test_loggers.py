@@ -2,7 +2,8 @@ import json
 
 import pytest
 
-from maskpipe.pipeline.config import ConfigError, config_from_dict
+from maskpipe.pipeline.config import config_from_dict
+from maskpipe.pipeline.core.schema import ConfigError
 from maskpipe.pipeline.io.loggers import MetricsLog, log_results, read_metrics
 
 BASE = {"name": "t", "model": {"name_or_path": "m"}, "stages": [{"stage": "oneshot", "method": "magnitude"}]}

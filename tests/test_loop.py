@@ -2,13 +2,20 @@
 and gates learn data-parallel on two real (gloo) ranks what one process learns on the same batch.
 
 The recorded values come from the two loops that `pipeline.train.loop.train` replaced (commit a179437), run
-on a corpus the test writes itself, so that they do not move with the fixture corpora."""
+on a corpus the test writes itself, so that they do not move with the fixture corpora. A learned hard mask
+is an argmax over logits, so the last bits of a kernel's rounding flip a few near-tied groups: on one CPU
+with AVX2 kernels and another with AVX-512 the masks below differ in 2 (candidates) and 54 (positions) of
+786,432 weights, and the gates by 6e-7. The masks are compared weight by weight against the recorded ones
+(`fixtures/loop_masks.npz`, np.packbits of each hard mask) and must agree on all but 1e-3 of them (a loop that changed would flip far more); the
+candidates mask was checked bit for bit against a179437's digest (8067199acf928b91) with AVX2 kernels."""
 
-import hashlib
 import os
 import random
 import shutil
 import socket
+from pathlib import Path
+
+import numpy as np
 
 import pytest
 import torch
@@ -18,8 +25,9 @@ import torch.multiprocessing as mp
 from maskpipe.pipeline.train.checkpoint import CheckpointDir
 from tests.conftest import MICRO
 
-# sha256 of the hard masks (first 16 hex digits) and the gates that the loops of a179437 learned.
-RECORDED_MASKS = {"candidates": "8067199acf928b91", "positions": "85205b55c46c1e41"}
+# The hard masks and the gates that the loops of a179437 learned.
+RECORDED_MASKS = Path(__file__).parent / "fixtures" / "loop_masks.npz"
+MASK_AGREEMENT = 1 - 1e-3
 RECORDED_GATES = [[0.9101702570915222, 1.0], [0.8741242289543152, 0.8504647016525269], [0.8771308064460754, 1.0],
                   [0.8985581398010254, 1.0]]
 
@@ -35,7 +43,7 @@ def write_corpus(path) -> str:
 
 
 def _stream(corpus, tokenizer, seqlen, rank=0, world=1):
-    from maskpipe.pipeline.config import DataConfig
+    from maskpipe.pipeline.core.schema import DataConfig
     from maskpipe.pipeline.io.data import TokenStream
 
     class BlocksOfA179437(TokenStream):
@@ -49,8 +57,8 @@ def _stream(corpus, tokenizer, seqlen, rank=0, world=1):
     return BlocksOfA179437(data, tokenizer, seqlen, seed=0, rank=rank, world_size=world)
 
 
-def mask_digest(model, linears, tokenizer, corpus, ckpt, per_group: str) -> str:
-    from maskpipe.pipeline.config import LearnStage
+def learned_masks(model, linears, tokenizer, corpus, ckpt, per_group: str) -> dict[str, torch.Tensor]:
+    from maskpipe.pipeline.stages.learn import LearnStage
     from maskpipe.pipeline.nm.learn import hard_mask, train_masks
 
     st = LearnStage.model_validate({"stage": "learn", "name": "learn", "data": "d", "steps": 6, "batch_size": 2,
@@ -59,15 +67,11 @@ def mask_digest(model, linears, tokenizer, corpus, ckpt, per_group: str) -> str:
                                     "logits_per_group": per_group})
     logits, _ = train_masks(model, linears, st, 2, 4, _stream(corpus, tokenizer, 32), seed=0,
                             store=CheckpointDir(ckpt, keep=2))
-    h = hashlib.sha256()
-    for k in sorted(logits):
-        h.update(k.encode())
-        h.update(hard_mask(logits[k], 2, 4).numpy().tobytes())
-    return h.hexdigest()[:16]
+    return {k: hard_mask(v, 2, 4) for k, v in logits.items()}
 
 
 def gate_stage(**kw):
-    from maskpipe.pipeline.config import AttentionStage
+    from maskpipe.pipeline.stages.attention import AttentionStage
 
     return AttentionStage.model_validate({"stage": "attention", "data": "d", "steps": 4, "batch_size": 2,
                                           "seqlen": 128, "needles": 2, "warmup_steps": 1, "log_every": 2,
@@ -84,8 +88,16 @@ def learn_gates(model, tokenizer, corpus, ckpt, on_log=None):
 def test_fixed_seeds_learn_the_recorded_masks_and_gates(micro, tokenizer, tmp_path):
     model, linears = micro
     corpus = write_corpus(tmp_path / "corpus.txt")
-    for per_group, digest in RECORDED_MASKS.items():
-        assert mask_digest(model, linears, tokenizer, corpus, tmp_path / per_group, per_group) == digest, per_group
+    recorded = np.load(RECORDED_MASKS, allow_pickle=False)
+    for per_group in ("candidates", "positions"):
+        masks = learned_masks(model, linears, tokenizer, corpus, tmp_path / per_group, per_group)
+        same = total = 0
+        for name, mask in masks.items():
+            ours = mask.numpy().ravel()
+            theirs = np.unpackbits(recorded[f"{per_group}|{name}"], count=ours.size).astype(bool)
+            same, total = same + int((ours == theirs).sum()), total + ours.size
+        assert len(masks) == len([k for k in recorded.files if k.startswith(per_group)])
+        assert same / total >= MASK_AGREEMENT, (per_group, total - same)
     gates, history = learn_gates(model, tokenizer, corpus, tmp_path / "gates")
     torch.testing.assert_close(gates, torch.tensor(RECORDED_GATES), atol=1e-6, rtol=0)
     assert [h["step"] for h in history] == [2, 4] and list(history[0]) == ["step", "distance", "lr", "gate_mean",
@@ -96,7 +108,7 @@ def _gates_on_ranks(rank, world, port, corpus, ckpt, out):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    from maskpipe.pipeline.config import ModelConfig
+    from maskpipe.pipeline.core.schema import ModelConfig
     from maskpipe.pipeline.core.models import load_model, load_tokenizer
 
     cfg = ModelConfig(name_or_path=str(MICRO), dtype="float32", device="cpu")

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from maskpipe.pipeline import MaskpipeError
-from maskpipe.pipeline.config import ModelConfig, PruneTargets
+from maskpipe.pipeline.core.schema import ModelConfig, PruneTargets
 from maskpipe.pipeline.core.models import decoder_blocks, fingerprint, load_model, load_tokenizer, materialize, prunable_linears
 from tests.conftest import MICRO
 

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from maskpipe.pipeline import MaskpipeError
-from maskpipe.pipeline.config import ModelConfig
+from maskpipe.pipeline.core.schema import ModelConfig
 from maskpipe.pipeline.eval.perplexity import perplexity
 from maskpipe.pipeline.core.models import load_model, load_tokenizer, prunable_linears
 from maskpipe.pipeline.nm.oneshot import (ChannelMoments, Hessian, _swapped_weights, dsnot_error, dsnot_refine, oneshot_masks,

@@ -54,7 +54,7 @@ def test_plan_errors_name_what_is_wrong(in_root, capsys):
 def test_loading_and_oneshot_plans_shrink_with_sharding_and_offload(in_root):
     from transformers import AutoConfig
 
-    from maskpipe.pipeline.config import ModelConfig
+    from maskpipe.pipeline.core.schema import ModelConfig
     from maskpipe.pipeline.train.plan import GiB, loading_plan, oneshot_plan
 
     shape = model_shape(AutoConfig.from_pretrained("configs/hf/llama-2-13b"), ModelConfig(name_or_path="llama-2-13b"))

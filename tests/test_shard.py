@@ -36,7 +36,8 @@ def _learn(rank, world, port, strategy, out, ckpt_dir, stop_at, threads, kw):
     torch.set_num_threads(threads)
     if world > 1:
         dist.init_process_group("gloo", rank=rank, world_size=world)
-    from maskpipe.pipeline.config import DataConfig, LearnStage, ModelConfig
+    from maskpipe.pipeline.core.schema import DataConfig, ModelConfig
+    from maskpipe.pipeline.stages.learn import LearnStage
     from maskpipe.pipeline.io.data import TokenStream
     from maskpipe.pipeline.nm.learn import train_masks
     from maskpipe.pipeline.core.models import fingerprint, load_model, load_tokenizer, prunable_linears
@@ -230,7 +231,7 @@ def test_a_learning_stage_loaded_from_meta_writes_the_artifact_of_a_whole_load(t
     weights, rank 0 fingerprinting from the checkpoint): the artifact is the whole load's, and it
     applies to a whole load of the model."""
     from maskpipe.pipeline.io.artifacts import check_compatible, load_artifact
-    from maskpipe.pipeline.config import ModelConfig
+    from maskpipe.pipeline.core.schema import ModelConfig
     from maskpipe.pipeline.core.models import load_model, prunable_linears
 
     for meta in (False, True):

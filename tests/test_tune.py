@@ -8,7 +8,9 @@ import pytest
 
 from maskpipe.cluster import connect  # before Ray is imported: it sets how clients authenticate
 
-from maskpipe.pipeline.config import ConfigError, LearnStage, config_from_dict, search_spec
+from maskpipe.pipeline.config import config_from_dict, search_spec
+from maskpipe.pipeline.core.schema import ConfigError
+from maskpipe.pipeline.stages.learn import LearnStage
 from maskpipe.pipeline.run.tune import reference_config, summarize, trial_config, tune_table
 from tests.conftest import CORPORA, MICRO
 

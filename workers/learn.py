@@ -30,7 +30,8 @@ from ray.train.torch import TorchTrainer
 from maskpipe.pipeline import MaskpipeError
 from maskpipe.pipeline.io.artifacts import MANIFEST_FILE, write_json
 from maskpipe.pipeline.train.checkpoint import Checkpoint, write_shard
-from maskpipe.pipeline.config import Config, LearnStage
+from maskpipe.pipeline.config import Config
+from maskpipe.pipeline.stages.learn import LearnStage
 from maskpipe.pipeline.io.loggers import MetricsLog, logs_to
 from maskpipe.pipeline.io.rundir import RunDir
 from maskpipe.pipeline.io.session import Session

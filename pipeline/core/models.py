@@ -27,7 +27,7 @@ from maskpipe.pipeline import MaskpipeError
 from maskpipe.pipeline.core.vocab import MODEL_DTYPES
 
 if TYPE_CHECKING:  # the schema is the caller's; loading a model needs only its fields
-    from maskpipe.pipeline.config import ModelConfig
+    from maskpipe.pipeline.core.schema import ModelConfig
 
 DTYPES = {name: getattr(torch, name) for name in MODEL_DTYPES}
 

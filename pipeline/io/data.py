@@ -16,7 +16,7 @@ import torch
 from datasets.exceptions import DatasetNotFoundError
 
 from maskpipe.pipeline import MaskpipeError
-from maskpipe.pipeline.config import SHUFFLE_WINDOW_TOKENS, DataConfig, Source
+from maskpipe.pipeline.core.schema import SHUFFLE_WINDOW_TOKENS, DataConfig, Source
 
 _BUILDERS = {".txt": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 _TEXT = datasets.Features({"text": datasets.Value("string")})

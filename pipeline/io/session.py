@@ -22,7 +22,7 @@ from maskpipe.pipeline import MaskpipeError
 from maskpipe.pipeline.io import rundir
 from maskpipe.pipeline.io.artifacts import MANIFEST_FILE, MASKS_FILE, check_compatible, check_disjoint, load_artifact, read_manifest
 from maskpipe.pipeline.attention.plans import AttentionPlan, check_plan, planned
-from maskpipe.pipeline.config import ModelConfig
+from maskpipe.pipeline.core.schema import ModelConfig
 from maskpipe.pipeline.core.models import base_weight, fingerprint, load_model, load_tokenizer, prunable_linears
 from maskpipe.pipeline.nm.sparsity import masked
 

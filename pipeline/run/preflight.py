@@ -11,7 +11,8 @@ from typing import Any
 import torch
 
 from maskpipe.pipeline import MaskpipeError
-from maskpipe.pipeline.config import Config, ModelConfig
+from maskpipe.pipeline.config import Config
+from maskpipe.pipeline.core.schema import ModelConfig
 from maskpipe.pipeline.io.rundir import RunDir
 
 log = logging.getLogger("maskpipe")
@@ -145,7 +146,8 @@ def check_resumable(cfg: Config, run_dir: Path) -> None:
     path = RunDir(run_dir).config
     if not path.exists():
         return
-    from maskpipe.pipeline.config import config_from_dict, yaml_load
+    from maskpipe.pipeline.config import config_from_dict
+    from maskpipe.pipeline.core.schema import yaml_load
 
     try:
         old = config_from_dict(yaml_load(path.read_text()), str(path)).model_dump(mode="json")

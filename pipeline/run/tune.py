@@ -35,7 +35,9 @@ from typing import Any
 import yaml
 
 from maskpipe.pipeline.io.artifacts import write_json, write_text
-from maskpipe.pipeline.config import Config, LearnStage, OneshotStage, config_from_dict, search_spec, set_keys
+from maskpipe.pipeline.config import Config, config_from_dict, search_spec, set_keys
+from maskpipe.pipeline.stages.learn import LearnStage
+from maskpipe.pipeline.stages.oneshot import OneshotStage
 from maskpipe.pipeline.run.results import Results
 from maskpipe.pipeline.io.rundir import RunDir
 

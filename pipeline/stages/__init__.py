@@ -1,7 +1,8 @@
 """Stage kinds: what each `stage:` of a config is, in one place each, and the registry that finds them.
 
 A stage kind (`StageKind`) declares
-  - `config`: its config class (the schema, in `pipeline.config`), whose `stage` literal names the kind;
+  - `config`: its config class, defined beside it in the kind's module, whose `stage` literal names the
+    kind (`pipeline.config` joins them into the `Stage` union);
   - what it reads: earlier stages (`reads`), corpora (`corpora`), sequence lengths (`lengths`), and the
     checks a config must pass beyond those (`check`, `preflight`);
   - where it runs (`placement`): on one device (`DEVICE`), as independent cells shared out over workers
@@ -11,8 +12,8 @@ A stage kind (`StageKind`) declares
 
 `pipeline.run.runner` orders the stages; a backend runs each one by its placement (`execute` here, in
 process; `workers.backend.RayBackend` on Ray: a task, an actor pool, a Ray Train worker group).
-Adding a stage kind: its config class in `pipeline.config` (joined to the `Stage` union there), one
-file here defining `KIND`, and one line in `KINDS` below.
+Adding a stage kind: one file here defining its config class and `KIND`, and one line in `_registry`
+below. Stage modules import `pipeline.config` for annotations only (the config imports this registry).
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ import enum
 from dataclasses import dataclass, field
 from typing import Any, Callable, NamedTuple
 
+from maskpipe.pipeline.core.schema import KeyPathError
+from maskpipe.pipeline.core.vocab import check_batch_split as split_batch
 from maskpipe.pipeline.io.rundir import RunDir
 from maskpipe.pipeline.io.session import Session, Variant
 
@@ -103,7 +106,7 @@ class StageKind:
 
     def check(self, cfg, st, where: str, earlier: list) -> None:
         """Checks of a config beyond its references (which `reads` declares and the config checks);
-        `earlier` are the stages before this one. Raise `pipeline.config._KeyError`."""
+        `earlier` are the stages before this one. Raise `pipeline.core.schema.KeyPathError`."""
 
     def preflight(self, st, where: str) -> None:
         """Checks before any model work of a run (e.g. that lm-eval knows the tasks)."""
@@ -132,13 +135,10 @@ class StageKind:
 
 def check_batch_split(cfg, st, where: str) -> None:
     """A training group's batch splits evenly over its workers (each its share of every batch)."""
-    from maskpipe.pipeline.config import _KeyError
-    from maskpipe.pipeline.core.vocab import check_batch_split
-
     try:
-        check_batch_split(st.batch_size, cfg.workers.num_workers)
+        split_batch(st.batch_size, cfg.workers.num_workers)
     except ValueError as e:
-        raise _KeyError(f"{where}.batch_size", f"{e} (workers.num_workers)") from None
+        raise KeyPathError(f"{where}.batch_size", f"{e} (workers.num_workers)") from None
 
 
 class Evaluates(StageKind):
@@ -155,8 +155,8 @@ def execute(kind: StageKind, ctx: StageContext) -> StageOutput:
         return kind.gather(ctx, [(c, kind.cell(ctx, state, c)) for c in kind.cells(ctx)])
     if not kind.trains or ctx.store is not None:
         return kind.run(ctx)
-    from maskpipe.pipeline.train.checkpoint import CheckpointDir
     from maskpipe.pipeline.io.loggers import MetricsLog
+    from maskpipe.pipeline.train.checkpoint import CheckpointDir
 
     st = ctx.st
     ctx.store = CheckpointDir(ctx.run.checkpoints(st.name), st.keep_checkpoints)
@@ -183,13 +183,12 @@ def kind_of(st) -> StageKind:
 
 
 def check_registry() -> None:
-    """The registry and the config's `Stage` union name the same kinds with the same config classes."""
-    from maskpipe.pipeline.config import STAGE_CONFIGS
-
-    ours = {k.name: k.config for k in KINDS.values()}
-    theirs = {c.model_fields["stage"].annotation.__args__[0]: c for c in STAGE_CONFIGS}
-    if ours != theirs:
-        raise RuntimeError(f"stage registry {sorted(ours)} and config stage union {sorted(theirs)} differ")
+    """Every kind's config class is defined in the kind's own module and names the kind in its `stage`."""
+    for name, kind in KINDS.items():
+        literal = kind.config.model_fields["stage"].annotation.__args__[0]
+        if literal != name or kind.config.__module__ != type(kind).__module__:
+            raise RuntimeError(f"stage kind {name}: config {kind.config.__module__}.{kind.config.__name__} "
+                               f"(stage {literal!r}) is not defined beside it in {type(kind).__module__}")
 
 
 check_registry()

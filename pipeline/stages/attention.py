@@ -5,22 +5,91 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
+from pydantic import Field, model_validator
 
 from maskpipe.pipeline import MaskpipeError
-from maskpipe.pipeline.io.artifacts import save_artifact
-from maskpipe.pipeline.io.artifacts import read_manifest
-from maskpipe.pipeline.attention.plans import (AttentionPlan, binarize, default_sink_window, kv_heads, moa_windows, plan_cost,
-                                         random_scores)
 from maskpipe.pipeline.attention.gates import gate_strategy, train_gates
-from maskpipe.pipeline.config import AttentionStage, Config
+from maskpipe.pipeline.attention.plans import (
+    AttentionPlan,
+    binarize,
+    default_sink_window,
+    kv_heads,
+    moa_windows,
+    plan_cost,
+    random_scores,
+)
+from maskpipe.pipeline.core.schema import (
+    BatchSize,
+    CheckpointEvery,
+    KeepCheckpoints,
+    LearningRate,
+    LoopSettings,
+    SeqLen,
+    Steps,
+)
+from maskpipe.pipeline.io.artifacts import read_manifest, save_artifact
 from maskpipe.pipeline.io.data import TokenStream
 from maskpipe.pipeline.io.rundir import RunDir
 from maskpipe.pipeline.io.session import Session, Variant
 from maskpipe.pipeline.stages import Placement, Ref, StageContext, StageKind, StageOutput, check_batch_split
 
+if TYPE_CHECKING:  # the run-level schema imports this module through the stage registry
+    from maskpipe.pipeline.config import Config
+
 log = logging.getLogger("maskpipe")
+
+
+class AttentionStage(LoopSettings):
+    """A per-head attention plan: `learned` gates (DuoAttention) binarised at a target fraction of
+    streaming KV heads (or a gate threshold), or a `random` plan with the same budget."""
+
+    stage: Literal["attention"]
+    method: Literal["learned", "random"] = "learned"
+    streaming: float | None = Field(default=0.5, ge=0, le=1)  # fraction of KV heads that stream
+    threshold: float | None = Field(default=None, ge=0, le=1)  # learned only: heads with gate < threshold stream
+    sink: int | None = Field(default=None, gt=0)  # tokens; default seqlen/64
+    window: int | None = Field(default=None, gt=0)  # recent tokens; default seqlen/8
+    windows: list[int] | None = Field(default=None, min_length=1)  # MoA-style: streaming windows ranked by gate
+    gates_from: str | None = None  # an earlier learned attention stage: re-binarise its gates, no training
+    seed: int | None = None  # random: the draw (defaults to the config's seed)
+    masks: str | None = None  # an earlier N:M stage: its masks stay on while learning and join the artifact
+    data: str | None = None  # haystack corpus of the synthetic passkey samples (learned)
+    steps: Steps = 100
+    batch_size: BatchSize = 4
+    seqlen: SeqLen = 512  # also the context the sink/window defaults scale with
+    needles: int = Field(default=2, gt=0)  # passkeys per sample
+    # Adam moves a gate by about lr per step, so lr ~ 2-4/steps lets an unneeded gate fall from 1 to 0.
+    lr: LearningRate = 0.05
+    # λ of λ·mean|α|; DuoAttention's 0.05·Σ|α| over 48 heads is λ = 2.4 here
+    reg: float = Field(default=2.0, ge=0)
+    checkpoint_every: CheckpointEvery = 50
+    keep_checkpoints: KeepCheckpoints = 2
+
+    @property
+    def learns_gates(self) -> bool:
+        """Whether the stage trains gates (on a worker group, as a learn stage trains masks)."""
+        return self.method == "learned" and self.gates_from is None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _threshold_replaces_fraction(cls, v: Any) -> Any:
+        if isinstance(v, dict) and v.get("threshold") is not None and "streaming" not in v:
+            v = {**v, "streaming": None}
+        return v
+
+    @model_validator(mode="after")
+    def _checks(self) -> AttentionStage:
+        if (self.streaming is None) == (self.threshold is None):
+            raise ValueError("streaming: give exactly one of streaming (a fraction of heads) or threshold")
+        if self.method == "random":
+            if self.threshold is not None or self.gates_from is not None:
+                raise ValueError("method: a random plan takes a streaming fraction, no threshold or gates_from")
+        elif self.gates_from is None and self.data is None:
+            raise ValueError("data: learning gates needs a haystack corpus")
+        return self
 
 
 def attention_stage(cfg: Config, s: Session, st: AttentionStage, run: RunDir, store, on_log,

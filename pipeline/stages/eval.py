@@ -3,16 +3,37 @@
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING, Literal
 
 import torch
+from pydantic import Field, model_validator
 
-from maskpipe.pipeline.config import Config, EvalStage
-from maskpipe.pipeline.io.data import eval_text
+from maskpipe.pipeline.core.schema import StageBase
 from maskpipe.pipeline.eval.perplexity import Perplexity, perplexity
+from maskpipe.pipeline.io.data import eval_text
 from maskpipe.pipeline.io.session import Session, Variant
 from maskpipe.pipeline.stages import Evaluates, Placement, StageContext, StageOutput
 
+if TYPE_CHECKING:  # the run-level schema imports this module through the stage registry
+    from maskpipe.pipeline.config import Config
+
 log = logging.getLogger("maskpipe")
+
+
+class EvalStage(StageBase):
+    stage: Literal["eval"]
+    data: list[str] = Field(min_length=1)  # keys of `data`, each evaluated with the wikitext protocol
+    seqlen: int = Field(default=2048, gt=1)
+    stride: int | None = Field(default=None, gt=0)  # sliding-window evaluation when < seqlen
+    batch_size: int = Field(default=1, gt=0)
+    dense: bool = True
+    masks: list[str] | Literal["all"] = "all"  # names of earlier stages whose masks to evaluate
+
+    @model_validator(mode="after")
+    def _stride(self) -> EvalStage:
+        if self.stride is not None and self.stride > self.seqlen:
+            raise ValueError(f"stride: must be <= seqlen ({self.seqlen}), got {self.stride}")
+        return self
 
 
 def eval_texts(cfg: Config, st: EvalStage, tokenizer) -> dict[str, torch.Tensor]:

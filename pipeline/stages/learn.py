@@ -5,24 +5,120 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
+from pydantic import Field, field_validator, model_validator
 
 from maskpipe.pipeline import MaskpipeError
-from maskpipe.pipeline.io.artifacts import load_soft_logits, read_manifest, save_artifact
-from maskpipe.pipeline.config import Config, LearnStage
-from maskpipe.pipeline.io.data import TokenStream
-from maskpipe.pipeline.nm.learn import hard_mask, train_masks
 from maskpipe.pipeline.core.models import base_weight, device_of, fingerprint
-from maskpipe.pipeline.train.plan import model_shape, plan_report
+from maskpipe.pipeline.core.schema import (
+    BatchSize,
+    CheckpointEvery,
+    KeepCheckpoints,
+    LearningRate,
+    LoopSettings,
+    PatternField,
+    SeqLen,
+    Strict,
+)
+from maskpipe.pipeline.core.vocab import LEARNED_METHOD
+from maskpipe.pipeline.io.artifacts import load_soft_logits, read_manifest, save_artifact
+from maskpipe.pipeline.io.data import TokenStream
 from maskpipe.pipeline.io.rundir import RunDir
 from maskpipe.pipeline.io.session import Session, Variant
+from maskpipe.pipeline.nm.learn import hard_mask, train_masks
 from maskpipe.pipeline.stages import Placement, Ref, StageContext, StageKind, StageOutput, check_batch_split
 from maskpipe.pipeline.stages.oneshot import shares
-from maskpipe.pipeline.core.vocab import LEARNED_METHOD
+from maskpipe.pipeline.train.plan import model_shape, plan_report
+
+if TYPE_CHECKING:  # the run-level schema imports this module through the stage registry
+    from maskpipe.pipeline.config import Config
 
 log = logging.getLogger("maskpipe")
+
+
+class PriorConfig(Strict):
+    """Where a learned mask starts: an earlier stage's mask, or any mask artifact (transfer)."""
+
+    stage: str | None = None
+    artifact: str | None = None
+    # The prior candidate's logit margin is strength · init_std. MaskLLM's 3 suits its 2B-token runs,
+    # where logits travel far past the margin; at a few hundred steps it lets Gumbel noise flip groups
+    # before the gradient has any say (docs/RESULTS.md, "The default recipe").
+    strength: float = Field(default=10.0, ge=0)
+    # Start from the artifact's stored logits (its soft state) instead of the prior rule on its mask.
+    soft: bool = False
+
+    @model_validator(mode="after")
+    def _one(self) -> PriorConfig:
+        if (self.stage is None) == (self.artifact is None):
+            raise ValueError("prior: give exactly one of stage or artifact")
+        return self
+
+
+# A learn stage's default lr is LR_MARGINS · margin / steps, kept between MIN_STEP_MARGIN · margin and
+# MAX_STEP_MARGIN · margin (see LearnStage.lr).
+LR_MARGINS = 3.0
+MIN_STEP_MARGIN = 0.03
+MAX_STEP_MARGIN = 0.1
+
+
+class LearnStage(LoopSettings):
+    """MaskLLM: Gumbel-softmax over each group's candidate masks, only the logits trained."""
+
+    stage: Literal["learn"]
+    pattern: PatternField | None = None  # defaults to sparsity.pattern
+    data: str
+    prior: PriorConfig | None = None
+    batch_size: BatchSize = 8
+    seqlen: SeqLen = 2048
+    grad_accum: int = Field(default=1, gt=0)
+    # Omitted: scaled to the budget so that Adam can move a logit (about lr·steps/2 under the cosine
+    # schedule) LR_MARGINS/2 times the prior's margin, strength · init_std (init_std alone without a
+    # prior): enough to flip a group whose gradient agrees step after step, too little for noise. From
+    # 100 steps on, the per-step move stays at MIN_STEP_MARGIN of the margin instead of shrinking, so a
+    # longer run moves logits further (a fixed total move made every budget past 0.2M tokens plateau:
+    # docs/RESULTS.md, "Tokens to closure").
+    lr: LearningRate = Field(default=None, validate_default=False)
+    weight_decay: float = Field(default=0.0, ge=0)
+    grad_clip: float | None = Field(default=1.0, gt=0)
+    tau: tuple[float, float] = (4.0, 0.05)  # Gumbel temperature, annealed linearly start -> end
+    kappa: tuple[float, float] = (100.0, 500.0)  # logit scale, annealed linearly start -> end
+    sparse_reg: float = Field(default=1e-5, ge=0)  # λ of −λ·Σ‖W⊙M̃‖², decays linearly to 0; 0 = off
+    init_std: float = Field(default=0.01, gt=0)
+    checkpoint_every: CheckpointEvery = 100
+    keep_checkpoints: KeepCheckpoints = 3
+    save_logits: Literal["bfloat16", "float16", "float32"] | None = "bfloat16"
+    # Leaner mask state (see pipeline.nm.learn.GumbelNMMask and docs/RESULTS.md): "positions" keeps M
+    # logits per group instead of C(M,N); bfloat16 logits also keep AdamW's moments in bfloat16.
+    logits_per_group: Literal["candidates", "positions"] = "candidates"
+    logits_dtype: Literal["float32", "bfloat16"] = "float32"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _budget_scaled_lr(cls, v: Any) -> Any:
+        if isinstance(v, dict) and v.get("lr") is None:
+            try:
+                prior, steps = v.get("prior"), int(v["steps"])
+                init_std = float(v.get("init_std", 0.01))
+                strength = (prior.strength if isinstance(prior, PriorConfig) else
+                            float((prior or {}).get("strength", PriorConfig.model_fields["strength"].default)))
+                margin = init_std * (strength if prior is not None else 1.0)
+                # Adam's first steps move every logit by about lr whatever its gradient, so a flip
+                # must take at least 1 / MAX_STEP_MARGIN agreeing steps, however short the run.
+                per_step = min(max(LR_MARGINS / max(steps, 1), MIN_STEP_MARGIN), MAX_STEP_MARGIN)
+                v = {**v, "lr": float(f"{per_step * margin:.3g}")}
+            except (KeyError, TypeError, ValueError, AttributeError):
+                pass  # the field validators report the bad key
+        return v
+
+    @field_validator("tau", "kappa")
+    @classmethod
+    def _positive(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if min(v) <= 0:
+            raise ValueError(f"expected two positive numbers [start, end], got {list(v)}")
+        return v
 
 
 def learn_stage(cfg: Config, s: Session, st: LearnStage, run: RunDir, prior: Path | None, store, on_log,

@@ -3,13 +3,33 @@
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING, Literal
 
-from maskpipe.pipeline.config import Config, LmEvalStage
+from pydantic import Field
+
+from maskpipe.pipeline.core.schema import StageBase
+from maskpipe.pipeline.eval.zeroshot import DEFAULT_TASKS, check_tasks, evaluate, primary
 from maskpipe.pipeline.io.session import Session, Variant
 from maskpipe.pipeline.stages import Evaluates, Placement, StageContext, StageOutput
-from maskpipe.pipeline.eval.zeroshot import check_tasks, evaluate, primary
+
+if TYPE_CHECKING:  # the run-level schema imports this module through the stage registry
+    from maskpipe.pipeline.config import Config
 
 log = logging.getLogger("maskpipe")
+
+
+class LmEvalStage(StageBase):
+    """Zero-/few-shot task accuracy of every variant through lm-evaluation-harness (`pipeline.eval.zeroshot`)."""
+
+    stage: Literal["lm_eval"]
+    tasks: list[str] = Field(default=DEFAULT_TASKS, min_length=1)  # lm-eval task (or group) names
+    include_path: str | None = None  # a folder of task YAMLs to add to lm-eval's registry
+    num_fewshot: int | None = Field(default=0, ge=0)  # None: each task's own default
+    limit: int | float | None = Field(default=None, gt=0)  # documents per task (a fraction if < 1); None: all
+    batch_size: int = Field(default=8, gt=0)
+    bootstrap_iters: int = Field(default=1000, ge=0)  # for the standard errors; 0 skips them
+    dense: bool = True
+    masks: list[str] | Literal["all"] = "all"  # names of earlier stages whose artifacts to evaluate
 
 
 def lm_eval_stage(cfg: Config, s: Session, st: LmEvalStage, variants: list[Variant]) -> dict[str, dict[str, dict]]:

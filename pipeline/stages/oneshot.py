@@ -5,20 +5,55 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING, Literal
 
+from pydantic import Field, model_validator
 from safetensors.torch import save_file
 
 from maskpipe.pipeline import MaskpipeError
-from maskpipe.pipeline.io.artifacts import save_artifact
-from maskpipe.pipeline.config import Config, OneshotStage, _KeyError
-from maskpipe.pipeline.io.data import TokenStream
 from maskpipe.pipeline.core.models import resolve_device
-from maskpipe.pipeline.nm.oneshot import oneshot_masks
+from maskpipe.pipeline.core.schema import KeyPathError, PatternField, StageBase
+from maskpipe.pipeline.core.vocab import ONESHOT_METHODS
+from maskpipe.pipeline.io.artifacts import save_artifact
+from maskpipe.pipeline.io.data import TokenStream
 from maskpipe.pipeline.io.rundir import RunDir
 from maskpipe.pipeline.io.session import Session, Variant
+from maskpipe.pipeline.nm.oneshot import oneshot_masks
 from maskpipe.pipeline.stages import Placement, Ref, StageContext, StageKind, StageOutput
 
+if TYPE_CHECKING:  # the run-level schema imports this module through the stage registry
+    from maskpipe.pipeline.config import Config
+
 log = logging.getLogger("maskpipe")
+
+
+class OneshotStage(StageBase):
+    stage: Literal["oneshot"]
+    method: Literal[ONESHOT_METHODS]
+    pattern: PatternField | None = None  # defaults to sparsity.pattern
+    data: str | None = None  # calibration corpus, a key of `data`; magnitude needs none
+    n_samples: int = Field(default=128, gt=0)
+    seqlen: int = Field(default=2048, gt=1)
+    batch_size: int = Field(default=8, gt=0)
+    # SparseGPT only. With the update the base weights change, so the result is no longer a mask over
+    # frozen weights: it is kept as the literature's baseline row, never as an artifact's weights.
+    weight_update: bool = False
+    blocksize: int = Field(default=128, gt=0)
+    percdamp: float = Field(default=0.01, ge=0)
+    # DSnoT only: the earlier oneshot or learn stage whose mask it refines, and at most how many
+    # prune-and-grow swaps each output row makes.
+    mask_from: str | None = None
+    max_cycles: int = Field(default=50, gt=0)
+
+    @model_validator(mode="after")
+    def _checks(self) -> OneshotStage:
+        if self.method != "magnitude" and self.data is None:
+            raise ValueError(f"data: {self.method} needs a calibration corpus")
+        if self.weight_update and self.method != "sparsegpt":
+            raise ValueError("weight_update: only sparsegpt updates weights")
+        if (self.method == "dsnot") != (self.mask_from is not None):
+            raise ValueError("mask_from: dsnot refines the mask of an earlier stage named here, and only dsnot does")
+        return self
 
 
 def shares(stream: TokenStream) -> str:
@@ -90,7 +125,7 @@ class Oneshot(StageKind):
         source = next(s for s in earlier if s.name == st.mask_from)
         theirs, ours = (cfg.stage_pattern(x) for x in (source, st))
         if theirs != ours:
-            raise _KeyError(f"{where}.mask_from", f"{st.mask_from} makes {theirs} masks, this stage {ours}")
+            raise KeyPathError(f"{where}.mask_from", f"{st.mask_from} makes {theirs} masks, this stage {ours}")
 
     def run(self, ctx: StageContext) -> StageOutput:
         return StageOutput(oneshot_stage(ctx.cfg, ctx.session, ctx.st, ctx.run))

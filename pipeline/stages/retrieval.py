@@ -4,20 +4,84 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING, Literal
 
+from pydantic import Field, field_validator, model_validator
+
+from maskpipe.pipeline.attention.plans import kv_heads, plan_cost, uniform_plan
+from maskpipe.pipeline.core.schema import StageBase, Strict
+from maskpipe.pipeline.core.vocab import RETRIEVAL_TASKS
+from maskpipe.pipeline.eval.retrieval import (
+    accuracy,
+    multikey_samples,
+    niah_heatmap,
+    niah_samples,
+    passkey_samples,
+    score,
+    split_sentences,
+)
 from maskpipe.pipeline.io import rundir
 from maskpipe.pipeline.io.artifacts import write_json
-from maskpipe.pipeline.attention.plans import kv_heads, plan_cost, uniform_plan
-from maskpipe.pipeline.config import Config, RetrievalStage
 from maskpipe.pipeline.io.data import eval_text
-from maskpipe.pipeline.eval.retrieval import (accuracy, multikey_samples, niah_heatmap, niah_samples, passkey_samples, score,
-                                split_sentences)
 from maskpipe.pipeline.io.session import Session, Variant
 from maskpipe.pipeline.stages import Evaluates, Placement, StageContext, StageOutput
 from maskpipe.pipeline.stages.attention import head_geometry
-from maskpipe.pipeline.core.vocab import RETRIEVAL_TASKS
+
+if TYPE_CHECKING:  # the run-level schema imports this module through the stage registry
+    from maskpipe.pipeline.config import Config
 
 log = logging.getLogger("maskpipe")
+
+class PasskeyTask(Strict):
+    """Passkey retrieval in the standard filler, the needle at uniformly random depths."""
+
+    lengths: list[int] = Field(min_length=1)  # prompt lengths in tokens of the model's tokenizer
+    samples: int = Field(default=10, gt=0)  # per length
+
+
+class NiahTask(Strict):
+    """Needle in a haystack: the passkey needle at every depth of every length, in a corpus haystack."""
+
+    data: str  # the haystack corpus, a key of `data` (read whole, cut into sentences)
+    lengths: list[int] = Field(min_length=1)
+    depths: list[float] = Field(default=[0.0, 0.25, 0.5, 0.75, 1.0], min_length=1)
+    samples: int = Field(default=2, gt=0)  # per cell
+
+    @field_validator("depths")
+    @classmethod
+    def _fractions(cls, v: list[float]) -> list[float]:
+        if any(not 0 <= d <= 1 for d in v):
+            raise ValueError(f"expected fractions in [0, 1], got {v}")
+        return v
+
+
+class MultiKeyTask(Strict):
+    """RULER multi-key (distractor keys) / multi-value (several values per key) retrieval."""
+
+    lengths: list[int] = Field(min_length=1)
+    samples: int = Field(default=10, gt=0)
+    keys: int = Field(default=4, gt=0)
+    values: int = Field(default=1, gt=0)
+    data: str | None = None  # haystack corpus; the standard filler when omitted
+
+
+class RetrievalStage(StageBase):
+    """Greedy exact-match retrieval of every variant (dense, masks, attention plans)."""
+
+    stage: Literal["retrieval"]
+    passkey: PasskeyTask | None = None
+    niah: NiahTask | None = None
+    multikey: MultiKeyTask | None = None
+    batch_size: int | None = Field(default=None, gt=0)  # prompts decoded together; None: all of a length
+    dense: bool = True
+    masks: list[str] | Literal["all"] = "all"  # names of earlier stages whose artifacts to evaluate
+
+    @model_validator(mode="after")
+    def _some_task(self) -> RetrievalStage:
+        if self.passkey is None and self.niah is None and self.multikey is None:
+            raise ValueError("passkey: give at least one of passkey, niah, multikey")
+        return self
+
 
 def retrieval_stage(cfg: Config, s: Session, st: RetrievalStage, variants: list[Variant], folder: Path,
                     root: Path) -> dict[str, dict[str, dict]]:
