@@ -6,7 +6,7 @@ For every prunable linear of the *dense* model (one calibration pass, inputs of 
 layers are independent of each other), with x the layer's input over the calibration tokens:
   - exact error  E = Σ_i r_iᵀ E[x xᵀ] r_i, r_i = W_i ⊙ ¬M_i (the expected squared output change that
     pruning causes, with every correlation between input channels);
-  - DSnoT's D = Σ_i (Σ_j r_ij E[x_j])² + Σ_j r_ij² Var[x_j] (`pipeline.nm.oneshot.dsnot_error`: the same with
+  - DSnoT's D = Σ_i (Σ_j r_ij E[x_j])² + Σ_j r_ij² Var[x_j] (`pipeline.nm.dsnot.dsnot_error`: the same with
     input channels taken as independent).
 Prints, per kind of linear, the mean ratio DSnoT-refined / initial for both, for Wanda's mask as the
 initial one (or, with --artifacts, two masks a run made, e.g. its wanda and wanda+dsnot stages).
@@ -29,7 +29,7 @@ from maskpipe.pipeline.io.artifacts import load_artifact
 from maskpipe.pipeline.core.schema import DataConfig, ModelConfig
 from maskpipe.pipeline.io.data import TokenStream
 from maskpipe.pipeline.core.models import load_model, load_tokenizer, prunable_linears
-from maskpipe.pipeline.nm.oneshot import dsnot_error, dsnot_refine
+from maskpipe.pipeline.nm.dsnot import dsnot_error, refine_exact
 from maskpipe.pipeline.nm.sparsity import nm_mask
 
 CORPORA = "../shared/fixtures/corpora"
@@ -85,7 +85,7 @@ def main() -> None:
             wanda, refined = given[0][name], given[1][name]
         else:
             wanda = nm_mask(w.abs() * second.diagonal().sqrt().float(), 2, 4)
-            refined = dsnot_refine(w, wanda, mean, var, 2, 4)
+            refined = refine_exact(w, wanda, mean, var, 2, 4)
         kind = name.rsplit(".", 1)[-1]
         e0, e1 = exact_error(w, wanda, second), exact_error(w, refined, second)
         d0, d1 = float(dsnot_error(w, wanda, mean, var).sum()), float(dsnot_error(w, refined, mean, var).sum())

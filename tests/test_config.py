@@ -61,8 +61,8 @@ def error_of(mutate, source="f.yaml"):
          "f.yaml: stages.2.niah.depths: expected fractions in [0, 1]"),
         (lambda r: r["stages"].append({"stage": "retrieval"}), "f.yaml: stages.2.passkey: give at least one of"),
         (lambda r: r["stages"].insert(1, {"stage": "oneshot", "method": "dsnot", "data": "c"}),
-         "f.yaml: stages.1.mask_from: dsnot refines the mask of an earlier stage"),
-        (lambda r: r["stages"][0].update(mask_from="x"), "f.yaml: stages.0.mask_from: dsnot refines the mask"),
+         "f.yaml: stages.1.mask_from: dsnot and dsnot-exact refine the mask of an earlier stage"),
+        (lambda r: r["stages"][0].update(mask_from="x"), "f.yaml: stages.0.mask_from: dsnot and dsnot-exact refine the mask"),
         (lambda r: r["stages"].insert(0, {"stage": "oneshot", "method": "dsnot", "data": "c", "mask_from": "wanda"}),
          "f.yaml: stages.0.mask_from: no earlier oneshot or learn stage named 'wanda'"),
         (lambda r: r["stages"].append({"stage": "oneshot", "method": "dsnot", "data": "c", "mask_from": "eval"}),
@@ -82,7 +82,7 @@ def error_of(mutate, source="f.yaml"):
         (lambda r: r.update(workers={"num_workers": 3}) or r["stages"].append({"stage": "learn", "data": "c", "steps": 2}),
          "f.yaml: stages.2.batch_size: batch_size 8 does not split evenly over 3 workers (workers.num_workers)"),
         (lambda r: r["stages"][0].update(method="obs"), "f.yaml: stages.0.method: Input should be 'magnitude', 'wanda', "
-                                                        "'sparsegpt' or 'dsnot'"),
+                                                        "'sparsegpt', 'dsnot' or 'dsnot-exact'"),
     ],
 )
 def test_errors_name_file_and_key(mutate, expected):

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 # One-shot methods (`pipeline.nm.oneshot`). A refiner starts from an earlier stage's mask (`mask_from`), so it
 # is no baseline of its own and the quick `maskpipe oneshot` command (no earlier stage) does not offer it.
-ONESHOT_METHODS = ("magnitude", "wanda", "sparsegpt", "dsnot")
-REFINING_METHODS = ("dsnot",)
+ONESHOT_METHODS = ("magnitude", "wanda", "sparsegpt", "dsnot", "dsnot-exact")
+REFINING_METHODS = ("dsnot", "dsnot-exact")
 STANDALONE_METHODS = tuple(m for m in ONESHOT_METHODS if m not in REFINING_METHODS)
 LEARNED_METHOD = "maskllm"  # the method name a learn stage's artifact and results record
 

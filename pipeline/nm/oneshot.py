@@ -2,7 +2,7 @@
 DSnoT (Zhang et al. 2023), which refines any of them without training.
 
 They are the baselines, and the priors that learned masks start from. DSnoT takes another method's
-mask (`init_masks`) and swaps kept and pruned weights inside each N:M group (`dsnot_refine`). Wanda and
+mask (`init_masks`) and swaps kept and pruned weights inside each N:M group (`pipeline.nm.dsnot`). Wanda and
 SparseGPT prune sequentially, block by block, as both papers do: the first decoder block's inputs are
 captured for every calibration sample, then each block is calibrated on what the already-pruned blocks
 before it produce, so memory holds one block's activations at a time. DSnoT walks the blocks the same
@@ -27,7 +27,8 @@ from tqdm.auto import tqdm
 from maskpipe.pipeline import MaskpipeError
 from maskpipe.pipeline.core.models import base_weight, decoder_blocks
 from maskpipe.pipeline.nm.sparsity import check_divisible, is_nm, masked, nm_mask
-from maskpipe.pipeline.core.vocab import ONESHOT_METHODS, Pattern
+from maskpipe.pipeline.core.vocab import ONESHOT_METHODS, REFINING_METHODS, Pattern
+from maskpipe.pipeline.nm.dsnot import ChannelMoments, OfficialStats, refine_exact, refine_official, skipped
 
 
 @torch.no_grad()
@@ -35,13 +36,15 @@ def oneshot_masks(
     model: nn.Module, linears: dict[str, nn.Linear], method: str, n: int, m: int,
     calib: torch.Tensor | None = None,  # LongTensor [n_samples, seqlen] of token ids; None for magnitude
     *, batch_size: int = 8, weight_update: bool = False, blocksize: int = 128, percdamp: float = 0.01,
-    init_masks: dict[str, torch.Tensor] | None = None, max_cycles: int = 50,
+    init_masks: dict[str, torch.Tensor] | None = None, refine: dict | None = None,
     offload_to: torch.device | str | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
     """Returns (masks: name -> CPU bool tensor shaped like the weight, N:M along the input dim;
     updated weights: name -> CPU tensor (model dtype) when weight_update, else None).
-    dsnot refines `init_masks` (N:M masks of every linear, e.g. Wanda's) by at most `max_cycles` swaps
-    per output row. On return the model's weights are exactly as they were on entry.
+    The refining methods (`dsnot`, `dsnot-exact`: `pipeline.nm.dsnot`) refine `init_masks` (N:M masks of
+    every linear, e.g. Wanda's); `refine` holds their options (`max_cycles`, and for `dsnot`
+    `update_threshold`, `pow_of_var_regrowing`, `same_sign`, `skip_layer`). On return the model's
+    weights are exactly as they were on entry.
 
     `offload_to`: calibrate on this device a model that stays in host memory (`_Offloaded`)."""
     if method not in ONESHOT_METHODS:
@@ -54,13 +57,15 @@ def oneshot_masks(
         raise MaskpipeError("weight_update: only sparsegpt updates weights")
     for name, lin in linears.items():
         check_divisible(name, lin.weight.shape, m)
-    if method == "dsnot":
+    refine = dict(refine or {})
+    skip_layer = refine.pop("skip_layer", "no_skip")
+    if method in REFINING_METHODS:
         missing = sorted(set(linears) - set(init_masks or {}))
         if missing:
-            raise MaskpipeError(f"dsnot refines a mask: no initial mask for {missing[:3]}")
+            raise MaskpipeError(f"{method} refines a mask: no initial mask for {missing[:3]}")
         for name, lin in linears.items():
             if init_masks[name].shape != lin.weight.shape or not is_nm(init_masks[name], n, m):
-                raise MaskpipeError(f"dsnot: the initial mask of {name} is no {n}:{m} mask of its weight")
+                raise MaskpipeError(f"{method}: the initial mask of {name} is no {n}:{m} mask of its weight")
     if method == "magnitude":
         return {name: nm_mask(base_weight(lin).to(offload_to).abs(), n, m).cpu()
                 for name, lin in linears.items()}, None
@@ -86,7 +91,7 @@ def oneshot_masks(
     for block, subset in zip(tqdm(offload.each(blocks[: last + 1]), desc=f"{method} {n}:{m}", total=last + 1,
                                   disable=None), per_block):
         # Statistics of each linear's inputs while the block is still dense, as in both papers.
-        kind = {"wanda": ChannelNorms, "sparsegpt": Hessian, "dsnot": ChannelMoments}[method]
+        kind = {"wanda": ChannelNorms, "sparsegpt": Hessian, "dsnot": OfficialStats, "dsnot-exact": ChannelMoments}[method]
         stats = {name: kind(lin) for name, lin in subset.items()}
         handles = [lin.register_forward_hook(stats[name].add_batch) for name, lin in subset.items()]
         try:
@@ -101,8 +106,13 @@ def oneshot_masks(
             if method == "wanda":
                 block_masks[name] = nm_mask(w.float().abs() * stats[name].mean().sqrt(), n, m)
             elif method == "dsnot":
-                block_masks[name] = dsnot_refine(w, init_masks[name].to(w.device), stats[name].channel_mean(),
-                                                 stats[name].channel_var(), n, m, max_cycles)
+                init = init_masks[name].to(w.device)
+                s = stats[name]
+                block_masks[name] = init if skipped(name, skip_layer) else refine_official(
+                    w, init, s.mean(), s.var, s.norm(), n, m, **refine)
+            elif method == "dsnot-exact":
+                block_masks[name] = refine_exact(w, init_masks[name].to(w.device), stats[name].channel_mean(),
+                                                 stats[name].channel_var(), n, m, **refine)
             else:
                 block_masks[name], new_w = sparsegpt_prune(w, stats[name].H, n, m, blocksize, percdamp)
                 block_weights[name] = new_w.to(w.dtype)
@@ -134,76 +144,6 @@ class ChannelNorms:
 
     def mean(self) -> torch.Tensor:
         return self.sum / self.tokens
-
-
-class ChannelMoments:
-    """DSnoT's statistics: mean E[x_j] and variance Var[x_j] of each input channel j over the calibration
-    tokens. Sums are float64: Var = E[x²] − E[x]² cancels badly in float32 when |mean| ≫ std."""
-
-    def __init__(self, linear: nn.Linear):
-        self.sum = torch.zeros(linear.in_features, dtype=torch.float64, device=linear.weight.device)
-        self.sq = torch.zeros_like(self.sum)
-        self.tokens = 0
-
-    def add_batch(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
-        x = args[0].reshape(-1, args[0].shape[-1]).double()
-        self.sum += x.sum(0)
-        self.sq += x.square().sum(0)
-        self.tokens += x.shape[0]
-
-    def channel_mean(self) -> torch.Tensor:
-        return self.sum / self.tokens
-
-    def channel_var(self) -> torch.Tensor:
-        return (self.sq / self.tokens - self.channel_mean().square()).clamp_min(0)
-
-
-def dsnot_error(weight: torch.Tensor, mask: torch.Tensor, mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
-    """DSnoT's objective per output row i: the expected squared change of output i that pruning causes,
-    for input channels taken as independent. With r = W_i ⊙ ¬M_i the pruned weights,
-        D_i = (Σ_j r_j E[x_j])² + Σ_j r_j² Var[x_j]
-    DSnoT's reconstruction error ε_i = Σ_j r_j E[x_j] (the mean shift of the output), squared, plus its
-    variance term. Wanda minimises Σ_j r_j² E[x_j²], the same sum without the cross terms of ε_i², so what
-    DSnoT adds is pruned weights whose mean contributions cancel. Float64, shape [out]."""
-    r = weight.double() * ~mask
-    return (r @ mean.double()).square() + r.square() @ var.double()
-
-
-def dsnot_refine(weight: torch.Tensor, mask: torch.Tensor, mean: torch.Tensor, var: torch.Tensor,
-                 n: int, m: int, max_cycles: int = 50) -> torch.Tensor:
-    """DSnoT inside N:M groups: each cycle, every output row makes the one swap (grow a pruned weight g,
-    prune a kept weight p of the same group, so the row stays N:M) that lowers its `dsnot_error` most, if
-    any does; rows with no improving swap are done. The weights are never changed. Unlike the official
-    code, which grows by sign(ε)·w·E[x]/Var[x] and prunes the group's least Wanda-important weight, every
-    (g, p) pair of every group is scored by the exact change of D_i, so D_i never rises."""
-    out, cols = weight.shape
-    W = weight.double()
-    # Per weight, what pruning it adds to ε (a) and to the variance term (v).
-    a = (W * mean.double()).reshape(out, -1, m)
-    v = (W.square() * var.double()).reshape(out, -1, m)
-    keep = mask.reshape(out, -1, m).clone()
-    eps = (a * ~keep).sum((1, 2))
-    err = dsnot_error(weight, mask, mean, var)
-    rows = torch.arange(out, device=W.device)
-    for _ in range(max_cycles):
-        # Each group's positions with its M−N pruned ones first: pruned [..., :M−N], kept [..., M−N:].
-        order = keep.to(torch.int8).argsort(dim=-1, stable=True)
-        grow, prune = order[..., : m - n], order[..., m - n :]
-        a_g, v_g, a_p, v_p = a.gather(-1, grow), v.gather(-1, grow), a.gather(-1, prune), v.gather(-1, prune)
-        # After the swap ε becomes ε − a_g + a_p and the variance term loses v_g and gains v_p.
-        new_eps = eps[:, None, None, None] - a_g[..., :, None] + a_p[..., None, :]  # [out, groups, M−N, N]
-        delta = new_eps.square() - eps.square()[:, None, None, None] + v_p[..., None, :] - v_g[..., :, None]
-        best, at = delta.reshape(out, -1).min(1)
-        # A relative margin: a gain at rounding level could flip the same pair back and forth.
-        better = best < -1e-9 * err.clamp_min(1e-30)
-        if not better.any():
-            break
-        group, gi, pi = at // (n * (m - n)), at % (n * (m - n)) // n, at % n
-        r, group, g, p = rows[better], group[better], grow[rows, group, gi][better], prune[rows, group, pi][better]
-        keep[r, group, g], keep[r, group, p] = True, False
-        eps[r] += a[r, group, p] - a[r, group, g]
-        err[r] += best[better]
-    return keep.reshape(out, cols)
 
 
 class Hessian:

@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 from maskpipe.pipeline import MaskpipeError
 from maskpipe.pipeline.core.models import resolve_device
 from maskpipe.pipeline.core.schema import KeyPathError, PatternField, StageBase
-from maskpipe.pipeline.core.vocab import ONESHOT_METHODS
+from maskpipe.pipeline.core.vocab import ONESHOT_METHODS, REFINING_METHODS
 from maskpipe.pipeline.io.artifacts import save_artifact
 from maskpipe.pipeline.io.data import TokenStream
 from maskpipe.pipeline.io.rundir import RunDir
@@ -40,10 +40,26 @@ class OneshotStage(StageBase):
     weight_update: bool = False
     blocksize: int = Field(default=128, gt=0)
     percdamp: float = Field(default=0.01, ge=0)
-    # DSnoT only: the earlier oneshot or learn stage whose mask it refines, and at most how many
-    # prune-and-grow swaps each output row makes.
+    # The refiners (dsnot, dsnot-exact: pipeline.nm.dsnot) only: the earlier oneshot or learn stage whose
+    # mask they refine, and at most how many prune-and-grow swaps each output row makes.
     mask_from: str | None = None
     max_cycles: int = Field(default=50, gt=0)
+    # dsnot only, the official code's options and defaults: a row stops once |ε| <= update_threshold
+    # (ε on the official scale, Σ over a sequence's tokens); grow candidates are ranked by a / Var^p;
+    # a swap must keep ε's sign; linears of the `skip_layer` kind (LLaMA's "mlp", "self_attn" or
+    # "no_skip") keep their initial mask.
+    update_threshold: float = Field(default=0.1, ge=0)
+    pow_of_var_regrowing: float = Field(default=1.0, ge=0)
+    same_sign: bool = True
+    skip_layer: str = "mlp"
+
+    def refine_options(self) -> dict:
+        """The refiner's options, as `oneshot_masks(refine=...)` takes them ({} for the other methods)."""
+        if self.method == "dsnot":
+            return {"max_cycles": self.max_cycles, "update_threshold": self.update_threshold,
+                    "pow_of_var_regrowing": self.pow_of_var_regrowing, "same_sign": self.same_sign,
+                    "skip_layer": self.skip_layer}
+        return {"max_cycles": self.max_cycles} if self.method == "dsnot-exact" else {}
 
     @model_validator(mode="after")
     def _checks(self) -> OneshotStage:
@@ -51,8 +67,9 @@ class OneshotStage(StageBase):
             raise ValueError(f"data: {self.method} needs a calibration corpus")
         if self.weight_update and self.method != "sparsegpt":
             raise ValueError("weight_update: only sparsegpt updates weights")
-        if (self.method == "dsnot") != (self.mask_from is not None):
-            raise ValueError("mask_from: dsnot refines the mask of an earlier stage named here, and only dsnot does")
+        if (self.method in REFINING_METHODS) != (self.mask_from is not None):
+            raise ValueError(f"mask_from: {' and '.join(REFINING_METHODS)} refine the mask of an earlier stage named "
+                             f"here, and only they do")
         return self
 
 
@@ -84,11 +101,12 @@ def oneshot_stage(cfg: Config, s: Session, st: OneshotStage, run: RunDir) -> lis
     masks, updated = oneshot_masks(
         s.model, s.linears, st.method, n, m, calib, batch_size=st.batch_size,
         weight_update=st.weight_update, blocksize=st.blocksize, percdamp=st.percdamp, init_masks=init_masks,
-        max_cycles=st.max_cycles, offload_to=resolve_device(cfg.model.device) if cfg.model.offload else None,
+        refine=st.refine_options(), offload_to=resolve_device(cfg.model.device) if cfg.model.offload else None,
     )
     seconds = time.perf_counter() - t0
-    dsnot_only = {"mask_from", "max_cycles"} if st.mask_from is None else set()
-    params = st.model_dump(exclude={"stage", "name", "data"} | dsnot_only)
+    refiner = {"mask_from", "max_cycles", "update_threshold", "pow_of_var_regrowing", "same_sign", "skip_layer"}
+    kept = set(st.refine_options()) | ({"mask_from"} if st.mask_from else set())
+    params = st.model_dump(exclude={"stage", "name", "data"} | (refiner - kept))
     artifact = save_artifact(
         run.artifact(st.name), masks, s.linears, base_model=s.base_model_info(), pattern=pattern,
         method={"name": st.method, "params": params, "seconds": round(seconds, 2)},
