@@ -301,41 +301,6 @@ def test_a_corrupted_model_is_one_line(tmp_path, capsys):
            "--seqlen", "64"], capsys, f"model {str(broken)!r}: cannot load")
 
 
-# ------------------------------------------------------------------------------ plan
-
-PLAN = ["plan", "configs/llama2-7b-2of4.yaml", "--hf-config", "configs/hf/llama-2-7b"]
-
-
-@pytest.mark.parametrize("args,message", [
-    (["--gpus", "0"], "--gpus: at least 1 device, got 0"),
-    (["--gpus", "-1"], "--gpus: at least 1 device, got -1"),
-    (["--gpus", "3"], "--gpus 3: stage 'maskllm': batch_size 16 does not split evenly over 3 workers"),
-    (["--gpu-memory", "80"], "--gpu-memory: '80' has no unit; write e.g. 80GiB"),
-])
-def test_plan_refuses_impossible_arguments(args, message, in_root, capsys):
-    fails([*PLAN, *args], capsys, message)
-
-
-def test_plan_says_what_would_fit(in_root, capsys):
-    assert main([*PLAN, "--gpus", "1", "--gpu-memory", "80GiB"]) == 0
-    out = capsys.readouterr().out
-    assert "does NOT fit in 80.00 GiB" in out
-    fits = out.split("what would fit:\n")[1].splitlines()
-    assert any(line.startswith("  logits_per_group: positions: ") for line in fits)
-    assert any(line.startswith("  logits_dtype: bfloat16: ") for line in fits)
-    assert any(re.match(r"  grad_accum: \d+, batch_size: 1 ", line) for line in fits)
-    assert any(re.match(r"  \d+ devices \(fsdp, .*\(fits\)", line) for line in fits)
-    # with 8 devices it fits, and nothing is suggested
-    assert main([*PLAN, "--gpus", "8", "--gpu-memory", "80GiB"]) == 0
-    assert "what would fit" not in capsys.readouterr().out
-
-
-def test_plan_offline_points_at_the_shipped_model_configs(in_root, capsys, monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    err = fails(["plan", "configs/llama2-7b-2of4.yaml", "--gpus", "8"], capsys, "give --hf-config DIR (shipped: ")
-    assert "configs/hf/llama-2-7b" in err
-
-
 # ------------------------------------------------------------------------------ the command line
 
 

@@ -1,9 +1,12 @@
 """The memory plan: exact counts from the model's config, and what each strategy shards."""
 
+import re
+
 import pytest
 
 from maskpipe.jobs.cli import main
 from maskpipe.pipeline.train.plan import memory_plan, model_shape, parse_bytes
+from tests.conftest import cli_fails
 
 
 def test_shape_counts_the_model_without_loading_it(micro, micro_cfg):
@@ -68,3 +71,38 @@ def test_loading_and_oneshot_plans_shrink_with_sharding_and_offload(in_root):
     assert offloaded["frozen weights"] == (outside + shape.block_params) * 2
     assert on_gpu["frozen weights"] == shape.params * 2
     assert sum(offloaded.values()) < 24 * GiB < sum(on_gpu.values())  # 13B one-shot on a 24 GB card
+
+
+# ------------------------------------------------------------------------------ the plan command, as a user errs
+
+PLAN = ["plan", "configs/llama2-7b-2of4.yaml", "--hf-config", "configs/hf/llama-2-7b"]
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--gpus", "0"], "--gpus: at least 1 device, got 0"),
+    (["--gpus", "-1"], "--gpus: at least 1 device, got -1"),
+    (["--gpus", "3"], "--gpus 3: stage 'maskllm': batch_size 16 does not split evenly over 3 workers"),
+    (["--gpu-memory", "80"], "--gpu-memory: '80' has no unit; write e.g. 80GiB"),
+])
+def test_plan_refuses_impossible_arguments(args, message, in_root, capsys):
+    cli_fails([*PLAN, *args], capsys, message, one_line=True)
+
+
+def test_plan_says_what_would_fit(in_root, capsys):
+    assert main([*PLAN, "--gpus", "1", "--gpu-memory", "80GiB"]) == 0
+    out = capsys.readouterr().out
+    assert "does NOT fit in 80.00 GiB" in out
+    fits = out.split("what would fit:\n")[1].splitlines()
+    assert any(line.startswith("  logits_per_group: positions: ") for line in fits)
+    assert any(line.startswith("  logits_dtype: bfloat16: ") for line in fits)
+    assert any(re.match(r"  grad_accum: \d+, batch_size: 1 ", line) for line in fits)
+    assert any(re.match(r"  \d+ devices \(fsdp, .*\(fits\)", line) for line in fits)
+    # with 8 devices it fits, and nothing is suggested
+    assert main([*PLAN, "--gpus", "8", "--gpu-memory", "80GiB"]) == 0
+    assert "what would fit" not in capsys.readouterr().out
+
+
+def test_plan_offline_points_at_the_shipped_model_configs(in_root, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    err = cli_fails(["plan", "configs/llama2-7b-2of4.yaml", "--gpus", "8"], capsys, "give --hf-config DIR (shipped: ", one_line=True)
+    assert "configs/hf/llama-2-7b" in err

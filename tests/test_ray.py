@@ -18,7 +18,7 @@ import yaml
 
 from maskpipe.cluster import connect
 from maskpipe.jobs.cli import main
-from maskpipe.jobs.submit import TERMINAL, _job_status
+from maskpipe.jobs.ray_jobs import TERMINAL, _job_status
 from maskpipe.pipeline.io.artifacts import load_soft_logits, read_manifest
 from maskpipe.pipeline.config import config_from_dict
 from maskpipe.pipeline.run.runner import read_metrics, run

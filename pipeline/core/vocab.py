@@ -3,7 +3,7 @@ methods, training strategies, dtypes), and the rules that relate them (which str
 workers, how a batch splits over them).
 
 Plain Python (no torch, no pydantic), so that the config schema, the artifact format, the library and the
-command line all import it: `pipeline.config` builds its `Literal`s from these tuples, `jobs.cli` its
+command line all import it: the configs build their `Literal`s from these tuples, `jobs/commands` their
 `choices`, `pipeline.run.publish` the card's baseline rows.
 """
 

@@ -1,0 +1,56 @@
+"""`maskpipe apply`: check artifacts (N:M masks and/or an attention plan) against a model, and optionally
+write the masked model.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from maskpipe.jobs.quick import _model_args, _model_cfg
+
+
+def add(sub) -> None:
+    ap = sub.add_parser("apply", help="check artifacts (N:M masks and/or an attention plan) against a model; "
+                                      "optionally write the masked model")
+    _model_args(ap)
+    ap.add_argument("--masks", required=True, nargs="+",
+                    help="artifact directories, applied together: each masks its own layers, at most one plan")
+    ap.add_argument("--out", default=None, help="write a materialized model directory (weights ⊙ mask)")
+    ap.set_defaults(fn=cmd_apply)
+
+
+def cmd_apply(a) -> None:
+    from maskpipe.pipeline.io.artifacts import materialize
+    from maskpipe.pipeline.attention.plans import AttentionPlan, plan_cost
+    from maskpipe.pipeline.core.schema import ModelConfig
+    from maskpipe.pipeline.io.session import Session
+    from maskpipe.pipeline.stages.attention import head_geometry
+
+    session = Session(ModelConfig(**_model_cfg(a)))
+    masks, manifests = session.load_artifacts([Path(p) for p in a.masks])
+    for path, manifest in manifests.items():
+        if manifest["layers"]:
+            kept = sum(int(masks[k].sum()) for k in manifest["layers"])
+            total = sum(masks[k].numel() for k in manifest["layers"])
+            print(f"{path}: fits {a.model}: {len(manifest['layers'])} layers at {manifest['pattern']}, "
+                  f"{1 - kept / total:.2%} of their weights masked")
+        if "attention" in manifest:
+            p = AttentionPlan.from_json(manifest["attention"])
+            length = session.model.config.get_text_config().max_position_embeddings
+            cost = plan_cost(p, length, *head_geometry(session.model))
+            print(f"{path}: fits {a.model}: attention plan with {int(p.streaming.sum())} of {p.streaming.numel()} KV "
+                  f"heads streaming; at {length} tokens the KV cache is {cost['kv_cache_fraction']:.1%} and "
+                  f"attention FLOPs {cost['attention_flops_fraction']:.1%} of dense")
+    if len(manifests) > 1:
+        print(f"together: {len(masks)} of {len(session.linears)} prunable layers masked"
+              + (", with an attention plan" if any("attention" in m for m in manifests.values()) else ""))
+    if a.out:
+        # The plan travels in maskpipe.json: running it needs maskpipe's attention implementation.
+        plan = next((m["attention"] for m in manifests.values() if "attention" in m), None)
+        provenance = {"base_model": a.model, "revision": a.revision, "attention": plan,
+                      "artifacts": [{"path": str(p), "pattern": m["pattern"], "method": m["method"].get("name"),
+                                     "fingerprint": m["base_model"]["fingerprint"], "layers": sorted(m["layers"])}
+                                    for p, m in manifests.items()]}
+        patterns = {layer: m["pattern"] for m in manifests.values() for layer in m["layers"]}
+        out = materialize(session.model, session.tokenizer, session.linears, masks, a.out, provenance, patterns)
+        print(f"materialized model written to {out}")
