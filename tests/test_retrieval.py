@@ -100,3 +100,25 @@ def test_batched_decoding_generates_exactly_what_one_prompt_at_a_time_does(micro
             batched = score(model, tokenizer, samples)
             assert [r["generated"] for r in batched] == reference
             assert [r["generated"] for r in score(model, tokenizer, samples, batch_size=3)] == reference
+
+
+def test_a_tokenizer_whose_pad_id_is_past_the_embedding_table_decodes(micro, tokenizer):
+    # Some tokenizers add their pad token past the model's embedding table; padded positions are
+    # masked, so decoding pads with an id the model has and generates what it generates without it.
+    import copy
+
+    model, _ = micro
+    padded = copy.deepcopy(tokenizer)
+    padded.add_special_tokens({"pad_token": "<pad-past-the-table>"})
+    assert padded.pad_token_id >= model.get_input_embeddings().num_embeddings
+    samples = passkey_samples(tokenizer, [96, 128], 2, seed=0)
+    assert score(model, padded, samples) == score(model, tokenizer, samples)
+
+
+def test_prompt_ids_past_the_embedding_table_are_one_error(micro):
+    from maskpipe.pipeline import MaskpipeError
+    from maskpipe.pipeline.eval.retrieval import greedy_decode
+
+    model, _ = micro
+    with pytest.raises(MaskpipeError, match="token ids past the model's embedding table"):
+        greedy_decode(model, [[1, 2, model.get_input_embeddings().num_embeddings]], 2)

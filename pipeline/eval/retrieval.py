@@ -103,6 +103,10 @@ def greedy_decode(model: nn.Module, prompts: list[list[int]], max_new_tokens: in
     (attention plans count their sink from that token too: `pipeline.attention.plans`). Decoding does not
     stop at an end-of-sequence token, so a prompt's tokens never depend on its batch."""
     device = next(model.parameters()).device
+    vocab = model.get_input_embeddings().num_embeddings
+    if not 0 <= pad_id < vocab or any(not 0 <= i < vocab for p in prompts for i in p):
+        raise MaskpipeError(f"token ids past the model's embedding table ({vocab} rows): the tokenizer does not "
+                            f"match the model")
     width = max(len(p) for p in prompts)
     ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts], device=device)
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
@@ -121,6 +125,14 @@ def greedy_decode(model: nn.Module, prompts: list[list[int]], max_new_tokens: in
     return torch.stack(new, dim=1).tolist() if new else [[] for _ in prompts]
 
 
+def pad_id(tokenizer, model: nn.Module) -> int:
+    """An id to left-pad prompts with that the model's embedding table has: the tokenizer's pad token,
+    else EOS, else 0. Padded positions are masked, so any id the model has will do; a pad token added
+    to the tokenizer past the embedding table (as some Qwen2 tokenizers have) would index out of it."""
+    vocab = model.get_input_embeddings().num_embeddings
+    return next(i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if i is not None and 0 <= i < vocab)
+
+
 def exact_match(generated: str, answers: list[str]) -> bool:
     """The first len(answers) numbers generated are exactly the answers (in any order)."""
     return sorted(re.findall(r"\d+", generated)[: len(answers)]) == sorted(answers)
@@ -133,7 +145,7 @@ def score(model: nn.Module, tokenizer, samples: list[Sample], desc: str = "retri
     each gets as many new tokens as its answers take plus two, whatever its batch."""
     from tqdm.auto import tqdm
 
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    pad = pad_id(tokenizer, model)
     budgets = [len(tokenizer(" " + ", ".join(s.answers), add_special_tokens=False).input_ids) + 2 for s in samples]
     by_length: dict[int, list[int]] = {}
     for i, s in enumerate(samples):
