@@ -1,5 +1,6 @@
 import json
 import re
+import tomllib
 
 import pytest
 import torch
@@ -67,6 +68,7 @@ def test_the_published_folder_is_an_artifact_that_applies(run_dir, tmp_path, cap
     assert main(["publish", str(run_dir), "--stage", "magnitude", "--out", str(out)]) == 0
     assert "card has no base_model" in capsys.readouterr().err  # a local path is no hub id
     assert "base_model" not in ModelCard.load(out / "README.md").data.to_dict()
+    assert ModelCard.load(out / "README.md").data.license == "apache-2.0"  # maskpipe's own license by default
     masks, _ = load_artifact(out)
     expected, _ = load_artifact(run_dir / "artifacts" / "magnitude")
     assert all(torch.equal(masks[k], expected[k]) for k in expected)
@@ -110,3 +112,11 @@ def test_publish_refuses_what_it_cannot_pick(run_dir, tmp_path, capsys):
     assert main(["publish", str(two), "--out", str(tmp_path / "o")]) == 2
     assert "several learned artifacts (maskllm, again): choose one with --stage" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_the_package_is_apache_2_0_licensed_and_ships_the_license_text():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert project["license"] == "Apache-2.0" and project["license-files"] == ["LICENSE"]
+    text = (ROOT / "LICENSE").read_text()
+    assert "Apache License" in text and "Version 2.0, January 2004" in text
+    assert "END OF TERMS AND CONDITIONS" in text and "APPENDIX: How to apply the Apache License" in text

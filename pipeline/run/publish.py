@@ -137,7 +137,7 @@ def model_card(manifest: dict[str, Any], results: Results | None, stage: str, *,
 
 
 def publish(artifact: Path, run: Path | None, out: str | Path, *, repo: str | None = None,
-            base_model: str | None = None, license: str = "other") -> Path:
+            base_model: str | None = None, license: str = "apache-2.0") -> Path:
     """Write `out`: the files of `artifact` and its model card (with the results of `run`), atomically."""
     manifest = read_manifest(artifact)
     results = Results.read(RunDir(run).results) if run else None
