@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from maskpipe.pipeline import MaskpipeError
-from maskpipe.pipeline.io.artifacts import atomic_dir, load_artifact, read_manifest, save_artifact
+from maskpipe.pipeline.io.artifacts import atomic_dir, load_artifact, public_mode, read_manifest, save_artifact
 from maskpipe.pipeline.attention.plans import AttentionPlan, kv_heads
 from maskpipe.pipeline.core.models import base_weight
 from maskpipe.pipeline.nm.sparsity import is_nm
@@ -142,7 +142,7 @@ def export_maskllm(artifact: str | Path, out: str | Path) -> Path:
             np.savez_compressed(f, **arrays)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
+        os.chmod(tmp, public_mode())
         os.replace(tmp, out)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
