@@ -13,6 +13,7 @@ import torch
 from maskpipe.pipeline import MaskpipeError
 from maskpipe.pipeline.config import Config
 from maskpipe.pipeline.core.schema import ModelConfig
+from maskpipe.pipeline.io.loggers import require
 from maskpipe.pipeline.io.rundir import RunDir
 
 log = logging.getLogger("maskpipe")
@@ -95,6 +96,7 @@ def check_inputs(cfg: Config, source: str = "", flags: dict[str, str] | None = N
 
     flags = flags or {}
     where = f"{source}: " if source else ""
+    require(cfg.logging)  # a tracker whose package is missing
     check_device(cfg.model.device, flags.get("model.device", "model.device"), local=cfg.workers.num_workers == 0)
     used = {ref for st in cfg.stages for ref in kind_of(st).corpora(st).values()}
     for name in sorted(used):
