@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from maskpipe.jobs.quick import _model_args, _model_cfg
+from maskpipe.jobs.quick import _fetch_masks, _model_args, _model_cfg
 
 
 def add(sub) -> None:
@@ -27,6 +27,7 @@ def cmd_apply(a) -> None:
     from maskpipe.pipeline.io.session import Session
     from maskpipe.pipeline.stages.attention import head_geometry
 
+    _fetch_masks(a)
     model_cfg = _model_cfg(a)
     if a.out and a.dtype is None:  # the export keeps the checkpoint's dtype (a bf16 load of fp32 would round it)
         from maskpipe.pipeline.core.models import checkpoint_dtype

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from maskpipe.jobs.quick import _model_args, _model_cfg, _variants, from_config, given
+from maskpipe.jobs.quick import _fetch_masks, _model_args, _model_cfg, _variants, from_config, given
 from maskpipe.pipeline import MaskpipeError
 
 
@@ -54,6 +54,7 @@ def cmd_lm_eval(a) -> None:
     from maskpipe.pipeline.stages.lm_eval import lm_eval_stage
     from maskpipe.pipeline.eval.zeroshot import check_tasks
 
+    _fetch_masks(a)
     stage = given(stage="lm_eval", name="lm_eval", tasks=a.tasks, include_path=a.include_path,
                   num_fewshot=a.num_fewshot, batch_size=a.batch_size,
                   limit=int(a.limit) if a.limit is not None and a.limit >= 1 else a.limit)
