@@ -74,8 +74,19 @@ def _one_stage(cfg, variants: list | None = None, run=None):
     return execute(kind_of(st), ctx)
 
 
+def _fetch_masks(a) -> None:
+    """--masks given as Hub repo ids (`ORG/NAME[@REVISION]`) fetched into the Hugging Face cache, in place;
+    `a.mask_names` keeps the names their variants take (the folder's, or the repo's)."""
+    from maskpipe.pipeline.io.hub import artifact_name, fetch_artifact
+
+    a.mask_names = [artifact_name(p) for p in a.masks]
+    a.masks = [str(fetch_artifact(p)) for p in a.masks]
+
+
 def _variants(a) -> list:
-    """dense (with --dense, or without --masks) and one variant per --masks artifact, named by its folder."""
+    """dense (with --dense, or without --masks) and one variant per --masks artifact, named by its folder
+    (or its Hub repo)."""
     from maskpipe.pipeline.io.session import Variant
 
-    return [Variant("dense")] * (a.dense or not a.masks) + [Variant(Path(p).name, artifact=Path(p)) for p in a.masks]
+    names = getattr(a, "mask_names", None) or [Path(p).name for p in a.masks]
+    return [Variant("dense")] * (a.dense or not a.masks) + [Variant(n, artifact=Path(p)) for n, p in zip(names, a.masks)]

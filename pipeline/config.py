@@ -216,7 +216,7 @@ class Config(Strict):
             stages = []
             for s in v["stages"]:
                 if isinstance(s, dict) and s.get("name") is None:
-                    s = {**s, "name": s.get("method") or s.get("stage")}
+                    s = {**s, "name": _item_name(s)}
                 stages.append(s)
             v = {**v, "stages": stages}
         return v
@@ -303,8 +303,29 @@ def _format(err: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
+def _item_name(item: Any) -> Any:
+    """A stage's name: its `name`, else its method, else its kind (what Config._default_names fills in)."""
+    if not isinstance(item, dict):
+        return None
+    return item.get("name") or item.get("method") or item.get("stage")
+
+
+def _list_index(node: list, p: str, where: str, key: str, source: str) -> int:
+    """A list item by position (`stages.1`) or by its name (`stages.maskllm`)."""
+    if p.isdigit():
+        if int(p) < len(node):
+            return int(p)
+        raise ConfigError(f"{source}: override {key}: {where} has no item {p}")
+    names = [_item_name(it) for it in node]
+    if p in names:
+        return names.index(p)
+    have = ", ".join(str(n) for n in names if n is not None) or "none"
+    raise ConfigError(f"{source}: override {key}: {where} has no item named {p!r} (names: {have})")
+
+
 def apply_overrides(raw: dict, overrides: list[str], source: str) -> dict:
-    """Hydra/torchtune-style `key.path=value` overrides; values are parsed as YAML."""
+    """Hydra/torchtune-style `key.path=value` overrides; values are parsed as YAML. A list item is
+    addressed by position or by name (`stages.maskllm.steps=3`: the stage named, or defaulting to, maskllm)."""
     raw = copy.deepcopy(raw)
     for ov in overrides:
         key, sep, value = ov.partition("=")
@@ -315,9 +336,7 @@ def apply_overrides(raw: dict, overrides: list[str], source: str) -> dict:
         for i, p in enumerate(parts):
             last = i == len(parts) - 1
             if isinstance(node, list):
-                if not p.isdigit() or int(p) >= len(node):
-                    raise ConfigError(f"{source}: override {key}: {'.'.join(parts[:i])} has no item {p}")
-                p = int(p)
+                p = _list_index(node, p, ".".join(parts[:i]), key, source)
             elif not isinstance(node, dict):
                 raise ConfigError(f"{source}: override {key}: {'.'.join(parts[:i])} is not a mapping")
             if last:

@@ -1,4 +1,5 @@
 import json
+import os
 
 import pytest
 import torch
@@ -218,3 +219,43 @@ def test_the_artifact_format_and_gate_learning_stand_below_the_schema_and_the_ev
             "print([m for m in ('pipeline.config', 'pipeline.eval.retrieval') if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+@pytest.fixture
+def umask_022():
+    old = os.umask(0o022)
+    yield
+    os.umask(old)
+
+
+def test_written_files_are_readable_by_the_team_as_the_umask_allows(tmp_path, umask_022, micro):
+    from maskpipe.pipeline.io.artifacts import write_json, write_text
+    from maskpipe.pipeline.io.interop import export_maskllm
+
+    write_text(tmp_path / "a.txt", "x")
+    write_json(tmp_path / "b.json", {"x": 1})
+    write(tmp_path, micro[1], magnitude(micro[1]))
+    export_maskllm(tmp_path / "art", tmp_path / "m.npz")
+    for f in ("a.txt", "b.json", "m.npz", "art/manifest.json"):
+        assert (tmp_path / f).stat().st_mode & 0o777 == 0o644, f
+    os.umask(0o002)
+    write_json(tmp_path / "b.json", {"x": 2})
+    assert (tmp_path / "b.json").stat().st_mode & 0o777 == 0o664
+
+
+def test_a_runs_files_and_eval_out_are_readable_by_the_team(tmp_path, umask_022, monkeypatch):
+    from maskpipe.jobs.cli import main
+    from maskpipe.pipeline.config import load_config
+    from maskpipe.pipeline.run.runner import run
+    from tests.conftest import CORPORA, ROOT
+
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # a file: store, for trackers.json
+    cfg = load_config("configs/tiny.yaml", ["stages=[{stage: eval, data: [kjv], seqlen: 64, batch_size: 8}]",
+                                            "workers.num_workers=0", f"logging.mlflow.tracking_uri=file:{tmp_path}/ml"])
+    out = run(cfg, tmp_path / "run")
+    for name in ("config.yaml", "results.json", "results.md", "status.json", "trackers.json"):
+        assert (out / name).stat().st_mode & 0o777 == 0o644, name
+    assert main(["eval", "--model", str(MICRO), "--dtype", "float32", "--data", str(CORPORA / "kjv.valid.txt"),
+                 "--seqlen", "64", "--out", str(tmp_path / "r.json")]) == 0
+    assert (tmp_path / "r.json").stat().st_mode & 0o777 == 0o644

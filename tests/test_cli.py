@@ -47,6 +47,21 @@ def test_oneshot_eval_apply(wanda_artifact, tmp_path, capsys):
     assert (w == 0).float().mean().item() == pytest.approx(0.5)
 
 
+def test_apply_out_writes_the_base_models_dtype_unless_dtype_is_given(wanda_artifact, tmp_path, capsys):
+    bf16 = tmp_path / "bf16"
+    AutoModelForCausalLM.from_pretrained(MICRO, dtype=torch.bfloat16).save_pretrained(bf16)
+    for f in MICRO.glob("tokenizer*"):
+        (bf16 / f.name).write_bytes(f.read_bytes())
+    for base, flags, expected in ((MICRO, [], torch.float32), (bf16, [], torch.bfloat16),
+                                  (MICRO, ["--dtype", "bfloat16"], torch.bfloat16)):
+        out = tmp_path / f"sparse-{base.name}-{len(flags)}"
+        assert main(["apply", "--model", str(base), *flags, "--masks", str(wanda_artifact), "--out", str(out)]) == 0
+        assert json.loads((out / "config.json").read_text())["dtype"] == str(expected).removeprefix("torch.")
+        sparse = AutoModelForCausalLM.from_pretrained(out, dtype="auto")
+        assert {p.dtype for p in sparse.parameters()} == {expected}
+    capsys.readouterr()
+
+
 def test_apply_refuses_other_model_and_corrupt_artifact(wanda_artifact, tmp_path, capsys):
     from transformers import LlamaConfig
     other = tmp_path / "other"

@@ -1,5 +1,4 @@
 import copy
-from pathlib import Path
 
 import pytest
 
@@ -105,6 +104,17 @@ def test_overrides_set_nested_keys_and_list_items(tmp_path):
         apply_overrides(BASE, ["stages.7.method=x"], "f")
     with pytest.raises(ConfigError, match="expected key.path=value"):
         apply_overrides(BASE, ["stages"], "f")
+
+
+def test_overrides_address_a_stage_by_its_name_or_its_default_name():
+    raw = {**BASE, "stages": [*BASE["stages"], {"stage": "learn", "name": "maskllm", "data": "c", "steps": 10}]}
+    cfg = config_from_dict(apply_overrides(raw, ["stages.maskllm.steps=3", "stages.wanda.n_samples=4",
+                                                 "stages.eval.seqlen=64", "stages.1.batch_size=2"], "f"))
+    assert cfg.stages[2].steps == 3 and cfg.stages[0].n_samples == 4
+    assert cfg.stages[1].seqlen == 64 and cfg.stages[1].batch_size == 2
+    with pytest.raises(ConfigError, match=r"^f: override stages\.mask\.steps: stages has no item named 'mask' "
+                                          r"\(names: wanda, eval, maskllm\)$"):
+        apply_overrides(raw, ["stages.mask.steps=3"], "f")
 
 
 def test_missing_and_malformed_files(tmp_path):

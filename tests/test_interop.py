@@ -89,10 +89,46 @@ def duoattention_sparsify(gates, sparsity):
 def test_duo_binarisation_is_duoattentions_quantile_rule(sparsity):
     gates = np.random.default_rng(0).random((6, 8))
     expected = ~duoattention_sparsify(gates, sparsity) if 0 < sparsity < 1 else np.full(gates.shape, sparsity >= 1)
-    assert np.array_equal(duo_streaming(gates, sparsity=sparsity), expected)
-    tied = np.full((4, 2), 0.5)  # equal gates: the first heads in order stream
-    assert duo_streaming(tied, sparsity=0.5).reshape(-1).tolist() == [True] * 4 + [False] * 4
-    assert np.array_equal(duo_streaming(gates, threshold=0.3), gates < 0.3)
+    for ties in ("upstream", "head-order"):  # distinct gates: the noise changes nothing
+        assert np.array_equal(duo_streaming(gates, sparsity=sparsity, ties=ties), expected)
+    tied = np.full((4, 2), 0.5)  # equal gates, head order: the first heads in order stream
+    assert duo_streaming(tied, sparsity=0.5, ties="head-order").reshape(-1).tolist() == [True] * 4 + [False] * 4
+    assert np.array_equal(duo_streaming(gates, threshold=0.3, ties="head-order"), gates < 0.3)
+
+
+def upstream_sparsify_after_seed_42(gates, threshold=None, sparsity=None):
+    """What DuoAttention's scripts do: seed_everything(42) (np.random.seed), then sparsify_attention_heads:
+    noise uniform in [0, 1e-6) from numpy's global generator, the quantile of the noisy gates, >= it is full."""
+    state = np.random.get_state()
+    np.random.seed(42)
+    try:
+        noisy = gates + np.random.uniform(0, 1e-6, gates.shape)
+    finally:
+        np.random.set_state(state)
+    if sparsity is not None:
+        threshold = np.quantile(noisy, sparsity)
+        threshold = 2 if sparsity >= 1 else -1 if sparsity <= 0 else threshold
+    return noisy >= threshold
+
+
+@pytest.mark.parametrize("sparsity", [0.0, 0.25, 0.5, 0.75, 1.0])
+def test_imported_plans_break_ties_exactly_as_duoattentions_own_code_by_default(micro, tmp_path, sparsity):
+    gates = np.repeat([0.2, 0.5, 0.5, 0.9], 2).reshape(4, 2)  # ties inside and across the quantile
+    full = upstream_sparsify_after_seed_42(gates, sparsity=sparsity)
+    assert np.array_equal(duo_streaming(gates, sparsity=sparsity), ~full)
+    assert np.array_equal(duo_streaming(gates, threshold=0.5), ~upstream_sparsify_after_seed_42(gates, threshold=0.5))
+    write_duo_pattern(tmp_path / "duo", gates, sink=4, recent=16)
+    for ties, streaming in (("upstream", ~full), ("head-order", duo_streaming(gates, sparsity=sparsity, ties="head-order"))):
+        flags = ["--ties", ties] if ties != "upstream" else []
+        art = tmp_path / ties
+        assert main(["import", "duo-attention", str(tmp_path / "duo"), *MODEL, "--sparsity", str(sparsity), *flags,
+                     "--out", str(art)]) == 0
+        manifest = read_manifest(art)
+        assert manifest["method"]["params"]["ties"] == ties  # the manifest says which rule made the plan
+        plan = AttentionPlan.from_json(manifest["attention"])
+        assert plan.streaming.numpy().tolist() == streaming.tolist()
+    if sparsity == 0.5:  # the quantile splits the four 0.5 gates: there the two rules differ
+        assert not np.array_equal(~full, duo_streaming(gates, sparsity=sparsity, ties="head-order"))
 
 
 def write_duo_pattern(folder, gates, sink, recent):
@@ -142,3 +178,68 @@ def test_duo_import_refuses_a_table_of_another_shape_and_missing_sizes(tmp_path,
                  "--out", str(tmp_path / "x")]) == 2
     assert "--sink: not given and no config.json" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+def hub_cache(cache, repo, files):
+    """A repo laid out as huggingface_hub caches it: models--OWNER--NAME/snapshots/<commit>/FILE and
+    refs/main naming the commit."""
+    folder = cache / f"models--{repo.replace('/', '--')}"
+    (folder / "refs").mkdir(parents=True)
+    (folder / "refs" / "main").write_text(COMMIT)
+    snapshot = folder / "snapshots" / COMMIT
+    for name, source in files.items():
+        (snapshot / name).parent.mkdir(parents=True, exist_ok=True)
+        (snapshot / name).write_bytes(source.read_bytes())
+
+
+@pytest.fixture
+def offline_hub(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    cache = tmp_path / "hub-cache"
+    cache.mkdir()
+    for key, value in (("HF_HUB_CACHE", str(cache)), ("HF_HUB_OFFLINE", "1")):
+        monkeypatch.setenv(key, value)
+    # huggingface_hub reads its environment once, at import: the constants are what it consults
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    return cache
+
+
+def test_importers_and_masks_take_a_hub_repo_id_read_from_the_hf_cache_offline(micro, tmp_path, offline_hub,
+                                                                               capsys):
+    model, linears = micro
+    write_maskllm_npz(tmp_path / "mask_compressed.npz", magnitude_masks(linears))
+    hub_cache(offline_hub, "acme/llama-maskllm", {"mask_compressed.npz": tmp_path / "mask_compressed.npz"})
+    assert main(["import", "maskllm", "acme/llama-maskllm", *MODEL, "--out", str(tmp_path / "a")]) == 0
+    assert main(["import", "maskllm", f"acme/llama-maskllm@{COMMIT}", *MODEL, "--out", str(tmp_path / "b")]) == 0
+    assert load_artifact(tmp_path / "a")[1]["layers"] == load_artifact(tmp_path / "b")[1]["layers"]
+
+    gates = np.linspace(0, 1, 8).reshape(4, 2)
+    write_duo_pattern(tmp_path / "duo", gates, sink=4, recent=16)
+    hub_cache(offline_hub, "acme/duo", {n: tmp_path / "duo" / n for n in ("full_attention_heads.tsv", "config.json")})
+    assert main(["import", "duo-attention", "acme/duo", *MODEL, "--sparsity", "0.5", "--out", str(tmp_path / "p")]) == 0
+    assert read_manifest(tmp_path / "p")["attention"]
+
+    # a published artifact (as `publish --push` uploads it) as --masks, named by its repo
+    hub_cache(offline_hub, "acme/micro-2of4", {f.name: f for f in (tmp_path / "a").iterdir()})
+    capsys.readouterr()
+    assert main(["apply", *MODEL, "--masks", "acme/micro-2of4"]) == 0
+    assert "50.00% of their weights masked" in capsys.readouterr().out
+    assert main(["export", "maskllm", "acme/micro-2of4", "--out", str(tmp_path / "back.npz")]) == 0
+    with np.load(tmp_path / "mask_compressed.npz") as a, np.load(tmp_path / "back.npz") as b:
+        assert all(np.array_equal(a[k], b[k]) for k in a.files)
+
+    # offline and not in the cache: one line that says so, nothing written
+    assert main(["import", "maskllm", "acme/other", *MODEL, "--out", str(tmp_path / "c")]) == 2
+    assert error_lines(capsys) == [
+        f"error: acme/other: cannot download the MaskLLM mask from the Hugging Face Hub: not in the local Hugging "
+        f"Face cache ({offline_hub}) and HF_HUB_OFFLINE is set"]
+    assert main(["apply", *MODEL, "--masks", "acme/gone@v2", "--out", str(tmp_path / "d")]) == 2
+    assert error_lines(capsys) == [
+        f"error: acme/gone@v2: cannot download the mask artifact from the Hugging Face Hub: not in the local "
+        f"Hugging Face cache ({offline_hub}) and HF_HUB_OFFLINE is set"]
+    assert not (tmp_path / "c").exists() and not (tmp_path / "d").exists()

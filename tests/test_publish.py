@@ -1,5 +1,7 @@
 import json
 import re
+import shutil
+import tomllib
 
 import pytest
 import torch
@@ -67,6 +69,7 @@ def test_the_published_folder_is_an_artifact_that_applies(run_dir, tmp_path, cap
     assert main(["publish", str(run_dir), "--stage", "magnitude", "--out", str(out)]) == 0
     assert "card has no base_model" in capsys.readouterr().err  # a local path is no hub id
     assert "base_model" not in ModelCard.load(out / "README.md").data.to_dict()
+    assert ModelCard.load(out / "README.md").data.license == "apache-2.0"  # maskpipe's own license by default
     masks, _ = load_artifact(out)
     expected, _ = load_artifact(run_dir / "artifacts" / "magnitude")
     assert all(torch.equal(masks[k], expected[k]) for k in expected)
@@ -110,3 +113,46 @@ def test_publish_refuses_what_it_cannot_pick(run_dir, tmp_path, capsys):
     assert main(["publish", str(two), "--out", str(tmp_path / "o")]) == 2
     assert "several learned artifacts (maskllm, again): choose one with --stage" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_the_package_is_apache_2_0_licensed_and_ships_the_license_text():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert project["license"] == "Apache-2.0" and project["license-files"] == ["LICENSE"]
+    text = (ROOT / "LICENSE").read_text()
+    assert "Apache License" in text and "Version 2.0, January 2004" in text
+    assert "END OF TERMS AND CONDITIONS" in text and "APPENDIX: How to apply the Apache License" in text
+
+
+def test_the_cards_model_index_holds_every_number_the_run_measured_for_the_artifact(run_dir, tmp_path):
+    from huggingface_hub import metadata_load
+
+    # the run plus lm-eval rows for its learned mask, as an lm_eval stage writes them
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    results = json.loads((run / "results.json").read_text())
+    results["lm_eval"] = {"maskllm": {"rte": {"acc": 0.52, "acc_stderr": 0.03, "n": 277, "num_fewshot": 0},
+                                      "hellaswag": {"acc": 0.31, "acc_stderr": 0.01, "acc_norm": 0.36,
+                                                    "acc_norm_stderr": 0.01, "n": 100, "num_fewshot": 0}}}
+    (run / "results.json").write_text(json.dumps(results))
+    out = tmp_path / "card"
+    assert main(["publish", str(run), "--out", str(out), "--base-model", "acme/micro-llama",
+                 "--push", "acme/micro-2of4", "--dry-run"]) == 0
+
+    card = ModelCard.load(out / "README.md")
+    assert card.data.license == "apache-2.0" and card.data.library_name == "maskpipe"
+    assert metadata_load(out / "README.md")["model-index"][0]["name"] == "acme/micro-2of4"
+    evals = card.data.eval_results
+    assert evals is not None
+    found = {(e.dataset_name, e.metric_type): e for e in evals}
+    ppl = results["perplexity"]["maskllm"]["kjv"]
+    passkey = results["retrieval"]["maskllm"]["passkey"]["acc"]
+    assert {k: e.metric_value for k, e in found.items()} == {
+        ("kjv", "perplexity"): round(ppl["ppl"], 4), ("passkey (synthetic)", "exact_match"): passkey,
+        ("rte", "acc"): 0.52, ("hellaswag", "acc"): 0.31, ("hellaswag", "acc_norm"): 0.36}
+    # the dataset and the protocol
+    kjv = found[("kjv", "perplexity")]
+    assert kjv.dataset_type == "kjv" and "kjv.valid.txt" in kjv.dataset_args["sources"]
+    assert kjv.metric_args == {"seqlen": 128, "tokens": ppl["tokens"], "windows": ppl["windows"]}
+    assert found[("hellaswag", "acc_norm")].metric_config == "0-shot"
+    assert found[("hellaswag", "acc_norm")].source_name == "lm-evaluation-harness"
+    assert set(card.data.metrics) == {"perplexity", "exact_match", "acc", "acc_norm"}

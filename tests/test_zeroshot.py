@@ -44,6 +44,42 @@ def test_lm_eval_scores_a_masked_variant_exactly_as_its_exported_model(in_root, 
         assert again[task]["acc"] == masked[task]["acc"] and again[task]["acc_norm"] == masked[task]["acc_norm"]
 
 
+def test_bundled_tasks_read_their_data_beside_the_yaml_from_any_cwd_and_log_lm_evals_own_samples(
+        tmp_path, monkeypatch, capsys):
+    from tests.conftest import ROOT
+
+    monkeypatch.chdir(tmp_path)  # not the repository root: data_files resolve against the YAML's folder
+    out = tmp_path / "scores"
+    assert main(["lm-eval", *MODEL, "--include-path", str(ROOT / "configs" / "lm_eval"), "--tasks",
+                 "maskpipe_kjv_cloze", "maskpipe_passkey_choice", "--limit", "4", "--batch-size", "auto",
+                 "--log-samples", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    results = json.loads((out / "results.json").read_text())["lm_eval"]["dense"]
+    cloze, passkey = results["maskpipe_kjv_cloze"], results["maskpipe_passkey_choice"]
+    # the table shows acc_norm where a task has it
+    assert f"| dense | {100 * cloze['acc_norm']:.1f} | {100 * passkey['acc_norm']:.1f} |" in printed
+    assert "metric acc_norm (%" in printed
+    # lm-eval's own files, written by its EvaluationTracker
+    aggregated = list((out / "lm_eval" / "dense").rglob("results_*.json"))
+    assert len(aggregated) == 1
+    assert json.loads(aggregated[0].read_text())["results"]["maskpipe_kjv_cloze"]["acc_norm,none"] == cloze["acc_norm"]
+    for task in ("maskpipe_kjv_cloze", "maskpipe_passkey_choice"):
+        (samples,) = (out / "lm_eval" / "dense").rglob(f"samples_{task}_*.jsonl")
+        assert len(samples.read_text().splitlines()) == 4
+
+
+def test_the_table_shows_acc_norm_where_a_task_has_it_else_acc():
+    from maskpipe.pipeline.eval.zeroshot import primary
+    from maskpipe.pipeline.run.results import zeroshot_table
+
+    assert primary({"acc": 0.5, "acc_norm": 0.6, "n": 4}) == ("acc_norm", 0.6)
+    assert primary({"acc": 0.5, "acc_stderr": 0.1, "n": 4}) == ("acc", 0.5)
+    table = zeroshot_table({"dense": {"hellaswag": {"acc": 0.5, "acc_norm": 0.6, "n": 4, "num_fewshot": 0},
+                                      "rte": {"acc": 0.7, "n": 5, "num_fewshot": 0}}})
+    assert "| dense | 60.0 | 70.0 | 65.0 |" in table
+    assert "metric per task hellaswag acc_norm, rte acc" in table
+
+
 def test_an_unknown_task_or_unreadable_data_is_one_error_before_the_model_loads(in_root, tmp_path, capsys):
     assert main(["lm-eval", *MODEL, "--include-path", "configs/lm_eval", "--tasks", "maskpipe_kjv_cloze", "no_such_task",
                  "--out", str(tmp_path / "a")]) == 2

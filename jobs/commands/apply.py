@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from maskpipe.jobs.quick import _model_args, _model_cfg
+from maskpipe.jobs.quick import _fetch_masks, _model_args, _model_cfg
 
 
 def add(sub) -> None:
@@ -15,7 +15,8 @@ def add(sub) -> None:
     _model_args(ap)
     ap.add_argument("--masks", required=True, nargs="+",
                     help="artifact directories, applied together: each masks its own layers, at most one plan")
-    ap.add_argument("--out", default=None, help="write a materialized model directory (weights ⊙ mask)")
+    ap.add_argument("--out", default=None, help="write a materialized model directory (weights ⊙ mask), in the base "
+                                                "model's dtype unless --dtype says otherwise")
     ap.set_defaults(fn=cmd_apply)
 
 
@@ -26,7 +27,13 @@ def cmd_apply(a) -> None:
     from maskpipe.pipeline.io.session import Session
     from maskpipe.pipeline.stages.attention import head_geometry
 
-    session = Session(ModelConfig(**_model_cfg(a)))
+    _fetch_masks(a)
+    model_cfg = _model_cfg(a)
+    if a.out and a.dtype is None:  # the export keeps the checkpoint's dtype (a bf16 load of fp32 would round it)
+        from maskpipe.pipeline.core.models import checkpoint_dtype
+
+        model_cfg["dtype"] = checkpoint_dtype(a.model, a.revision, a.trust_remote_code)
+    session = Session(ModelConfig(**model_cfg))
     masks, manifests = session.load_artifacts([Path(p) for p in a.masks])
     for path, manifest in manifests.items():
         if manifest["layers"]:

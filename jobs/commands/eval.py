@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from maskpipe.jobs.quick import (
+    _fetch_masks,
     QUICK_FLAGS,
     _data_args,
     _data_cfg,
@@ -48,6 +49,7 @@ def cmd_eval(a) -> None:
     from maskpipe.pipeline.run.preflight import check_inputs
     from maskpipe.pipeline.run.results import perplexity_table
 
+    _fetch_masks(a)
     raw = {"name": "eval", "model": _model_cfg(a), "data": {"eval": _data_cfg(a, "test", "document")},
            "stages": [given(stage="eval", data=["eval"], seqlen=a.seqlen, stride=a.stride, batch_size=a.batch_size,
                             dense=a.dense or not a.masks)]}

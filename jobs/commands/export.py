@@ -23,7 +23,9 @@ def add(sub) -> None:
 
 
 def cmd_export(a) -> None:
+    from maskpipe.pipeline.io.hub import fetch_artifact
     from maskpipe.pipeline.io.interop import export_duo_attention, export_maskllm
 
+    a.artifact = str(fetch_artifact(a.artifact))  # a local artifact, or a Hub repo id
     out = export_maskllm(a.artifact, a.out) if a.format == "maskllm" else export_duo_attention(a.artifact, a.out)
     print(f"{a.artifact}: exported as {a.format} to {out}")

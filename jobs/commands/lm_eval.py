@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from maskpipe.jobs.quick import _model_args, _model_cfg, _variants, from_config, given
+from maskpipe.jobs.quick import _fetch_masks, _model_args, _model_cfg, _variants, from_config, given
 from maskpipe.pipeline import MaskpipeError
 
 
@@ -25,10 +25,24 @@ def add(sub) -> None:
     le.add_argument("--include-path", default=None, help="a folder of task YAMLs, e.g. configs/lm_eval")
     le.add_argument("--num-fewshot", type=int, default=None, help=from_config("stages.lm_eval.LmEvalStage", "num_fewshot"))
     le.add_argument("--limit", type=float, default=None, help="documents per task (a fraction if < 1)")
-    le.add_argument("--batch-size", type=int, default=None, help=from_config("stages.lm_eval.LmEvalStage", "batch_size"))
+    le.add_argument("--batch-size", type=_batch_size, default=None, metavar="N|auto",
+                    help=from_config("stages.lm_eval.LmEvalStage", "batch_size", "a number, or auto"))
+    le.add_argument("--log-samples", action="store_true",
+                    help="also write lm-eval's own results and per-sample files, under OUT/lm_eval/<variant>/")
     le.add_argument("--seed", type=int, default=None, help=from_config("config.Config", "seed"))
-    le.add_argument("--out", required=True, help="directory for results.json and results.md")
+    le.add_argument("--out", required=True, help="directory for results.json and results.md (and lm-eval's files)")
     le.set_defaults(fn=cmd_lm_eval)
+
+
+def _batch_size(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        import argparse
+
+        raise argparse.ArgumentTypeError(f"expected a number or auto, got {text!r}") from None
 
 
 def cmd_lm_eval(a) -> None:
@@ -40,6 +54,7 @@ def cmd_lm_eval(a) -> None:
     from maskpipe.pipeline.stages.lm_eval import lm_eval_stage
     from maskpipe.pipeline.eval.zeroshot import check_tasks
 
+    _fetch_masks(a)
     stage = given(stage="lm_eval", name="lm_eval", tasks=a.tasks, include_path=a.include_path,
                   num_fewshot=a.num_fewshot, batch_size=a.batch_size,
                   limit=int(a.limit) if a.limit is not None and a.limit >= 1 else a.limit)
@@ -49,7 +64,8 @@ def cmd_lm_eval(a) -> None:
         if not Path(p).is_dir():
             raise MaskpipeError(f"--masks: {p}: no such artifact directory")
     check_tasks(st.tasks, st.include_path, ("--tasks", "--include-path"))  # before the model loads
-    results = lm_eval_stage(cfg, Session(cfg.model), st, _variants(a))
+    samples = Path(a.out) / "lm_eval" if a.log_samples else None
+    results = lm_eval_stage(cfg, Session(cfg.model), st, _variants(a), samples)
     table = zeroshot_table(results)
     print(table)
     out = RunDir(a.out)  # a run directory's results.json and results.md, lm-eval's section alone

@@ -14,7 +14,8 @@ def add(sub) -> None:
     pb.add_argument("--stage", default=None, help="the run's stage whose artifact to publish")
     pb.add_argument("--base-model", default=None,
                     help="hub id of the base model for the card (default: the artifact's model name)")
-    pb.add_argument("--license", default="other", help="license of the card's front matter (default: other)")
+    pb.add_argument("--license", default="apache-2.0",
+                    help="license of the card's front matter (default: apache-2.0, maskpipe's own license)")
     pb.add_argument("--push", default=None, metavar="REPO",
                     help="upload the folder to this Hub model repo (token from HF_TOKEN or a saved login)")
     pb.add_argument("--dry-run", action="store_true", help="with --push: list what would be uploaded, upload nothing")

@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from maskpipe.jobs.quick import (
+    _fetch_masks,
     QUICK_FLAGS,
     _data_args,
     _data_cfg,
@@ -59,6 +60,7 @@ def cmd_retrieval(a) -> None:
     from maskpipe.pipeline.io.session import Session
     from maskpipe.pipeline.stages.retrieval import retrieval_stage
 
+    _fetch_masks(a)
     stage = {"stage": "retrieval", "name": "retrieval", "dense": a.dense or not a.masks}
     raw = given(name="retrieval", seed=a.seed, model=_model_cfg(a), stages=[stage], data={})
     if a.passkey:

@@ -188,6 +188,22 @@ def _load_meta(cfg: ModelConfig, device: torch.device) -> nn.Module:
     return model
 
 
+def checkpoint_dtype(name_or_path: str, revision: str | None = None, trust_remote_code: bool = False) -> str:
+    """The dtype a checkpoint is stored in, as its config.json records it (`dtype`, or the older
+    `torch_dtype`); float32 when it records none (what from_pretrained loads then) or one maskpipe does
+    not load models in."""
+    from transformers import AutoConfig
+
+    _check_exists(name_or_path)
+    try:
+        hf_config = AutoConfig.from_pretrained(name_or_path, revision=revision, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError) as e:
+        raise MaskpipeError(f"model {name_or_path!r}: cannot read its config: {e}") from None
+    dtype = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
+    name = str(dtype).removeprefix("torch.") if dtype is not None else "float32"
+    return name if name in DTYPES else "float32"
+
+
 def load_tokenizer(cfg: ModelConfig):
     from transformers import AutoTokenizer
 

@@ -175,8 +175,23 @@ def accuracy(records: list[dict], by: tuple[str, ...] = ()) -> dict:
     return {"cells": [{**dict(zip(by, key)), **accuracy(rs)} for key, rs in groups.items()]}
 
 
+def require_matplotlib(key: str = "niah") -> None:
+    """Refuse NIAH (whose heatmap needs matplotlib) when matplotlib is not installed: one line, named by `key`."""
+    import importlib.util
+
+    try:
+        found = importlib.util.find_spec("matplotlib") is not None
+    except ValueError:  # a module set to None in sys.modules
+        found = False
+    if not found:
+        raise MaskpipeError(f"{key}: the NIAH heatmap needs matplotlib, which is not installed "
+                            "(pip install 'maskpipe[plots]')")
+
+
 def niah_heatmap(cells: list[dict], path: str | Path, title: str) -> Path:
-    """Accuracy per (depth, length) cell as a heatmap PNG (depths down, lengths across)."""
+    """Accuracy per (depth, length) cell as a heatmap PNG (depths down, lengths across); matplotlib is an
+    extra (`pip install 'maskpipe[plots]'`), imported only here."""
+    require_matplotlib()
     import matplotlib
 
     matplotlib.use("Agg")

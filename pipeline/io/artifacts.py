@@ -52,6 +52,14 @@ REQUIRED = ("format", "format_version", "base_model", "pattern", "encoding", "la
 LAYER_KEYS = {1: ("shape", "sha256"), 2: ("shape", "offset", "nbytes", "sha256")}
 
 
+def public_mode(directory: bool = False) -> int:
+    """The mode open() would give a new file (or mkdir a directory) under the process's umask: what
+    mkstemp/mkdtemp's owner-only temporaries are set to before they take their final name."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return (0o777 if directory else 0o666) & ~umask
+
+
 @contextmanager
 def atomic_dir(dest: str | Path, replaces: str | None = None):
     """Yield a temporary sibling directory; on success it replaces `dest`, on failure it vanishes.
@@ -69,11 +77,9 @@ def atomic_dir(dest: str | Path, replaces: str | None = None):
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
     try:
         yield tmp
-        umask = os.umask(0)
-        os.umask(umask)
         for f in [tmp, *tmp.rglob("*")]:
             # mkdtemp and safetensors create owner-only files; what we publish is for everyone to read
-            os.chmod(f, (0o777 if f.is_dir() else 0o666) & ~umask)
+            os.chmod(f, public_mode(f.is_dir()))
             if f.is_file():
                 with open(f, "rb") as fh:
                     os.fsync(fh.fileno())
@@ -142,7 +148,8 @@ def read_json_or_none(path: Path) -> Any:
 
 
 def write_text(path: str | Path, text: str) -> None:
-    """Write a file atomically (temporary file, fsync, rename)."""
+    """Write a file atomically (temporary file, fsync, rename), readable as the umask allows (mkstemp's
+    temporary is owner-only)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
@@ -151,6 +158,7 @@ def write_text(path: str | Path, text: str) -> None:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, public_mode())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -13,8 +13,11 @@ head (α = how much the head needs full attention), and `config.json` with `sink
 `recent_size` (the streaming heads' sink and window). Their `sparsify_attention_heads` binarises the
 gates, after clipping them to [0, 1]: at a target `sparsity` the threshold is `np.quantile(gates,
 sparsity)` and heads with gate >= threshold stay full (sparsity 0: all full, 1: all streaming); or a
-fixed `threshold`. They break ties with noise of 1e-6; maskpipe breaks them by head order, so the
-same file gives the same plan every time.
+fixed `threshold`. They break ties with noise of up to 1e-6 added to the gates, drawn from numpy's
+global generator after their scripts seed it with 42 (`seed_everything(42)`). Imports follow that rule
+exactly by default (`ties="upstream"`: the same plan DuoAttention's own code makes from the file);
+`ties="head-order"` breaks ties by head order instead, without noise. The manifest's method params say
+which rule a plan used.
 
 The importers check everything against the base model before writing anything, and write ordinary
 maskpipe artifacts (`pipeline.io.artifacts`): fingerprinted, so they never apply to another model.
@@ -36,7 +39,7 @@ import torch
 from torch import nn
 
 from maskpipe.pipeline import MaskpipeError
-from maskpipe.pipeline.io.artifacts import atomic_dir, load_artifact, read_manifest, save_artifact
+from maskpipe.pipeline.io.artifacts import atomic_dir, load_artifact, public_mode, read_manifest, save_artifact
 from maskpipe.pipeline.attention.plans import AttentionPlan, kv_heads
 from maskpipe.pipeline.core.models import base_weight
 from maskpipe.pipeline.nm.sparsity import is_nm
@@ -142,7 +145,7 @@ def export_maskllm(artifact: str | Path, out: str | Path) -> Path:
             np.savez_compressed(f, **arrays)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
+        os.chmod(tmp, public_mode())
         os.replace(tmp, out)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -183,15 +186,29 @@ def read_duo_config(path: str | Path) -> dict[str, int]:
         raise MaskpipeError(f"{cfg}: not a readable DuoAttention config ({e})") from None
 
 
-def duo_streaming(gates: np.ndarray, *, sparsity: float | None = None, threshold: float | None = None) -> np.ndarray:
+TIE_RULES = ("upstream", "head-order")
+UPSTREAM_SEED = 42  # duo_attn's seed_everything(42) before sparsify_attention_heads
+
+
+def duo_streaming(gates: np.ndarray, *, sparsity: float | None = None, threshold: float | None = None,
+                  ties: str = "upstream") -> np.ndarray:
     """Streaming heads as DuoAttention's `sparsify_attention_heads` chooses them: full where gate >=
-    np.quantile(gates, sparsity) (or >= threshold), ties broken by head order instead of noise."""
+    np.quantile(gates, sparsity) (or >= threshold). Ties: `upstream` adds their noise (uniform in
+    [0, 1e-6), numpy's legacy generator seeded 42) first, as their code does; `head-order` breaks them
+    by head order, without noise."""
     if (sparsity is None) == (threshold is None):
         raise MaskpipeError("give exactly one of --sparsity and --threshold")
+    if ties not in TIE_RULES:
+        raise MaskpipeError(f"--ties: expected one of {', '.join(TIE_RULES)}, got {ties!r}")
+    if sparsity is not None and not 0 <= sparsity <= 1:
+        raise MaskpipeError(f"--sparsity: expected a fraction in [0, 1], got {sparsity}")
+    if ties == "upstream":
+        noisy = gates + np.random.RandomState(UPSTREAM_SEED).uniform(0, 1e-6, gates.shape)
+        if sparsity is not None:
+            threshold = 2 if sparsity >= 1 else -1 if sparsity <= 0 else np.quantile(noisy, sparsity)
+        return ~(noisy >= threshold)
     if threshold is not None:
         return gates < threshold
-    if not 0 <= sparsity <= 1:
-        raise MaskpipeError(f"--sparsity: expected a fraction in [0, 1], got {sparsity}")
     if sparsity >= 1:
         return np.ones(gates.shape, dtype=bool)
     # Rank the heads (stable: equal gates in head order) and take the quantile over the ranks: the
@@ -204,9 +221,9 @@ def duo_streaming(gates: np.ndarray, *, sparsity: float | None = None, threshold
 
 def import_duo_attention(path: str | Path, model: nn.Module, linears: dict[str, nn.Linear], out: str | Path, *,
                          base_model: dict[str, Any], sparsity: float | None = None, threshold: float | None = None,
-                         sink: int | None = None, recent: int | None = None) -> Path:
+                         sink: int | None = None, recent: int | None = None, ties: str = "upstream") -> Path:
     """A plan artifact at `out` from DuoAttention gates; sink and window from the arguments or, when
-    not given, from the pattern's `config.json`."""
+    not given, from the pattern's `config.json`; ties broken by `ties` (`duo_streaming`)."""
     gates, tsv = read_duo_gates(path, kv_heads(model)[:2])
     cfg = read_duo_config(path)
     sink = sink if sink is not None else cfg.get("sink_size")
@@ -216,14 +233,14 @@ def import_duo_attention(path: str | Path, model: nn.Module, linears: dict[str, 
             raise MaskpipeError(f"{flag}: not given and no {DUO_CONFIG} beside {tsv} names it")
         if value < 0:
             raise MaskpipeError(f"{flag}: expected a non-negative number of tokens, got {value}")
-    streaming = duo_streaming(gates, sparsity=sparsity, threshold=threshold)
+    streaming = duo_streaming(gates, sparsity=sparsity, threshold=threshold, ties=ties)
     shape = gates.shape
     plan = AttentionPlan(torch.from_numpy(streaming), torch.full(shape, sink), torch.full(shape, recent),
                          torch.from_numpy(gates))
     return save_artifact(out, {}, linears, base_model=base_model, pattern=None,
                          method={"name": "duo-attention-import",
                                  "params": {"sparsity": sparsity, "threshold": threshold, "sink": sink,
-                                            "window": recent},
+                                            "window": recent, "ties": ties},
                                  "source": str(tsv), "source_sha256": _file_sha256(tsv)},
                          data={"note": "imported: the data its gates were learned on is unknown to maskpipe"},
                          attention=plan.to_json(model))

@@ -14,6 +14,9 @@ Files in the run directory:
                   run that stands for this maskpipe run, so that every stage, every process (a Ray
                   worker) and a resumed run log into the same one
 
+Each tracker gets the resolved config as params (`flatten`: dotted key paths), every logged step, and at
+the end (`log_results`) the headline numbers, the final tables and every mask artifact of the run.
+
 One maskpipe run is one W&B run and one MLflow run; a stage's metrics are named `<stage>/<metric>`,
 against `<stage>/step` in W&B (each stage counts its own steps) and as the MLflow step. Only one
 process per stage logs: the driver, or rank 0 of a Ray Train worker group (`workers.learn`).
@@ -80,6 +83,16 @@ class TensorBoardLogger:
         self.writer.close()
 
 
+def flatten(config: Any, prefix: str = "") -> dict[str, str]:
+    """A resolved config as tracker params: dotted key paths (`stages.1.steps`, as overrides name them)
+    to their values as text (JSON for numbers, booleans, null and empty containers)."""
+    if isinstance(config, dict) and config:
+        return {k: v for key, val in config.items() for k, v in flatten(val, f"{prefix}{key}.").items()}
+    if isinstance(config, list) and config:
+        return {k: v for i, val in enumerate(config) for k, v in flatten(val, f"{prefix}{i}.").items()}
+    return {prefix[:-1]: config if isinstance(config, str) else json.dumps(config)}
+
+
 def _trackers(run_dir: Path) -> dict[str, Any]:
     path = RunDir(run_dir).trackers
     return json.loads(path.read_text()) if path.exists() else {}
@@ -114,9 +127,10 @@ class WandbLogger:
         # stages (or the final summary) starting within one second would overwrite each other's records.
         segment = RunDir(run_dir).wandb_segments / f"{time.time_ns()}-{os.getpid()}"
         segment.mkdir(parents=True, exist_ok=True)
+        self.wandb = wandb
         self.run = wandb.init(project=cfg.project, entity=cfg.entity, name=cfg.name or run_dir.name, id=run_id,
                               resume="allow", mode=cfg.mode, tags=cfg.tags or None, dir=str(segment),
-                              config=config, reinit="create_new")
+                              config=flatten(config) if config is not None else None, reinit="create_new")
         self.defined: set[str] = set()
 
     def log(self, stage: str, step: int, metrics: dict[str, float]) -> None:
@@ -128,6 +142,17 @@ class WandbLogger:
 
     def summary(self, values: dict[str, float]) -> None:
         self.run.summary.update(values)
+
+    def tables(self, results: dict[str, Any], markdown: str) -> None:
+        """The final tables: one W&B Table of every number (section, variant, name, value)."""
+        table = self.wandb.Table(columns=["section", "variant", "name", "value"], data=_rows(results))
+        self.run.log({"results": table})
+
+    def artifact(self, name: str, folder: Path) -> None:
+        """A mask artifact as a W&B Artifact (type `mask`) named `<run>-<stage>`."""
+        art = self.wandb.Artifact(name, type="mask", metadata=_manifest_summary(folder))
+        art.add_dir(str(folder))
+        self.run.log_artifact(art)
 
     def close(self) -> None:
         self.run.finish()
@@ -156,7 +181,12 @@ class MLflowLogger:
                                          tags={"maskpipe.run_dir": str(run_dir.resolve())})
             ids = {"run_id": run.info.run_id, "experiment_id": exp_id, "tracking_uri": cfg.tracking_uri}
             _remember(run_dir, "mlflow", ids)
-            if config is not None:
+            if config is not None:  # params once, at creation: MLflow params never change
+                from mlflow.entities import Param
+
+                params = [Param(k, v[:6000]) for k, v in flatten(config).items()]  # MLflow's value limit
+                for i in range(0, len(params), 100):  # log_batch takes 100 params at a time
+                    self.client.log_batch(ids["run_id"], params=params[i:i + 100])
                 self.client.log_dict(ids["run_id"], config, "config.json")
         self.run_id = ids["run_id"]
 
@@ -168,6 +198,14 @@ class MLflowLogger:
 
     def summary(self, values: dict[str, float]) -> None:
         self.log("results", 0, values)
+
+    def tables(self, results: dict[str, Any], markdown: str) -> None:
+        self.client.log_dict(self.run_id, results, "results.json")
+        if markdown:
+            self.client.log_text(self.run_id, markdown, "results.md")
+
+    def artifact(self, name: str, folder: Path) -> None:
+        self.client.log_artifacts(self.run_id, str(folder), artifact_path=f"artifacts/{folder.name}")
 
     def finish(self, status: str) -> None:
         self.client.set_terminated(self.run_id, {"completed": "FINISHED", "failed": "FAILED"}.get(status, "KILLED"))
@@ -225,28 +263,69 @@ class MetricsLog:
 
 def require(cfg) -> None:
     """Refuse, before a run starts, a tracker whose package is missing (one line naming the key)."""
+    if cfg is not None and cfg.tensorboard:
+        _optional("tensorboard", "tensorboard")
     if cfg is not None and cfg.wandb is not None:
         _optional("wandb", "wandb")
     if cfg is not None and cfg.mlflow is not None:
         _optional("mlflow", "mlflow")
 
 
-def log_results(run_dir: Path, cfg, results: dict[str, Any], status: str) -> None:
-    """At the end of a run, its headline numbers (perplexity, retrieval and lm-eval accuracy per variant)
-    into the trackers' summaries, and the MLflow run marked finished/failed."""
-    if cfg is None or (cfg.wandb is None and cfg.mlflow is None):
-        return
-    values = {}
+def _rows(results: dict[str, Any]) -> list[list]:
+    """Every headline number of a run: [section, variant, name, value] (perplexity per corpus, retrieval
+    accuracy per task, lm-eval accuracy per task)."""
+    rows = []
     for variant, corpora in results.get("perplexity", {}).items():
-        values |= {f"ppl/{variant}/{c}": r["ppl"] for c, r in corpora.items()}
+        rows += [["ppl", variant, c, r["ppl"]] for c, r in corpora.items()]
     for variant, tasks in results.get("retrieval", {}).items():
-        values |= {f"retrieval/{variant}/{t}": r["acc"] for t, r in tasks.items() if isinstance(r, dict) and "acc" in r}
+        rows += [["retrieval", variant, t, r["acc"]] for t, r in tasks.items() if isinstance(r, dict) and "acc" in r]
     for variant, tasks in results.get("lm_eval", {}).items():
-        values |= {f"lm_eval/{variant}/{t}": r["acc"] for t, r in tasks.items() if r.get("acc") is not None}
+        rows += [["lm_eval", variant, t, r["acc"]] for t, r in tasks.items() if r.get("acc") is not None]
+    return rows
+
+
+def _manifest_summary(folder: Path) -> dict[str, Any]:
+    manifest = json.loads((folder / "manifest.json").read_text())
+    return {"pattern": manifest.get("pattern"), "method": (manifest.get("method") or {}).get("name"),
+            "base_model": manifest.get("base_model")}
+
+
+def _tensorboard_results(run_dir: Path, values: dict[str, float], config: dict | None, markdown: str) -> None:
+    from torch.utils.tensorboard import SummaryWriter
+
+    import yaml
+
+    writer = SummaryWriter(str(RunDir(run_dir).tensorboard("results")))
+    for k, v in values.items():
+        writer.add_scalar(k, v, 0)
+    if config is not None:  # TensorBoard renders text as Markdown: indented, it is a code block
+        writer.add_text("config", "".join(f"    {line}\n" for line in yaml.safe_dump(config, sort_keys=False)
+                                          .splitlines()), 0)
+    if markdown:
+        writer.add_text("results", markdown, 0)
+    writer.close()
+
+
+def log_results(run_dir: Path, cfg, results: dict[str, Any], status: str, config: dict | None = None) -> None:
+    """At the end of a run: its headline numbers (perplexity, retrieval and lm-eval accuracy per variant)
+    into the trackers' summaries, its final tables (results.json, results.md), every mask artifact of
+    the run, and the MLflow run marked finished/failed; into TensorBoard the numbers and the config."""
+    if cfg is None or (cfg.wandb is None and cfg.mlflow is None and not cfg.tensorboard):
+        return
+    values = {f"{section}/{variant}/{name}": value for section, variant, name, value in _rows(results)}
+    md = RunDir(run_dir).results_md
+    markdown = md.read_text() if md.exists() else ""
+    folders = RunDir(run_dir).artifacts
+    artifacts = sorted(d for d in folders.iterdir() if (d / "manifest.json").is_file()) if folders.is_dir() else []
     try:
-        for logger in trackers(run_dir, cfg):
+        if cfg.tensorboard:
+            _tensorboard_results(run_dir, values, config, markdown)
+        for logger in trackers(run_dir, cfg, config):
             if values:
                 logger.summary(values)
+            logger.tables(results, markdown)
+            for folder in artifacts:
+                logger.artifact(f"{run_dir.name}-{folder.name}", folder)
             if isinstance(logger, MLflowLogger):
                 logger.finish(status)
             logger.close()

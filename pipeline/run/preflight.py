@@ -13,7 +13,10 @@ import torch
 from maskpipe.pipeline import MaskpipeError
 from maskpipe.pipeline.config import Config
 from maskpipe.pipeline.core.schema import ModelConfig
+from maskpipe.pipeline.io.loggers import require
 from maskpipe.pipeline.io.rundir import RunDir
+from maskpipe.pipeline.eval.retrieval import require_matplotlib
+from maskpipe.pipeline.train.shard import require_deepspeed
 
 log = logging.getLogger("maskpipe")
 
@@ -95,6 +98,11 @@ def check_inputs(cfg: Config, source: str = "", flags: dict[str, str] | None = N
 
     flags = flags or {}
     where = f"{source}: " if source else ""
+    require(cfg.logging)  # a tracker whose package is missing
+    require_deepspeed(cfg.workers.strategy)  # deepspeed is an extra
+    for i, st in enumerate(cfg.stages):  # so is matplotlib, for NIAH heatmaps
+        if getattr(st, "niah", None):
+            require_matplotlib(flags.get(f"stages.{i}.niah.lengths", f"stages.{i}.niah"))
     check_device(cfg.model.device, flags.get("model.device", "model.device"), local=cfg.workers.num_workers == 0)
     used = {ref for st in cfg.stages for ref in kind_of(st).corpora(st).values()}
     for name in sorted(used):

@@ -1,7 +1,8 @@
 """Publishing an artifact: a folder ready for the Hugging Face Hub, the artifact plus a model card.
 
 The card (`README.md`) opens with YAML front matter rendered by huggingface_hub's `ModelCardData`
-(base model, license, tags), then says what the artifact is for (base model, revision, fingerprint), how
+(base model, license, library, tags, and `model-index`: every number the run measured for the artifact,
+with the dataset and the protocol, as `EvalResult`s), then says what the artifact is for (base model, revision, fingerprint), how
 well it does (the run's perplexity and retrieval, beside the dense model and the one-shot baselines),
 how it was made (method, data, tokens, config) and how to apply it, in three lines.
 """
@@ -15,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from huggingface_hub import ModelCard, ModelCardData
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from maskpipe.pipeline import MaskpipeError
 from maskpipe.pipeline.io.artifacts import LOGITS_FILE, MANIFEST_FILE, MASKS_FILE, atomic_dir, read_manifest
@@ -66,6 +67,51 @@ SERVING = ("A mask changes no storage format: `maskpipe apply --out` writes the 
            "(or DuoAttention's own code: `maskpipe export duo-attention`).")
 
 
+def _dataset(corpus: str, config: dict[str, Any] | None) -> dict[str, Any]:
+    """The model-index dataset of a perplexity corpus: the hub dataset (with its config and split) where
+    the corpus is one, else the corpus's name, its local sources in `dataset_args`."""
+    sources = ((config or {}).get("data") or {}).get(corpus, {}).get("sources", [])
+    sources = [src if isinstance(src, dict) else {"path": src} for src in sources]
+    if len(sources) == 1 and looks_like_hub_id(str(sources[0].get("path", ""))):
+        src = sources[0]
+        return {"dataset_type": src["path"], "dataset_config": src.get("name"), "dataset_split": src.get("split")}
+    paths = [str(src.get("path")) for src in sources if src.get("path")]
+    return {"dataset_type": corpus, "dataset_args": {"sources": ", ".join(paths)} if paths else None}
+
+
+def eval_results(results: Results | None, stage: str, config: dict[str, Any] | None) -> list[EvalResult]:
+    """Every number the run measured for `stage` as model-index entries: perplexity per corpus (with
+    its protocol: window length, stride, tokens scored), retrieval exact match per task, and every
+    lm-eval metric per task (acc, acc_norm, ...; with the number of shots)."""
+    if results is None:
+        return []
+    out = []
+    for corpus, cell in results.perplexity.get(stage, {}).items():
+        protocol = {k: getattr(cell, k) for k in ("seqlen", "stride", "tokens", "windows") if getattr(cell, k)}
+        out.append(EvalResult(task_type="text-generation", task_name="Language modeling (perplexity)",
+                              dataset_name=corpus, **_dataset(corpus, config), metric_type="perplexity",
+                              metric_name=f"Perplexity ({corpus})", metric_value=round(cell.ppl, 4),
+                              metric_args=protocol or None))
+    for task, row in results.retrieval.get(stage, {}).items():
+        if isinstance(row, dict) and "acc" in row:
+            out.append(EvalResult(task_type="text-generation", task_name="Long-context retrieval",
+                                  dataset_type=f"maskpipe/{task}", dataset_name=f"{task} (synthetic)",
+                                  metric_type="exact_match", metric_name=f"{task} exact match",
+                                  metric_value=round(row["acc"], 4), metric_args={"samples": row.get("n")}))
+    for task, row in results.lm_eval.get(stage, {}).items():
+        shots = row.get("num_fewshot")
+        for metric, value in row.items():
+            if metric in ("n", "num_fewshot") or "_stderr" in metric or not isinstance(value, (int, float)):
+                continue
+            out.append(EvalResult(task_type="text-generation", task_name="Zero-shot tasks (lm-evaluation-harness)",
+                                  dataset_type=task, dataset_name=task, metric_type=metric,
+                                  metric_name=f"{metric} ({task})", metric_value=round(value, 4),
+                                  metric_config=f"{shots or 0}-shot", metric_args={"num_fewshot": shots or 0},
+                                  source_name="lm-evaluation-harness",
+                                  source_url="https://github.com/EleutherAI/lm-evaluation-harness"))
+    return out
+
+
 FILES = {MASKS_FILE: "the masks, encoded as the manifest says", MANIFEST_FILE: "format, base model, layers, "
          "checksums, method, data, config", LOGITS_FILE: "the learned logits (soft state), to seed another mask"}
 
@@ -80,7 +126,10 @@ def model_card(manifest: dict[str, Any], results: Results | None, stage: str, *,
     tags = ["maskpipe", "sparsity", "pruning", *([pattern] if pattern else []), method.get("name", "mask")]
     if "attention" in manifest:
         tags.append("attention-plan")
-    data = ModelCardData(base_model=base_model if looks_like_hub_id(base_model) else None, license=license, tags=tags)
+    evals = eval_results(results, stage, manifest.get("config"))
+    data = ModelCardData(model_name=repo or stage, base_model=base_model if looks_like_hub_id(base_model) else None,
+                         license=license, tags=tags, library_name="maskpipe",
+                         metrics=sorted({e.metric_type for e in evals}) or None, eval_results=evals or None)
     what = f"a {pattern} sparsity mask" if pattern else "a per-head attention plan"
     if pattern and "attention" in manifest:
         what += " and a per-head attention plan"
@@ -137,7 +186,7 @@ def model_card(manifest: dict[str, Any], results: Results | None, stage: str, *,
 
 
 def publish(artifact: Path, run: Path | None, out: str | Path, *, repo: str | None = None,
-            base_model: str | None = None, license: str = "other") -> Path:
+            base_model: str | None = None, license: str = "apache-2.0") -> Path:
     """Write `out`: the files of `artifact` and its model card (with the results of `run`), atomically."""
     manifest = read_manifest(artifact)
     results = Results.read(RunDir(run).results) if run else None

@@ -207,7 +207,8 @@ def retrieval_table(results: dict[str, dict[str, dict]]) -> str:
 
 
 def zeroshot_table(results: dict[str, dict[str, dict]]) -> str:
-    """Accuracy (%) per variant and task, and their mean, as the pruning papers print it."""
+    """Accuracy (%) per variant and task, and their mean, as the pruning papers print it: acc_norm where a
+    task has it, else acc (`pipeline.eval.zeroshot.primary`)."""
     tasks = list(dict.fromkeys(t for r in results.values() for t in r))
     shots = sorted({r[t].get("num_fewshot") for r in results.values() for t in r} - {None})
     lines = ["| variant | " + " | ".join(tasks) + " | mean |", "|" + " --- |" * (len(tasks) + 2)]
@@ -217,10 +218,13 @@ def zeroshot_table(results: dict[str, dict[str, dict]]) -> str:
         cells = ["" if v is None else f"{100 * v:.1f}" for v in values]
         mean = f"{100 * sum(present) / len(present):.1f}" if present else ""
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {mean} |")
-    metrics = sorted({primary(r[t])[0] or "" for r in results.values() for t in r})
+    metric = {t: next(primary(r[t])[0] for r in results.values() if t in r) for t in tasks}
     docs = {t: next(r[t]["n"] for r in results.values() if t in r) for t in tasks}
-    lines += ["", f"lm-evaluation-harness, {'/'.join(map(str, shots)) or 0}-shot, metric {', '.join(metrics)} (%); "
-              "documents per task: " + ", ".join(f"{t} {n}" for t, n in docs.items()) + "."]
+    used = sorted(set(metric.values()) - {None})
+    named = (f"metric {used[0]}" if len(used) == 1 else "metric per task "
+             + ", ".join(f"{t} {m}" for t, m in metric.items())) if used else "metric none"
+    lines += ["", f"lm-evaluation-harness, {'/'.join(map(str, shots)) or 0}-shot, {named} (%; acc_norm where a task "
+              "has it, else acc); documents per task: " + ", ".join(f"{t} {n}" for t, n in docs.items()) + "."]
     return "\n".join(lines) + "\n"
 
 

@@ -25,7 +25,7 @@ from maskpipe.pipeline import MaskpipeError, __version__
 from maskpipe.pipeline.io import rundir
 from maskpipe.pipeline.io.artifacts import write_json, write_text
 from maskpipe.pipeline.config import Config, dump_config
-from maskpipe.pipeline.io.loggers import log_results, logs_to, read_metrics, require
+from maskpipe.pipeline.io.loggers import log_results, logs_to, read_metrics
 from maskpipe.pipeline.run.preflight import check_inputs, check_resumable
 from maskpipe.pipeline.run.results import Results, StageRecord
 from maskpipe.pipeline.io.rundir import RunDir
@@ -69,8 +69,7 @@ def run(cfg: Config, run_dir: Path | None = None, backend=None, lock_wait: float
     skipped and a learning stage continues from its latest checkpoint. The run directory is owned
     (`pipeline.io.rundir.RunLock`) for the whole run: a second writer is refused, after waiting
     `lock_wait` seconds for the owner to let go."""
-    require(cfg.logging)
-    check_inputs(cfg)
+    check_inputs(cfg)  # and the trackers' packages (loggers.require)
     # Absolute: Ray workers (whose working directory may be a packaged copy of the project) and the
     # paths the run records must not depend on this process's working directory.
     run_dir = Path(run_dir or rundir.new_run_dir(cfg.output_dir, cfg.name)).absolute()
@@ -132,4 +131,4 @@ def _run(cfg: Config, run: RunDir, backend) -> None:
         finally:
             status["finished"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
             write_json(run.status, status)
-            log_results(run.root, cfg.logging, results.dump(), status["status"])
+            log_results(run.root, cfg.logging, results.dump(), status["status"], cfg.model_dump(mode="json"))

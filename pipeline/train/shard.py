@@ -190,6 +190,24 @@ class FSDP(Strategy):
         self._full(name, what).to_local().copy_(ckpt.read(f"{what}.{name}", *self.rows(name)))
 
 
+def _deepspeed():
+    """deepspeed, an optional dependency (`pip install 'maskpipe[deepspeed]'`) that only this strategy imports."""
+    try:
+        import deepspeed
+    except ImportError:
+        raise MaskpipeError("workers.strategy: deepspeed: the deepspeed package is not installed "
+                            "(pip install 'maskpipe[deepspeed]')") from None
+    return deepspeed
+
+
+def require_deepspeed(strategy: str) -> None:
+    """Refuse `workers.strategy: deepspeed` before a run starts when deepspeed is not installed."""
+    import importlib.util
+
+    if strategy == "deepspeed" and importlib.util.find_spec("deepspeed") is None:  # None: not installed
+        _deepspeed()
+
+
 class DeepSpeed(Strategy):
     """DeepSpeed ZeRO stage 2 or 3 through `deepspeed.initialize`. ZeRO fixes what trains at
     initialization (the logits already exist with requires_grad) and, at stage 3, partitions every
@@ -197,7 +215,7 @@ class DeepSpeed(Strategy):
     `safe_get_full_*`/`safe_set_full_*` (collectives at stage 3), never through `.data`."""
 
     def _setup(self, model, lr, weight_decay, micro_batch, grad_accum, zero_stage):
-        import deepspeed
+        deepspeed = _deepspeed()
 
         self.zero_stage = zero_stage
         bf16 = next(iter(self.params.values())).device.type == "cuda"
@@ -242,7 +260,7 @@ class DeepSpeed(Strategy):
 
     @torch.no_grad()
     def load(self, ckpt: Checkpoint) -> None:
-        import deepspeed
+        deepspeed = _deepspeed()
         from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
         # ZeRO creates AdamW's state at the first step; a resumed run needs it now, with the step
