@@ -1,0 +1,125 @@
+"""End-to-end check on micro-llama: learn DMA's scorer (kjv haystack passkey batches), then passkey
+accuracy at given lengths and one budget for dense, DMA (learned and at its random init), H2O, SnapKV, key
+norm, random keys (all with a cache evicted to the budget) and the oracle (masked, full cache).
+
+    python benchmarks/dynamic_attention.py --steps 40 --samples 20 --lengths 768,512
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from maskpipe.pipeline.attention.dynamic import (  # noqa: E402
+    KeyScorer,
+    cache_bytes,
+    evict_decode,
+    masked_decode,
+    param_fraction,
+    prompt_scores,
+    train_scorer,
+)
+from maskpipe.pipeline.attention.kv_scores import Budget, KeyNormScores, OracleScores, random_scores  # noqa: E402
+from maskpipe.pipeline.core.models import load_model, load_tokenizer
+
+# ---- maskpipe imports ----
+from maskpipe.pipeline.core.schema import DataConfig, ModelConfig
+from maskpipe.pipeline.eval.prompts import split_sentences
+from maskpipe.pipeline.eval.retrieval import exact_match, passkey_samples
+from maskpipe.pipeline.io.data import TokenStream
+from maskpipe.pipeline.train.checkpoint import CheckpointDir
+
+MICRO = "tests/fixtures/models/micro-llama"
+CORPORA = Path("../shared/fixtures/corpora")
+
+
+@torch.no_grad()
+def dense_decode(model, ids, new):
+    out, tokens = model(input_ids=ids, use_cache=True), []
+    for step in range(new):
+        tokens.append(out.logits[:, -1].argmax(-1))
+        if step < new - 1:
+            out = model(input_ids=tokens[-1][:, None], cache=out.cache, use_cache=True)
+    return torch.stack(tokens, 1)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default=MICRO, help="a model directory (default: micro-llama)")
+    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--lr", type=float, default=0.2)
+    ap.add_argument("--seqlen", type=int, default=512)
+    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--needles", type=int, default=2)
+    ap.add_argument("--relax", default="st")
+    ap.add_argument("--loss", default="hidden")
+    ap.add_argument("--fraction", type=float, default=0.25)
+    ap.add_argument("--sink", type=int, default=4)
+    ap.add_argument("--window", type=int, default=32)
+    ap.add_argument("--lengths", default="768", help="comma-separated prompt lengths")
+    ap.add_argument("--samples", type=int, default=30)
+    ap.add_argument("--haystacks", default="filler,kjv")
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    cfg = ModelConfig(name_or_path=args.model, dtype="float32", device="cpu")
+    model, tok = load_model(cfg), load_tokenizer(cfg)
+    budget = Budget(fraction=args.fraction, sink=args.sink, window=args.window)
+
+    t0 = time.perf_counter()
+    data = DataConfig.model_validate({"sources": [str(CORPORA / "kjv.train.txt")], "shuffle_buffer": 8})
+    st = SimpleNamespace(steps=args.steps, lr=args.lr, warmup_steps=max(args.steps // 10, 1), log_every=5,
+                         checkpoint_every=10**9, batch_size=args.batch_size, seqlen=args.seqlen, needles=args.needles)
+    init = KeyScorer.for_model(model, seed=0)
+    with tempfile.TemporaryDirectory() as tmp:
+        scorer, history = train_scorer(model, tok, st, TokenStream(data, tok, args.seqlen, seed=0), budget, seed=0,
+                                       store=CheckpointDir(Path(tmp) / "ckpt", keep=1), relax=args.relax,
+                                       loss=args.loss, scorer=KeyScorer.for_model(model, seed=0))
+    train_s = time.perf_counter() - t0
+    for h in history:
+        print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in h.items()}))
+    n, frac = param_fraction(scorer, model)
+    print(f"trained {args.steps} steps in {train_s:.0f} s; scorer params {n} = {100 * frac:.4f}% of the model")
+
+    layers, kv = scorer.A.shape
+    for length, hay in [(int(n), h) for n in args.lengths.split(",") for h in args.haystacks.split(",")]:
+        pool = None if hay == "filler" else split_sentences((CORPORA / "kjv.valid.txt").read_text())
+        samples = passkey_samples(tok, [length], args.samples, seed=1, haystack=pool)
+        hits: dict[str, int] = {}
+        t1 = time.perf_counter()
+        for i, s in enumerate(samples):
+            ids = torch.tensor([s.ids])
+            new = len(tok(" " + s.answers[0], add_special_tokens=False).input_ids) + 2
+            fixed = prompt_scores(model, ids)
+            runs = {
+                "dense": lambda: dense_decode(model, ids, new),
+                "dma-learned": lambda: evict_decode(model, scorer, budget, ids, new),
+                "dma-init": lambda: evict_decode(model, init, budget, ids, new),
+                "h2o": lambda: evict_decode(model, fixed["h2o"], budget, ids, new),
+                "snapkv": lambda: evict_decode(model, fixed["snapkv"], budget, ids, new),
+                "key-norm": lambda: evict_decode(model, KeyNormScores(), budget, ids, new),
+                "random": lambda: evict_decode(model, random_scores(ids.shape[1], layers, kv, seed=i), budget, ids, new),
+                "oracle": lambda: masked_decode(model, OracleScores(), budget, ids, new),
+            }
+            for name, run in runs.items():
+                text = tok.decode(run()[0].tolist(), skip_special_tokens=True)
+                hits[name] = hits.get(name, 0) + exact_match(text, s.answers)
+        print(f"\n{Path(args.model).name}: passkey, {hay} haystack, {length} tokens (prompts {min(len(s.ids) for s in samples)}-"
+              f"{max(len(s.ids) for s in samples)}), budget {args.fraction:.0%} of each prompt ({budget.count(length)} "
+              f"keys per KV head at {length}; sink {args.sink}, window {args.window}), {len(samples)} samples, "
+              f"{time.perf_counter() - t1:.0f} s")
+        for name, h in hits.items():
+            print(f"  {name:12s} {h / len(samples):.2f}")
+        print("  cache at", length, "tokens:", cache_bytes(model, length, budget))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,190 @@
+"""The kept-key rule shared by every dynamic-mask method, and the sources of per-key scores it ranks.
+
+Rule (per KV head; every query head of a GQA group follows its KV head). For a query at position i,
+with keys at positions j <= i (causal), a budget of `sink + window + k` keys keeps
+
+    sink    the first `sink` keys (j < sink, counted from the sequence's first real token),
+    window  the `window` most recent keys (i - j < window; always includes the query's own key),
+    top-k   the k best of the remaining candidates P_i = {sink <= j <= i - window} by score.
+
+"Best" is a strict total order, so the rule is exact and reproducible: query-agnostic scores
+(one per key) are ranked by (score descending, position ascending); query-dependent scores (the
+oracle: one per query and key) by torch.topk.
+
+Equivalence with eviction (tested in test_dynamic.py). For query-agnostic scores, P_i = P_{i-1} ∪
+{i - window}, and top_k(A ∪ {x}) = top_k(top_k(A) ∪ {x}); so the keys the rule keeps for query i are
+exactly what a cache of `budget` keys holds at step i if, whenever a new token arrives, it drops the
+lowest-ranked key that is neither a sink key nor in the new window (ties: the latest position).
+This is the whole of the equivalence: it needs scores that do not change once a key exists (true for
+DMA's scores, a function of the key's own value vector; for key norms; for scores fixed at prefill)
+and it fails for query-dependent scores (the oracle), which no fixed-size cache can reproduce.
+
+Score sources: `KeyNormScores` (on the fly), `FixedScores` (from the prompt: H2O, SnapKV, random),
+`OracleScores` (query-dependent), and `dynamic.KeyScorer` (DMA, learned). A source has
+`query_agnostic` and `scores(layer, query, key, value, q_pos, k_pos, scaling)` returning [B, Hkv, Lk]
+(agnostic; larger = keep) or [B, Hkv, Lq, Lk].
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Keys kept per KV head and query: `keys` (a count) or `fraction` of the keys in the forward
+    (resolved per call against the key length; decoding resolves it once against the prompt), split as
+    `sink` + `window` + top-k. window >= 1: a query always sees its own key."""
+
+    keys: int | None = None
+    fraction: float | None = None
+    sink: int = 4
+    window: int = 32
+
+    def __post_init__(self):
+        if (self.keys is None) == (self.fraction is None):
+            raise ValueError("Budget: give exactly one of keys or fraction")
+        if self.window < 1 or self.sink < 0:
+            raise ValueError(f"Budget: window must be >= 1 and sink >= 0, got {self.window}, {self.sink}")
+
+    def count(self, length: int) -> int:
+        return self.keys if self.keys is not None else max(round(self.fraction * length), 1)
+
+    def resolve(self, length: int) -> tuple[int, int, int]:
+        """(sink, window, k) for `length` keys: the sink and then the window shrink to fit the budget."""
+        total = self.count(length)
+        window = min(self.window, total)
+        sink = min(self.sink, total - window)
+        return sink, window, total - sink - window
+
+    def fixed(self, length: int) -> Budget:
+        """This budget as a count resolved against `length` (what a decode keeps from its prompt on)."""
+        return Budget(keys=self.count(length), sink=self.sink, window=self.window)
+
+
+def key_rank(scores: torch.Tensor) -> torch.Tensor:
+    """Per key, its place in (score descending, position ascending): 0 is the best. [..., Lk] -> long."""
+    order = torch.sort(-scores, dim=-1, stable=True).indices
+    return torch.empty_like(order).scatter_(-1, order, torch.arange(order.shape[-1], device=order.device)
+                                            .expand_as(order).contiguous())
+
+
+def regions(q_pos, k_pos, sink: int, window: int, start=None):
+    """(causal, fixed, candidate) boolean masks over [B|1, 1, Lq, Lk]: fixed = sink or recent keys."""
+    q, k = q_pos[:, None], k_pos[None, :]
+    start = torch.zeros(1, dtype=torch.long, device=k_pos.device) if start is None else start
+    start = start.view(-1, 1, 1, 1)
+    causal = ((k <= q)[None, None]) & (k[None, None] >= start)
+    fixed = causal & (((k[None, None] - start) < sink) | ((q - k) < window)[None, None])
+    return causal, fixed, causal & ~fixed
+
+
+def kept_mask(scores: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor, sink: int, window: int, k: int,
+              start: torch.Tensor | None = None) -> torch.Tensor:
+    """The rule: [B, H, Lq, Lk] bool from scores [B, H, Lk] (query-agnostic) or [B, H, Lq, Lk]."""
+    _, fixed, cand = regions(q_pos, k_pos, sink, window, start)
+    shape = (scores.shape[0], scores.shape[1], len(q_pos), len(k_pos))
+    fixed, cand = fixed.expand(shape), cand.expand(shape)
+    k = min(k, len(k_pos))
+    if k == 0:
+        return fixed.clone()
+    if scores.dim() == 3:  # the strict order: ranks are distinct integers, exact in float32 below 2**24
+        key = torch.where(cand, key_rank(scores.detach())[:, :, None, :].float(), math.inf)
+    else:
+        key = torch.where(cand, -scores.detach().float(), math.inf)
+    vals, idx = key.topk(k, dim=-1, largest=False)
+    return fixed | torch.zeros(shape, dtype=torch.bool, device=scores.device).scatter_(-1, idx, vals < math.inf)
+
+
+def soft_bias(scores: torch.Tensor, q_pos, k_pos, sink: int, window: int, k: int, temperature: float = 1.0,
+              start=None) -> torch.Tensor:
+    """The training relaxation of the rule, an additive attention bias [B, H, Lq, Lk]: 0 on sink and
+    window keys, log σ((s_j − t_i)/T) on candidates, −inf on future keys; t_i sits halfway between the
+    k-th and (k+1)-th best candidate scores of row i (no relaxation where all candidates fit). As
+    T → 0 it is the hard rule; for far-dropped keys it is ≈ (s_j − t_i)/T, DMA's log-score bias."""
+    causal, fixed, cand = regions(q_pos, k_pos, sink, window, start)
+    shape = (scores.shape[0], scores.shape[1], len(q_pos), len(k_pos))
+    cand = cand.expand(shape)
+    s = scores[:, :, None, :]
+    n = min(k + 1, len(k_pos))
+    top = torch.where(cand, s.detach(), -math.inf).topk(n, dim=-1).values
+    if k == 0 or n <= k:
+        thresh = top[..., -1:] if k == 0 else torch.full_like(top[..., :1], -math.inf)
+    else:
+        thresh = torch.where(top[..., k:k + 1] > -math.inf, (top[..., k - 1:k] + top[..., k:k + 1]) / 2, -math.inf)
+    bias = torch.where(cand, F.logsigmoid((s - thresh) / temperature), 0.0)
+    return torch.where(causal.expand(shape), bias, -math.inf)
+
+
+# ---------------------------------------------------------------------------------------------- sources
+
+
+class KeyNormScores:
+    """Keep low-norm keys (Devoto et al. 2024, "A Simple and Effective L2 Norm-Based Strategy for KV
+    Cache Compression"): score = −‖k_j‖. RoPE rotates pairs of dimensions, so the norm of a cached
+    (rotated) key is that of the raw key: position-free and query-agnostic."""
+
+    query_agnostic = True
+
+    def scores(self, layer, query, key, value, q_pos=None, k_pos=None, scaling=None):
+        return -key.float().norm(dim=-1)
+
+
+class FixedScores:
+    """Scores fixed at prefill, one tensor [B, Hkv, L] per layer (H2O, SnapKV, random). Keys past the
+    prompt (generated tokens) score +inf: never dropped before a prompt key, as SnapKV keeps every
+    generated token (while the budget allows)."""
+
+    query_agnostic = True
+
+    def __init__(self, per_layer: list[torch.Tensor]):
+        self.per_layer = per_layer
+
+    def scores(self, layer, query, key, value, q_pos=None, k_pos=None, scaling=None):
+        s = self.per_layer[layer].to(key.device)
+        if k_pos is None:
+            k_pos = torch.arange(key.shape[2], device=key.device)
+        got = s[:, :, k_pos.clamp(max=s.shape[-1] - 1)]
+        return torch.where(k_pos < s.shape[-1], got, math.inf)
+
+
+class OracleScores:
+    """The ceiling: for each query, the keys its own dense attention weights most (the softmax
+    probabilities of the group's query heads, summed). Query-dependent: no fixed cache reproduces it."""
+
+    query_agnostic = False
+
+    def scores(self, layer, query, key, value, q_pos=None, k_pos=None, scaling=None):
+        group = query.shape[1] // key.shape[1]
+        logits = torch.einsum("bhgqd,bhkd->bhgqk", query.unflatten(1, (key.shape[1], group)).float(), key.float())
+        logits = logits * (scaling if scaling is not None else query.shape[-1] ** -0.5)
+        logits = logits.masked_fill(k_pos[None, :] > q_pos[:, None], -math.inf)
+        return logits.softmax(-1).sum(2)
+
+
+def random_scores(lengths: int, layers: int, kv_heads: int, seed: int, batch: int = 1) -> FixedScores:
+    """Keys kept at random (the same budget, no information): uniform scores per (layer, head, key)."""
+    g = torch.Generator().manual_seed(seed)
+    return FixedScores([torch.rand(batch, kv_heads, lengths, generator=g) for _ in range(layers)])
+
+
+def h2o_reduce(probs: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    """H2O (Zhang et al. 2023): the attention each key received, summed over every query of the prompt
+    and over the group's query heads. probs [B, Hq, L, L] -> [B, Hkv, L]."""
+    return probs.sum(2).unflatten(1, (kv_heads, -1)).sum(2)
+
+
+def snapkv_reduce(probs: torch.Tensor, kv_heads: int, obs_window: int = 32, kernel: int = 7,
+                  pool: str = "max") -> torch.Tensor:
+    """SnapKV (Li et al. 2024): the attention from the last `obs_window` queries, pooled along keys
+    with a stride-1 1D max/avg pool of width `kernel` (neighbours of a hit are kept too), summed over
+    the group's query heads. probs [B, Hq, L, L] -> [B, Hkv, L]."""
+    votes = probs[:, :, -obs_window:].sum(2)
+    b, h, n = votes.shape
+    pooled = (F.max_pool1d if pool == "max" else F.avg_pool1d)(votes.reshape(b * h, 1, n), kernel, stride=1,
+                                                                 padding=kernel // 2)
+    return pooled.reshape(b, h, n).unflatten(1, (kv_heads, -1)).sum(2)
