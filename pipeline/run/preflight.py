@@ -146,11 +146,11 @@ def check_resumable(cfg: Config, run_dir: Path) -> None:
     path = RunDir(run_dir).config
     if not path.exists():
         return
-    from maskpipe.pipeline.config import config_from_dict
-    from maskpipe.pipeline.core.schema import yaml_load
+    from maskpipe.pipeline.config import config_from_dict, read_config_file
 
+    raw = read_config_file(path)  # a damaged config.yaml is named as such
     try:
-        old = config_from_dict(yaml_load(path.read_text()), str(path)).model_dump(mode="json")
+        old = config_from_dict(raw, str(path)).model_dump(mode="json")
     except (MaskpipeError, ValueError) as e:
         raise MaskpipeError(f"{run_dir}: holds a run of another config; resume it with its own config.yaml "
                             f"(its config.yaml does not validate as this one: {str(e).splitlines()[0]})") from None
