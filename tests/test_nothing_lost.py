@@ -299,3 +299,61 @@ def test_bad_yaml_in_an_override_is_one_line(tmp_path, capsys):
     config = learn_recipe(tmp_path)
     cli_fails(["run", str(config), "stages=[{stage: learn", "--run-dir", str(tmp_path / "r")], capsys,
               "stages=[{stage: learn", tmp_path / "r", one_line=True)
+
+
+# ----------------------------------------------------------------------------------------------- corpora
+
+
+def binary_after_first_mib(path):
+    text = (CORPORA / "kjv.train.txt").read_bytes()
+    blob = (text * (2 * 2**20 // len(text) + 1))[: 2**20 + 100]
+    path.write_bytes(blob + b"\n\xff\xfe\x00\x80 binary tail\n")
+    return path
+
+
+@pytest.mark.parametrize("command", ["oneshot", "eval"])
+def test_a_corpus_with_binary_bytes_after_its_first_mib_is_one_line(command, tmp_path, capsys):
+    corpus = binary_after_first_mib(tmp_path / "c.txt")
+    argv = (["oneshot", *MODEL_FLAGS, "--method", "wanda", "--n-samples", "2", "--seqlen", "32",
+             "--out", str(tmp_path / "out")] if command == "oneshot"
+            else ["eval", *MODEL_FLAGS, "--seqlen", "32", "--out", str(tmp_path / "out")])
+    cli_fails([*argv, "--data", str(corpus)], capsys, f"corpus {str(corpus)!r}: not UTF-8 text", tmp_path / "out",
+              one_line=True)
+
+
+def test_a_corpus_of_one_long_line_streams_in_linear_time(tmp_path):
+    line = " ".join((CORPORA / "kjv.train.txt").read_text().split())
+    corpus = tmp_path / "line.txt"
+    corpus.write_text((line + " ") * (4 * 2**20 // len(line) + 1))  # a few MB, no newline
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, "-m", "maskpipe.jobs.cli", "oneshot", *MODEL_FLAGS, "--method", "wanda",
+                           "--n-samples", "2", "--seqlen", "32", "--data", str(corpus), "--out", str(tmp_path / "o")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert time.monotonic() - started < 120
+
+
+def test_pieces_and_the_moving_head_give_the_blocks_of_whole_record_tokenization(tokenizer, monkeypatch):
+    from maskpipe.pipeline.core.schema import DataConfig
+    from maskpipe.pipeline.io import data
+
+    cfg = DataConfig(sources=[str(CORPORA / "kjv.train.txt")], shuffle_blocks=1, shuffle_buffer=0)
+    records = [r["text"] for r in data._load_source(cfg.sources[0])]
+    ids = [t for r in records if r.strip() for t in tokenizer(r, add_special_tokens=False)["input_ids"]
+           + [tokenizer.eos_token_id]]
+    expected = [ids[i: i + 32] for i in range(0, 200 * 32, 32)]
+    assert [b.tolist() for b in data.TokenStream(cfg, tokenizer, 32).next_batch(200)] == expected
+    # a record cut in pieces mid-way resumes at the same piece: blocks after a state equal blocks without one
+    monkeypatch.setattr(data, "PIECE_CHARS", 97)
+    monkeypatch.setattr(data.piece_end, "__defaults__", (97,))
+    mid_record = 0
+    for n in range(1, 16):
+        whole = data.TokenStream(cfg, tokenizer, 32)
+        whole.next_batch(n)
+        state = json.loads(json.dumps(whole.state_dict()))
+        mid_record += "offset" in state["start"]["sources"][0]
+        rest = whole.next_batch(20)
+        again = data.TokenStream(cfg, tokenizer, 32)
+        again.load_state_dict(state)
+        assert torch.equal(again.next_batch(20), rest), n
+    assert mid_record  # some of those states were inside a record

@@ -18,6 +18,7 @@ from datasets.exceptions import DatasetNotFoundError
 from maskpipe.pipeline import MaskpipeError
 from maskpipe.pipeline.core.schema import SHUFFLE_WINDOW_TOKENS, DataConfig, Source
 
+PIECE_CHARS = 1 << 16  # a record longer than this is tokenized in pieces of about this many characters
 _BUILDERS = {".txt": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 _TEXT = datasets.Features({"text": datasets.Value("string")})
 
@@ -72,6 +73,26 @@ def _load_source(src: Source) -> datasets.IterableDataset:
     return ds.map(pick, features=_TEXT).select_columns(["text"])
 
 
+def _utf8(records, where: str):
+    """`records`, with a corpus that is not UTF-8 text (binary bytes anywhere in a file) as one line."""
+    try:
+        yield from records
+    except UnicodeDecodeError as e:
+        raise MaskpipeError(f"{where}: not UTF-8 text ({e.reason}: byte {e.object[e.start:e.start + 1]!r} at "
+                            f"offset {e.start} of a block read from the file)") from None
+
+
+def piece_end(text: str, start: int, limit: int = PIECE_CHARS) -> int:
+    """Where the piece of a long record that starts at `start` ends: at most `limit` characters on,
+    after the last whitespace of the piece when there is one in its second half. A record up to
+    `limit` characters is one piece, so ordinary text tokenizes exactly as a whole."""
+    end = start + limit
+    if end >= len(text):
+        return len(text)
+    space = max(text.rfind(" ", start + limit // 2, end), text.rfind("\n", start + limit // 2, end))
+    return space + 1 if space >= 0 else end
+
+
 def open_source(src: Source, seed: int = 0, shuffle_buffer: int = 0) -> datasets.IterableDataset:
     """One source's records as a stream of {"text": str}, shuffled by record if `shuffle_buffer`."""
     ds = _load_source(src)
@@ -94,11 +115,14 @@ class _SourceBlocks:
         self._eos = [tokenizer.eos_token_id] if eos and tokenizer.eos_token_id is not None else []
         self._suffix = "" if eos else separator
         self._buffer: list[int] = []
+        self._head = 0  # the buffer's tokens before this one are already in blocks (compacted now and then)
+        self._text: str | None = None  # the record being tokenized piece by piece, and where its next piece starts
+        self._offset = 0
         self._start_epoch(0)
 
     def _start_epoch(self, epoch: int, skip: int = 0) -> None:
         self._ds.set_epoch(epoch)
-        self._records = iter(self._ds)
+        self._records = _utf8(iter(self._ds), self.where)
         skipped = sum(1 for _ in itertools.islice(self._records, skip))
         if skipped < skip:
             raise MaskpipeError(
@@ -109,7 +133,12 @@ class _SourceBlocks:
         self._resumed_at, self._epoch_tokens = skip, 0
 
     def next_block(self) -> list[int]:
-        while len(self._buffer) < self.seqlen:
+        """The next block. Linear in the tokens read, however long a record: its pieces are tokenized
+        only as blocks need them, and blocks are cut from the buffer at a moving head."""
+        while len(self._buffer) - self._head < self.seqlen:
+            if self._text is not None:
+                self._tokenize_piece()
+                continue
             record = next(self._records, None)
             if record is None:
                 # A whole epoch read from its start without a single token: nothing will ever come; with
@@ -125,22 +154,47 @@ class _SourceBlocks:
             text = record["text"]
             if not text.strip():
                 continue
-            ids = self.tokenizer(text + self._suffix, add_special_tokens=False)["input_ids"] + self._eos
-            self._buffer += ids
-            self._epoch_tokens += len(ids)
-        block, self._buffer = self._buffer[: self.seqlen], self._buffer[self.seqlen :]
+            self._text, self._offset = text + self._suffix, 0
+        block = self._buffer[self._head : self._head + self.seqlen]
+        self._head += self.seqlen
+        if self._head > len(self._buffer) // 2:
+            del self._buffer[: self._head]
+            self._head = 0
         return block
+
+    def _tokenize_piece(self) -> None:
+        """Tokenize the next piece of the current record into the buffer (EOS after its last piece)."""
+        text, start = self._text, self._offset
+        self._offset = piece_end(text, start)
+        ids = self.tokenizer(text[start : self._offset], add_special_tokens=False)["input_ids"]
+        if self._offset >= len(text):
+            ids, self._text = ids + self._eos, None
+        self._buffer += ids
+        self._epoch_tokens += len(ids)
 
     @property
     def epoch(self) -> int:
         return self._epoch
 
     def state_dict(self) -> dict:
-        return {"epoch": self._epoch, "records": self._consumed, "buffer": list(self._buffer)}
+        """(epoch, records read, tokens not yet in a block, and where in the last record read its next
+        piece starts, if it is not all tokenized yet)."""
+        state = {"epoch": self._epoch, "records": self._consumed, "buffer": self._buffer[self._head :]}
+        if self._text is not None:
+            state["offset"] = self._offset
+        return state
 
     def load_state_dict(self, state: dict) -> None:
-        self._start_epoch(state["epoch"], skip=state["records"])
-        self._buffer = list(state["buffer"])
+        partial = state.get("offset") is not None
+        self._start_epoch(state["epoch"], skip=state["records"] - partial)
+        self._buffer, self._head, self._text = list(state["buffer"]), 0, None
+        if partial:
+            record = next(self._records, None)
+            if record is None:
+                raise MaskpipeError(f"{self.where}: the state resumes inside record {state['records']} of epoch "
+                                    f"{state['epoch']}, which is gone; the corpus changed since the state was saved")
+            self._consumed += 1
+            self._text, self._offset = record["text"] + self._suffix, state["offset"]
 
 
 class TokenStream:
@@ -287,7 +341,7 @@ def calibration_blocks(data: DataConfig, tokenizer, n_samples: int, seqlen: int,
 def eval_text(data: DataConfig) -> str:
     """Every record of every source, in order, unshuffled and once, joined with "\\n\\n" (the
     wikitext-2 perplexity protocol keeps empty records too)."""
-    text = "\n\n".join(r["text"] for src in data.sources for r in _load_source(src))
+    text = "\n\n".join(r["text"] for src in data.sources for r in _utf8(_load_source(src), f"corpus {src.path!r}"))
     if not text.strip():
         raise MaskpipeError(f"corpus {[s.path for s in data.sources]}: empty corpus, no record has any text")
     return text
