@@ -13,6 +13,8 @@ Every error names the file and the key path, e.g.
 from __future__ import annotations
 
 import copy
+import glob
+import os
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
@@ -359,6 +361,27 @@ def read_config_file(path: str | Path) -> dict:
 def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
     raw = read_config_file(path)
     return config_from_dict(apply_overrides(raw, list(overrides), str(path)), str(path))
+
+
+def with_absolute_paths(cfg: Config) -> Config:
+    """`cfg` with its local paths (model directory, corpus files and globs, prior artifacts) made absolute
+    against the current directory, as a run records them in its config.yaml: the run then resumes from
+    any working directory. Hub ids and paths that name nothing here are left as they are."""
+    raw = cfg.model_dump(mode="json")
+
+    def absolute(path: str, exists) -> str:
+        full = os.path.expanduser(path)
+        return os.path.abspath(full) if not os.path.isabs(full) and exists(full) else path
+
+    raw["model"]["name_or_path"] = absolute(raw["model"]["name_or_path"], os.path.isdir)
+    for data in raw.get("data", {}).values():
+        for src in data.get("sources", []):
+            src["path"] = absolute(src["path"], lambda f: bool(glob.glob(f)))
+    for st in raw.get("stages", []):
+        prior = st.get("prior") if isinstance(st, dict) else None
+        if isinstance(prior, dict) and prior.get("artifact"):
+            prior["artifact"] = absolute(prior["artifact"], os.path.isdir)
+    return config_from_dict(raw)
 
 
 def config_from_dict(raw: dict, source: str = "<config>") -> Config:

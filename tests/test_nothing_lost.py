@@ -357,3 +357,79 @@ def test_pieces_and_the_moving_head_give_the_blocks_of_whole_record_tokenization
         again.load_state_dict(state)
         assert torch.equal(again.next_batch(20), rest), n
     assert mid_record  # some of those states were inside a record
+
+
+# ------------------------------------------------------------------------------------------------ paths
+
+
+def test_a_runs_config_yaml_records_absolute_paths_and_resumes_from_another_directory(tmp_path, monkeypatch, capsys):
+    import os
+
+    import yaml
+
+    from maskpipe.pipeline.run.runner import LocalBackend
+    from tests.conftest import MICRO
+
+    start, elsewhere = tmp_path / "start", tmp_path / "elsewhere"
+    start.mkdir(), elsewhere.mkdir()
+    raw = yaml.safe_load(learn_recipe(tmp_path).read_text())
+    raw["model"]["name_or_path"] = os.path.relpath(MICRO, start)
+    raw["data"]["calib"]["sources"] = [os.path.relpath(CORPORA / "kjv.train.txt", start)]
+    (start / "c.yaml").write_text(yaml.safe_dump(raw))
+    monkeypatch.chdir(start)
+    original = LocalBackend.execute
+
+    def interrupted(self, kind, ctx):
+        if kind.name == "learn":
+            raise KeyboardInterrupt
+        return original(self, kind, ctx)
+
+    with monkeypatch.context() as m:
+        m.setattr(LocalBackend, "execute", interrupted)
+        assert main(["run", "c.yaml", "--run-dir", "r"]) == 130
+    recorded = yaml.safe_load((start / "r" / "config.yaml").read_text())
+    assert recorded["model"]["name_or_path"] == str(MICRO)
+    assert recorded["data"]["calib"]["sources"][0]["path"] == str(CORPORA / "kjv.train.txt")
+    monkeypatch.chdir(elsewhere)
+    assert main(["run", str(start / "r" / "config.yaml"), "--run-dir", str(start / "r")]) == 0
+    # the original config, from where it was started, resumes it too (nothing to do: it is complete)
+    monkeypatch.chdir(start)
+    assert main(["run", "c.yaml", "--run-dir", "r"]) == 0
+
+
+@pytest.mark.parametrize("flag", ["--model", "--data"])
+def test_a_missing_relative_path_says_it_was_resolved_against_the_current_directory(flag, tmp_path, monkeypatch,
+                                                                                     capsys):
+    monkeypatch.chdir(tmp_path)
+    argv = ["oneshot", *MODEL_FLAGS, "--method", "wanda", "--n-samples", "2", "--data", str(CORPORA / "kjv.train.txt"),
+            "--out", "o"]
+    argv[argv.index(flag) + 1] = "./nowhere/x.txt" if flag == "--data" else "./nowhere/model"
+    cli_fails(argv, capsys, f"(a relative path, resolved against the current directory {tmp_path})", tmp_path / "o",
+              one_line=True)
+
+
+@pytest.mark.parametrize("change", ["truncated", "edited in place"])
+def test_a_corpus_changed_between_kill_and_resume_is_refused_saying_what_changed(change, tmp_path, monkeypatch,
+                                                                                 capsys):
+    import yaml
+
+    corpus = tmp_path / "train.txt"
+    corpus.write_bytes((CORPORA / "kjv.train.txt").read_bytes())
+    config = learn_recipe(tmp_path, steps=4)
+    raw = yaml.safe_load(config.read_text())
+    raw["data"]["calib"]["sources"] = [str(corpus)]
+    config.write_text(yaml.safe_dump(raw))
+    run_dir = tmp_path / "r"
+    with monkeypatch.context() as m:
+        die_after_step(m, 2)
+        assert main(["run", str(config), "--run-dir", str(run_dir)]) == 130
+    text = corpus.read_bytes()
+    if change == "truncated":
+        corpus.write_bytes(text[: len(text) // 2])
+        message = f"{corpus} changed since the checkpoint ({len(text)} -> {len(text) // 2} bytes)"
+    else:
+        corpus.write_bytes(text.replace(b"the", b"THE", 1))
+        message = "differs from what is read now (the corpus changed since)"
+    cli_fails(["run", str(config), "--run-dir", str(run_dir)], capsys, message, one_line=True)
+    corpus.write_bytes(text)  # as it was: the run resumes
+    assert main(["run", str(config), "--run-dir", str(run_dir)]) == 0

@@ -8,6 +8,7 @@ shuffled blocks, whatever the corpus size.
 from __future__ import annotations
 
 import glob
+import hashlib
 import itertools
 import os
 
@@ -16,7 +17,7 @@ import torch
 from datasets.exceptions import DatasetNotFoundError
 
 from maskpipe.pipeline import MaskpipeError
-from maskpipe.pipeline.core.schema import SHUFFLE_WINDOW_TOKENS, DataConfig, Source
+from maskpipe.pipeline.core.schema import SHUFFLE_WINDOW_TOKENS, DataConfig, Source, where_relative
 
 PIECE_CHARS = 1 << 16  # a record longer than this is tokenized in pieces of about this many characters
 _BUILDERS = {".txt": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
@@ -35,7 +36,7 @@ def _local_files(src: Source) -> list[str] | None:
         return files
     # A hub id has no file suffix, glob characters or path prefix; anything else is a mistyped file.
     if glob.has_magic(path) or os.path.splitext(path)[1] in _BUILDERS or path.startswith(("/", ".")):
-        raise MaskpipeError(f"data source {src.path!r}: no files match")
+        raise MaskpipeError(f"data source {src.path!r}: no files match{where_relative(src.path)}")
     return None
 
 
@@ -109,8 +110,10 @@ class _SourceBlocks:
     deterministic function of (seed, epoch). `datasets`' own state_dict can't be used: it drops the
     shuffle buffer's contents."""
 
-    def __init__(self, ds: datasets.IterableDataset, tokenizer, seqlen: int, where: str, separator: str = "eos"):
+    def __init__(self, ds: datasets.IterableDataset, tokenizer, seqlen: int, where: str, separator: str = "eos",
+                 files: list[str] | None = None):
         self._ds, self.tokenizer, self.seqlen, self.where = ds, tokenizer, seqlen, where
+        self._files = {f: os.path.getsize(f) for f in files or []}
         eos = separator == "eos"
         self._eos = [tokenizer.eos_token_id] if eos and tokenizer.eos_token_id is not None else []
         self._suffix = "" if eos else separator
@@ -120,9 +123,11 @@ class _SourceBlocks:
         self._offset = 0
         self._start_epoch(0)
 
-    def _start_epoch(self, epoch: int, skip: int = 0) -> None:
+    def _start_epoch(self, epoch: int, skip: int = 0, seed: str = "") -> None:
         self._ds.set_epoch(epoch)
-        self._records = _utf8(iter(self._ds), self.where)
+        # over the text of every record read so far: this epoch's, after the digest of those before it
+        self._seed, self._read = seed, hashlib.sha256(seed.encode())
+        self._records = map(self._hashed, _utf8(iter(self._ds), self.where))
         skipped = sum(1 for _ in itertools.islice(self._records, skip))
         if skipped < skip:
             raise MaskpipeError(
@@ -131,6 +136,10 @@ class _SourceBlocks:
             )
         self._epoch, self._consumed = epoch, skip
         self._resumed_at, self._epoch_tokens = skip, 0
+
+    def _hashed(self, record: dict) -> dict:
+        self._read.update(record["text"].encode("utf-8", "surrogatepass") + b"\x00")
+        return record
 
     def next_block(self) -> list[int]:
         """The next block. Linear in the tokens read, however long a record: its pieces are tokenized
@@ -148,7 +157,7 @@ class _SourceBlocks:
                 if self._resumed_at == 0 and self._epoch_tokens < self.seqlen:
                     raise MaskpipeError(f"{self.where}: the corpus has {self._epoch_tokens} tokens, fewer than one "
                                         f"block of {self.seqlen} (seqlen)")
-                self._start_epoch(self._epoch + 1)
+                self._start_epoch(self._epoch + 1, seed=self._read.hexdigest())
                 continue
             self._consumed += 1
             text = record["text"]
@@ -179,14 +188,23 @@ class _SourceBlocks:
     def state_dict(self) -> dict:
         """(epoch, records read, tokens not yet in a block, and where in the last record read its next
         piece starts, if it is not all tokenized yet)."""
-        state = {"epoch": self._epoch, "records": self._consumed, "buffer": self._buffer[self._head :]}
+        state = {"epoch": self._epoch, "records": self._consumed, "buffer": self._buffer[self._head :],
+                 "files": self._files, "read_seed": self._seed, "read_sha256": self._read.hexdigest()}
         if self._text is not None:
             state["offset"] = self._offset
         return state
 
     def load_state_dict(self, state: dict) -> None:
+        """Refuses a corpus that changed since the state was saved: a file's size, or the text of the
+        records read before it (their sha256, recomputed as they are skipped)."""
+        for f, size in (state.get("files") or {}).items():
+            now = os.path.getsize(f) if os.path.isfile(f) else None
+            if now != size:
+                raise MaskpipeError(f"{self.where}: {f} changed since the checkpoint ("
+                                    + (f"{size} -> {now} bytes" if now is not None else "it is gone")
+                                    + "); resume with the corpus as it was, or start a new run")
         partial = state.get("offset") is not None
-        self._start_epoch(state["epoch"], skip=state["records"] - partial)
+        self._start_epoch(state["epoch"], skip=state["records"] - partial, seed=state.get("read_seed", ""))
         self._buffer, self._head, self._text = list(state["buffer"]), 0, None
         if partial:
             record = next(self._records, None)
@@ -195,6 +213,10 @@ class _SourceBlocks:
                                     f"{state['epoch']}, which is gone; the corpus changed since the state was saved")
             self._consumed += 1
             self._text, self._offset = record["text"] + self._suffix, state["offset"]
+        if state.get("read_sha256") not in (None, self._read.hexdigest()):
+            raise MaskpipeError(f"{self.where}: the {state['records']} records read before the checkpoint differ from "
+                                "what was read then (the corpus changed since); resume with the corpus as it was, or "
+                                "start a new run")
 
 
 class TokenStream:
@@ -236,7 +258,7 @@ class TokenStream:
         self.labels = [_label(s) for _, s, _ in picked]
         self._sources = [
             _SourceBlocks(open_source(s, (seed * 1_000_003 + i) % 2**32, data.shuffle_buffer), tokenizer, seqlen,
-                          f"corpus {s.path!r}", data.separator)
+                          f"corpus {s.path!r}", data.separator, files=_local_files(s))
             for i, s, _ in picked
         ]
         total = sum(w for _, _, w in picked)
@@ -262,6 +284,8 @@ class TokenStream:
         self._window_index += 1
         self._window_start = {"sources": [s.state_dict() for s in self._sources], "taken": list(self._taken)}
         blocks = self._fill_window()
+        # what the sources had read once the window was full: a resume that refills it must read the same
+        self._window_read = [(s.epoch, s._read.hexdigest()) for s in self._sources]
         gen = torch.Generator().manual_seed((self.seed * 1_000_003 + self._window_index) % 2**63)
         order = torch.randperm(len(blocks), generator=gen).tolist() if len(blocks) > 1 else [0]
         self._window, self._pos = [blocks[j] for j in order], 0
@@ -310,7 +334,8 @@ class TokenStream:
         start = self._window_start if self._window_index >= 0 else {
             "sources": [s.state_dict() for s in self._sources], "taken": list(self._taken)}
         return {"version": self.STATE_VERSION, "window": self._window_index, "pos": self._pos, "start": start,
-                "emitted": list(self._emitted), "fingerprint": self._fingerprint}
+                "emitted": list(self._emitted), "fingerprint": self._fingerprint,
+                "window_read": [list(r) for r in self._window_read] if self._window_index >= 0 else None}
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("version") != self.STATE_VERSION:
@@ -330,6 +355,12 @@ class TokenStream:
         if state["window"] >= 0:
             self._next_window()
             self._pos = state["pos"]
+            saved = state.get("window_read")
+            for label, was, now in zip(self.labels, saved or [], self._window_read):
+                if list(was) != list(now):
+                    raise MaskpipeError(f"corpus {label!r}: what was read up to the checkpoint differs from what "
+                                        "is read now (the corpus changed since); resume with the corpus as it was, "
+                                        "or start a new run")
 
 
 def calibration_blocks(data: DataConfig, tokenizer, n_samples: int, seqlen: int, seed: int = 0) -> torch.Tensor:

@@ -146,15 +146,16 @@ def check_resumable(cfg: Config, run_dir: Path) -> None:
     path = RunDir(run_dir).config
     if not path.exists():
         return
-    from maskpipe.pipeline.config import config_from_dict, read_config_file
+    from maskpipe.pipeline.config import config_from_dict, read_config_file, with_absolute_paths
 
     raw = read_config_file(path)  # a damaged config.yaml is named as such
     try:
-        old = config_from_dict(raw, str(path)).model_dump(mode="json")
+        # an earlier version stored paths relative to where the run started: here is the best guess
+        old = with_absolute_paths(config_from_dict(raw, str(path))).model_dump(mode="json")
     except (MaskpipeError, ValueError) as e:
         raise MaskpipeError(f"{run_dir}: holds a run of another config; resume it with its own config.yaml "
                             f"(its config.yaml does not validate as this one: {str(e).splitlines()[0]})") from None
-    new = cfg.model_dump(mode="json")
+    new = with_absolute_paths(cfg).model_dump(mode="json")
     a, b = _result_keys(old), _result_keys(new)
     differ = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
     if differ:
