@@ -433,3 +433,50 @@ def test_a_corpus_changed_between_kill_and_resume_is_refused_saying_what_changed
     cli_fails(["run", str(config), "--run-dir", str(run_dir)], capsys, message, one_line=True)
     corpus.write_bytes(text)  # as it was: the run resumes
     assert main(["run", str(config), "--run-dir", str(run_dir)]) == 0
+
+
+# ------------------------------------------------------------------------------------ bit-identical resume
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("threads", [1, 2])
+def test_resuming_one_checkpoint_several_times_gives_bit_identical_logits(threads, died_run, tmp_path):
+    import hashlib
+    import os
+    import shutil
+
+    config, run_dir = died_run
+    digests = set()
+    for i in range(3):
+        copy = shutil.copytree(run_dir, tmp_path / f"r{i}")
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+        done = subprocess.run([sys.executable, "-m", "maskpipe.jobs.cli", "run", str(config), "--run-dir", str(copy)],
+                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-2000:]
+        digests.add(hashlib.sha256((copy / "artifacts" / "maskllm" / LOGITS_FILE).read_bytes()).hexdigest())
+    assert len(digests) == 1, digests
+
+
+# ------------------------------------------------------------------------------------------- validate
+
+
+@pytest.mark.parametrize("drop,missing", [("config.json", "config"), ("model.safetensors", "weights"),
+                                          ("tokenizer*", "tokenizer")])
+def test_a_model_folder_without_its_config_weights_or_tokenizer_is_refused_by_validate_and_oneshot(
+        drop, missing, tmp_path, capsys):
+    import shutil
+
+    import yaml
+
+    from tests.conftest import MICRO
+
+    model = shutil.copytree(MICRO, tmp_path / "model")
+    for f in model.glob(drop):
+        f.unlink()
+    raw = yaml.safe_load(learn_recipe(tmp_path).read_text())
+    raw["model"]["name_or_path"] = str(model)
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(raw))
+    cli_fails(["validate", str(tmp_path / "c.yaml")], capsys,
+              f"model.name_or_path: {model}: a model folder without its {missing}", one_line=True)
+    cli_fails(["oneshot", "--model", str(model), "--method", "magnitude", "--out", str(tmp_path / "o")], capsys,
+              f"--model: {model}: a model folder without its {missing}", tmp_path / "o", one_line=True)

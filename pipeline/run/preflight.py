@@ -31,6 +31,24 @@ def context_limit(model_cfg: ModelConfig) -> int | None:
     return getattr(c.get_text_config(), "max_position_embeddings", None)
 
 
+# What a local model folder needs, each as any one of these files.
+MODEL_FILES = {"config": ("config.json",),
+               "weights": ("*.safetensors", "*.safetensors.index.json", "*.bin", "*.bin.index.json"),
+               "tokenizer": ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")}
+
+
+def check_model_folder(name_or_path: str, key: str = "model.name_or_path") -> None:
+    """Refuse a local model folder that lacks its config, its weights or its tokenizer, naming what is
+    missing (a hub id is the loader's to check)."""
+    folder = Path(name_or_path).expanduser()
+    if not folder.is_dir():
+        return
+    missing = [what for what, globs in MODEL_FILES.items() if not any(any(folder.glob(g)) for g in globs)]
+    if missing:
+        raise MaskpipeError(f"{key}: {folder}: a model folder without its {' or '.join(missing)} (looked for "
+                            + "; ".join(", ".join(MODEL_FILES[w]) for w in missing) + ")")
+
+
 def _sniff(path: str) -> None:
     """Refuse a local corpus file whose head is not what its suffix says, naming the file: the
     streaming readers would fail mid-stage with a traceback. Reads at most the first MiB (and a
@@ -96,6 +114,7 @@ def check_inputs(cfg: Config, source: str = "", flags: dict[str, str] | None = N
     flags = flags or {}
     where = f"{source}: " if source else ""
     check_device(cfg.model.device, flags.get("model.device", "model.device"), local=cfg.workers.num_workers == 0)
+    check_model_folder(cfg.model.name_or_path, flags.get("model.name_or_path", "model.name_or_path"))
     used = {ref for st in cfg.stages for ref in kind_of(st).corpora(st).values()}
     for name in sorted(used):
         for src in cfg.data[name].sources:

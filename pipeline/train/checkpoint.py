@@ -13,7 +13,7 @@ a context manager that yields the newest `Checkpoint` or None. `CheckpointDir` k
 during a save leaves the previous checkpoint intact; the oldest beyond `keep` are removed only after a
 new one is complete. Ray Train workers use a store with the same two methods (`workers/learn.py`).
 
-Every shard carries its sha256: beside it (`shard-RRRRR.sha256`, written by the rank that wrote it)
+Every shard carries its sha256: beside it (`sha256-RRRRR`, written by the rank that wrote it)
 and, in a `CheckpointDir`, in `state.json` (`shards`: file -> sha256, gathered by rank 0 before the
 rename). A checkpoint whose shard is missing or differs from its checksum is refused on reading, and
 `CheckpointDir.latest` names it and the previous checkpoint to resume from instead.
@@ -37,7 +37,11 @@ from safetensors.torch import save_file
 from maskpipe.pipeline import MaskpipeError
 
 META = "state.json"
-SUM = ".sha256"  # shard-RRRRR.sha256 beside shard-RRRRR.safetensors
+
+
+def sum_file(shard: Path) -> Path:
+    """Where the sha256 of `shard-RRRRR.safetensors` is kept beside it: `sha256-RRRRR`."""
+    return shard.with_name("sha256-" + shard.name.removeprefix("shard-").removesuffix(".safetensors"))
 
 
 def file_sha256(path: Path) -> str:
@@ -67,7 +71,7 @@ def write_shard(path: Path, step: int, tensors: dict[str, torch.Tensor | Rows], 
         shard = path / f"shard-{rank:05d}.safetensors"
         save_file({k: r.tensor.detach().contiguous().cpu() for k, r in rows.items()},
                   str(shard), metadata={k: str(r.start) for k, r in rows.items()})
-        shard.with_suffix(SUM).write_text(file_sha256(shard))
+        sum_file(shard).write_text(file_sha256(shard))
     if rank == 0:
         (path / META).write_text(json.dumps({"step": step, **meta}, indent=1))
 
@@ -100,7 +104,7 @@ class Checkpoint:
             if not (self.path / name).is_file():
                 raise MaskpipeError(f"{self.path}: damaged checkpoint: {name} is missing")
         for f in sorted(self.path.glob("shard-*.safetensors")):
-            side = f.with_suffix(SUM)
+            side = sum_file(f)
             want = listed.get(f.name) or (side.read_text().strip() if side.is_file() else None)
             if want is not None and file_sha256(f) != want:
                 raise MaskpipeError(f"{self.path}: damaged checkpoint: {f.name} does not match its sha256")
@@ -165,13 +169,13 @@ class CheckpointDir:
         _barrier(world)
         write_shard(tmp, step, tensors, meta, rank)
         for f in tmp.iterdir():
-            if f.name.startswith(f"shard-{rank:05d}") or (rank == 0 and f.name == META):  # and its .sha256
+            if f.name in (f"shard-{rank:05d}.safetensors", f"sha256-{rank:05d}") or (rank == 0 and f.name == META):
                 with open(f, "rb") as fh:
                     os.fsync(fh.fileno())
         _barrier(world)
         if rank == 0:
             # state.json records every rank's shard checksum; written (and synced) before the rename
-            sums = {f.name: f.with_suffix(SUM).read_text().strip() for f in sorted(tmp.glob("shard-*.safetensors"))}
+            sums = {f.name: sum_file(f).read_text().strip() for f in sorted(tmp.glob("shard-*.safetensors"))}
             state = json.loads((tmp / META).read_text())
             with open(tmp / META, "w") as fh:
                 fh.write(json.dumps({**state, "shards": sums}, indent=1))
