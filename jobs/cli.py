@@ -10,6 +10,7 @@ Ray job whose entrypoint is `run` (see `jobs/ray_jobs.py`).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
 
@@ -91,6 +92,16 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def _one_writer(out: str | None):
+    """Every command that writes `--out` holds that path's lock from start to end, so a second command
+    writing the same path at the same time is refused at once, before any work, with one line."""
+    if not out:
+        return contextlib.nullcontext()
+    from maskpipe.pipeline.io.artifacts import output_lock
+
+    return output_lock(out)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
@@ -98,7 +109,10 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("httpx", "urllib3", "filelock", "datasets", "transformers"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
-        return args.fn(args) or 0
+        if getattr(args, "check_out", None):
+            args.check_out(args.out)  # where the lock file itself must not go (a run's artifacts)
+        with _one_writer(getattr(args, "out", None)):
+            return args.fn(args) or 0
     except MaskpipeError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -41,7 +41,16 @@ def run_dir_of(run: str, runs_dir: str) -> Path:
 
 
 def _read_json(path: Path) -> dict:
-    return json.loads(path.read_text()) if path.exists() else {}
+    """A run's JSON record ({} if absent); one that is not a JSON object is named, one line."""
+    if not path.exists():
+        return {}
+    try:
+        value = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise MaskpipeError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise MaskpipeError(f"{path}: not a JSON object (holds a {type(value).__name__})")
+    return value
 
 
 def _latest_job(run_dir: Path):
@@ -95,9 +104,11 @@ def _job_status(run_dir: Path) -> str | None:
 
 
 def resume_hint(run_dir: Path) -> str:
+    """The command that resumes a run, shell-quoted: it is pasted into a shell as it is printed."""
+    q = shlex.quote
     if _read_json(RunDir(run_dir).jobs).get("submissions"):
-        return f"maskpipe resume {run_dir}"
-    return f"maskpipe run {RunDir(run_dir).config} --run-dir {run_dir}"
+        return f"maskpipe resume {q(str(run_dir))}"
+    return f"maskpipe run {q(str(RunDir(run_dir).config))} --run-dir {q(str(run_dir))}"
 
 
 def run_state(run_dir: Path, job: str | None = None) -> str:
@@ -121,15 +132,16 @@ def run_state(run_dir: Path, job: str | None = None) -> str:
 def run_summary(run_dir: Path, job: str | None = None) -> dict:
     """One row of `maskpipe runs`. The cluster is asked about the run's job (unless `job` already
     says) only while the run directory says it is running."""
-    from maskpipe.pipeline.core.schema import yaml_load
+    from maskpipe.pipeline.config import read_config_file
     from maskpipe.pipeline.io.loggers import read_metrics
 
     paths = RunDir(run_dir)
+    name = read_config_file(paths.config).get("name", "")
     status = _read_json(paths.status)
     metrics = read_metrics(paths.metrics)
     last = metrics[-1] if metrics else {}
     state = run_state(run_dir, job)
-    return {"run": run_dir.name, "config": yaml_load(paths.config.read_text()).get("name", ""),
+    return {"run": run_dir.name, "config": name,
             "stage": status.get("stage") or "", "step": last.get("step", ""),
             "status": state, "last": f"loss {last['loss']:.4f}" if "loss" in last else ""}
 

@@ -13,6 +13,8 @@ Every error names the file and the key path, e.g.
 from __future__ import annotations
 
 import copy
+import glob
+import os
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
@@ -340,7 +342,10 @@ def apply_overrides(raw: dict, overrides: list[str], source: str) -> dict:
             elif not isinstance(node, dict):
                 raise ConfigError(f"{source}: override {key}: {'.'.join(parts[:i])} is not a mapping")
             if last:
-                node[p] = yaml_load(value)
+                try:
+                    node[p] = yaml_load(value)
+                except yaml.YAMLError as e:
+                    raise ConfigError(f"{source}: override {ov!r}: not valid YAML ({yaml_problem(e)})") from None
             else:
                 if isinstance(node, dict) and node.get(p) is None:
                     node[p] = {}
@@ -348,18 +353,54 @@ def apply_overrides(raw: dict, overrides: list[str], source: str) -> dict:
     return raw
 
 
-def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
+def yaml_problem(e: yaml.YAMLError) -> str:
+    """A YAML error in one line: what is wrong and where."""
+    mark = getattr(e, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"{getattr(e, 'problem', None) or str(e).splitlines()[0]}{where}"
+
+
+def read_config_file(path: str | Path) -> dict:
+    """The mapping a config file holds; a missing, unreadable, non-YAML or non-mapping file is one line."""
     path = Path(path)
-    source = str(path)
     try:
         raw = yaml_load(path.read_text())
     except FileNotFoundError:
-        raise ConfigError(f"{source}: no such config file") from None
+        raise ConfigError(f"{path}: no such config file") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a text file") from None
     except yaml.YAMLError as e:
-        raise ConfigError(f"{source}: not valid YAML: {e}") from None
+        raise ConfigError(f"{path}: not valid YAML: {yaml_problem(e)}") from None
     if not isinstance(raw, dict):
-        raise ConfigError(f"{source}: <root>: expected a mapping of keys, got {type(raw).__name__}")
-    return config_from_dict(apply_overrides(raw, list(overrides), source), source)
+        raise ConfigError(f"{path}: <root>: expected a mapping of keys, got "
+                          f"{'an empty file' if raw is None else type(raw).__name__}")
+    return raw
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
+    raw = read_config_file(path)
+    return config_from_dict(apply_overrides(raw, list(overrides), str(path)), str(path))
+
+
+def with_absolute_paths(cfg: Config) -> Config:
+    """`cfg` with its local paths (model directory, corpus files and globs, prior artifacts) made absolute
+    against the current directory, as a run records them in its config.yaml: the run then resumes from
+    any working directory. Hub ids and paths that name nothing here are left as they are."""
+    raw = cfg.model_dump(mode="json")
+
+    def absolute(path: str, exists) -> str:
+        full = os.path.expanduser(path)
+        return os.path.abspath(full) if not os.path.isabs(full) and exists(full) else path
+
+    raw["model"]["name_or_path"] = absolute(raw["model"]["name_or_path"], os.path.isdir)
+    for data in raw.get("data", {}).values():
+        for src in data.get("sources", []):
+            src["path"] = absolute(src["path"], lambda f: bool(glob.glob(f)))
+    for st in raw.get("stages", []):
+        prior = st.get("prior") if isinstance(st, dict) else None
+        if isinstance(prior, dict) and prior.get("artifact"):
+            prior["artifact"] = absolute(prior["artifact"], os.path.isdir)
+    return config_from_dict(raw)
 
 
 def config_from_dict(raw: dict, source: str = "<config>") -> Config:

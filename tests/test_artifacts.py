@@ -123,10 +123,10 @@ def test_atomic_dir_keeps_the_old_version_on_failure(tmp_path):
             (d / "f").write_text("half")
             raise RuntimeError("killed")
     assert (dest / "f").read_text() == "old"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".out.lock", "out"]  # the one-writer lock stays
     with atomic_dir(dest) as d:
         (d / "f").write_text("new")
-    assert (dest / "f").read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    assert (dest / "f").read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == [".out.lock", "out"]
 
 
 def test_materialized_model_loads_and_matches_masked_logits(tmp_path, micro, micro_cfg, tokenizer):

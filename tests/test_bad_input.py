@@ -326,7 +326,8 @@ def test_killing_an_artifact_writer_leaves_the_previous_artifact(tmp_path):
     _, second = linear_and_masks(2)
     save_artifact(dest, second, linears, base_model={"name_or_path": "x"}, pattern="2:4", method={"name": "again"})
     assert torch.equal(load_artifact(dest)[0]["layer"], second["layer"])
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["art", "mid-write"]
+    # no debris; only the output's lock file stays beside it (removing it would let two writers in)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".art.lock", "art", "mid-write"]
 
 
 def test_killing_a_checkpoint_writer_leaves_the_previous_checkpoint(tmp_path):
@@ -361,7 +362,7 @@ def test_an_exception_mid_write_leaves_the_previous_artifact_and_no_debris(tmp_p
     with pytest.raises(OSError, match="disk full"):
         save_artifact(dest, second, linears, base_model={"name_or_path": "x"}, pattern="2:4", method={"name": "x"})
     assert torch.equal(load_artifact(dest)[0]["layer"], masks["layer"])
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["art"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".art.lock", "art"]
 
 
 # -------------------------------------------------------------------------------------------- encoding

@@ -19,7 +19,13 @@ def add(sub) -> None:
     pb.add_argument("--push", default=None, metavar="REPO",
                     help="upload the folder to this Hub model repo (token from HF_TOKEN or a saved login)")
     pb.add_argument("--dry-run", action="store_true", help="with --push: list what would be uploaded, upload nothing")
-    pb.set_defaults(fn=cmd_publish)
+    pb.set_defaults(fn=cmd_publish, check_out=_check_out)
+
+
+def _check_out(out: str) -> None:
+    from maskpipe.pipeline.run.publish import check_out
+
+    check_out(out)
 
 
 def cmd_publish(a) -> None:

@@ -8,7 +8,7 @@ import signal
 import sys
 from pathlib import Path
 
-from maskpipe.jobs.ray_jobs import _interrupt
+from maskpipe.jobs.ray_jobs import _interrupt, resume_hint
 from maskpipe.pipeline import MaskpipeError
 
 
@@ -52,8 +52,8 @@ def cmd_run(a) -> int:
         run(cfg, run_dir, backend, lock_wait=a.wait_for_lock)
     except KeyboardInterrupt:
         step = stopped_step(run_dir)
-        print(f"stopped{f' at step {step}' if step is not None else ''}; resume with: "
-              f"maskpipe run {rundir.RunDir(run_dir).config} --run-dir {run_dir}", file=sys.stderr)
+        print(f"stopped{f' at step {step}' if step is not None else ''}; resume with: {resume_hint(run_dir)}",
+              file=sys.stderr)
         return 130
     table = rundir.RunDir(run_dir).results_md
     if table.exists():

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from maskpipe.pipeline import MaskpipeError
+from maskpipe.pipeline.core.schema import where_relative
 from maskpipe.pipeline.core.vocab import MODEL_DTYPES
 
 if TYPE_CHECKING:  # the schema is the caller's; loading a model needs only its fields
@@ -220,7 +221,7 @@ def _check_exists(name_or_path: str) -> None:
     # A hub id is "org/name" or "name"; anything that looks like a filesystem path must exist.
     looks_local = name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
     if looks_local and not Path(name_or_path).expanduser().is_dir():
-        raise MaskpipeError(f"model {name_or_path!r}: no such model directory")
+        raise MaskpipeError(f"model {name_or_path!r}: no such model directory{where_relative(name_or_path)}")
 
 
 def decoder_blocks(model: nn.Module) -> nn.ModuleList:

@@ -37,6 +37,14 @@ def _int_or_pattern(loader: yaml.SafeLoader, node: yaml.ScalarNode):
 _Loader.add_constructor("tag:yaml.org,2002:int", _int_or_pattern)
 
 
+def where_relative(path: str) -> str:
+    """What an error about a missing local path adds when the path is relative: where it was looked for."""
+    import os
+
+    return "" if os.path.isabs(os.path.expanduser(path)) else \
+        f" (a relative path, resolved against the current directory {os.getcwd()})"
+
+
 def yaml_load(text: str):
     return yaml.load(text, Loader=_Loader)
 

@@ -42,6 +42,7 @@ from maskpipe.pipeline.nm.encoding import Codec
 from maskpipe.pipeline.core.models import base_weight, fingerprint
 from maskpipe.pipeline.nm.sparsity import is_nm
 from maskpipe.pipeline.core.vocab import Pattern
+from maskpipe.pipeline.io.rundir import RunLock
 
 FORMAT = "maskpipe-masks"
 FORMAT_VERSION = 2
@@ -60,6 +61,32 @@ def public_mode(directory: bool = False) -> int:
     return (0o777 if directory else 0o666) & ~umask
 
 
+_HELD: dict[Path, int] = {}  # output paths this process holds the lock of: how many times
+
+
+@contextmanager
+def output_lock(dest: str | Path):
+    """One writer per output path, as per run directory: an exclusive `flock` on `.NAME.lock` beside
+    `dest`, held for the whole command that writes it (the CLI takes it for every `--out`) and for
+    every `atomic_dir`. A second writer, in any process, is refused with one line naming the first;
+    within one process the lock is re-entrant. The lock file stays (removing it would race)."""
+    dest = Path(dest).resolve()
+    if dest in _HELD:
+        _HELD[dest] += 1
+        try:
+            yield
+        finally:
+            _HELD[dest] -= 1
+        return
+    check_writable(dest)
+    with RunLock(dest, path=dest.parent / f".{dest.name}.lock", what="output path"):
+        _HELD[dest] = 1
+        try:
+            yield
+        finally:
+            del _HELD[dest]
+
+
 @contextmanager
 def atomic_dir(dest: str | Path, replaces: str | None = None):
     """Yield a temporary sibling directory; on success it replaces `dest`, on failure it vanishes.
@@ -68,12 +95,20 @@ def atomic_dir(dest: str | Path, replaces: str | None = None):
     aside (not deleted) before the rename, and removed only after the new one is in place; a success
     also removes what writers killed before it left beside `dest`. With
     `replaces`, an existing non-empty `dest` is replaced only if it holds that file, i.e. is what the
-    caller writes: a mistyped output path never deletes someone's directory.
+    caller writes: a mistyped output path never deletes someone's directory. It holds `dest`'s
+    `output_lock` throughout.
     """
     dest = Path(dest)
-    if replaces:
-        check_replaceable(dest, replaces)
-    dest.parent.mkdir(parents=True, exist_ok=True)
+    with output_lock(dest):
+        if replaces:
+            check_replaceable(dest, replaces)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        with _replace_dir(dest) as tmp:
+            yield tmp
+
+
+@contextmanager
+def _replace_dir(dest: Path):
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
     try:
         yield tmp

@@ -8,6 +8,7 @@ shuffled blocks, whatever the corpus size.
 from __future__ import annotations
 
 import glob
+import hashlib
 import itertools
 import os
 
@@ -16,8 +17,9 @@ import torch
 from datasets.exceptions import DatasetNotFoundError
 
 from maskpipe.pipeline import MaskpipeError
-from maskpipe.pipeline.core.schema import SHUFFLE_WINDOW_TOKENS, DataConfig, Source
+from maskpipe.pipeline.core.schema import SHUFFLE_WINDOW_TOKENS, DataConfig, Source, where_relative
 
+PIECE_CHARS = 1 << 16  # a record longer than this is tokenized in pieces of about this many characters
 _BUILDERS = {".txt": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 _TEXT = datasets.Features({"text": datasets.Value("string")})
 
@@ -34,7 +36,7 @@ def _local_files(src: Source) -> list[str] | None:
         return files
     # A hub id has no file suffix, glob characters or path prefix; anything else is a mistyped file.
     if glob.has_magic(path) or os.path.splitext(path)[1] in _BUILDERS or path.startswith(("/", ".")):
-        raise MaskpipeError(f"data source {src.path!r}: no files match")
+        raise MaskpipeError(f"data source {src.path!r}: no files match{where_relative(src.path)}")
     return None
 
 
@@ -72,6 +74,26 @@ def _load_source(src: Source) -> datasets.IterableDataset:
     return ds.map(pick, features=_TEXT).select_columns(["text"])
 
 
+def _utf8(records, where: str):
+    """`records`, with a corpus that is not UTF-8 text (binary bytes anywhere in a file) as one line."""
+    try:
+        yield from records
+    except UnicodeDecodeError as e:
+        raise MaskpipeError(f"{where}: not UTF-8 text ({e.reason}: byte {e.object[e.start:e.start + 1]!r} at "
+                            f"offset {e.start} of a block read from the file)") from None
+
+
+def piece_end(text: str, start: int, limit: int = PIECE_CHARS) -> int:
+    """Where the piece of a long record that starts at `start` ends: at most `limit` characters on,
+    after the last whitespace of the piece when there is one in its second half. A record up to
+    `limit` characters is one piece, so ordinary text tokenizes exactly as a whole."""
+    end = start + limit
+    if end >= len(text):
+        return len(text)
+    space = max(text.rfind(" ", start + limit // 2, end), text.rfind("\n", start + limit // 2, end))
+    return space + 1 if space >= 0 else end
+
+
 def open_source(src: Source, seed: int = 0, shuffle_buffer: int = 0) -> datasets.IterableDataset:
     """One source's records as a stream of {"text": str}, shuffled by record if `shuffle_buffer`."""
     ds = _load_source(src)
@@ -88,17 +110,24 @@ class _SourceBlocks:
     deterministic function of (seed, epoch). `datasets`' own state_dict can't be used: it drops the
     shuffle buffer's contents."""
 
-    def __init__(self, ds: datasets.IterableDataset, tokenizer, seqlen: int, where: str, separator: str = "eos"):
+    def __init__(self, ds: datasets.IterableDataset, tokenizer, seqlen: int, where: str, separator: str = "eos",
+                 files: list[str] | None = None):
         self._ds, self.tokenizer, self.seqlen, self.where = ds, tokenizer, seqlen, where
+        self._files = {f: os.path.getsize(f) for f in files or []}
         eos = separator == "eos"
         self._eos = [tokenizer.eos_token_id] if eos and tokenizer.eos_token_id is not None else []
         self._suffix = "" if eos else separator
         self._buffer: list[int] = []
+        self._head = 0  # the buffer's tokens before this one are already in blocks (compacted now and then)
+        self._text: str | None = None  # the record being tokenized piece by piece, and where its next piece starts
+        self._offset = 0
         self._start_epoch(0)
 
-    def _start_epoch(self, epoch: int, skip: int = 0) -> None:
+    def _start_epoch(self, epoch: int, skip: int = 0, seed: str = "") -> None:
         self._ds.set_epoch(epoch)
-        self._records = iter(self._ds)
+        # over the text of every record read so far: this epoch's, after the digest of those before it
+        self._seed, self._read = seed, hashlib.sha256(seed.encode())
+        self._records = map(self._hashed, _utf8(iter(self._ds), self.where))
         skipped = sum(1 for _ in itertools.islice(self._records, skip))
         if skipped < skip:
             raise MaskpipeError(
@@ -108,8 +137,17 @@ class _SourceBlocks:
         self._epoch, self._consumed = epoch, skip
         self._resumed_at, self._epoch_tokens = skip, 0
 
+    def _hashed(self, record: dict) -> dict:
+        self._read.update(record["text"].encode("utf-8", "surrogatepass") + b"\x00")
+        return record
+
     def next_block(self) -> list[int]:
-        while len(self._buffer) < self.seqlen:
+        """The next block. Linear in the tokens read, however long a record: its pieces are tokenized
+        only as blocks need them, and blocks are cut from the buffer at a moving head."""
+        while len(self._buffer) - self._head < self.seqlen:
+            if self._text is not None:
+                self._tokenize_piece()
+                continue
             record = next(self._records, None)
             if record is None:
                 # A whole epoch read from its start without a single token: nothing will ever come; with
@@ -119,28 +157,66 @@ class _SourceBlocks:
                 if self._resumed_at == 0 and self._epoch_tokens < self.seqlen:
                     raise MaskpipeError(f"{self.where}: the corpus has {self._epoch_tokens} tokens, fewer than one "
                                         f"block of {self.seqlen} (seqlen)")
-                self._start_epoch(self._epoch + 1)
+                self._start_epoch(self._epoch + 1, seed=self._read.hexdigest())
                 continue
             self._consumed += 1
             text = record["text"]
             if not text.strip():
                 continue
-            ids = self.tokenizer(text + self._suffix, add_special_tokens=False)["input_ids"] + self._eos
-            self._buffer += ids
-            self._epoch_tokens += len(ids)
-        block, self._buffer = self._buffer[: self.seqlen], self._buffer[self.seqlen :]
+            self._text, self._offset = text + self._suffix, 0
+        block = self._buffer[self._head : self._head + self.seqlen]
+        self._head += self.seqlen
+        if self._head > len(self._buffer) // 2:
+            del self._buffer[: self._head]
+            self._head = 0
         return block
+
+    def _tokenize_piece(self) -> None:
+        """Tokenize the next piece of the current record into the buffer (EOS after its last piece)."""
+        text, start = self._text, self._offset
+        self._offset = piece_end(text, start)
+        ids = self.tokenizer(text[start : self._offset], add_special_tokens=False)["input_ids"]
+        if self._offset >= len(text):
+            ids, self._text = ids + self._eos, None
+        self._buffer += ids
+        self._epoch_tokens += len(ids)
 
     @property
     def epoch(self) -> int:
         return self._epoch
 
     def state_dict(self) -> dict:
-        return {"epoch": self._epoch, "records": self._consumed, "buffer": list(self._buffer)}
+        """(epoch, records read, tokens not yet in a block, and where in the last record read its next
+        piece starts, if it is not all tokenized yet)."""
+        state = {"epoch": self._epoch, "records": self._consumed, "buffer": self._buffer[self._head :],
+                 "files": self._files, "read_seed": self._seed, "read_sha256": self._read.hexdigest()}
+        if self._text is not None:
+            state["offset"] = self._offset
+        return state
 
     def load_state_dict(self, state: dict) -> None:
-        self._start_epoch(state["epoch"], skip=state["records"])
-        self._buffer = list(state["buffer"])
+        """Refuses a corpus that changed since the state was saved: a file's size, or the text of the
+        records read before it (their sha256, recomputed as they are skipped)."""
+        for f, size in (state.get("files") or {}).items():
+            now = os.path.getsize(f) if os.path.isfile(f) else None
+            if now != size:
+                raise MaskpipeError(f"{self.where}: {f} changed since the checkpoint ("
+                                    + (f"{size} -> {now} bytes" if now is not None else "it is gone")
+                                    + "); resume with the corpus as it was, or start a new run")
+        partial = state.get("offset") is not None
+        self._start_epoch(state["epoch"], skip=state["records"] - partial, seed=state.get("read_seed", ""))
+        self._buffer, self._head, self._text = list(state["buffer"]), 0, None
+        if partial:
+            record = next(self._records, None)
+            if record is None:
+                raise MaskpipeError(f"{self.where}: the state resumes inside record {state['records']} of epoch "
+                                    f"{state['epoch']}, which is gone; the corpus changed since the state was saved")
+            self._consumed += 1
+            self._text, self._offset = record["text"] + self._suffix, state["offset"]
+        if state.get("read_sha256") not in (None, self._read.hexdigest()):
+            raise MaskpipeError(f"{self.where}: the {state['records']} records read before the checkpoint differ from "
+                                "what was read then (the corpus changed since); resume with the corpus as it was, or "
+                                "start a new run")
 
 
 class TokenStream:
@@ -182,7 +258,7 @@ class TokenStream:
         self.labels = [_label(s) for _, s, _ in picked]
         self._sources = [
             _SourceBlocks(open_source(s, (seed * 1_000_003 + i) % 2**32, data.shuffle_buffer), tokenizer, seqlen,
-                          f"corpus {s.path!r}", data.separator)
+                          f"corpus {s.path!r}", data.separator, files=_local_files(s))
             for i, s, _ in picked
         ]
         total = sum(w for _, _, w in picked)
@@ -208,6 +284,8 @@ class TokenStream:
         self._window_index += 1
         self._window_start = {"sources": [s.state_dict() for s in self._sources], "taken": list(self._taken)}
         blocks = self._fill_window()
+        # what the sources had read once the window was full: a resume that refills it must read the same
+        self._window_read = [(s.epoch, s._read.hexdigest()) for s in self._sources]
         gen = torch.Generator().manual_seed((self.seed * 1_000_003 + self._window_index) % 2**63)
         order = torch.randperm(len(blocks), generator=gen).tolist() if len(blocks) > 1 else [0]
         self._window, self._pos = [blocks[j] for j in order], 0
@@ -256,7 +334,8 @@ class TokenStream:
         start = self._window_start if self._window_index >= 0 else {
             "sources": [s.state_dict() for s in self._sources], "taken": list(self._taken)}
         return {"version": self.STATE_VERSION, "window": self._window_index, "pos": self._pos, "start": start,
-                "emitted": list(self._emitted), "fingerprint": self._fingerprint}
+                "emitted": list(self._emitted), "fingerprint": self._fingerprint,
+                "window_read": [list(r) for r in self._window_read] if self._window_index >= 0 else None}
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("version") != self.STATE_VERSION:
@@ -276,6 +355,12 @@ class TokenStream:
         if state["window"] >= 0:
             self._next_window()
             self._pos = state["pos"]
+            saved = state.get("window_read")
+            for label, was, now in zip(self.labels, saved or [], self._window_read):
+                if list(was) != list(now):
+                    raise MaskpipeError(f"corpus {label!r}: what was read up to the checkpoint differs from what "
+                                        "is read now (the corpus changed since); resume with the corpus as it was, "
+                                        "or start a new run")
 
 
 def calibration_blocks(data: DataConfig, tokenizer, n_samples: int, seqlen: int, seed: int = 0) -> torch.Tensor:
@@ -287,7 +372,7 @@ def calibration_blocks(data: DataConfig, tokenizer, n_samples: int, seqlen: int,
 def eval_text(data: DataConfig) -> str:
     """Every record of every source, in order, unshuffled and once, joined with "\\n\\n" (the
     wikitext-2 perplexity protocol keeps empty records too)."""
-    text = "\n\n".join(r["text"] for src in data.sources for r in _load_source(src))
+    text = "\n\n".join(r["text"] for src in data.sources for r in _utf8(_load_source(src), f"corpus {src.path!r}"))
     if not text.strip():
         raise MaskpipeError(f"corpus {[s.path for s in data.sources]}: empty corpus, no record has any text")
     return text

@@ -61,7 +61,8 @@ class JsonlLogger:
         """Drop the stage's lines past `step` (a resume from that step's checkpoint logs them again)."""
         lines = read_metrics(self.path)
         keep = [line for line in lines if line.get("stage") != stage or line.get("step", 0) <= step]
-        if len(keep) < len(lines):
+        cut = self.path.exists() and self.path.stat().st_size > 0 and not self.path.read_bytes().endswith(b"\n")
+        if len(keep) < len(lines) or cut:  # a line cut short goes too, or the next one would join it
             write_text(self.path, "".join(json.dumps(line) + "\n" for line in keep))
 
     def close(self) -> None:
@@ -334,7 +335,26 @@ def log_results(run_dir: Path, cfg, results: dict[str, Any], status: str, config
 
 
 def read_metrics(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line] if path.exists() else []
+    """The entries of a `metrics.jsonl`. A last line cut short (its writer was killed mid-line) is dropped
+    with a warning; any other line that is not a JSON object is an error that names it."""
+    if not path.exists():
+        return []
+    lines = path.read_text(errors="replace").splitlines()
+    entries = []
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            entry = None
+        if not isinstance(entry, dict):
+            if i == len(lines):
+                log.warning("%s: line %d is cut short; dropped", path, i)
+                break
+            raise MaskpipeError(f"{path}: line {i} is not a JSON object")
+        entries.append(entry)
+    return entries
 
 
 

@@ -84,11 +84,15 @@ class RunLock:
 
     `wait` seconds are spent retrying a held lock before giving up: a submitted job's driver waits for
     the `submit` or `resume` that launched it to let go. The refusal names the owner:
-    "RUN_DIR: run directory in use by pid N on HOST since T"."""
+    "RUN_DIR: run directory in use by pid N on HOST since T".
 
-    def __init__(self, run_dir: str | Path, wait: float = 0.0):
-        self.run_dir, self.wait = Path(run_dir), wait
-        self.path = self.run_dir / LOCK
+    With `path`, the lock is that file instead of RUN_DIR/.lock, and `what` names what is in use: an
+    output path is locked by a file beside it (`pipeline.io.artifacts.output_lock`)."""
+
+    def __init__(self, run_dir: str | Path, wait: float = 0.0, path: str | Path | None = None,
+                 what: str = "run directory"):
+        self.run_dir, self.wait, self.what = Path(run_dir), wait, what
+        self.path = Path(path) if path is not None else self.run_dir / LOCK
         self._fd: int | None = None
         self._stop = threading.Event()
         self._beat: threading.Thread | None = None
@@ -101,14 +105,15 @@ class RunLock:
         self.release()
 
     def acquire(self) -> None:
-        check_run_dir(self.run_dir)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if self.path.parent == self.run_dir:
+            check_run_dir(self.run_dir)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         deadline = time.monotonic() + self.wait
         try:
             while not self._try(fd):
                 if time.monotonic() >= deadline:
-                    raise MaskpipeError(f"{self.run_dir}: run directory in use by {describe(_read_owner(self.path))}")
+                    raise MaskpipeError(f"{self.run_dir}: {self.what} in use by {describe(_read_owner(self.path))}")
                 time.sleep(0.2)
             owner = {"pid": os.getpid(), "host": socket.gethostname(), "started": _now()}
             os.ftruncate(fd, 0)
@@ -132,7 +137,7 @@ class RunLock:
             if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
                 raise
         # No locks on this filesystem: the recorded owner and its heartbeat decide.
-        return not alive(self.run_dir, probe=False)
+        return not _alive(self.path, probe=False)
 
     def _heartbeat(self) -> None:
         while not self._stop.wait(HEARTBEAT_S):
@@ -168,7 +173,10 @@ def owner(run_dir: str | Path) -> dict:
 def alive(run_dir: str | Path, probe: bool = True) -> bool:
     """Whether a process owns the run directory now. `probe` tries the lock itself (and lets go at
     once); without it, or where locks are not shared, the pid (this host) or the heartbeat decides."""
-    path = Path(run_dir) / LOCK
+    return _alive(Path(run_dir) / LOCK, probe)
+
+
+def _alive(path: Path, probe: bool) -> bool:
     if not path.exists():
         return False
     if probe:

@@ -34,6 +34,24 @@ def context_limit(model_cfg: ModelConfig) -> int | None:
     return getattr(c.get_text_config(), "max_position_embeddings", None)
 
 
+# What a local model folder needs, each as any one of these files.
+MODEL_FILES = {"config": ("config.json",),
+               "weights": ("*.safetensors", "*.safetensors.index.json", "*.bin", "*.bin.index.json"),
+               "tokenizer": ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")}
+
+
+def check_model_folder(name_or_path: str, key: str = "model.name_or_path") -> None:
+    """Refuse a local model folder that lacks its config, its weights or its tokenizer, naming what is
+    missing (a hub id is the loader's to check)."""
+    folder = Path(name_or_path).expanduser()
+    if not folder.is_dir():
+        return
+    missing = [what for what, globs in MODEL_FILES.items() if not any(any(folder.glob(g)) for g in globs)]
+    if missing:
+        raise MaskpipeError(f"{key}: {folder}: a model folder without its {' or '.join(missing)} (looked for "
+                            + "; ".join(", ".join(MODEL_FILES[w]) for w in missing) + ")")
+
+
 def _sniff(path: str) -> None:
     """Refuse a local corpus file whose head is not what its suffix says, naming the file: the
     streaming readers would fail mid-stage with a traceback. Reads at most the first MiB (and a
@@ -104,6 +122,7 @@ def check_inputs(cfg: Config, source: str = "", flags: dict[str, str] | None = N
         if getattr(st, "niah", None):
             require_matplotlib(flags.get(f"stages.{i}.niah.lengths", f"stages.{i}.niah"))
     check_device(cfg.model.device, flags.get("model.device", "model.device"), local=cfg.workers.num_workers == 0)
+    check_model_folder(cfg.model.name_or_path, flags.get("model.name_or_path", "model.name_or_path"))
     used = {ref for st in cfg.stages for ref in kind_of(st).corpora(st).values()}
     for name in sorted(used):
         for src in cfg.data[name].sources:
@@ -154,15 +173,16 @@ def check_resumable(cfg: Config, run_dir: Path) -> None:
     path = RunDir(run_dir).config
     if not path.exists():
         return
-    from maskpipe.pipeline.config import config_from_dict
-    from maskpipe.pipeline.core.schema import yaml_load
+    from maskpipe.pipeline.config import config_from_dict, read_config_file, with_absolute_paths
 
+    raw = read_config_file(path)  # a damaged config.yaml is named as such
     try:
-        old = config_from_dict(yaml_load(path.read_text()), str(path)).model_dump(mode="json")
+        # an earlier version stored paths relative to where the run started: here is the best guess
+        old = with_absolute_paths(config_from_dict(raw, str(path))).model_dump(mode="json")
     except (MaskpipeError, ValueError) as e:
         raise MaskpipeError(f"{run_dir}: holds a run of another config; resume it with its own config.yaml "
                             f"(its config.yaml does not validate as this one: {str(e).splitlines()[0]})") from None
-    new = cfg.model_dump(mode="json")
+    new = with_absolute_paths(cfg).model_dump(mode="json")
     a, b = _result_keys(old), _result_keys(new)
     differ = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
     if differ:

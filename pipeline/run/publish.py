@@ -19,7 +19,15 @@ import yaml
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from maskpipe.pipeline import MaskpipeError
-from maskpipe.pipeline.io.artifacts import LOGITS_FILE, MANIFEST_FILE, MASKS_FILE, atomic_dir, read_manifest
+from maskpipe.pipeline.io.artifacts import (
+    LOGITS_FILE,
+    MANIFEST_FILE,
+    MASKS_FILE,
+    atomic_dir,
+    check_replaceable,
+    load_artifact,
+    load_soft_logits,
+)
 from maskpipe.pipeline.run.results import Results, card_tables
 from maskpipe.pipeline.io.rundir import RunDir
 
@@ -187,8 +195,11 @@ def model_card(manifest: dict[str, Any], results: Results | None, stage: str, *,
 
 def publish(artifact: Path, run: Path | None, out: str | Path, *, repo: str | None = None,
             base_model: str | None = None, license: str = "apache-2.0") -> Path:
-    """Write `out`: the files of `artifact` and its model card (with the results of `run`), atomically."""
-    manifest = read_manifest(artifact)
+    """Write `out`: the files of `artifact` and its model card (with the results of `run`), atomically.
+    Before anything is written, `out` must be a new folder or an earlier publish outside any run's
+    artifacts, and the artifact must verify (`verify`)."""
+    check_out(out)
+    manifest = verify(artifact)
     results = Results.read(RunDir(run).results) if run else None
     files = [(name, (artifact / name).stat().st_size, what) for name, what in FILES.items()
              if (artifact / name).is_file()]
@@ -199,6 +210,39 @@ def publish(artifact: Path, run: Path | None, out: str | Path, *, repo: str | No
             shutil.copyfile(artifact / name, tmp / name)
         card.save(tmp / CARD)
     return Path(out)
+
+
+def check_out(out: str | Path) -> None:
+    """Refuse an `--out` inside a run directory's `artifacts/` (a run's own outputs are the run's) or an
+    existing folder that is not an earlier publish (it has no model card), before any work."""
+    out = Path(out).resolve()
+    for p in (out, *out.parents):
+        if p.name == "artifacts" and RunDir(p.parent).config.is_file():
+            raise MaskpipeError(f"--out {out}: inside the artifacts of run {p.parent}; publish writes a folder of its "
+                                "own (choose a directory outside the run's artifacts)")
+    check_replaceable(out, MANIFEST_FILE, accept=lambda marker: (marker.parent / CARD).is_file(),
+                      what="`maskpipe publish` folder")
+
+
+def verify(artifact: Path) -> dict[str, Any]:
+    """The manifest of `artifact` once what publish copies checks out: every layer's mask against its
+    checksum, shape and pattern, and the stored logits (if any) readable, one per layer, with the
+    shape [out, in/M, C(M,N)] the manifest's layers and pattern imply."""
+    _, manifest = load_artifact(artifact)
+    if "soft" not in manifest and not (artifact / LOGITS_FILE).exists():
+        return manifest
+    logits = load_soft_logits(artifact)
+    n, m = map(int, manifest["pattern"].split(":"))
+    if set(logits) != set(manifest["layers"]):
+        raise MaskpipeError(f"{artifact / LOGITS_FILE}: holds logits for other layers than {MANIFEST_FILE} lists "
+                            "(corrupted artifact)")
+    for name, info in manifest["layers"].items():
+        rows, cols = info["shape"]
+        want = [rows, cols // m, math.comb(m, n)]
+        if list(logits[name].shape) != want:
+            raise MaskpipeError(f"{artifact / LOGITS_FILE}: {name}: logits of shape {list(logits[name].shape)} where "
+                                f"the manifest implies {want} (corrupted artifact)")
+    return manifest
 
 
 def push(folder: str | Path, repo: str, dry_run: bool = False) -> list[str]:

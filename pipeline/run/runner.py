@@ -24,7 +24,7 @@ import torch
 from maskpipe.pipeline import MaskpipeError, __version__
 from maskpipe.pipeline.io import rundir
 from maskpipe.pipeline.io.artifacts import write_json, write_text
-from maskpipe.pipeline.config import Config, dump_config
+from maskpipe.pipeline.config import Config, dump_config, with_absolute_paths
 from maskpipe.pipeline.io.loggers import log_results, logs_to, read_metrics
 from maskpipe.pipeline.run.preflight import check_inputs, check_resumable
 from maskpipe.pipeline.run.results import Results, StageRecord
@@ -80,7 +80,7 @@ def run(cfg: Config, run_dir: Path | None = None, backend=None, lock_wait: float
 
 def _run(cfg: Config, run: RunDir, backend) -> None:
     check_resumable(cfg, run.root)
-    write_text(run.config, dump_config(cfg))
+    write_text(run.config, dump_config(with_absolute_paths(cfg)))  # resumable from any working directory
     status = {"status": "running", "stage": None, "maskpipe_version": __version__,
               "started": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), **rundir.owner(run.root)}
     status.pop("heartbeat", None)
