@@ -29,7 +29,7 @@ import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, Callable
 
 import numpy as np
 import torch
@@ -182,15 +182,15 @@ def read_json_or_none(path: Path) -> Any:
         return None
 
 
-def write_text(path: str | Path, text: str) -> None:
-    """Write a file atomically (temporary file, fsync, rename), readable as the umask allows (mkstemp's
-    temporary is owner-only)."""
+def atomic_file(path: str | Path, write: Callable[[IO], None], binary: bool = False) -> Path:
+    """Write a file atomically (temporary file beside it, `write(f)`, fsync, rename), readable as the
+    umask allows (mkstemp's temporary is owner-only). Nothing is left behind if `write` fails."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb" if binary else "w") as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, public_mode())
@@ -198,6 +198,11 @@ def write_text(path: str | Path, text: str) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    return path
+
+
+def write_text(path: str | Path, text: str) -> None:
+    atomic_file(path, lambda f: f.write(text))
 
 
 def write_json(path: str | Path, obj: Any) -> None:

@@ -28,8 +28,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
-import tempfile
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -39,7 +37,7 @@ import torch
 from torch import nn
 
 from maskpipe.pipeline import MaskpipeError
-from maskpipe.pipeline.io.artifacts import atomic_dir, load_artifact, public_mode, read_manifest, save_artifact
+from maskpipe.pipeline.io.artifacts import atomic_dir, atomic_file, load_artifact, read_manifest, save_artifact
 from maskpipe.pipeline.attention.plans import AttentionPlan, kv_heads
 from maskpipe.pipeline.core.models import base_weight
 from maskpipe.pipeline.nm.sparsity import is_nm
@@ -137,20 +135,7 @@ def export_maskllm(artifact: str | Path, out: str | Path) -> Path:
         raise MaskpipeError(f"{artifact}: the artifact holds no N:M masks (an attention plan alone)")
     arrays = {f"{name}{MASKLLM_SUFFIX}": np.packbits(mask.numpy().astype(bool).reshape(-1))
               for name, mask in sorted(masks.items())}
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".npz", dir=out.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez_compressed(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, public_mode())
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return out
+    return atomic_file(out, lambda f: np.savez_compressed(f, **arrays), binary=True)
 
 
 # ---------------------------------------------------------------------------------------------- DuoAttention
