@@ -60,3 +60,17 @@ def cli_fails(argv: list[str], capsys, message: str, *absent, one_line: bool = F
     for path in absent:
         assert not os.path.exists(path), path
     return err
+
+
+def stop_at_learn(monkeypatch) -> None:
+    """A run in this process stops as Ctrl-C stops it when it reaches its learn stage (exit 130)."""
+    from maskpipe.pipeline.run.runner import LocalBackend
+
+    original = LocalBackend.execute
+
+    def interrupted(self, kind, ctx):
+        if kind.name == "learn":
+            raise KeyboardInterrupt
+        return original(self, kind, ctx)
+
+    monkeypatch.setattr(LocalBackend, "execute", interrupted)

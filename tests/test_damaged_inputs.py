@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from maskpipe.jobs.cli import main
-from tests.conftest import CORPORA, MODEL_FLAGS, ROOT, cli_fails
+from tests.conftest import CORPORA, MODEL_FLAGS, ROOT, cli_fails, stop_at_learn
 from tests.test_nothing_lost import die_after_step, learn_recipe
 
 
@@ -22,17 +22,9 @@ from tests.test_nothing_lost import die_after_step, learn_recipe
 def test_the_resume_line_of_a_stopped_run_is_shell_quoted(tmp_path, monkeypatch, capsys):
     import shlex
 
-    from maskpipe.pipeline.run.runner import LocalBackend
 
     config, run_dir = learn_recipe(tmp_path), tmp_path / "my runs" / "it's r1"
-    original = LocalBackend.execute
-
-    def interrupted(self, kind, ctx):
-        if kind.name == "learn":
-            raise KeyboardInterrupt
-        return original(self, kind, ctx)
-
-    monkeypatch.setattr(LocalBackend, "execute", interrupted)
+    stop_at_learn(monkeypatch)
     capsys.readouterr()
     assert main(["run", str(config), "--run-dir", str(run_dir)]) == 130
     line = capsys.readouterr().err.split("resume with: ", 1)[1].strip()
@@ -46,19 +38,11 @@ def test_the_resume_line_of_a_stopped_run_is_shell_quoted(tmp_path, monkeypatch,
 @pytest.fixture(scope="module")
 def stopped_run(tmp_path_factory):
     """A run stopped before its learning stage: config.yaml, status.json, metrics.jsonl, results.json."""
-    from maskpipe.pipeline.run.runner import LocalBackend
 
     tmp_path = tmp_path_factory.mktemp("stopped")
     config, run_dir = learn_recipe(tmp_path), tmp_path / "runs" / "r1"
-    original = LocalBackend.execute
-
-    def interrupted(self, kind, ctx):
-        if kind.name == "learn":
-            raise KeyboardInterrupt
-        return original(self, kind, ctx)
-
     with pytest.MonkeyPatch.context() as m:
-        m.setattr(LocalBackend, "execute", interrupted)
+        stop_at_learn(m)
         assert main(["run", str(config), "--run-dir", str(run_dir)]) == 130
     (run_dir / "metrics.jsonl").write_text('{"stage": "maskllm", "step": 1, "loss": 2.5}\n')
     return config, run_dir
@@ -183,7 +167,6 @@ def test_a_runs_config_yaml_records_absolute_paths_and_resumes_from_another_dire
 
     import yaml
 
-    from maskpipe.pipeline.run.runner import LocalBackend
     from tests.conftest import MICRO
 
     start, elsewhere = tmp_path / "start", tmp_path / "elsewhere"
@@ -193,15 +176,8 @@ def test_a_runs_config_yaml_records_absolute_paths_and_resumes_from_another_dire
     raw["data"]["calib"]["sources"] = [os.path.relpath(CORPORA / "kjv.train.txt", start)]
     (start / "c.yaml").write_text(yaml.safe_dump(raw))
     monkeypatch.chdir(start)
-    original = LocalBackend.execute
-
-    def interrupted(self, kind, ctx):
-        if kind.name == "learn":
-            raise KeyboardInterrupt
-        return original(self, kind, ctx)
-
     with monkeypatch.context() as m:
-        m.setattr(LocalBackend, "execute", interrupted)
+        stop_at_learn(m)
         assert main(["run", "c.yaml", "--run-dir", "r"]) == 130
     recorded = yaml.safe_load((start / "r" / "config.yaml").read_text())
     assert recorded["model"]["name_or_path"] == str(MICRO)

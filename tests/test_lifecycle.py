@@ -24,7 +24,7 @@ from maskpipe.pipeline.config import config_from_dict, load_config
 from maskpipe.pipeline.io.loggers import read_metrics
 from maskpipe.pipeline.run.preflight import check_resumable
 from maskpipe.pipeline.run.runner import LocalBackend, run
-from tests.conftest import MODEL_FLAGS, cli_fails, CORPORA, MICRO, ROOT
+from tests.conftest import MODEL_FLAGS, cli_fails, CORPORA, MICRO, ROOT, stop_at_learn
 from tests.test_ray import head  # noqa: F401 - the module's Ray head, for the tests marked slow at the end
 
 MODEL = MODEL_FLAGS
@@ -89,15 +89,8 @@ def test_a_run_resumes_after_a_move_from_another_directory_and_reads_old_paths(t
     config = write_recipe(tmp_path / "c.yaml", raw)
     monkeypatch.chdir(tmp_path)
 
-    original = LocalBackend.execute
-
-    def interrupted(self, kind, ctx):
-        if kind.name == "learn":
-            raise KeyboardInterrupt
-        return original(self, kind, ctx)
-
     with monkeypatch.context() as m:
-        m.setattr(LocalBackend, "execute", interrupted)
+        stop_at_learn(m)
         assert main(["run", str(config), "--run-dir", "runs/x"]) == 130
     assert "stopped; resume with: maskpipe run " in capsys.readouterr().err
     results = json.loads((tmp_path / "runs/x/results.json").read_text())
