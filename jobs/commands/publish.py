@@ -30,13 +30,14 @@ def _check_out(out: str) -> None:
 
 def cmd_publish(a) -> None:
     from maskpipe.pipeline.io.artifacts import read_manifest
-    from maskpipe.pipeline.run.publish import looks_like_hub_id, publish, push, resolve
+    from maskpipe.pipeline.io.hub import hub_ref
+    from maskpipe.pipeline.run.publish import publish, push, resolve
 
     artifact, run = resolve(a.source, a.stage)
     out = publish(artifact, run, a.out, repo=a.push, base_model=a.base_model, license=a.license)
     print(f"{artifact}{f' (run {run})' if run else ''}: published to {out}")
     base = a.base_model or read_manifest(artifact)["base_model"]["name_or_path"]
-    if not looks_like_hub_id(base):
+    if hub_ref(base) is None:
         print(f"warning: the base model {base!r} is no hub id, so the card has no base_model; name it with "
               "--base-model ORG/NAME", file=sys.stderr)
     if a.push:

@@ -28,6 +28,7 @@ from maskpipe.pipeline.io.artifacts import (
     load_artifact,
     load_soft_logits,
 )
+from maskpipe.pipeline.io.hub import hub_ref
 from maskpipe.pipeline.run.results import Results, card_tables
 from maskpipe.pipeline.io.rundir import RunDir
 
@@ -62,10 +63,6 @@ def resolve(source: str | Path, stage: str | None = None) -> tuple[Path, Path | 
     return run.artifact(stage), source
 
 
-def looks_like_hub_id(name: str) -> bool:
-    return name.count("/") == 1 and not name.startswith((".", "/", "~")) and not Path(name).exists()
-
-
 SERVING = ("A mask changes no storage format: `maskpipe apply --out` writes the weights ⊙ mask as an ordinary dense "
            "checkpoint (zeros where the mask drops a weight), and serving engines load it as a dense model, with "
            "no speed-up: current vLLM does (its 2:4 sparse path was removed). Where a 2:4 "
@@ -80,7 +77,7 @@ def _dataset(corpus: str, config: dict[str, Any] | None) -> dict[str, Any]:
     the corpus is one, else the corpus's name, its local sources in `dataset_args`."""
     sources = ((config or {}).get("data") or {}).get(corpus, {}).get("sources", [])
     sources = [src if isinstance(src, dict) else {"path": src} for src in sources]
-    if len(sources) == 1 and looks_like_hub_id(str(sources[0].get("path", ""))):
+    if len(sources) == 1 and hub_ref(str(sources[0].get("path", ""))) is not None:
         src = sources[0]
         return {"dataset_type": src["path"], "dataset_config": src.get("name"), "dataset_split": src.get("split")}
     paths = [str(src.get("path")) for src in sources if src.get("path")]
@@ -135,7 +132,7 @@ def model_card(manifest: dict[str, Any], results: Results | None, stage: str, *,
     if "attention" in manifest:
         tags.append("attention-plan")
     evals = eval_results(results, stage, manifest.get("config"))
-    data = ModelCardData(model_name=repo or stage, base_model=base_model if looks_like_hub_id(base_model) else None,
+    data = ModelCardData(model_name=repo or stage, base_model=base_model if hub_ref(base_model) is not None else None,
                          license=license, tags=tags, library_name="maskpipe",
                          metrics=sorted({e.metric_type for e in evals}) or None, eval_results=evals or None)
     what = f"a {pattern} sparsity mask" if pattern else "a per-head attention plan"
