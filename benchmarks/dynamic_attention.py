@@ -16,11 +16,13 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import torch
+from safetensors.torch import load_file, save_file
 
 sys.path.insert(0, str(Path(__file__).parent))
 from maskpipe.pipeline.attention.dynamic import (  # noqa: E402
     KeyScorer,
     cache_bytes,
+    dynamic,
     evict_decode,
     masked_decode,
     param_fraction,
@@ -32,6 +34,7 @@ from maskpipe.pipeline.core.models import load_model, load_tokenizer
 
 # ---- maskpipe imports ----
 from maskpipe.pipeline.core.schema import DataConfig, ModelConfig
+from maskpipe.pipeline.eval.perplexity import perplexity
 from maskpipe.pipeline.eval.prompts import split_sentences
 from maskpipe.pipeline.eval.retrieval import exact_match, passkey_samples
 from maskpipe.pipeline.io.data import TokenStream
@@ -62,27 +65,41 @@ def main() -> None:
     ap.add_argument("--relax", default="st")
     ap.add_argument("--loss", default="hidden")
     ap.add_argument("--fraction", type=float, default=0.25)
+    ap.add_argument("--keys", type=int, help="a count budget per KV head instead of --fraction (e.g. all-streaming's)")
     ap.add_argument("--sink", type=int, default=4)
     ap.add_argument("--window", type=int, default=32)
     ap.add_argument("--lengths", default="768", help="comma-separated prompt lengths")
     ap.add_argument("--samples", type=int, default=30)
     ap.add_argument("--haystacks", default="filler,kjv")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--mix-heads", action="store_true", help="DMA's dt_proj: scores from every KV head's values")
+    ap.add_argument("--scorer", help="a .safetensors file: load the scorer from it if it exists (no training), "
+                    "else save the trained one there")
+    ap.add_argument("--general", type=float, default=0.0, help="weight of every query's attention target")
+    ap.add_argument("--ppl-windows", type=int, default=0, help="also perplexity over this many kjv.valid windows")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     cfg = ModelConfig(name_or_path=args.model, dtype="float32", device="cpu")
     model, tok = load_model(cfg), load_tokenizer(cfg)
-    budget = Budget(fraction=args.fraction, sink=args.sink, window=args.window)
+    budget = (Budget(keys=args.keys, sink=args.sink, window=args.window) if args.keys
+              else Budget(fraction=args.fraction, sink=args.sink, window=args.window))
 
     t0 = time.perf_counter()
     data = DataConfig.model_validate({"sources": [str(CORPORA / "kjv.train.txt")], "shuffle_buffer": 8})
     st = SimpleNamespace(steps=args.steps, lr=args.lr, warmup_steps=max(args.steps // 10, 1), log_every=5,
                          checkpoint_every=10**9, batch_size=args.batch_size, seqlen=args.seqlen, needles=args.needles)
-    init = KeyScorer.for_model(model, seed=0)
+    init = KeyScorer.for_model(model, seed=0, mix_heads=args.mix_heads)
+    if args.scorer and Path(args.scorer).exists():
+        scorer, history = KeyScorer.for_model(model, seed=0, mix_heads=args.mix_heads), []
+        scorer.load_state_dict(load_file(args.scorer))
+        args.steps = 0
     with tempfile.TemporaryDirectory() as tmp:
+      if args.steps:
         scorer, history = train_scorer(model, tok, st, TokenStream(data, tok, args.seqlen, seed=0), budget, seed=0,
                                        store=CheckpointDir(Path(tmp) / "ckpt", keep=1), relax=args.relax,
-                                       loss=args.loss, scorer=KeyScorer.for_model(model, seed=0))
+                                       loss=args.loss, general=args.general, scorer=KeyScorer.for_model(model, seed=0, mix_heads=args.mix_heads))
+        if args.scorer:
+            save_file({k: v.detach().contiguous() for k, v in scorer.state_dict().items()}, args.scorer)
     train_s = time.perf_counter() - t0
     for h in history:
         print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in h.items()}))
@@ -90,6 +107,18 @@ def main() -> None:
     print(f"trained {args.steps} steps in {train_s:.0f} s; scorer params {n} = {100 * frac:.4f}% of the model")
 
     layers, kv = scorer.A.shape
+    if args.ppl_windows:
+        text = "\n\n".join((CORPORA / "kjv.valid.txt").read_text().splitlines())
+        ids = torch.tensor(tok(text).input_ids[: args.ppl_windows * args.seqlen])
+        rows = {"dense": None, "dma-learned": scorer, "dma-init": init, "key-norm": KeyNormScores(),
+                "oracle": OracleScores()}
+        for name, source in rows.items():
+            if source is None:
+                p = perplexity(model, ids, args.seqlen, batch_size=4).ppl
+            else:
+                with dynamic(model, source, budget):
+                    p = perplexity(model, ids, args.seqlen, batch_size=4).ppl
+            print(f"ppl kjv.valid {len(ids)} tokens, seqlen {args.seqlen}, {name:12s} {p:.3f}")
     for length, hay in [(int(n), h) for n in args.lengths.split(",") for h in args.haystacks.split(",")]:
         pool = None if hay == "filler" else split_sentences((CORPORA / "kjv.valid.txt").read_text())
         samples = passkey_samples(tok, [length], args.samples, seed=1, haystack=pool)
@@ -113,7 +142,7 @@ def main() -> None:
                 text = tok.decode(run()[0].tolist(), skip_special_tokens=True)
                 hits[name] = hits.get(name, 0) + exact_match(text, s.answers)
         print(f"\n{Path(args.model).name}: passkey, {hay} haystack, {length} tokens (prompts {min(len(s.ids) for s in samples)}-"
-              f"{max(len(s.ids) for s in samples)}), budget {args.fraction:.0%} of each prompt ({budget.count(length)} "
+              f"{max(len(s.ids) for s in samples)}), budget {f'{args.fraction:.0%} of each prompt' if not args.keys else 'a count'} ({budget.count(length)} "
               f"keys per KV head at {length}; sink {args.sink}, window {args.window}), {len(samples)} samples, "
               f"{time.perf_counter() - t1:.0f} s")
         for name, h in hits.items():

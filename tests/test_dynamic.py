@@ -15,11 +15,14 @@ from maskpipe.pipeline.attention.dynamic import (  # noqa: E402
     dynamic,
     dynamic_attention,
     evict_decode,
+    attention_target_loss,
     masked_decode,
+    needed_keys,
     param_fraction,
     prompt_scores,
     train_scorer,
 )
+from maskpipe.pipeline.attention.gates import passkey_batch
 from maskpipe.pipeline.attention.kv_scores import (  # noqa: E402
     Budget,
     FixedScores,
@@ -347,3 +350,62 @@ def test_training_learns_only_the_scorer_and_resumes_exactly(micro, tokenizer, t
     scorer2, history2 = run(CheckpointDir(tmp_path / "cut", keep=2), events.append)
     assert events[0] == {"resumed_from_step": 2} and history2 == history
     assert torch.equal(scorer2.w, scorer.w) and torch.equal(scorer2.A, scorer.A)
+
+
+def test_needed_keys_are_the_answer_queries_most_attended_candidates():
+    # one row, 2 query heads over 1 KV head, 6 keys; queries 4 and 5 are the answer queries
+    probs = torch.zeros(1, 2, 6, 6)
+    probs[0, 0, 5, 1] = 0.7  # far key: a candidate of query 5 (sink 1, window 2 keep keys 0, 4, 5)
+    probs[0, 1, 4, 2] = 0.4  # far key of query 4, seen by the other head of the group
+    probs[0, 0, 5, 4] = 0.9  # in query 5's window: kept anyway, so not needed
+    probs[0, 0, 2, 1] = 1.0  # query 2 is not an answer query
+    queries = torch.tensor([[False, False, False, False, True, True]])
+    pos = torch.arange(6)
+    need, cand = needed_keys(probs, 1, queries, pos, pos, sink=1, window=2)
+    assert need.shape == (1, 1, 6) and cand.shape == (1, 1, 6)
+    assert cand[0, 0].tolist() == [False, True, True, True, False, False]
+    assert torch.allclose(need[0, 0], torch.tensor([0, 0.7, 0.4, 0, 0, 0]))
+
+
+def test_attention_target_loss_prefers_scores_that_rank_the_needed_keys_first():
+    need = torch.tensor([[[0.0, 0.7, 0.4, 0.0, 0.9]]])
+    cand = torch.tensor([[[False, True, True, True, False]]])
+    aligned = torch.tensor([[[0.0, 5.0, 3.0, -5.0, 0.0]]])
+    reversed_ = torch.tensor([[[0.0, -5.0, -3.0, 5.0, 0.0]]])
+    assert attention_target_loss(aligned, need, cand) < attention_target_loss(reversed_, need, cand)
+    # keys outside the candidates carry no loss, whatever their score
+    moved = aligned.clone()
+    moved[..., 4] = 100.0
+    assert attention_target_loss(moved, need, cand) == attention_target_loss(aligned, need, cand)
+
+
+def test_attention_objective_teaches_the_scorer_to_keep_what_the_answers_attend_to(micro, tokenizer, tmp_path):
+    """A few steps of the attention objective, and the keys a quarter budget keeps carry more of the attention
+    the dense model's answer queries pay outside their sink and window, on passkey samples it never saw."""
+    model = micro
+    st = SimpleNamespace(steps=12, lr=0.1, warmup_steps=1, log_every=4, checkpoint_every=100, batch_size=2,
+                         seqlen=256, needles=1)
+    budget = Budget(fraction=0.25, sink=4, window=16)
+    data = DataConfig.model_validate({"sources": [str(KJV)], "shuffle_buffer": 8})
+    init = KeyScorer.for_model(model, seed=0)
+    scorer, history = train_scorer(model, tokenizer, st, TokenStream(data, tokenizer, 256, seed=0), budget, seed=0,
+                                   store=CheckpointDir(tmp_path / "ckpt", keep=1), loss="attention",
+                                   scorer=KeyScorer.for_model(model, seed=0))
+    assert history[-1]["distance"] < history[0]["distance"]
+    x, targets = passkey_batch(random.Random(7), TokenStream(data, tokenizer, 256, seed=1), tokenizer, 4, 256, 1)
+    cap = {"queries": {"answer": (targets, "max")}, "budget": budget}
+    with torch.no_grad(), dynamic(model, None, None, capture=cap):
+        model.base_model(input_ids=x, use_cache=False)
+    _, _, k = budget.resolve(256)
+
+    @torch.no_grad()
+    def kept_need(source) -> float:
+        kept = total = 0.0
+        for layer, (v, needed) in cap["needed"].items():
+            need, cand = needed["answer"]
+            top = torch.where(cand, source(layer, v), -math.inf).topk(k, -1).indices
+            kept += need.gather(-1, top).sum().item()
+            total += need.sum().item()
+        return kept / total
+
+    assert kept_need(scorer) > 1.3 * kept_need(init)

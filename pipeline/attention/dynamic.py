@@ -32,7 +32,15 @@ from torch import nn
 from transformers.cache_utils import Cache, DynamicLayer
 
 from maskpipe.pipeline.attention.gates import passkey_batch
-from maskpipe.pipeline.attention.kv_scores import Budget, FixedScores, h2o_reduce, kept_mask, snapkv_reduce, soft_bias
+from maskpipe.pipeline.attention.kv_scores import (
+    Budget,
+    FixedScores,
+    h2o_reduce,
+    kept_mask,
+    regions,
+    snapkv_reduce,
+    soft_bias,
+)
 from maskpipe.pipeline.attention.plans import attention_modules, kv_heads
 from maskpipe.pipeline.train.loop import train
 
@@ -45,10 +53,14 @@ class KeyScorer(nn.Module):
 
     query_agnostic = True
 
-    def __init__(self, layers: int, kv: int, head_dim: int, seed: int = 0, a_init: float = 1.0):
+    def __init__(self, layers: int, kv: int, head_dim: int, seed: int = 0, a_init: float = 1.0,
+                 mix_heads: bool = False):
         super().__init__()
         g = torch.Generator().manual_seed(seed)
-        self.w = nn.Parameter(torch.randn(layers, kv, head_dim, generator=g) / math.sqrt(head_dim))
+        # mix_heads: DMA's dt_proj, each head's score read from every KV head's value (w [L, H, H, D])
+        shape = (layers, kv, kv, head_dim) if mix_heads else (layers, kv, head_dim)
+        fan_in = head_dim * (kv if mix_heads else 1)
+        self.w = nn.Parameter(torch.randn(*shape, generator=g) / math.sqrt(fan_in))
         self.A = nn.Parameter(torch.full((layers, kv), a_init))
 
     @classmethod
@@ -61,7 +73,11 @@ class KeyScorer(nn.Module):
     def forward(self, layer: int, value: torch.Tensor) -> torch.Tensor:
         """Log-scores [B, Hkv, L] of values [B, Hkv, L, D] (elementwise, so a key's score does not depend
         on how many keys are scored with it: prefill and decode agree bit for bit)."""
-        z = (value.float() * self.w[layer][None, :, None, :]).sum(-1)
+        w = self.w[layer]
+        if w.dim() == 3:  # mixed heads: [H_out, H_in, D]
+            z = torch.einsum("bild,hid->bhl", value.float(), w)
+        else:
+            z = (value.float() * w[None, :, None, :]).sum(-1)
         return self.A[layer][None, :, None] * F.softplus(z)
 
     def scores(self, layer, query, key, value, q_pos=None, k_pos=None, scaling=None):
@@ -141,7 +157,34 @@ def _capture(st, layer, query, key, value, q_pos, k_pos, scaling, group):
     kv = key.shape[1]
     st.capture.setdefault("h2o", {})[layer] = h2o_reduce(probs, kv)
     st.capture.setdefault("snapkv", {})[layer] = snapkv_reduce(probs, kv, **st.capture.get("snapkv_args", {}))
+    if "queries" in st.capture:  # the scorer's attention targets (DMALearning, loss="attention")
+        sink, window, _ = st.capture["budget"].resolve(len(k_pos))
+        st.capture.setdefault("needed", {})[layer] = (value.detach(), {
+            name: needed_keys(probs, kv, queries, q_pos, k_pos, sink, window, reduce)
+            for name, (queries, reduce) in st.capture["queries"].items()})
     return (probs @ v).transpose(1, 2).contiguous(), None
+
+
+def needed_keys(probs: torch.Tensor, kv: int, queries: torch.Tensor, q_pos, k_pos, sink: int, window: int,
+                reduce: str = "max") -> tuple[torch.Tensor, torch.Tensor]:
+    """What the rule must keep for the `queries` [B, Lq] bool: per key, the attention they pay it from
+    the KV head's group of heads, where it is a candidate (neither sink nor in the query's window: those
+    are kept anyway), reduced over queries and heads by `reduce`: "max" (the most any one of them pays)
+    or "sum" (H2O's accumulated attention). probs [B, Hq, Lq, Lk] -> (need [B, Hkv, Lk], candidate
+    [B, 1, Lk] bool: a candidate for at least one of the queries)."""
+    _, _, cand = regions(q_pos, k_pos, sink, window)  # [1, 1, Lq, Lk]
+    cand = cand & queries[:, None, :, None]
+    paid = torch.where(cand, probs, 0.0).unflatten(1, (kv, -1))
+    need = paid.amax(2).amax(2) if reduce == "max" else paid.sum((2, 3))
+    return need, cand.any(2)
+
+
+def attention_target_loss(log_scores: torch.Tensor, need: torch.Tensor, candidate: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of the scorer's softmax over the candidate keys against the needed attention,
+    normalised per (row, KV head): the keys the answer queries use must outrank the rest."""
+    target = need / need.sum(-1, keepdim=True).clamp_min(1e-12)
+    logp = torch.where(candidate, log_scores, -math.inf).log_softmax(-1)
+    return -torch.where(candidate, target * logp, 0.0).sum(-1).mean()
 
 
 def register() -> None:
@@ -199,7 +242,8 @@ class DMALearning:
     desc, loss_key = "dma learning", "distance"
 
     def __init__(self, model, tokenizer, st, stream, scorer: KeyScorer, budget: Budget, *, seed: int,
-                 relax: str = "st", temperature: float = 1.0, loss: str = "hidden"):
+                 relax: str = "st", temperature: float = 1.0, loss: str = "hidden", general: float = 0.0):
+        self.general = general
         self.model, self.tokenizer, self.st, self.stream, self.scorer = model, tokenizer, st, stream, scorer
         self.budget, self.relax, self.temperature, self.loss = budget, relax, temperature, loss
         self.device = next(model.parameters()).device
@@ -230,6 +274,23 @@ class DMALearning:
             group["lr"] = lr
         x, targets = passkey_batch(self.rng, self.stream, self.tokenizer, st.batch_size, st.seqlen, st.needles)
         x, targets = x.to(self.device), targets.to(self.device)
+        if self.loss == "attention":
+            # the answers' queries, and (weight `general`) every query up to the last answer
+            text = targets.flip(-1).cummax(-1).values.flip(-1)
+            cap = {"queries": {"answer": (targets, "max"), "all": (text, "sum")}, "budget": self.budget}
+            with torch.no_grad(), dynamic(self.model, None, None, capture=cap):
+                self.model.base_model(input_ids=x, use_cache=False)
+            loss = 0.0
+            for layer, (v, needed) in cap["needed"].items():
+                log_scores = self.scorer(layer, v)
+                loss = loss + attention_target_loss(log_scores, *needed["answer"])
+                if self.general:
+                    loss = loss + self.general * attention_target_loss(log_scores, *needed["all"])
+            loss = loss / len(cap["needed"])
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            self.opt.step()
+            return loss.item()
         with torch.no_grad():
             dense = self.model.base_model(input_ids=x, use_cache=False).last_hidden_state[targets]
         with dynamic(self.model, self.scorer, self.budget, self.relax, self.temperature):
@@ -251,7 +312,7 @@ class DMALearning:
 
 
 def train_scorer(model, tokenizer, st, stream, budget: Budget, *, seed: int, store, on_log=None,
-                 relax: str = "st", temperature: float = 1.0, loss: str = "hidden",
+                 relax: str = "st", temperature: float = 1.0, loss: str = "hidden", general: float = 0.0,
                  scorer: KeyScorer | None = None) -> tuple[KeyScorer, list[dict]]:
     """Learn DMA's scorer with every model weight frozen, resuming from `store.latest()`. `st` needs the
     loop's settings (steps, lr, warmup_steps, log_every, checkpoint_every) and batch_size, seqlen,
@@ -260,7 +321,7 @@ def train_scorer(model, tokenizer, st, stream, budget: Budget, *, seed: int, sto
     model.eval()
     scorer = scorer if scorer is not None else KeyScorer.for_model(model, seed=seed)
     method = DMALearning(model, tokenizer, st, stream, scorer, budget, seed=seed, relax=relax,
-                         temperature=temperature, loss=loss)
+                         temperature=temperature, loss=loss, general=general)
     return scorer, train(method, st, stream, store, on_log)
 
 
