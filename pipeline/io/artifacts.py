@@ -236,7 +236,7 @@ def save_artifact(
     brings one computed earlier (a sharded trainer leaves the weights partitioned). `dynamic`: a dynamic
     mask's manifest entry and its scorer's tensors (`DynamicMask.to_json`, `.tensors`)."""
     if not masks and attention is None and dynamic is None:
-        raise MaskpipeError("an artifact needs masks, an attention plan, a dynamic mask or several of them")
+        raise MaskpipeError("an artifact needs masks, an attention plan or both, or a dynamic mask")
     head_print = (attention or (dynamic[0] if dynamic else {})).get("fingerprint")
     pattern = Pattern.parse(pattern) if masks else None
     codec = Codec.best(*pattern) if masks else None
