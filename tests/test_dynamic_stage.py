@@ -46,6 +46,7 @@ def run_dir(tmp_path_factory):
         {"stage": "dynamic", "name": "full-count", "method": "h2o", "keep": 100000},
         {"stage": "oneshot", "name": "nm", "method": "magnitude"},
         {"stage": "dynamic", "name": "nm-snapkv", "method": "snapkv", "keep": 0.5, "masks": "nm", "obs_window": 8},
+        {**DMA, "name": "nm-dma", "masks": "nm", "steps": 2},
         {"stage": "retrieval", "passkey": {"lengths": [96], "samples": 3}},
         {"stage": "eval", "data": ["short"], "seqlen": 64, "batch_size": 4},
     ], short={"sources": [{"path": str(short), "sample_by": "document"}]})
@@ -162,11 +163,19 @@ def test_a_dynamic_artifact_round_trips_and_is_refused_on_another_model(tmp_path
         Session(ModelConfig(**MODEL)).dynamic_of(Variant("a", artifact=path))
 
 
-def test_a_training_free_dynamic_mask_has_no_scorer_and_one_attention_mask_applies_at_a_time(run_dir, tmp_path, capsys):
+def test_a_dynamic_mask_joins_nm_masks_in_one_artifact_or_two_but_applies_alone_among_attention_masks(run_dir, tmp_path, capsys):
     art = run_dir / "artifacts"
     assert not (art / "full-count" / SCORER_FILE).exists() and "scorer" not in read_manifest(art / "full-count")["dynamic"]
     both = read_manifest(art / "nm-snapkv")
     assert both["pattern"] == "2:4" and both["layers"] and both["dynamic"]["method"] == "snapkv"
+    # A scorer learned with the N:M masks on, in one artifact with them; and the same as two artifacts.
+    learned = read_manifest(art / "nm-dma")
+    assert learned["layers"] == read_manifest(art / "nm")["layers"] and (art / "nm-dma" / SCORER_FILE).is_file()
+    res = results(run_dir)
+    assert res["perplexity"]["nm-dma"]["short"]["ppl"] != res["perplexity"]["nm"]["short"]["ppl"]
+    capsys.readouterr()
+    assert main(["apply", *MODEL_FLAGS, "--masks", str(art / "nm"), str(art / "dma")]) in (0, None)
+    assert "with a dynamic attention mask" in capsys.readouterr().out
     assert main(["apply", *MODEL_FLAGS, "--masks", str(art / "dma"), str(art / "full-count")]) == 2
     assert "another attention mask: apply at most one dynamic mask" in capsys.readouterr().err
 
