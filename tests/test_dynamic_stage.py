@@ -157,6 +157,9 @@ def test_a_dynamic_artifact_round_trips_and_is_refused_on_another_model(tmp_path
     (path / MANIFEST_FILE).write_text(json.dumps({**manifest, "dynamic": {**manifest["dynamic"], "shape": [4, 2, 16]}}))
     with pytest.raises(MaskpipeError, match=r"dynamic mask is for layers x KV heads x head_dim \[4, 2, 16\]"):
         Session(ModelConfig(**MODEL)).dynamic_of(Variant("a", artifact=path))
+    (path / MANIFEST_FILE).write_text(json.dumps({**manifest, "attention": {"layers": []}}))
+    with pytest.raises(MaskpipeError, match="carries both an attention plan and a dynamic mask"):
+        Session(ModelConfig(**MODEL)).dynamic_of(Variant("a", artifact=path))
     (path / MANIFEST_FILE).write_text(json.dumps(manifest))
     save_file({"w": torch.zeros(4, 2, 32), "A": torch.zeros(4, 2)}, str(path / SCORER_FILE))
     with pytest.raises(MaskpipeError, match="checksum or shape mismatch"):

@@ -100,6 +100,9 @@ class Session:
             return self._last[1], self._last[2]
         masks, manifest = load_artifact(path)
         check_compatible(manifest, self.linears, str(path), fingerprint=self.fingerprint)
+        if "dynamic" in manifest and "attention" in manifest:  # each replaces the model's attention
+            raise MaskpipeError(f"{path}: carries both an attention plan and a dynamic mask; one attention mask "
+                                "applies at a time")
         if "attention" in manifest:
             check_plan(manifest["attention"], self.model, str(path), fingerprint=self.fingerprint)
         if "dynamic" in manifest:
