@@ -144,8 +144,9 @@ def score(model: nn.Module, tokenizer, samples: list[Sample], desc: str = "retri
     Samples of one requested length decode together, `batch_size` at a time (None: all at once);
     each gets as many new tokens as its answers take plus two, whatever its batch. `decode(model,
     prompts, max_new_tokens, pad_id)` replaces `greedy_decode` (e.g. a dynamic mask's evicting cache)."""
-    decode = decode or greedy_decode
     from tqdm.auto import tqdm
+
+    decode = decode or greedy_decode
 
     pad = pad_id(tokenizer, model)
     budgets = [len(tokenizer(" " + ", ".join(s.answers), add_special_tokens=False).input_ids) + 2 for s in samples]
