@@ -10,11 +10,12 @@ from maskpipe.jobs.quick import _fetch_masks, _model_args, _model_cfg
 
 
 def add(sub) -> None:
-    ap = sub.add_parser("apply", help="check artifacts (N:M masks and/or an attention plan) against a model; "
+    ap = sub.add_parser("apply", help="check artifacts (N:M masks, an attention plan or dynamic mask) against a model; "
                                       "optionally write the masked model")
     _model_args(ap)
     ap.add_argument("--masks", required=True, nargs="+",
-                    help="artifact directories, applied together: each masks its own layers, at most one plan")
+                    help="artifact directories, applied together: each masks its own layers, at most one attention "
+                         "plan or dynamic attention mask")
     ap.add_argument("--out", default=None, help="write a materialized model directory (weights ⊙ mask), in the base "
                                                 "model's dtype unless --dtype says otherwise")
     ap.set_defaults(fn=cmd_apply)

@@ -130,9 +130,8 @@ def dynamic_stage(ctx: StageContext) -> list[Variant]:
     cost = mask.cost(s.model, st.seqlen)
     artifact = save_artifact(
         ctx.run.artifact(st.name), masks, s.linears, base_model=s.base_model_info(), pattern=manifest.get("pattern"),
-        method={"name": f"dynamic-{st.method}", "params": st.model_dump(mode="json", exclude={"stage", "name", "data",
-                                                                                              "masks"}),
-                "seconds": round(seconds, 2), "masks_from": manifest.get("method"),
+        method={"name": f"dynamic-{st.method}", "seconds": round(seconds, 2), "masks_from": manifest.get("method"),
+                "params": st.model_dump(mode="json", exclude={"stage", "name", "data", "masks"}),
                 "final": history[-1] if history else {}},
         data=data_info, metrics={f"at_{st.seqlen}_tokens": cost}, config=cfg.model_dump(mode="json"),
         dynamic=(mask.to_json(s.model, fingerprint=s.fingerprint), mask.tensors()),
