@@ -139,11 +139,14 @@ def exact_match(generated: str, answers: list[str]) -> bool:
 
 
 def score(model: nn.Module, tokenizer, samples: list[Sample], desc: str = "retrieval",
-          batch_size: int | None = None) -> list[dict]:
+          batch_size: int | None = None, decode=None) -> list[dict]:
     """One record per sample: its length, depth, answers, the generation and whether it matched.
     Samples of one requested length decode together, `batch_size` at a time (None: all at once);
-    each gets as many new tokens as its answers take plus two, whatever its batch."""
+    each gets as many new tokens as its answers take plus two, whatever its batch. `decode(model,
+    prompts, max_new_tokens, pad_id)` replaces `greedy_decode` (e.g. a dynamic mask's evicting cache)."""
     from tqdm.auto import tqdm
+
+    decode = decode or greedy_decode
 
     pad = pad_id(tokenizer, model)
     budgets = [len(tokenizer(" " + ", ".join(s.answers), add_special_tokens=False).input_ids) + 2 for s in samples]
@@ -155,7 +158,7 @@ def score(model: nn.Module, tokenizer, samples: list[Sample], desc: str = "retri
     generated: dict[int, list[int]] = {}
     for batch in tqdm(batches, desc=desc, leave=False, disable=None):
         # Greedy decoding is prefix-stable: the batch runs to its longest budget, each sample keeps its own.
-        tokens = greedy_decode(model, [samples[i].ids for i in batch], max(budgets[i] for i in batch), pad)
+        tokens = decode(model, [samples[i].ids for i in batch], max(budgets[i] for i in batch), pad)
         generated |= {i: t[: budgets[i]] for i, t in zip(batch, tokens)}
     records = []
     for i, s in enumerate(samples):

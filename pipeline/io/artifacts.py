@@ -12,7 +12,9 @@ An artifact is a directory:
 
 An artifact may instead, or also, carry a per-head attention plan (manifest key `attention`: per layer
 and KV head its pattern, sink, window and gate, and the fingerprint of the base model's decoder
-linears); an artifact with only a plan has no masks, `pattern` null and `layers` empty.
+linears); an artifact with only a plan has no masks, `pattern` null and `layers` empty. It may also
+carry a dynamic attention mask (manifest key `dynamic`, and for a learned one its scorer's tensors in
+`scorer.safetensors`): the format is `pipeline.attention.dynamic_masks`'s docstring.
 
 It never holds base weights, and it never applies to a model whose fingerprint or shapes differ.
 Format 1 (one bitmap tensor per layer, `packbits-le`, 1 bit per weight) is still read.
@@ -226,13 +228,16 @@ def save_artifact(
     config: dict[str, Any] | None = None,
     soft_logits: dict[str, torch.Tensor] | None = None,
     attention: dict[str, Any] | None = None,
+    dynamic: tuple[dict[str, Any], dict[str, torch.Tensor]] | None = None,
 ) -> Path:
     """Write an artifact atomically. `base_model` holds name_or_path and revision; the fingerprint
     is computed here over exactly the layers the artifact masks, or for a plan alone is the plan's
     (`AttentionPlan.to_json(model)`: the fingerprint of every decoder linear), unless `base_model`
-    brings one computed earlier (a sharded trainer leaves the weights partitioned)."""
-    if not masks and attention is None:
-        raise MaskpipeError("an artifact needs masks, an attention plan or both")
+    brings one computed earlier (a sharded trainer leaves the weights partitioned). `dynamic`: a dynamic
+    mask's manifest entry and its scorer's tensors (`DynamicMask.to_json`, `.tensors`)."""
+    if not masks and attention is None and dynamic is None:
+        raise MaskpipeError("an artifact needs masks, an attention plan or both, or a dynamic mask")
+    head_print = (attention or (dynamic[0] if dynamic else {})).get("fingerprint")
     pattern = Pattern.parse(pattern) if masks else None
     codec = Codec.best(*pattern) if masks else None
     encoded, layers, offset = [], {}, 0
@@ -250,7 +255,7 @@ def save_artifact(
         "maskpipe_version": __version__,
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "base_model": {"fingerprint": base_model.get("fingerprint") or (
-            fingerprint({k: linears[k] for k in masks}) if masks else attention["fingerprint"]), **base_model},
+            fingerprint({k: linears[k] for k in masks}) if masks else head_print), **base_model},
         "pattern": str(pattern) if masks else None,
         "encoding": codec.to_json() if codec else None,
         "layers": layers,
@@ -261,6 +266,8 @@ def save_artifact(
     }
     if attention is not None:
         manifest["attention"] = attention
+    if dynamic is not None:
+        manifest["dynamic"] = dynamic[0]
     if soft_logits is not None:
         manifest["soft"] = {"file": LOGITS_FILE, "dtype": str(next(iter(soft_logits.values())).dtype).split(".")[-1],
                             "candidates": "itertools.combinations(range(M), N) order"}
@@ -269,6 +276,8 @@ def save_artifact(
         save_file({BLOB: torch.from_numpy(blob)}, str(tmp / MASKS_FILE), metadata={"format": FORMAT})
         if soft_logits is not None:
             save_file({k: v.contiguous() for k, v in soft_logits.items()}, str(tmp / LOGITS_FILE))
+        if dynamic is not None and dynamic[1]:
+            save_file(dynamic[1], str(tmp / dynamic[0]["scorer"]["file"]))
         (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))
     return Path(path)
 
@@ -396,6 +405,11 @@ def check_disjoint(manifests: list[tuple[str, dict[str, Any]]]) -> None:
     plans = [source for source, manifest in manifests if "attention" in manifest]
     if len(plans) > 1:
         raise MaskpipeError(f"{plans[0]} and {plans[1]} both carry an attention plan: apply at most one")
+    # One attention implementation runs at a time: a static plan or a dynamic mask, not both.
+    dyn = [source for source, manifest in manifests if "dynamic" in manifest]
+    if dyn and len(plans) + len(dyn) > 1:
+        raise MaskpipeError(f"{dyn[0]} carries a dynamic mask and {(plans + dyn[1:])[0]} another attention mask: "
+                            "apply at most one dynamic mask, without a static plan")
     archs = {source: manifest["base_model"].get("architecture") for source, manifest in manifests}
     if len(set(archs.values()) - {None}) > 1:
         raise MaskpipeError("the artifacts were made for different architectures: "
@@ -404,12 +418,13 @@ def check_disjoint(manifests: list[tuple[str, dict[str, Any]]]) -> None:
 
 @torch.no_grad()
 def materialize(model: nn.Module, tokenizer, linears: dict[str, nn.Linear], masks: dict[str, torch.Tensor],
-                out: str | Path, provenance: dict[str, Any], patterns: dict[str, str]) -> Path:
+                out: str | Path, provenance: dict[str, Any], patterns: dict[str, str],
+                extra: dict[str, Path] | None = None) -> Path:
     """Write a model directory that `transformers` loads, with weights ⊙ mask: plain dense safetensors
     with zeros, not a compressed-tensors checkpoint (no `quantization_config`, so vLLM and llm-compressor
     see an ordinary dense model). `config.json` records the sparsity under `maskpipe_sparsity`
     (`patterns`: layer -> N:M; field names borrowed from compressed-tensors' sparsity config, which no
-    loader reads from there); `maskpipe.json` holds `provenance`.
+    loader reads from there); `maskpipe.json` holds `provenance`; `extra` files are copied in by name.
 
     This multiplies the in-memory weights of `model`: call it on a model loaded for the export."""
     for name, mask in masks.items():
@@ -429,4 +444,6 @@ def materialize(model: nn.Module, tokenizer, linears: dict[str, nn.Linear], mask
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         (tmp / "maskpipe.json").write_text(json.dumps(provenance, indent=2, default=str))
+        for name, src in (extra or {}).items():
+            shutil.copyfile(src, tmp / name)
     return Path(out)

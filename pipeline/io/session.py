@@ -9,7 +9,7 @@ stat, so a rewritten artifact is read anew. `LocalBackend` lets go of those mask
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 from maskpipe.pipeline import MaskpipeError
 from maskpipe.pipeline.io import rundir
 from maskpipe.pipeline.io.artifacts import MANIFEST_FILE, MASKS_FILE, check_compatible, check_disjoint, load_artifact, read_manifest
+from maskpipe.pipeline.attention.dynamic_masks import DynamicMask, check_dynamic
 from maskpipe.pipeline.attention.plans import AttentionPlan, check_plan, planned
 from maskpipe.pipeline.core.schema import ModelConfig
 from maskpipe.pipeline.core.models import base_weight, fingerprint, load_model, load_tokenizer, prunable_linears
@@ -99,8 +100,13 @@ class Session:
             return self._last[1], self._last[2]
         masks, manifest = load_artifact(path)
         check_compatible(manifest, self.linears, str(path), fingerprint=self.fingerprint)
+        if "dynamic" in manifest and "attention" in manifest:  # each replaces the model's attention
+            raise MaskpipeError(f"{path}: carries both an attention plan and a dynamic mask; one attention mask "
+                                "applies at a time")
         if "attention" in manifest:
             check_plan(manifest["attention"], self.model, str(path), fingerprint=self.fingerprint)
+        if "dynamic" in manifest:
+            check_dynamic(manifest["dynamic"], self.model, str(path), fingerprint=self.fingerprint)
         self._last = (key, masks, manifest)  # one artifact's masks at a time: at 7B they are gigabytes
         return masks, manifest
 
@@ -130,10 +136,21 @@ class Session:
     def plan_of(self, variant: Variant) -> AttentionPlan | None:
         return self.contents(variant)[1]
 
+    def dynamic_of(self, variant: Variant) -> DynamicMask | None:
+        """A variant's dynamic attention mask (its scorer read and checksummed), checked against this base model."""
+        if variant.artifact is None:
+            return None
+        manifest = self.load_artifact(variant.artifact)[1]
+        if "dynamic" not in manifest:
+            return None
+        return DynamicMask.from_json(manifest["dynamic"], Path(variant.artifact), str(variant.artifact))
+
     @contextmanager
-    def running(self, variant: Variant):
-        """The model as `variant` describes it (masks, attention plan); the base weights are restored on exit."""
+    def running(self, variant: Variant, dynamic: bool = True):
+        """The model as `variant` describes it (masks, attention plan or dynamic mask: not with `dynamic`
+        False, for a caller that decodes under the mask itself); the base weights are restored on exit."""
         masks, plan = self.contents(variant)  # checked against the base model before its weights are swapped
+        dyn = self.dynamic_of(variant) if dynamic else None
         saved = {}
         try:
             if variant.updated_weights is not None:
@@ -141,7 +158,8 @@ class Session:
                     base = base_weight(self.linears[name])
                     saved[name] = base.detach().clone()
                     base.data.copy_(w)
-            with masked(self.linears, masks), planned(self.model, plan):
+            with masked(self.linears, masks), planned(self.model, plan), \
+                    (dyn.running(self.model) if dyn is not None else nullcontext()):
                 yield self.model
         finally:
             for name, w in saved.items():

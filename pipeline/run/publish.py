@@ -19,6 +19,7 @@ import yaml
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from maskpipe.pipeline import MaskpipeError
+from maskpipe.pipeline.attention.dynamic_masks import SCORER_FILE, DynamicMask, card_lines
 from maskpipe.pipeline.io.artifacts import (
     LOGITS_FILE,
     MANIFEST_FILE,
@@ -69,7 +70,8 @@ SERVING = ("A mask changes no storage format: `maskpipe apply --out` writes the 
            "speed-up exists is PyTorch's semi-structured sparse kernels (`torch.sparse.to_sparse_semi_structured`, "
            "torchao), on GPUs of compute capability 8.0 or newer: `pipeline.nm.sparsity.to_semi_structured` converts "
            "the masked linears of a loaded model. An attention plan needs maskpipe's attention implementation "
-           "(or DuoAttention's own code: `maskpipe export duo-attention`).")
+           "(or DuoAttention's own code: `maskpipe export duo-attention`); so does a dynamic attention mask "
+           "(`pipeline.attention.dynamic_masks`: masked attention, and decoding with a KV cache evicted to its budget).")
 
 
 def _dataset(corpus: str, config: dict[str, Any] | None) -> dict[str, Any]:
@@ -118,7 +120,8 @@ def eval_results(results: Results | None, stage: str, config: dict[str, Any] | N
 
 
 FILES = {MASKS_FILE: "the masks, encoded as the manifest says", MANIFEST_FILE: "format, base model, layers, "
-         "checksums, method, data, config", LOGITS_FILE: "the learned logits (soft state), to seed another mask"}
+         "checksums, method, data, config", LOGITS_FILE: "the learned logits (soft state), to seed another mask",
+         SCORER_FILE: "the dynamic attention mask's learned key scorer (float32 w, A)"}
 
 
 def model_card(manifest: dict[str, Any], results: Results | None, stage: str, *, repo: str | None,
@@ -131,13 +134,16 @@ def model_card(manifest: dict[str, Any], results: Results | None, stage: str, *,
     tags = ["maskpipe", "sparsity", "pruning", *([pattern] if pattern else []), method.get("name", "mask")]
     if "attention" in manifest:
         tags.append("attention-plan")
+    if "dynamic" in manifest:
+        tags.append("dynamic-attention")
     evals = eval_results(results, stage, manifest.get("config"))
     data = ModelCardData(model_name=repo or stage, base_model=base_model if hub_ref(base_model) is not None else None,
                          license=license, tags=tags, library_name="maskpipe",
                          metrics=sorted({e.metric_type for e in evals}) or None, eval_results=evals or None)
-    what = f"a {pattern} sparsity mask" if pattern else "a per-head attention plan"
-    if pattern and "attention" in manifest:
-        what += " and a per-head attention plan"
+    head = "a dynamic attention mask" if "dynamic" in manifest else "a per-head attention plan"
+    what = f"a {pattern} sparsity mask" if pattern else head
+    if pattern and ("attention" in manifest or "dynamic" in manifest):
+        what += f" and {head}"
     revision = base.get("revision") or "none recorded (the default branch, or a local copy)"
     body = [f"# {stage}: {what} for {base_model}", "",
             f"{what[0].upper() + what[1:]} over the frozen weights of `{base_model}`, made with maskpipe "
@@ -155,6 +161,10 @@ def model_card(manifest: dict[str, Any], results: Results | None, stage: str, *,
              "The fingerprint is a sha256 over the names, shapes and bfloat16 bytes of the base weights the artifact "
              "was made for (the masked layers; for a plan, every decoder linear): `maskpipe apply` refuses it on any "
              "other model, or on other shapes, before touching anything."]
+    if "dynamic" in manifest:
+        body += ["", "## Dynamic attention mask", "",
+                 "Each KV head keeps, per query, a budget of keys chosen by score; decoding evicts the rest from "
+                 "the KV cache.", ""] + card_lines(manifest["dynamic"])
     if results is not None:
         body += ["", "## Results", ""] + card_tables(results, stage)
     else:
@@ -226,6 +236,8 @@ def verify(artifact: Path) -> dict[str, Any]:
     checksum, shape and pattern, and the stored logits (if any) readable, one per layer, with the
     shape [out, in/M, C(M,N)] the manifest's layers and pattern imply."""
     _, manifest = load_artifact(artifact)
+    if "dynamic" in manifest:  # its scorer against the checksums the manifest lists
+        DynamicMask.from_json(manifest["dynamic"], artifact, str(artifact))
     if "soft" not in manifest and not (artifact / LOGITS_FILE).exists():
         return manifest
     logits = load_soft_logits(artifact)

@@ -168,10 +168,10 @@ def execute(kind: StageKind, ctx: StageContext) -> StageOutput:
 
 
 def _registry() -> dict[str, StageKind]:
-    from maskpipe.pipeline.stages import attention, eval, learn, lm_eval, oneshot, retrieval
+    from maskpipe.pipeline.stages import attention, dynamic, eval, learn, lm_eval, oneshot, retrieval
 
     # The registry: one line per stage kind.
-    kinds = [oneshot.KIND, learn.KIND, eval.KIND, retrieval.KIND, attention.KIND, lm_eval.KIND]
+    kinds = [oneshot.KIND, learn.KIND, eval.KIND, retrieval.KIND, attention.KIND, dynamic.KIND, lm_eval.KIND]
     return {k.name: k for k in kinds}
 
 

@@ -6,6 +6,7 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
+import torch
 from pydantic import Field, field_validator, model_validator
 
 from maskpipe.pipeline.attention.plans import kv_heads, plan_cost, uniform_plan
@@ -104,13 +105,17 @@ def retrieval_stage(cfg: Config, s: Session, st: RetrievalStage, variants: list[
     longest = max(sample.length for samples, _ in tasks.values() for sample in samples)
     results: dict[str, dict[str, dict]] = {}
     for v in variants:
-        plan = s.plan_of(v) or uniform_plan(kv_heads(s.model)[:2], False, 0, 0)
-        results[v.name] = {"cost": {"length": longest, **plan_cost(plan, longest, *head_geometry(s.model))}}
+        dyn = s.dynamic_of(v)
+        if dyn is not None:  # KV cache of the kept keys only (`DynamicMask.cost`)
+            results[v.name] = {"cost": {"length": longest, **dyn.cost(s.model, longest)}}
+        else:
+            plan = s.plan_of(v) or uniform_plan(kv_heads(s.model)[:2], False, 0, 0)
+            results[v.name] = {"cost": {"length": longest, **plan_cost(plan, longest, *head_geometry(s.model))}}
         records = {}
-        with s.running(v) as model:
+        with s.running(v, dynamic=False) as model:  # a dynamic mask decodes with its own evicting cache
             for task, (samples, by) in tasks.items():
                 records[task] = score(model, s.tokenizer, samples, desc=f"{v.name}/{task}",
-                                      batch_size=st.batch_size)
+                                      batch_size=st.batch_size, decode=None if dyn is None else dynamic_decode(dyn))
                 results[v.name][task] = {**accuracy(records[task]), **accuracy(records[task], by)}
                 log.info("%s: %s %s: exact match %.3f over %d samples", st.name, v.name, task,
                          results[v.name][task]["acc"], len(samples))
@@ -123,6 +128,14 @@ def retrieval_stage(cfg: Config, s: Session, st: RetrievalStage, variants: list[
         if "niah" in summary:
             summary["niah"]["heatmap"] = rundir.relative(root, png)
     return results
+
+
+def dynamic_decode(dyn):
+    """`score`'s decode for a dynamic mask: prompt by prompt (an evicting cache holds unpadded rows)."""
+    def decode(model, prompts: list[list[int]], max_new_tokens: int, pad_id: int) -> list[list[int]]:
+        device = next(model.parameters()).device
+        return [dyn.decode(model, torch.tensor([p], device=device), max_new_tokens)[0].tolist() for p in prompts]
+    return decode
 
 
 class Retrieval(Evaluates):

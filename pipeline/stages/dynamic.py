@@ -1,0 +1,176 @@
+"""`dynamic`: a content-aware dynamic attention mask (keys kept per KV head by score): DMA's learned key
+scorer, or a training-free source at the same budget (H2O, SnapKV, key norm, random, the oracle).
+
+The stage writes an artifact whose manifest carries the mask (`pipeline.attention.dynamic_masks`: method,
+budget, and a learned scorer's tensors in `scorer.safetensors`), with the N:M masks of `masks:` if given;
+`eval` and `retrieval` run it as any other variant. Learning runs the one training loop
+(`pipeline.train.loop`, via `dynamic.train_scorer`) and resumes from its checkpoints exactly.
+
+Placement: one device (in process, or one Ray task), learned or not. DMA's step (`DMALearning`) is
+one process, so learning is not data-parallel over `workers.num_workers` as gate learning is.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from maskpipe.pipeline import MaskpipeError
+from maskpipe.pipeline.attention.dynamic import KeyScorer, train_scorer
+from maskpipe.pipeline.attention.dynamic_masks import DynamicMask
+from maskpipe.pipeline.attention.kv_scores import Budget
+from maskpipe.pipeline.core.schema import (
+    BatchSize,
+    CheckpointEvery,
+    KeepCheckpoints,
+    LearningRate,
+    LoopSettings,
+    SeqLen,
+    Steps,
+)
+from maskpipe.pipeline.io.artifacts import read_manifest, save_artifact
+from maskpipe.pipeline.io.data import TokenStream
+from maskpipe.pipeline.io.session import Variant
+from maskpipe.pipeline.stages import Placement, Ref, StageContext, StageKind, StageOutput
+
+if TYPE_CHECKING:  # the run-level schema imports this module through the stage registry
+    from maskpipe.pipeline.config import Config
+
+log = logging.getLogger("maskpipe")
+
+
+class DynamicStage(LoopSettings):
+    """A dynamic attention mask: per KV head and query, `sink` first keys + `window` recent keys + the
+    best-scored others, `keep` in all (a fraction of the keys, or a count). `learned` trains DMA's key
+    scorer over the frozen model (the loop settings below); the other methods train nothing."""
+
+    stage: Literal["dynamic"]
+    method: Literal["learned", "h2o", "snapkv", "key-norm", "random", "oracle"] = "learned"
+    keep: float | int = 0.25  # a float in (0, 1]: fraction of the keys; an int >= 1: keys per KV head
+    sink: int = Field(default=4, ge=0)
+    window: int = Field(default=32, gt=0)  # recent keys, the query's own included
+    seed: int | None = None  # random: the draw; learned: the scorer's init (both default to the config's seed)
+    obs_window: int = Field(default=32, gt=0)  # snapkv: queries that vote
+    kernel: int = Field(default=7, gt=0)  # snapkv: pooling width along keys (odd)
+    pool: Literal["max", "avg"] = "max"  # snapkv
+    masks: str | None = None  # an earlier N:M stage: its masks stay on while learning and join the artifact
+    data: str | None = None  # learned: haystack corpus of the synthetic passkey samples
+    steps: Steps = 100
+    batch_size: BatchSize = 4
+    seqlen: SeqLen = 512
+    needles: int = Field(default=2, gt=0)  # passkeys per sample
+    lr: LearningRate = 0.2
+    relax: Literal["st", "sigmoid"] = "st"  # straight-through hard top-k, or the sigmoid relaxation
+    loss: Literal["hidden", "kl"] = "hidden"  # distance to the dense model on the answer positions
+    temperature: float = Field(default=1.0, gt=0)  # of the relaxation
+    checkpoint_every: CheckpointEvery = 50
+    keep_checkpoints: KeepCheckpoints = 2
+
+    @field_validator("keep")
+    @classmethod
+    def _keep(cls, v: float | int) -> float | int:
+        if isinstance(v, float) and not 0 < v <= 1:
+            raise ValueError(f"a fraction of the keys must be in (0, 1], got {v}")
+        if isinstance(v, int) and v < 1:
+            raise ValueError(f"a count of keys must be >= 1, got {v}")
+        return v
+
+    @field_validator("kernel")
+    @classmethod
+    def _odd(cls, v: int) -> int:
+        if v % 2 == 0:
+            raise ValueError(f"expected an odd pooling width (a key's neighbours on both sides), got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _checks(self) -> DynamicStage:
+        if self.method == "learned" and self.data is None:
+            raise ValueError("data: learning a key scorer needs a haystack corpus")
+        return self
+
+    @property
+    def budget(self) -> Budget:
+        return Budget(**({"fraction": float(self.keep)} if isinstance(self.keep, float) else {"keys": self.keep}),
+                      sink=self.sink, window=self.window)
+
+
+def dynamic_stage(ctx: StageContext) -> list[Variant]:
+    """The stage's mask (learned from `ctx.store`'s latest checkpoint on, or training-free), written as
+    an artifact with the N:M masks of `st.masks`."""
+    cfg: Config = ctx.cfg
+    s, st, variants = ctx.session, ctx.st, ctx.variants
+    seed = cfg.seed if st.seed is None else st.seed
+    base = variants[st.masks] if st.masks else Variant("dense")
+    if base.updated_weights is not None:
+        raise MaskpipeError(f"{st.name}: masks: {st.masks} updated its weights; an artifact carries masks over "
+                            "frozen weights only")
+    masks, manifest = ({}, {}) if base.artifact is None else s.load_artifact(base.artifact)
+    if "attention" in manifest or "dynamic" in manifest:
+        raise MaskpipeError(f"{st.name}: masks: {st.masks} carries an attention mask; a dynamic mask joins N:M masks only")
+    scorer, history, data_info = None, [], {}
+    t0 = time.perf_counter()
+    if st.method == "learned":
+        stream = TokenStream(cfg.data[st.data], s.tokenizer, st.seqlen, cfg.seed)
+        data_info = {"corpus": st.data, "sources": [x.path for x in cfg.data[st.data].sources],
+                     "tokens": st.steps * st.batch_size * st.seqlen}
+        log.info("%s: learning a key scorer (keep %s, sink %d, window %d), %d steps", st.name, st.keep, st.sink,
+                 st.window, st.steps)
+        with s.running(base):
+            scorer, history = train_scorer(s.model, s.tokenizer, st, stream, st.budget, seed=seed, store=ctx.store,
+                                           on_log=ctx.on_log, relax=st.relax, temperature=st.temperature,
+                                           loss=st.loss, scorer=KeyScorer.for_model(s.model, seed=seed))
+    params = {"seed": seed} if st.method == "random" else (
+        {"obs_window": st.obs_window, "kernel": st.kernel, "pool": st.pool} if st.method == "snapkv" else {})
+    mask = DynamicMask(st.method, st.budget, params, scorer)
+    seconds = time.perf_counter() - t0
+    cost = mask.cost(s.model, st.seqlen)
+    artifact = save_artifact(
+        ctx.run.artifact(st.name), masks, s.linears, base_model=s.base_model_info(), pattern=manifest.get("pattern"),
+        method={"name": f"dynamic-{st.method}", "seconds": round(seconds, 2), "masks_from": manifest.get("method"),
+                "params": st.model_dump(mode="json", exclude={"stage", "name", "data", "masks"}),
+                "final": history[-1] if history else {}},
+        data=data_info, metrics={f"at_{st.seqlen}_tokens": cost}, config=cfg.model_dump(mode="json"),
+        dynamic=(mask.to_json(s.model, fingerprint=s.fingerprint), mask.tensors()),
+    )
+    log.info("%s: %s; KV cache %.0f%% of dense at %d tokens; artifact %s", st.name, mask.describe(),
+             100 * cost["kv_cache_fraction"], st.seqlen, artifact)
+    return [dynamic_variant(st, artifact)]
+
+
+def dynamic_variant(st: DynamicStage, artifact: Path) -> Variant:
+    """A dynamic stage's row, read back from its artifact."""
+    manifest = read_manifest(artifact)
+    dyn, method = manifest["dynamic"], manifest["method"]
+    scorer = dyn.get("scorer") or {}
+    info = {"method": method["name"], "keep": st.keep, "sink": st.sink, "window": st.window,
+            "seconds": method["seconds"], "tokens": manifest["data"].get("tokens", 0), "prior": st.masks,
+            "scorer_parameters": scorer.get("parameters", 0), "scorer_fraction": scorer.get("fraction", 0.0)}
+    return Variant(st.name, artifact=artifact, info=info)
+
+
+class Dynamic(StageKind):
+    """One device, learned or not (see the module's docstring)."""
+
+    name, config, placement, trains = "dynamic", DynamicStage, Placement.DEVICE, True
+
+    def reads(self, st: DynamicStage) -> list[Ref]:
+        return [Ref("masks", st.masks, ("oneshot", "learn"))] if st.masks is not None else []
+
+    def corpora(self, st: DynamicStage) -> dict[str, str]:
+        return {"data": st.data} if st.method == "learned" and st.data is not None else {}
+
+    def lengths(self, st: DynamicStage) -> dict[str, int]:
+        return {"seqlen": st.seqlen}
+
+    def run(self, ctx: StageContext) -> StageOutput:
+        return StageOutput(dynamic_stage(ctx))
+
+    def collect(self, ctx: StageContext) -> StageOutput:
+        return StageOutput([dynamic_variant(ctx.st, ctx.run.artifact(ctx.st.name))])
+
+
+KIND = Dynamic()
