@@ -58,24 +58,25 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default=MICRO, help="a model directory (default: micro-llama)")
     ap.add_argument("--steps", type=int, default=40)
-    ap.add_argument("--lr", type=float, default=0.2)
+    ap.add_argument("--lr", type=float, default=0.1)
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--needles", type=int, default=2)
     ap.add_argument("--relax", default="st")
-    ap.add_argument("--loss", default="hidden")
+    ap.add_argument("--loss", default="attention")
     ap.add_argument("--fraction", type=float, default=0.25)
     ap.add_argument("--keys", type=int, help="a count budget per KV head instead of --fraction (e.g. all-streaming's)")
     ap.add_argument("--sink", type=int, default=4)
-    ap.add_argument("--window", type=int, default=32)
+    ap.add_argument("--window", type=int, help="recent keys (default: half the budget)")
     ap.add_argument("--lengths", default="768", help="comma-separated prompt lengths")
     ap.add_argument("--samples", type=int, default=30)
     ap.add_argument("--haystacks", default="filler,kjv")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--mix-heads", action="store_true", help="DMA's dt_proj: scores from every KV head's values")
+    ap.add_argument("--per-head", action="store_true", help="score each KV head from its own values only "
+                    "(default: DMA's dt_proj, from every KV head's values)")
     ap.add_argument("--scorer", help="a .safetensors file: load the scorer from it if it exists (no training), "
                     "else save the trained one there")
-    ap.add_argument("--general", type=float, default=0.0, help="weight of every query's attention target")
+    ap.add_argument("--general", type=float, default=1.0, help="weight of every query's attention target")
     ap.add_argument("--ppl-windows", type=int, default=0, help="also perplexity over this many kjv.valid windows")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -88,16 +89,18 @@ def main() -> None:
     data = DataConfig.model_validate({"sources": [str(CORPORA / "kjv.train.txt")], "shuffle_buffer": 8})
     st = SimpleNamespace(steps=args.steps, lr=args.lr, warmup_steps=max(args.steps // 10, 1), log_every=5,
                          checkpoint_every=10**9, batch_size=args.batch_size, seqlen=args.seqlen, needles=args.needles)
-    init = KeyScorer.for_model(model, seed=0, mix_heads=args.mix_heads)
+    mix = not args.per_head
+    init = KeyScorer.for_model(model, seed=0, mix_heads=mix)
     if args.scorer and Path(args.scorer).exists():
-        scorer, history = KeyScorer.for_model(model, seed=0, mix_heads=args.mix_heads), []
+        scorer, history = KeyScorer.for_model(model, seed=0, mix_heads=mix), []
         scorer.load_state_dict(load_file(args.scorer))
         args.steps = 0
-    with tempfile.TemporaryDirectory() as tmp:
-      if args.steps:
-        scorer, history = train_scorer(model, tok, st, TokenStream(data, tok, args.seqlen, seed=0), budget, seed=0,
-                                       store=CheckpointDir(Path(tmp) / "ckpt", keep=1), relax=args.relax,
-                                       loss=args.loss, general=args.general, scorer=KeyScorer.for_model(model, seed=0, mix_heads=args.mix_heads))
+    if args.steps:
+        with tempfile.TemporaryDirectory() as tmp:
+            scorer, history = train_scorer(model, tok, st, TokenStream(data, tok, args.seqlen, seed=0), budget,
+                                           seed=0, store=CheckpointDir(Path(tmp) / "ckpt", keep=1), relax=args.relax,
+                                           loss=args.loss, general=args.general,
+                                           scorer=KeyScorer.for_model(model, seed=0, mix_heads=mix))
         if args.scorer:
             save_file({k: v.detach().contiguous() for k, v in scorer.state_dict().items()}, args.scorer)
     train_s = time.perf_counter() - t0
@@ -143,7 +146,7 @@ def main() -> None:
                 hits[name] = hits.get(name, 0) + exact_match(text, s.answers)
         print(f"\n{Path(args.model).name}: passkey, {hay} haystack, {length} tokens (prompts {min(len(s.ids) for s in samples)}-"
               f"{max(len(s.ids) for s in samples)}), budget {f'{args.fraction:.0%} of each prompt' if not args.keys else 'a count'} ({budget.count(length)} "
-              f"keys per KV head at {length}; sink {args.sink}, window {args.window}), {len(samples)} samples, "
+              f"keys per KV head at {length}; sink, window, top-k {budget.resolve(length)}), {len(samples)} samples, "
               f"{time.perf_counter() - t1:.0f} s")
         for name, h in hits.items():
             print(f"  {name:12s} {h / len(samples):.2f}")

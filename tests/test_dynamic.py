@@ -85,6 +85,25 @@ def test_scorer_is_dmas_formula_and_tiny():
         assert frac < 1e-3, (path.name, n, frac)
 
 
+def test_dmas_mixed_form_reads_every_kv_heads_values_and_is_the_per_head_one_without_cross_weights():
+    own = KeyScorer(layers=2, kv=3, head_dim=4, seed=1)
+    mixed = KeyScorer(layers=2, kv=3, head_dim=4, seed=2, mix_heads=True)
+    assert mixed.w.shape == (2, 3, 3, 4)
+    v = torch.randn(2, 3, 5, 4)
+    with torch.no_grad():
+        mixed.w.zero_()
+        mixed.w[:, torch.arange(3), torch.arange(3)] = own.w
+    assert torch.allclose(mixed(1, v), own(1, v), atol=1e-6)
+    with torch.no_grad():
+        mixed.w[1, 0, 2] += 1.0  # head 0's score now moves with head 2's values
+    v2 = v.clone()
+    v2[:, 2] += 1.0
+    assert not torch.allclose(mixed(1, v2)[:, 0], mixed(1, v)[:, 0])
+    micro = load_model(_cfg(MICRO))
+    n, frac = param_fraction(KeyScorer.for_model(micro, mix_heads=True), micro)
+    assert n == 4 * 2 * (2 * 32 + 1) and frac < 1e-3
+
+
 def test_kept_mask_is_the_rule_with_ties_and_counts():
     g = torch.Generator().manual_seed(0)
     L, sink, window, k = 40, 3, 5, 7
@@ -128,6 +147,8 @@ def test_budget_resolution():
     assert Budget(fraction=0.25, sink=4, window=32).resolve(768) == (4, 32, 156)
     assert Budget(keys=10, sink=4, window=32).resolve(100) == (0, 10, 0)  # window first, then sink
     assert Budget(fraction=1.0).count(57) == 57 and Budget(fraction=0.5).fixed(100).keys == 50
+    assert Budget(fraction=0.25).resolve(512) == (4, 64, 60)  # no window: half the budget (H2O's split)
+    assert Budget(keys=72, sink=8).resolve(512) == (8, 36, 28) and Budget(keys=1).resolve(9) == (0, 1, 0)
     with pytest.raises(ValueError):
         Budget(keys=3, fraction=0.1)
     with pytest.raises(ValueError):
@@ -365,6 +386,10 @@ def test_needed_keys_are_the_answer_queries_most_attended_candidates():
     assert need.shape == (1, 1, 6) and cand.shape == (1, 1, 6)
     assert cand[0, 0].tolist() == [False, True, True, True, False, False]
     assert torch.allclose(need[0, 0], torch.tensor([0, 0.7, 0.4, 0, 0, 0]))
+    probs[0, 1, 5, 1] = 0.2  # a second look at key 1: "sum" accumulates it, "max" keeps the larger
+    need, _ = needed_keys(probs, 1, queries, pos, pos, sink=1, window=2, reduce="sum")
+    assert torch.allclose(need[0, 0], torch.tensor([0, 0.9, 0.4, 0, 0, 0]))
+    assert torch.allclose(needed_keys(probs, 1, queries, pos, pos, 1, 2)[0][0, 0, 1], torch.tensor(0.7))
 
 
 def test_attention_target_loss_prefers_scores_that_rank_the_needed_keys_first():

@@ -26,8 +26,9 @@ Artifact format (manifest key `dynamic`, beside an artifact's N:M masks; `pipeli
   fingerprint  `core.models.fingerprint` of the base model's decoder linears (as an attention plan's)
   scorer       learned only: {"file": "scorer.safetensors", "parameters": n, "fraction": n / model params,
                "tensors": {name: {"shape", "dtype", "sha256" of the tensor's raw bytes}}}
-The scorer file (learned only) is a safetensors file of float32 `w` [layers, kv_heads, head_dim] and
-`A` [layers, kv_heads], `KeyScorer`'s parameters. A mask made for another base model is refused: shape
+The scorer file (learned only) is a safetensors file of float32 `w` and `A` [layers, kv_heads],
+`KeyScorer`'s parameters: `w` is [layers, kv_heads, kv_heads, head_dim] in DMA's form (each head scored
+from every KV head's values) or [layers, kv_heads, head_dim] (each head from its own). A mask made for another base model is refused: shape
 first, then the fingerprint.
 """
 
@@ -170,7 +171,7 @@ class DynamicMask:
     def describe(self) -> str:
         b = self.budget
         keep = f"{b.fraction:.0%} of the keys" if b.fraction is not None else f"{b.keys} keys"
-        return f"dynamic {self.method}: {keep} per KV head (sink {b.sink}, window {b.window})"
+        return f"dynamic {self.method}: {keep} per KV head (sink {b.sink}, window {window_text(b.window)})"
 
 
 def _read_scorer(obj: dict[str, Any], folder: Path | None, source: str) -> KeyScorer:
@@ -189,7 +190,7 @@ def _read_scorer(obj: dict[str, Any], folder: Path | None, source: str) -> KeySc
     for name, t in tensors.items():
         if list(t.shape) != listed[name]["shape"] or _sha256(t) != listed[name]["sha256"]:
             raise MaskpipeError(f"{path}: {name}: checksum or shape mismatch (corrupted artifact)")
-    scorer = KeyScorer(*shape)
+    scorer = KeyScorer(*shape, mix_heads=tensors["w"].dim() == 4)  # [L, H, H, D]: DMA's dt_proj form
     try:
         scorer.load_state_dict({k: t.float() for k, t in tensors.items()})
     except RuntimeError as e:
@@ -210,12 +211,17 @@ def check_dynamic(obj: dict[str, Any], model: nn.Module, source: str, fingerprin
                             f"{obj.get('fingerprint')}, this model is {mine}")
 
 
+def window_text(window: int | None) -> str:
+    return "half the budget" if window is None else str(window)
+
+
 def card_lines(obj: dict[str, Any]) -> list[str]:
     """What a model card says of an artifact's dynamic mask: method, budget, scorer size."""
     b = obj["budget"]
     keep = f"{b['fraction']:.0%} of the keys" if b.get("fraction") is not None else f"{b['keys']} keys"
     lines = [f"- method: `{obj['method']}`",
-             f"- budget: {keep} per KV head and query (sink {b['sink']}, window {b['window']}, the rest top-k by score)"]
+             f"- budget: {keep} per KV head and query (sink {b['sink']}, window {window_text(b['window'])}, "
+             "the rest top-k by score)"]
     s = obj.get("scorer")
     lines.append(f"- scorer: {s['parameters']:,} parameters ({100 * s['fraction']:.4f}% of the model), in "
                  f"`{s['file']}`" if s else "- scorer: none (training-free: no parameters)")

@@ -38,17 +38,19 @@ import torch.nn.functional as F
 class Budget:
     """Keys kept per KV head and query: `keys` (a count) or `fraction` of the keys in the forward
     (resolved per call against the key length; decoding resolves it once against the prompt), split as
-    `sink` + `window` + top-k. window >= 1: a query always sees its own key."""
+    `sink` + `window` + top-k. window >= 1: a query always sees its own key. window None is half the
+    budget, H2O's even split between recent keys and the best-scored ones: a fixed window of 32 of 128
+    kept keys cost DMA 2.5% perplexity on micro-llama against 1.5% for 64 (docs/RESULTS.md)."""
 
     keys: int | None = None
     fraction: float | None = None
     sink: int = 4
-    window: int = 32
+    window: int | None = None
 
     def __post_init__(self):
         if (self.keys is None) == (self.fraction is None):
             raise ValueError("Budget: give exactly one of keys or fraction")
-        if self.window < 1 or self.sink < 0:
+        if (self.window is not None and self.window < 1) or self.sink < 0:
             raise ValueError(f"Budget: window must be >= 1 and sink >= 0, got {self.window}, {self.sink}")
 
     def count(self, length: int) -> int:
@@ -57,7 +59,7 @@ class Budget:
     def resolve(self, length: int) -> tuple[int, int, int]:
         """(sink, window, k) for `length` keys: the sink and then the window shrink to fit the budget."""
         total = self.count(length)
-        window = min(self.window, total)
+        window = min(self.window if self.window is not None else max(total // 2, 1), total)
         sink = min(self.sink, total - window)
         return sink, window, total - sink - window
 
