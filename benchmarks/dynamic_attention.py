@@ -72,8 +72,9 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=30)
     ap.add_argument("--haystacks", default="filler,kjv")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--per-head", action="store_true", help="score each KV head from its own values only "
-                    "(default: DMA's dt_proj, from every KV head's values)")
+    ap.add_argument("--mix-heads", choices=["auto", "yes", "no"], default="auto",
+                    help="DMA's dt_proj (each KV head scored from every KV head's values), or each from its own; "
+                    "auto: mixed where it costs under 0.1%% of the model")
     ap.add_argument("--scorer", help="a .safetensors file: load the scorer from it if it exists (no training), "
                     "else save the trained one there")
     ap.add_argument("--general", type=float, default=1.0, help="weight of every query's attention target")
@@ -89,7 +90,7 @@ def main() -> None:
     data = DataConfig.model_validate({"sources": [str(CORPORA / "kjv.train.txt")], "shuffle_buffer": 8})
     st = SimpleNamespace(steps=args.steps, lr=args.lr, warmup_steps=max(args.steps // 10, 1), log_every=5,
                          checkpoint_every=10**9, batch_size=args.batch_size, seqlen=args.seqlen, needles=args.needles)
-    mix = not args.per_head
+    mix = {"auto": None, "yes": True, "no": False}[args.mix_heads]
     init = KeyScorer.for_model(model, seed=0, mix_heads=mix)
     if args.scorer and Path(args.scorer).exists():
         scorer, history = KeyScorer.for_model(model, seed=0, mix_heads=mix), []

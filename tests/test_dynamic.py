@@ -79,10 +79,13 @@ def test_scorer_is_dmas_formula_and_tiny():
     assert torch.allclose(s(1, v).exp(), dt, atol=1e-6)  # log score = A · softplus(v · w_dt)
     for path in (MICRO, TINY):
         model = load_model(_cfg(path))
-        n, frac = param_fraction(KeyScorer.for_model(model), model)
+        n, frac = param_fraction(KeyScorer.for_model(model, mix_heads=False), model)
         c = model.config
         assert n == c.num_hidden_layers * c.num_key_value_heads * (c.head_dim + 1)
         assert frac < 1e-3, (path.name, n, frac)
+        # by default DMA's mixed form where it stays under 0.1% of the model: micro-llama, not tiny-llama
+        auto = KeyScorer.for_model(model)
+        assert auto.w.dim() == (4 if path == MICRO else 3) and param_fraction(auto, model)[1] < 1e-3
 
 
 def test_dmas_mixed_form_reads_every_kv_heads_values_and_is_the_per_head_one_without_cross_weights():

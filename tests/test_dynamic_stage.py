@@ -188,7 +188,8 @@ def test_apply_and_publish_know_the_scorer(run_dir, tmp_path, capsys):
     capsys.readouterr()
     assert main(["apply", *MODEL_FLAGS, "--masks", str(art / "dma"), "--out", str(tmp_path / "applied")]) in (0, None)
     out = capsys.readouterr().out
-    assert "dynamic learned: 25% of the keys per KV head (sink 2, window 8)" in out and "264 parameters" in out
+    # DMA's mixed form: 4 layers x 2 KV heads x (2 x 32 + 1)
+    assert "dynamic learned: 25% of the keys per KV head (sink 2, window 8)" in out and "520 parameters" in out
     assert (tmp_path / "applied" / SCORER_FILE).is_file()
     assert json.loads((tmp_path / "applied" / "maskpipe.json").read_text())["dynamic"]["method"] == "learned"
 
@@ -196,7 +197,7 @@ def test_apply_and_publish_know_the_scorer(run_dir, tmp_path, capsys):
     card = (tmp_path / "pub" / "README.md").read_text()
     assert "## Dynamic attention mask" in card and "- method: `learned`" in card
     assert "25% of the keys per KV head and query (sink 2, window 8" in card
-    assert "264 parameters (" in card and "dynamic-attention" in card and f"`{SCORER_FILE}`" in card
+    assert "520 parameters (" in card and "dynamic-attention" in card and f"`{SCORER_FILE}`" in card
     assert (tmp_path / "pub" / SCORER_FILE).read_bytes() == (art / "dma" / SCORER_FILE).read_bytes()
     (tmp_path / "pub" / SCORER_FILE).write_bytes(b"not safetensors")
     capsys.readouterr()

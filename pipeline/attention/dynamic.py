@@ -45,6 +45,7 @@ from maskpipe.pipeline.attention.plans import attention_modules, kv_heads
 from maskpipe.pipeline.train.loop import train
 
 IMPLEMENTATION = "maskpipe_dynamic"
+MAX_FRACTION = 1e-3  # what a learned scorer may cost, as a share of the model's parameters
 
 
 class KeyScorer(nn.Module):
@@ -64,11 +65,16 @@ class KeyScorer(nn.Module):
         self.A = nn.Parameter(torch.full((layers, kv), a_init))
 
     @classmethod
-    def for_model(cls, model: nn.Module, **kw) -> KeyScorer:
+    def for_model(cls, model: nn.Module, mix_heads: bool | None = None, **kw) -> KeyScorer:
+        """mix_heads None: DMA's mixed form where it costs under MAX_FRACTION of the model's parameters
+        (any real LLM: 0.06% for LLaMA-2-7B's 32 KV heads), else each head from its own values (a toy
+        model with many heads: 0.17% mixed for tiny-llama's 8 heads of 32 in 7.2M parameters)."""
         c = model.config.get_text_config()
         head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
         layers, kv, _ = kv_heads(model)
-        return cls(layers, kv, head_dim, **kw).to(next(model.parameters()).device)
+        if mix_heads is None:
+            mix_heads = layers * kv * (kv * head_dim + 1) < MAX_FRACTION * sum(p.numel() for p in model.parameters())
+        return cls(layers, kv, head_dim, mix_heads=mix_heads, **kw).to(next(model.parameters()).device)
 
     def forward(self, layer: int, value: torch.Tensor) -> torch.Tensor:
         """Log-scores [B, Hkv, L] of values [B, Hkv, L, D] (elementwise, so a key's score does not depend

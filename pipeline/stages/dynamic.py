@@ -70,7 +70,9 @@ class DynamicStage(LoopSettings):
     # 1.00 on micro-llama, docs/RESULTS.md)
     loss: Literal["attention", "hidden", "kl"] = "attention"
     general: float = Field(default=1.0, ge=0)  # attention: weight of every query's accumulated attention (H2O's)
-    mix_heads: bool = True  # DMA's dt_proj: each KV head scored from every KV head's values
+    # DMA's dt_proj, each KV head scored from every KV head's values; default: where that costs under
+    # 0.1% of the model's parameters (`dynamic.KeyScorer.for_model`), else each head from its own
+    mix_heads: bool | None = None
     relax: Literal["st", "sigmoid"] = "st"  # hidden/kl: straight-through hard top-k, or the sigmoid relaxation
     temperature: float = Field(default=1.0, gt=0)  # hidden/kl: of the relaxation
     checkpoint_every: CheckpointEvery = 50
