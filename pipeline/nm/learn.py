@@ -39,6 +39,7 @@ def nm_candidates(n: int, m: int) -> torch.Tensor:
 
 # The largest float32 below PROB_FLOOR: `threshold_(p, BELOW_FLOOR, 0)` zeroes exactly the p < PROB_FLOOR.
 BELOW_FLOOR = torch.nextafter(torch.tensor(PROB_FLOOR), torch.tensor(0.0)).item()
+EXP_FLOOR = -80.0  # exp(−80) ≈ 1.8e-35: a normal float32, and far below PROB_FLOOR (≈ exp(−27.6))
 PROFILE_RANGES = False  # benchmarks/learn_step.py names the soft mask's parts in its profiles
 
 
@@ -59,7 +60,9 @@ def gumbel_softmax(logits: torch.Tensor, gumbel: torch.Tensor, tau: float, kappa
     Written out in whole-tensor ops: ATen's softmax over a last dim of 6 runs row by row, ~15x slower."""
     scores = gumbel.add_(logits * kappa).div_(tau)
     scores -= scores.amax(-1, keepdim=True)
-    probs = scores.exp_()
+    # exp of x < −87 (a float32 subnormal or 0) takes x86's slow path, ~30-70x slower: late in the anneal
+    # most candidates are there. Below EXP_FLOOR p < PROB_FLOOR and is floored anyway: the same probs.
+    probs = scores.clamp_min_(EXP_FLOOR).exp_()
     probs /= probs.sum(-1, keepdim=True)
     # As tau anneals, the losing candidates' probabilities underflow into float32 subnormals, and
     # x86 matmuls with subnormal operands run ~100x slower (the last steps of a run took 15x the
