@@ -11,8 +11,10 @@ Independent parts, each timed; a part that raises is recorded as `failed: <reaso
                    at 256/512/768 tokens), beside the CPU figures of docs/RESULTS.md (68.13, 0.95)
   learn_step       a learned 2:4 mask step (Gumbel masks, fp32 logits, bf16 autocast) vs a dense bf16
                    forward+backward with weight gradients and AdamW, on a randomly initialised LLaMA of
-                   TinyLlama-1.1B's shape, 4 × 2048 tokens: tokens/s, ratio, and the mask step's peak
-                   `torch.cuda.max_memory_allocated` against `pipeline.train.plan.memory_plan`
+                   TinyLlama-1.1B's shape, 4 × 2048 tokens: tokens/s and ratio at the first, middle and
+                   last step of the anneal, a profile of each by category (`benchmarks/learn_step.py`'s,
+                   CUDA time), and the mask step's peak `torch.cuda.max_memory_allocated` against
+                   `pipeline.train.plan.memory_plan`
   strategies       `train_masks` on tiny-llama, 8 steps, with strategy none, fsdp (whole load), fsdp
                    loaded from meta (each rank reads its rows), deepspeed ZeRO-3: world size 1 in an
                    NCCL process group; every mask against strategy none's
@@ -160,7 +162,8 @@ def part_stages(ctx: Context) -> dict:
 
 
 def part_learn_step(ctx: Context) -> dict:
-    from maskpipe.pipeline.nm.learn import add_learned_masks
+    from learn_step import CATEGORIES, SPREAD, anneal_points, breakdown
+    from maskpipe.pipeline.nm import learn
     from maskpipe.pipeline.core.models import prunable_linears
     from maskpipe.pipeline.train.plan import CUDA_RESERVE, GiB, memory_plan, model_shape
 
@@ -173,6 +176,19 @@ def part_learn_step(ctx: Context) -> dict:
     tokens = batch * seqlen
     cuda = ctx.device.type == "cuda"
 
+    def profiled(fn) -> dict:
+        """Milliseconds of one step by category (learn_step.py's), device time on CUDA."""
+        from torch.profiler import ProfilerActivity, profile
+
+        learn.PROFILE_RANGES = True
+        try:
+            with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+                fn()
+                ctx.sync()
+        finally:
+            learn.PROFILE_RANGES = False
+        return breakdown(prof.events(), device=cuda)
+
     weights = [lin.weight for lin in linears.values()]
     for w in weights:
         w.requires_grad_(True)
@@ -184,20 +200,21 @@ def part_learn_step(ctx: Context) -> dict:
         dense_opt.step()
 
     dense = ctx.timed(dense_step, repeats)
+    profiles = {"dense": profiled(dense_step)}
     for w in weights:
         w.requires_grad_(False)
         w.grad = None
-    del dense_opt
+    dense_opt.state.clear()
     gc.collect()
     if cuda:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
 
-    mods = add_learned_masks(linears, 2, 4, torch.Generator().manual_seed(0))
+    mods = learn.add_learned_masks(linears, 2, 4, torch.Generator().manual_seed(0))
     for mod in mods.values():
         mod.train()
         mod.lam = 1e-5
-    mask_opt = torch.optim.AdamW([mod.logits for mod in mods.values()], lr=1e-3)
+    mask_opt = torch.optim.AdamW([mod.logits for mod in mods.values()], lr=1e-5)
     draws = iter(range(10**9))
 
     def mask_step():  # what train_masks does per micro-batch: new noise, bf16 autocast on CUDA
@@ -209,24 +226,43 @@ def part_learn_step(ctx: Context) -> dict:
         loss.backward()
         mask_opt.step()
 
-    learned = ctx.timed(mask_step, repeats)
+    # the first, middle and last step of the default anneal, logits spread as a run leaves them
+    learned, gen = {}, torch.Generator().manual_seed(1)
+    for point, (tau, kappa) in anneal_points().items():
+        with torch.no_grad():
+            for mod in mods.values():
+                mod.logits.copy_(torch.randn(mod.logits.shape, generator=gen) * SPREAD[point])
+                mod.tau, mod.kappa = tau, kappa
+        learned[point] = ctx.timed(mask_step, repeats)
+        if point != "middle":
+            try:
+                profiles[point] = profiled(mask_step)
+            except Exception as e:  # noqa: BLE001 - a profiler failure leaves the timings
+                profiles[point] = {"failed": f"{type(e).__name__}: {e}"}
     shape = model_shape(model.config, cfg)
     plan = memory_plan(shape, n=2, m=4, micro_batch=batch, seqlen=seqlen, strategy="none", world=1,
                        model_dtype="bfloat16", cuda=cuda)
     planned = sum(plan.values()) - (CUDA_RESERVE if cuda else 0)  # the reserve is not allocated memory
     peak = torch.cuda.max_memory_allocated() if cuda else None
-    result = {"params": params, "masked": shape.masked, "tokens": tokens,
-              "dense_s": dense, "learned_s": learned, "dense_tokens_per_s": tokens / dense,
-              "learned_tokens_per_s": tokens / learned, "ratio": learned / dense,
+    ratios = {k: v / dense for k, v in learned.items()}
+    result = {"params": params, "masked": shape.masked, "tokens": tokens, "dense_s": dense, "learned_s": learned,
+              "dense_tokens_per_s": tokens / dense, "ratios": ratios, "ratio": max(ratios.values()),
+              "anneal": anneal_points(), "profile_ms": profiles,
               "peak_bytes": peak, "plan_bytes_without_reserve": planned, "plan": plan,
               "peak_over_plan": peak / planned if peak else None}
     result["table"] = [
         f"random LLaMA {params / 1e9:.2f}B parameters ({shape.masked / 1e9:.2f}B under 2:4 masks), "
-        f"{batch} × {seqlen} tokens, bf16 weights",
-        "", "| step | median s | tokens/s |", "| --- | --- | --- |",
-        f"| dense bf16 fwd+bwd (weight grads) + AdamW | {dense:.3f} | {tokens / dense:.0f} |",
-        f"| learned 2:4 mask (fp32 logits, bf16 autocast) + AdamW | {learned:.3f} | {tokens / learned:.0f} |",
-        f"| ratio learned / dense | {learned / dense:.2f}x | |", "",
+        f"{batch} × {seqlen} tokens, bf16 weights, median of {repeats}",
+        "", "| step | median s | tokens/s | ratio to dense |", "| --- | --- | --- | --- |",
+        f"| dense bf16 fwd+bwd (weight grads) + AdamW | {dense:.3f} | {tokens / dense:.0f} | 1 |"]
+    result["table"] += [f"| learned 2:4 mask (fp32 logits, bf16 autocast) + AdamW, {k} step (τ {t:.3g}, κ {c:.3g}) | "
+                        f"{learned[k]:.3f} | {tokens / learned[k]:.0f} | {ratios[k]:.2f}x |"
+                        for k, (t, c) in anneal_points().items()]
+    result["table"] += ["", f"Profile, {'CUDA device' if cuda else 'CPU self'} ms of one step by category", "",
+                        "| step | " + " | ".join(CATEGORIES) + " | total |", "| --- " * (len(CATEGORIES) + 2) + "|"]
+    result["table"] += [f"| {k} | " + (" | ".join(f"{ms[c]:.1f}" for c in (*CATEGORIES, "total")) if "failed" not in ms
+                        else ms["failed"]) + " |" for k, ms in profiles.items()]
+    result["table"] += ["",
         f"mask step peak allocated: {peak / GiB:.2f} GiB; plan (strategy none, without the "
         f"{CUDA_RESERVE // GiB} GiB CUDA reserve): {planned / GiB:.2f} GiB; measured/plan "
         f"{peak / planned:.2f}" if peak else "peak memory: not measured on CPU"]

@@ -169,10 +169,11 @@ def category(event) -> str:
     return "dense matmuls" if event.name in MATMULS else "rest"
 
 
-def breakdown(events) -> dict[str, float]:
+def breakdown(events, device: bool = False) -> dict[str, float]:
+    """Milliseconds by category: self CPU time, or (device) the kernel time each op launched."""
     ms = dict.fromkeys(CATEGORIES, 0.0)
     for ev in events:
-        ms[category(ev)] += ev.self_cpu_time_total / 1e3
+        ms[category(ev)] += (ev.self_device_time_total if device else ev.self_cpu_time_total) / 1e3
     ms["total"] = sum(ms.values())
     return ms
 

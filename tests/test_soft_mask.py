@@ -132,3 +132,15 @@ def test_a_short_run_learns_the_masks_of_the_autograd_chain(micro, tokenizer, tm
     print(f"max |logit diff| {diff:.3g}, argmax differs in {flipped} of {groups} groups")
     # Adam divides by sqrt(v): a gradient that is rounding noise (the winner's, late) still moves its logit
     assert diff < 1e-3 and flipped <= 1e-3 * groups
+
+
+@pytest.mark.parametrize("tau,kappa,spread", ANNEAL)
+def test_clamping_the_exponents_changes_no_probability(tau, kappa, spread, monkeypatch):
+    """Exponents below EXP_FLOOR (x86's slow exp) give probabilities below PROB_FLOOR either way."""
+    from maskpipe.pipeline.nm import learn
+
+    logits = torch.randn(64, 32, 6, generator=torch.Generator().manual_seed(0)) * spread
+    gumbel = learn.gumbel_noise(logits.shape, 5, logits.device)
+    clamped = learn.gumbel_softmax(logits, gumbel.clone(), tau, kappa)
+    monkeypatch.setattr(learn, "EXP_FLOOR", -float("inf"))
+    assert torch.equal(clamped, learn.gumbel_softmax(logits, gumbel, tau, kappa))
