@@ -162,8 +162,7 @@ def part_stages(ctx: Context) -> dict:
 
 
 def part_learn_step(ctx: Context) -> dict:
-    from learn_step import CATEGORIES, SPREAD, anneal_points, breakdown
-    from maskpipe.pipeline.nm import learn
+    from learn_step import anneal_points, anneal_table, learned_step, profile_table, profiled, set_anneal
     from maskpipe.pipeline.core.models import prunable_linears
     from maskpipe.pipeline.train.plan import CUDA_RESERVE, GiB, memory_plan, model_shape
 
@@ -175,19 +174,6 @@ def part_learn_step(ctx: Context) -> dict:
     x = torch.randint(0, dims["vocab_size"], (batch, seqlen), device=ctx.device)
     tokens = batch * seqlen
     cuda = ctx.device.type == "cuda"
-
-    def profiled(fn) -> dict:
-        """Milliseconds of one step by category (learn_step.py's), device time on CUDA."""
-        from torch.profiler import ProfilerActivity, profile
-
-        learn.PROFILE_RANGES = True
-        try:
-            with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
-                fn()
-                ctx.sync()
-        finally:
-            learn.PROFILE_RANGES = False
-        return breakdown(prof.events(), device=cuda)
 
     weights = [lin.weight for lin in linears.values()]
     for w in weights:
@@ -201,44 +187,25 @@ def part_learn_step(ctx: Context) -> dict:
 
     dense = ctx.timed(dense_step, repeats)
     profiles = {"dense": profiled(dense_step)}
-    for w in weights:
-        w.requires_grad_(False)
-        w.grad = None
+    dense_opt.zero_grad(set_to_none=True)
     dense_opt.state.clear()
+    model.requires_grad_(False)
     gc.collect()
     if cuda:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
 
-    mods = learn.add_learned_masks(linears, 2, 4, torch.Generator().manual_seed(0))
-    for mod in mods.values():
-        mod.train()
-        mod.lam = 1e-5
-    mask_opt = torch.optim.AdamW([mod.logits for mod in mods.values()], lr=1e-5)
-    draws = iter(range(10**9))
+    mods, step = learned_step(model, linears, autocast=cuda)  # fp32 logits, bf16 autocast on CUDA
 
-    def mask_step():  # what train_masks does per micro-batch: new noise, bf16 autocast on CUDA
-        mask_opt.zero_grad(set_to_none=True)
-        for mod in mods.values():
-            mod.noise_seed = next(draws)
-        with torch.autocast(ctx.device.type, torch.bfloat16, enabled=cuda):
-            loss = model(input_ids=x, labels=x, use_cache=False).loss
-        loss.backward()
-        mask_opt.step()
+    def mask_step():
+        step(x)
 
-    # the first, middle and last step of the default anneal, logits spread as a run leaves them
     learned, gen = {}, torch.Generator().manual_seed(1)
-    for point, (tau, kappa) in anneal_points().items():
-        with torch.no_grad():
-            for mod in mods.values():
-                mod.logits.copy_(torch.randn(mod.logits.shape, generator=gen) * SPREAD[point])
-                mod.tau, mod.kappa = tau, kappa
+    for point in anneal_points():  # first, middle, last step of the default anneal
+        set_anneal(mods, point, gen)
         learned[point] = ctx.timed(mask_step, repeats)
         if point != "middle":
-            try:
-                profiles[point] = profiled(mask_step)
-            except Exception as e:  # noqa: BLE001 - a profiler failure leaves the timings
-                profiles[point] = {"failed": f"{type(e).__name__}: {e}"}
+            profiles[point] = profiled(mask_step)
     shape = model_shape(model.config, cfg)
     plan = memory_plan(shape, n=2, m=4, micro_batch=batch, seqlen=seqlen, strategy="none", world=1,
                        model_dtype="bfloat16", cuda=cuda)
@@ -250,18 +217,11 @@ def part_learn_step(ctx: Context) -> dict:
               "anneal": anneal_points(), "profile_ms": profiles,
               "peak_bytes": peak, "plan_bytes_without_reserve": planned, "plan": plan,
               "peak_over_plan": peak / planned if peak else None}
-    result["table"] = [
-        f"random LLaMA {params / 1e9:.2f}B parameters ({shape.masked / 1e9:.2f}B under 2:4 masks), "
-        f"{batch} × {seqlen} tokens, bf16 weights, median of {repeats}",
-        "", "| step | median s | tokens/s | ratio to dense |", "| --- | --- | --- | --- |",
-        f"| dense bf16 fwd+bwd (weight grads) + AdamW | {dense:.3f} | {tokens / dense:.0f} | 1 |"]
-    result["table"] += [f"| learned 2:4 mask (fp32 logits, bf16 autocast) + AdamW, {k} step (τ {t:.3g}, κ {c:.3g}) | "
-                        f"{learned[k]:.3f} | {tokens / learned[k]:.0f} | {ratios[k]:.2f}x |"
-                        for k, (t, c) in anneal_points().items()]
-    result["table"] += ["", f"Profile, {'CUDA device' if cuda else 'CPU self'} ms of one step by category", "",
-                        "| step | " + " | ".join(CATEGORIES) + " | total |", "| --- " * (len(CATEGORIES) + 2) + "|"]
-    result["table"] += [f"| {k} | " + (" | ".join(f"{ms[c]:.1f}" for c in (*CATEGORIES, "total")) if "failed" not in ms
-                        else ms["failed"]) + " |" for k, ms in profiles.items()]
+    result["table"] = [f"random LLaMA {params / 1e9:.2f}B parameters ({shape.masked / 1e9:.2f}B under 2:4 masks), "
+                       f"{batch} × {seqlen} tokens, bf16 weights, median of {repeats}", ""]
+    result["table"] += anneal_table(dense, learned, tokens, "dense bf16", "learned 2:4 mask (fp32 logits, bf16 autocast)")
+    result["table"] += ["", f"Profile, {'CUDA kernel' if cuda else 'self CPU'} ms of one step by category", ""]
+    result["table"] += profile_table({(k,): ms for k, ms in profiles.items()}, ("step",))
     result["table"] += ["",
         f"mask step peak allocated: {peak / GiB:.2f} GiB; plan (strategy none, without the "
         f"{CUDA_RESERVE // GiB} GiB CUDA reserve): {planned / GiB:.2f} GiB; measured/plan "

@@ -50,6 +50,15 @@ CATEGORIES = ("noise", "softmax", "product", "masked_weight", "regulariser", "op
 MATMULS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::matmul", "aten::linear"}
 
 
+def set_anneal(mods: dict, point: str, gen: torch.Generator) -> None:
+    """The masks at an anneal point (`anneal_points`), logits spread as a run leaves them there."""
+    tau, kappa = anneal_points()[point]
+    with torch.no_grad():
+        for mod in mods.values():
+            mod.logits.copy_(torch.randn(mod.logits.shape, generator=gen) * SPREAD[point])
+            mod.tau, mod.kappa = tau, kappa
+
+
 def anneal_points() -> dict[str, tuple[float, float]]:
     """(tau, kappa) at the first, middle and last step of LearnStage's default schedule."""
     tau, kappa = (LearnStage.model_fields[k].default for k in ("tau", "kappa"))
@@ -72,6 +81,28 @@ def load(which: str, dtype: torch.dtype = torch.float32, device: str = "cpu"):
     return model, prunable_linears(model, cfg)
 
 
+def learned_step(model, linears: dict, lam: float = 1e-5, autocast: bool = False):
+    """(masks, step(x)): 2:4 masks on `linears`, and what `MaskLearning.step` does per micro-batch: new
+    noise seeds, forward (bf16 autocast if asked), backward with the regulariser on, AdamW on the logits."""
+    mods = learn.add_learned_masks(linears, 2, 4, torch.Generator().manual_seed(0))
+    for mod in mods.values():
+        mod.train()
+        mod.lam = lam  # the sparse-weight regulariser rides in each layer's backward, as in train_masks
+    opt = torch.optim.AdamW([mod.logits for mod in mods.values()], lr=1e-5)
+    draws = iter(range(10**9))
+
+    def step(x):
+        opt.zero_grad(set_to_none=True)
+        for mod in mods.values():
+            mod.noise_seed = next(draws)
+        with torch.autocast(x.device.type, torch.bfloat16, enabled=autocast):
+            loss = model(input_ids=x, labels=x, use_cache=False).loss
+        loss.backward()
+        opt.step()
+
+    return mods, step
+
+
 class Steps:
     """A dense step and a learned step on two copies of one model, and the learned step's anneal point."""
 
@@ -83,12 +114,7 @@ class Steps:
             w.requires_grad_(True)
         self.dense_opt = torch.optim.AdamW(weights, lr=0.0)  # lr 0: the model stays the same for every cell
         masked = {name: self.masked_model.get_submodule(name) for name in linears}
-        self.mods = learn.add_learned_masks(masked, 2, 4, torch.Generator().manual_seed(0))
-        for mod in self.mods.values():
-            mod.train()
-            mod.lam = lam  # the sparse-weight regulariser rides in each layer's backward, as in train_masks
-        self.mask_opt = torch.optim.AdamW([mod.logits for mod in self.mods.values()], lr=1e-5)
-        self.draws = iter(range(10**9))
+        self.mods, self._learned = learned_step(self.masked_model, masked, lam, autocast)
         self.points = {}
         gen = torch.Generator().manual_seed(1)
         for name, (tau, kappa) in anneal_points().items():
@@ -112,11 +138,7 @@ class Steps:
                 mod.tau, mod.kappa = tau, kappa
 
     def learned(self) -> None:
-        self.mask_opt.zero_grad(set_to_none=True)
-        for mod in self.mods.values():
-            mod.noise_seed = next(self.draws)
-        self._loss(self.masked_model).backward()
-        self.mask_opt.step()
+        self._learned(self.x)
 
     def sync(self) -> None:
         if self.device.type == "cuda":
@@ -143,18 +165,23 @@ class Steps:
         return {k: statistics.median(v) for k, v in times.items()}
 
     def profiled(self, which: str) -> dict[str, float]:
-        """Self CPU milliseconds of one step by category (module docstring)."""
-        fn = self.dense if which == "dense" else self.learned
         if which != "dense":
             self.at(which)
-        learn.PROFILE_RANGES = True
-        try:
-            with profile(activities=[ProfilerActivity.CPU]) as prof:
-                fn()
-                self.sync()
-        finally:
-            learn.PROFILE_RANGES = False
-        return breakdown(prof.events())
+        return profiled(self.dense if which == "dense" else self.learned)
+
+
+def profiled(fn) -> dict[str, float]:
+    """Milliseconds of one fn() by category (module docstring): self CPU time, or on CUDA kernel time."""
+    cuda = torch.cuda.is_available()
+    learn.PROFILE_RANGES = True
+    try:
+        with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+            fn()
+            if cuda:
+                torch.cuda.synchronize()
+    finally:
+        learn.PROFILE_RANGES = False
+    return breakdown(prof.events(), device=cuda)
 
 
 def category(event) -> str:
@@ -200,13 +227,26 @@ def tables(rows: list[dict]) -> str:
         s = r["seconds"]
         cells = [f"{s[k]:.3f} s, **{r['ratio'][k]:.2f}×**" for k in points]
         out.append(f"| {r['model']} | {r['threads']} | {r['batch']} × {r['seqlen']} | {s['dense']:.3f} | " + " | ".join(cells) + " |")
-    out += ["", "Profile, self CPU ms of one step by category (proportions only: the profiler slows small ops most)", "",
-            "| model | threads | batch | step | " + " | ".join(CATEGORIES) + " | total |", "| --- " * (5 + len(CATEGORIES)) + "|"]
-    for r in rows:
-        for which, ms in r["profile"].items():
-            out.append(f"| {r['model']} | {r['threads']} | {r['batch']} | {which} | "
-                       + " | ".join(f"{ms[c]:.0f}" for c in (*CATEGORIES, "total")) + " |")
+    out += ["", "Profile, self CPU ms of one step by category (proportions only: the profiler slows small ops most)", ""]
+    out += profile_table({(r["model"], r["threads"], r["batch"], k): ms for r in rows for k, ms in r["profile"].items()},
+                         ("model", "threads", "batch", "step"))
     return "\n".join(out)
+
+
+def anneal_table(dense: float, learned: dict[str, float], tokens: int, dense_name: str, learned_name: str) -> list[str]:
+    """Markdown rows: the dense step and the learned one at each anneal point, with their ratio."""
+    out = ["| step | median s | tokens/s | ratio to dense |", "| --- | --- | --- | --- |",
+           f"| {dense_name} fwd+bwd (weight grads) + AdamW | {dense:.3f} | {tokens / dense:.0f} | 1 |"]
+    return out + [f"| {learned_name} + AdamW, {k} step (τ {t:.3g}, κ {c:.3g}) | {learned[k]:.3f} | "
+                  f"{tokens / learned[k]:.0f} | {learned[k] / dense:.2f}x |" for k, (t, c) in anneal_points().items()]
+
+
+def profile_table(profiles: dict[tuple, dict], keys: tuple[str, ...]) -> list[str]:
+    """Markdown rows of `profiled` results, one per key tuple."""
+    out = ["| " + " | ".join(keys) + " | " + " | ".join(CATEGORIES) + " | total |", "| --- " * (len(keys) + len(CATEGORIES) + 1) + "|"]
+    for key, ms in profiles.items():
+        out.append("| " + " | ".join(map(str, key)) + " | " + " | ".join(f"{ms[c]:.1f}" for c in (*CATEGORIES, "total")) + " |")
+    return out
 
 
 def main(argv: list[str] | None = None) -> None:
