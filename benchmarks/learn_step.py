@@ -1,7 +1,7 @@
 """Learned-mask training step vs a dense forward+backward with weight gradients, at the first, middle and
 last step of the anneal, one and two threads, batch 4 and 8, on tiny-llama and a ~100M random LLaMA.
 
-    python benchmarks/learn_step.py                 # the whole table, ~10 min alone on 2 cores
+    python benchmarks/learn_step.py                 # the whole table; cells past --budget (540 s) are skipped
     python benchmarks/learn_step.py --quick         # one timed repeat per cell: the code paths, rough numbers
 
 Both steps run on their own copy of the model, interleaved repeat by repeat (dense, first, middle, last),
@@ -252,33 +252,42 @@ def profile_table(profiles: dict[tuple, dict], keys: tuple[str, ...]) -> list[st
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", nargs="+", choices=["tiny", "big"], default=["tiny", "big"])
-    p.add_argument("--threads", nargs="+", type=int, default=[1, 2])
-    p.add_argument("--batches", nargs="+", type=int, default=[4, 8])
+    p.add_argument("--threads", nargs="+", type=int, default=[2, 1])
+    p.add_argument("--batches", nargs="+", type=int, default=[8, 4])
     p.add_argument("--seqlen", type=int, default=512, help="tiny-llama's block length")
     p.add_argument("--big-seqlen", type=int, default=128, help="the ~100M model's block length (its steps are ~15x tiny's)")
-    p.add_argument("--repeats", type=int, default=3, help="timed repeats per cell, interleaved")
+    p.add_argument("--repeats", type=int, default=3, help="timed repeats per tiny-llama cell, interleaved")
+    p.add_argument("--big-repeats", type=int, default=1, help="timed repeats per ~100M cell")
+    p.add_argument("--budget", type=float, default=540, help="seconds; cells not started by then are listed as skipped")
     p.add_argument("--quick", action="store_true", help="one timed repeat per cell")
     p.add_argument("--json", help="also write every number here")
     a = p.parse_args(argv)
-    repeats = 1 if a.quick else a.repeats
-    rows = []
+    start, rows, skipped = time.perf_counter(), [], []
     for which in a.models:
         model, linears = load(which)
         params = sum(t.numel() for t in model.parameters())
         masked = sum(lin.weight.numel() for lin in linears.values())
         name = f"{'tiny-llama' if which == 'tiny' else 'random LLaMA'} ({params / 1e6:.0f}M, {masked / 1e6:.0f}M masked)"
-        for threads in a.threads:
+        repeats = 1 if a.quick else a.repeats if which == "tiny" else a.big_repeats
+        for threads in a.threads:  # the most quoted cells first: 2 threads, batch 8
             for batch in a.batches:
+                if time.perf_counter() - start > a.budget:
+                    skipped.append(f"{name}, {threads} threads, batch {batch}")
+                    continue
                 t0 = time.perf_counter()
                 row = run_cell(model, linears, threads, batch, a.seqlen if which == "tiny" else a.big_seqlen, repeats)
-                rows.append({"model": name, **row})
+                rows.append({"model": name, "repeats": repeats, **row})
                 print(f"learn_step: {name}, {threads} threads, batch {batch}: "
                       + ", ".join(f"{k} {v:.2f}x" for k, v in row["ratio"].items())
                       + f" ({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
-    print(f"torch {torch.__version__}, {torch.backends.cpu.get_cpu_capability()}, median of {repeats}, "
-          f"2:4 masks, regulariser on, AdamW on both")
+        del model, linears
+    print(f"torch {torch.__version__}, {torch.backends.cpu.get_cpu_capability()}, median of "
+          f"{', '.join(sorted({str(r['repeats']) for r in rows}))} interleaved repeats, 2:4 masks, regulariser on, "
+          f"AdamW on both; {time.perf_counter() - start:.0f} s in all")
     print()
     print(tables(rows))
+    if skipped:
+        print(f"\nnot run (past the {a.budget:.0f} s budget): " + "; ".join(skipped))
     if a.json:
         Path(a.json).write_text(json.dumps(rows, indent=1))
 
