@@ -73,7 +73,9 @@ def gumbel_softmax(logits: torch.Tensor, gumbel: torch.Tensor, tau: float, kappa
 
 def gumbel_softmax_backward(probs: torch.Tensor, grad_probs: torch.Tensor, tau: float, kappa: float) -> torch.Tensor:
     """∂/∂logits of `gumbel_softmax`: κ/τ · p ⊙ (g − Σ p⊙g); overwrites `grad_probs`. A floored
-    candidate's p is 0, so its gradient is an exact 0, never the subnormal y·(0 − Σ) of softmax's own backward."""
+    candidate's p is 0, so its gradient is an exact 0, never the subnormal y·(0 − Σ) of softmax's own backward.
+    (Not `torch.set_flush_denormal`: it sets the calling thread's FTZ/DAZ only; at 2 threads half of an
+    op's subnormal results, those of the OpenMP worker, survive it.)"""
     dot = (probs * grad_probs).sum(-1, keepdim=True)
     return grad_probs.sub_(dot).mul_(probs).mul_(kappa / tau)
 
