@@ -1,6 +1,7 @@
+import pytest
 import torch
 
-from maskpipe.pipeline.attention.moa import choose_spans, moa_plan, outside_mass, profile_spans
+from maskpipe.pipeline.attention.moa import choose_spans, moa_plan, outside, profile_spans
 
 
 def _attention(length, far):
@@ -15,12 +16,11 @@ def _attention(length, far):
     return a
 
 
-def test_outside_mass_counts_what_sink_and_window_miss():
-    a = _attention(64, far=0.7)[None]
-    rows = torch.zeros(64, dtype=torch.bool)
-    rows[-4:] = True  # queries 60-63 look back about 30 tokens
-    mass = outside_mass(a, rows, sink=2, windows=[8, 40])
-    assert torch.allclose(mass, torch.tensor([[0.7, 0.0]]))
+def test_the_profile_counts_what_sink_and_window_miss():
+    a = _attention(64, far=0.7)
+    a[:60] = 0  # only queries 60-63, which look back about 30 tokens
+    mass = outside(a[None], sink=2, windows=[8, 40])
+    assert torch.allclose(mass, torch.tensor([[4 * 0.7, 0.0]]))
 
 
 def test_chosen_spans_respect_the_budget():
@@ -42,12 +42,15 @@ def test_a_local_head_gets_the_smallest_window_and_a_long_range_head_a_long_one(
     assert not bool(plan.streaming[0, 1])
 
 
-def test_profiling_a_model_finds_less_lost_mass_with_longer_windows(micro, tokenizer):
+@pytest.mark.parametrize("measure", ["gradient", "mass"])
+def test_profiling_a_model_finds_less_influence_outside_longer_windows(micro, tokenizer, measure):
     from tests.test_attention import _stream
 
     model, _ = micro
     mass, windows = profile_spans(model, tokenizer, _stream(tokenizer), sink=4, batches=1, batch_size=1, seqlen=128,
-                                  needles=1)
+                                  needles=1, measure=measure)
     assert windows == [8, 16, 32, 64, 128] and mass.shape == (4, 2, 5)
-    assert bool((mass[..., :-1] >= mass[..., 1:] - 1e-6).all()) and bool((mass[..., -1] < 1e-5).all())
+    assert bool((mass[..., :-1] >= mass[..., 1:] - 1e-6).all()) and bool((mass[..., -1].abs() < 1e-5).all())
+    assert bool((mass[..., 0] > 0).any())
     assert model.config._attn_implementation == "sdpa"
+    assert all(p.grad is None for p in model.parameters())

@@ -2,11 +2,13 @@
 head gets its own window, chosen from a candidate set by a profile of the dense model, under a total
 KV-cache budget.
 
-1. Profile (`profile_spans`): on synthetic passkey samples, the attention mass of each KV head's queries
-   at the answer positions (the ones that must retrieve; `pipeline.attention.gates.passkey_batch`) that
-   falls outside sink + window, for each candidate window. MoA profiles the loss's sensitivity to
-   masking each attention entry (A ⊙ ∂L/∂A); the mass a head loses is the first-order stand-in that needs
-   no backward pass, and on the answer positions it is exactly what a retrieval head would lose.
+1. Profile (`profile_spans`): on synthetic passkey samples (`pipeline.attention.gates.passkey_batch`),
+   for each KV head and candidate window, the summed influence of the attention entries outside sink +
+   window. The influence (`measure="gradient"`, MoA's) is the first-order change of the loss on the answer
+   digits when an entry is masked: |A ⊙ (∂L/∂A − Σ_k A ∂L/∂A)|, the gradient with respect to the entry's
+   attention score. `measure="mass"` is the attention mass itself at the answer positions, which needs no
+   backward pass but counts the diffuse attention of early layers as if it mattered (on micro-llama it
+   streamed the one retrieval head, docs/static_plans.md).
 2. Optimise (`choose_spans`): one candidate per head, minimising the summed lost mass subject to the
    summed KV tokens ≤ budget: a multiple-choice knapsack, solved greedily by the best lost mass saved per
    extra cached token (every head starts at its cheapest candidate), as MoA's own solver ranks
@@ -33,25 +35,34 @@ def default_candidates(context: int) -> list[int]:
     return sorted({max(context // d, 1) for d in (16, 8, 4, 2)})
 
 
-def outside_mass(attn: torch.Tensor, rows: torch.Tensor, sink: int, windows: list[int]) -> torch.Tensor:
-    """attn [Hq, L, L] of one sequence, rows [L] bool (the profiled queries): per query head and window,
-    the mean over those queries of the attention outside the first `sink` keys and the `w` most recent."""
-    L = attn.shape[-1]
+def outside(weight: torch.Tensor, sink: int, windows: list[int]) -> torch.Tensor:
+    """weight [Hq, L, L] (query, key) of one sequence: per query head and window, the sum of the causal
+    entries outside the first `sink` keys and the `w` most recent."""
+    L = weight.shape[-1]
     q, k = torch.arange(L)[:, None], torch.arange(L)[None, :]
-    picked = attn[:, rows]  # [Hq, Q, L]
-    out = []
-    for w in windows:
-        kept = ((k < sink) | (q - k < w)) & (k <= q)
-        out.append(1 - (picked * kept[rows]).sum(-1).mean(-1))
-    return torch.stack(out, -1)  # [Hq, len(windows)]
+    total = (weight * (k <= q)).sum((-2, -1))
+    return torch.stack([total - (weight * (((k < sink) | (q - k < w)) & (k <= q))).sum((-2, -1)) for w in windows],
+                       -1)  # [Hq, len(windows)]
 
 
-@torch.no_grad()
+def influence(attentions, logits: torch.Tensor, ids: torch.Tensor, targets: torch.Tensor) -> list[torch.Tensor]:
+    """Per layer [B, Hq, L, L]: |A ⊙ (G − Σ_k A G)| with G = ∂L/∂A, L the cross-entropy of the tokens that
+    follow the `targets` positions (the answer digits)."""
+    labels = ids[:, 1:][targets[:, :-1]]
+    loss = torch.nn.functional.cross_entropy(logits[:, :-1][targets[:, :-1]].float(), labels, reduction="sum")
+    grads = torch.autograd.grad(loss, attentions)
+    return [(a * (g - (a * g).sum(-1, keepdim=True))).abs().detach() for a, g in zip(attentions, grads)]
+
+
 def profile_spans(model: nn.Module, tokenizer, stream, *, sink: int, batches: int, batch_size: int, seqlen: int,
-                  needles: int, windows: list[int] | None = None, seed: int = 0) -> tuple[torch.Tensor, list[int]]:
-    """The dense model's lost attention mass per (layer, KV head, candidate window) on `batches` synthetic
-    passkey batches (query heads of a KV head averaged). Returns (mass [layers, kv_heads, C], windows),
-    the last window being `seqlen`, i.e. full attention (mass 0)."""
+                  needles: int, windows: list[int] | None = None, seed: int = 0, measure: str = "gradient"
+                  ) -> tuple[torch.Tensor, list[int]]:
+    """The dense model's influence outside each candidate window per (layer, KV head) on `batches`
+    synthetic passkey batches (summed over a KV head's query heads, averaged over samples; module doc).
+    Returns (influence [layers, kv_heads, C], windows), the last window being `seqlen`, i.e. full attention
+    (influence 0)."""
+    if measure not in ("gradient", "mass"):
+        raise MaskpipeError(f"profile_spans: measure is gradient or mass, not {measure!r}")
     from maskpipe.pipeline.attention.gates import passkey_batch  # gates imports plans, as this module does
 
     windows = sorted(set(windows or default_candidates(seqlen)) - {seqlen}) + [seqlen]
@@ -63,11 +74,18 @@ def profile_spans(model: nn.Module, tokenizer, stream, *, sink: int, batches: in
         for _ in range(batches):
             ids, targets = passkey_batch(rng, stream, tokenizer, batch_size, seqlen, needles)
             device = next(model.parameters()).device
-            attentions = model(input_ids=ids.to(device), output_attentions=True, use_cache=False).attentions
+            ids, targets = ids.to(device), targets.to(device)
+            with torch.enable_grad():  # a leaf that needs grad makes every attention map part of the graph
+                embeds = model.get_input_embeddings()(ids).detach().requires_grad_(measure == "gradient")
+                out = model(inputs_embeds=embeds, output_attentions=True, use_cache=False)
+                if measure == "gradient":
+                    weights = influence(out.attentions, out.logits, ids, targets)
+                else:  # attention at the answer positions, each answer's row summing to 1 / answers
+                    rows = targets[:, None, :, None] / targets.sum(-1)[:, None, None, None]
+                    weights = [a.detach() * rows for a in out.attentions]
             for b in range(ids.shape[0]):
-                for layer, attn in enumerate(attentions):
-                    mass = outside_mass(attn[b].float().cpu(), targets[b], sink, windows)
-                    total[layer] += mass.view(kv, group, -1).mean(1)
+                for layer, w in enumerate(weights):
+                    total[layer] += outside(w[b].float().cpu(), sink, windows).view(kv, group, -1).sum(1)
                 count += 1
     finally:
         model.set_attn_implementation(previous)

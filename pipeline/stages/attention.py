@@ -67,9 +67,11 @@ class AttentionStage(LoopSettings):
     batch_size: BatchSize = 4
     seqlen: SeqLen = 512  # also the context the sink/window defaults scale with
     needles: int = Field(default=2, gt=0)  # passkeys per sample
-    # Adam moves a gate by about lr per step, so lr ~ 2-4/steps lets an unneeded gate fall from 1 to 0.
+    # The most-pulled gate moves by lr per step (max-normalised step under a budget; AdamW's per-gate
+    # normalisation with a threshold), so lr ~ 2-4/steps lets a gate cross [0, 1] and come back.
     lr: LearningRate = 0.05
-    # λ of λ·mean|α|; DuoAttention's 0.05·Σ|α| over 48 heads is λ = 2.4 here
+    # threshold plans only (a budget needs no λ, pipeline.attention.gates): λ of λ·mean|α|;
+    # DuoAttention's 0.05·Σ|α| over 48 heads is λ = 2.4 here
     reg: float = Field(default=2.0, ge=0)
     checkpoint_every: CheckpointEvery = 50
     keep_checkpoints: KeepCheckpoints = 2
