@@ -93,7 +93,8 @@ def main() -> None:
             print("   ", " ".join(f"{g:.2f}" for g in layer.tolist()))
         plan = uniform_plan(shape, binarize(gates, fraction=args.streaming), args.sink, args.window, gates)
         rows[f"learned, seed {seed}"] = retrieval(model, tok, plan, tasks)
-    budget = plan_cost(plan, max(lengths), *head_geometry(model))["kv_cache_fraction"]
+    same_budget = uniform_plan(shape, binarize(random_scores(shape, 0), fraction=args.streaming), args.sink, args.window)
+    budget = plan_cost(same_budget, max(lengths), *head_geometry(model))["kv_cache_fraction"]
     for measure in args.moa.split(",") if args.moa else []:
         t0 = time.perf_counter()
         spans, windows = profile_spans(model, tok, TokenStream(data, tok, st.seqlen, 0), sink=args.sink, batches=4,
@@ -104,17 +105,13 @@ def main() -> None:
         for layer, full in zip(moa.window.tolist(), (~moa.streaming).tolist()):
             print("   ", " ".join("F" if f else str(w) for w, f in zip(layer, full)))
         rows[f"MoA spans, {measure} profile (same KV budget)"] = retrieval(model, tok, moa, tasks)
-    randoms = []
-    for seed in range(args.random):
-        plan = uniform_plan(shape, binarize(random_scores(shape, seed), fraction=args.streaming), args.sink,
-                            args.window)
-        randoms.append(retrieval(model, tok, plan, tasks))
-    for name, pick in (("random: mean", None), ("random: best", max), ("random: worst", min)):
-        if pick is None:
-            rows[name] = {k: sum(r[k] for r in randoms) / len(randoms) for k in randoms[0]}
-        else:
-            rows[name] = pick(randoms, key=lambda r: r["passkey"])
-    print("random plans, passkey:", " ".join(f"{r['passkey']:.2f}" for r in randoms))
+    randoms = [retrieval(model, tok, uniform_plan(shape, binarize(random_scores(shape, seed), fraction=args.streaming),
+                                                  args.sink, args.window), tasks) for seed in range(args.random)]
+    if randoms:
+        rows["random: mean"] = {k: sum(r[k] for r in randoms) / len(randoms) for k in randoms[0]}
+        rows["random: best"] = max(randoms, key=lambda r: r["passkey"])
+        rows["random: worst"] = min(randoms, key=lambda r: r["passkey"])
+        print("random plans, passkey:", " ".join(f"{r['passkey']:.2f}" for r in randoms))
 
     keys = list(rows["dense"])
     n = {k: len([s for s in tasks[k.split("@")[0]] if "@" not in k or s.length == int(k.split("@")[1])]) for k in keys}
