@@ -128,7 +128,7 @@ class GateLearning:
             dense = self.model.base_model(input_ids=x, use_cache=False).last_hidden_state[targets]
         with planned(self.model, self.streaming, gates):
             mixed = self.model.base_model(input_ids=x, use_cache=False).last_hidden_state[targets]
-        per_answer = (mixed - dense).pow(2).sum(-1) / dense.pow(2).sum(-1)  # relative squared L2 (module doc)
+        per_answer = (mixed - dense).pow(2).sum(-1) / dense.pow(2).sum(-1).clamp_min(1e-12)  # relative (module doc)
         distance = per_answer.mean() if self.world == 1 else per_answer.sum() / answers
         budgeted = self.open_mean is not None
         loss = distance if budgeted else distance + st.reg * gates.abs().mean() / self.world
