@@ -93,7 +93,8 @@ def main() -> None:
             print("   ", " ".join(f"{g:.2f}" for g in layer.tolist()))
         plan = uniform_plan(shape, binarize(gates, fraction=args.streaming), args.sink, args.window, gates)
         rows[f"learned, seed {seed}"] = retrieval(model, tok, plan, tasks)
-    same_budget = uniform_plan(shape, binarize(random_scores(shape, 0), fraction=args.streaming), args.sink, args.window)
+    same_budget = uniform_plan(shape, binarize(random_scores(shape, 0), fraction=args.streaming), args.sink,
+                               args.window)
     budget = plan_cost(same_budget, max(lengths), *head_geometry(model))["kv_cache_fraction"]
     for measure in args.moa.split(",") if args.moa else []:
         t0 = time.perf_counter()

@@ -161,7 +161,8 @@ def test_attention_stages_and_retrieval_in_a_run(in_root, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "| dense |" in out and "| duo50 |" in out and "KV cache at 320" in out
     results = json.loads((tmp_path / "r" / "results.json").read_text())
-    assert set(results["retrieval"]) == set(results["perplexity"]) == {"dense", "duo50", "moa50", "random50", "all-streaming"}
+    variants = {"dense", "duo50", "moa50", "random50", "all-streaming"}
+    assert set(results["retrieval"]) == set(results["perplexity"]) == variants
     cost = {k: v["cost"] for k, v in results["retrieval"].items()}
     assert cost["dense"]["kv_cache_fraction"] == 1.0
     assert cost["moa50"]["kv_cache_bytes"] <= cost["duo50"]["kv_cache_bytes"]  # MoA spends the same budget per head
