@@ -55,6 +55,7 @@ def main() -> None:
     ap.add_argument("--sink", type=int, default=8)
     ap.add_argument("--window", type=int, default=64)
     ap.add_argument("--seeds", type=int, default=2, help="learned plans (gate-learning seeds)")
+    ap.add_argument("--first-seed", type=int, default=0, help="the first gate-learning seed")
     ap.add_argument("--random", type=int, default=10, help="random plans at the same budget")
     ap.add_argument("--steps", type=int, default=None, help="gate-learning steps (default: the stage's)")
     ap.add_argument("--lr", type=float, default=None)
@@ -82,7 +83,7 @@ def main() -> None:
 
     rows: dict[str, dict] = {"dense": retrieval(model, tok, None, tasks)}
     rows["all-streaming"] = retrieval(model, tok, uniform_plan(shape, True, args.sink, args.window), tasks)
-    for seed in range(args.seeds):
+    for seed in range(args.first_seed, args.first_seed + args.seeds):
         t0 = time.perf_counter()
         with tempfile.TemporaryDirectory() as tmp:
             gates, history = train_gates(model, tok, st, TokenStream(data, tok, st.seqlen, seed), sink=args.sink,
