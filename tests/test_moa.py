@@ -54,3 +54,20 @@ def test_profiling_a_model_finds_less_influence_outside_longer_windows(micro, to
     assert bool((mass[..., 0] > 0).any())
     assert model.config._attn_implementation == "sdpa"
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_a_moa_stage_needs_a_haystack_and_no_gates_and_only_moa_takes_candidate_windows():
+    from pydantic import ValidationError
+
+    from maskpipe.pipeline.stages.attention import AttentionStage
+
+    def stage(**kw):
+        return AttentionStage.model_validate({"stage": "attention", "name": "a", **kw})
+
+    assert stage(method="moa", data="d", candidate_windows=[16, 32]).candidate_windows == [16, 32]
+    with pytest.raises(ValidationError, match="data: profiling MoA spans needs a haystack corpus"):
+        stage(method="moa")
+    with pytest.raises(ValidationError, match="method: a moa plan takes a streaming fraction"):
+        stage(method="moa", data="d", gates_from="duo")
+    with pytest.raises(ValidationError, match="candidate_windows: only method moa"):
+        stage(data="d", candidate_windows=[16])
