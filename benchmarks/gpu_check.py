@@ -11,8 +11,10 @@ Independent parts, each timed; a part that raises is recorded as `failed: <reaso
                    at 256/512/768 tokens), beside the CPU figures of docs/RESULTS.md (68.13, 0.95)
   learn_step       a learned 2:4 mask step (Gumbel masks, fp32 logits, bf16 autocast) vs a dense bf16
                    forward+backward with weight gradients and AdamW, on a randomly initialised LLaMA of
-                   TinyLlama-1.1B's shape, 4 × 2048 tokens: tokens/s, ratio, and the mask step's peak
-                   `torch.cuda.max_memory_allocated` against `pipeline.train.plan.memory_plan`
+                   TinyLlama-1.1B's shape, 4 × 2048 tokens: tokens/s and ratio at the first, middle and
+                   last step of the anneal, a profile of each by category (`benchmarks/learn_step.py`'s,
+                   CUDA time), and the mask step's peak `torch.cuda.max_memory_allocated` against
+                   `pipeline.train.plan.memory_plan`
   strategies       `train_masks` on tiny-llama, 8 steps, with strategy none, fsdp (whole load), fsdp
                    loaded from meta (each rank reads its rows), deepspeed ZeRO-3: world size 1 in an
                    NCCL process group; every mask against strategy none's
@@ -160,7 +162,7 @@ def part_stages(ctx: Context) -> dict:
 
 
 def part_learn_step(ctx: Context) -> dict:
-    from maskpipe.pipeline.nm.learn import add_learned_masks
+    from learn_step import anneal_points, anneal_table, learned_step, profile_table, profiled, set_anneal
     from maskpipe.pipeline.core.models import prunable_linears
     from maskpipe.pipeline.train.plan import CUDA_RESERVE, GiB, memory_plan, model_shape
 
@@ -184,49 +186,43 @@ def part_learn_step(ctx: Context) -> dict:
         dense_opt.step()
 
     dense = ctx.timed(dense_step, repeats)
-    for w in weights:
-        w.requires_grad_(False)
-        w.grad = None
-    del dense_opt
+    profiles = {"dense": profiled(dense_step)}
+    dense_opt.zero_grad(set_to_none=True)
+    dense_opt.state.clear()
+    model.requires_grad_(False)
     gc.collect()
     if cuda:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
 
-    mods = add_learned_masks(linears, 2, 4, torch.Generator().manual_seed(0))
-    for mod in mods.values():
-        mod.train()
-        mod.lam = 1e-5
-    mask_opt = torch.optim.AdamW([mod.logits for mod in mods.values()], lr=1e-3)
-    draws = iter(range(10**9))
+    mods, step = learned_step(model, linears, autocast=cuda)  # fp32 logits, bf16 autocast on CUDA
 
-    def mask_step():  # what train_masks does per micro-batch: new noise, bf16 autocast on CUDA
-        mask_opt.zero_grad(set_to_none=True)
-        for mod in mods.values():
-            mod.noise_seed = next(draws)
-        with torch.autocast(ctx.device.type, torch.bfloat16, enabled=cuda):
-            loss = model(input_ids=x, labels=x, use_cache=False).loss
-        loss.backward()
-        mask_opt.step()
+    def mask_step():
+        step(x)
 
-    learned = ctx.timed(mask_step, repeats)
+    learned, gen = {}, torch.Generator().manual_seed(1)
+    for point in anneal_points():  # first, middle, last step of the default anneal
+        set_anneal(mods, point, gen)
+        learned[point] = ctx.timed(mask_step, repeats)
+        if point != "middle":
+            profiles[point] = profiled(mask_step)
     shape = model_shape(model.config, cfg)
     plan = memory_plan(shape, n=2, m=4, micro_batch=batch, seqlen=seqlen, strategy="none", world=1,
                        model_dtype="bfloat16", cuda=cuda)
     planned = sum(plan.values()) - (CUDA_RESERVE if cuda else 0)  # the reserve is not allocated memory
     peak = torch.cuda.max_memory_allocated() if cuda else None
-    result = {"params": params, "masked": shape.masked, "tokens": tokens,
-              "dense_s": dense, "learned_s": learned, "dense_tokens_per_s": tokens / dense,
-              "learned_tokens_per_s": tokens / learned, "ratio": learned / dense,
+    ratios = {k: v / dense for k, v in learned.items()}
+    result = {"params": params, "masked": shape.masked, "tokens": tokens, "dense_s": dense, "learned_s": learned,
+              "dense_tokens_per_s": tokens / dense, "ratios": ratios, "ratio": max(ratios.values()),
+              "anneal": anneal_points(), "profile_ms": profiles,
               "peak_bytes": peak, "plan_bytes_without_reserve": planned, "plan": plan,
               "peak_over_plan": peak / planned if peak else None}
-    result["table"] = [
-        f"random LLaMA {params / 1e9:.2f}B parameters ({shape.masked / 1e9:.2f}B under 2:4 masks), "
-        f"{batch} × {seqlen} tokens, bf16 weights",
-        "", "| step | median s | tokens/s |", "| --- | --- | --- |",
-        f"| dense bf16 fwd+bwd (weight grads) + AdamW | {dense:.3f} | {tokens / dense:.0f} |",
-        f"| learned 2:4 mask (fp32 logits, bf16 autocast) + AdamW | {learned:.3f} | {tokens / learned:.0f} |",
-        f"| ratio learned / dense | {learned / dense:.2f}x | |", "",
+    result["table"] = [f"random LLaMA {params / 1e9:.2f}B parameters ({shape.masked / 1e9:.2f}B under 2:4 masks), "
+                       f"{batch} × {seqlen} tokens, bf16 weights, median of {repeats}", ""]
+    result["table"] += anneal_table(dense, learned, tokens, "dense bf16", "learned 2:4 mask (fp32 logits, bf16 autocast)")
+    result["table"] += ["", f"Profile, {'CUDA kernel' if cuda else 'self CPU'} ms of one step by category", ""]
+    result["table"] += profile_table({(k,): ms for k, ms in profiles.items()}, ("step",))
+    result["table"] += ["",
         f"mask step peak allocated: {peak / GiB:.2f} GiB; plan (strategy none, without the "
         f"{CUDA_RESERVE // GiB} GiB CUDA reserve): {planned / GiB:.2f} GiB; measured/plan "
         f"{peak / planned:.2f}" if peak else "peak memory: not measured on CPU"]

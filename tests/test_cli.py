@@ -153,17 +153,19 @@ def test_weight_update_baseline_row_is_evaluated_and_the_base_restored(in_root, 
 
 
 def test_attention_stages_and_retrieval_in_a_run(in_root, tmp_path, capsys):
-    """configs/tiny-attention.yaml, shortened: learned, random and all-streaming plans, each an artifact
+    """configs/tiny-attention.yaml, shortened: learned, MoA, random and all-streaming plans, each an artifact
     that retrieval and perplexity stages evaluate beside the dense model; a rerun resumes nothing twice."""
-    overrides = ["stages.0.steps=4", "stages.4.data=[kjv]", "stages.3.passkey.samples=2", "stages.3.multikey.samples=1",
-                 "stages.3.niah.depths=[0.0, 1.0]", "stages.3.niah.samples=1"]
+    overrides = ["stages.0.steps=4", "stages.1.profile_batches=1", "stages.5.data=[kjv]", "stages.4.passkey.samples=2",
+                 "stages.4.multikey.samples=1", "stages.4.niah.depths=[0.0, 1.0]", "stages.4.niah.samples=1"]
     assert main(["run", "configs/tiny-attention.yaml", *overrides, "--run-dir", str(tmp_path / "r")]) == 0
     out = capsys.readouterr().out
     assert "| dense |" in out and "| duo50 |" in out and "KV cache at 320" in out
     results = json.loads((tmp_path / "r" / "results.json").read_text())
-    assert set(results["retrieval"]) == set(results["perplexity"]) == {"dense", "duo50", "random50", "all-streaming"}
+    variants = {"dense", "duo50", "moa50", "random50", "all-streaming"}
+    assert set(results["retrieval"]) == set(results["perplexity"]) == variants
     cost = {k: v["cost"] for k, v in results["retrieval"].items()}
     assert cost["dense"]["kv_cache_fraction"] == 1.0
+    assert cost["moa50"]["kv_cache_bytes"] <= cost["duo50"]["kv_cache_bytes"]  # MoA spends the same budget per head
     assert cost["duo50"]["kv_cache_bytes"] == cost["random50"]["kv_cache_bytes"] < cost["dense"]["kv_cache_bytes"]
     assert cost["all-streaming"]["attention_flops"] < cost["duo50"]["attention_flops"]
     _, manifest = load_artifact(tmp_path / "r" / "artifacts" / "duo50")

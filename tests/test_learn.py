@@ -164,19 +164,6 @@ def test_metrics_log_drops_steps_past_a_resume_and_writes_tensorboard_events(tmp
     assert list((tmp_path / "tensorboard" / "learn").glob("events.out.tfevents.*"))
 
 
-def test_regulariser_in_the_backward_is_the_gradient_of_the_loss_term():
-    """W ⊙ M's backward adds ∂(−λ‖W⊙M‖²)/∂M: the same gradient as the explicit loss term."""
-    from maskpipe.pipeline.nm.learn import _MaskedWeight
-
-    torch.manual_seed(0)
-    w, mask, g = torch.randn(8, 16), torch.rand(8, 16, requires_grad=True), torch.randn(8, 16)
-    (_MaskedWeight.apply(w, mask, 0.3) * g).sum().backward()
-    ours = mask.grad.clone()
-    mask.grad = None
-    ((w * mask * g).sum() - 0.3 * (w * mask).pow(2).sum()).backward()
-    torch.testing.assert_close(ours, mask.grad)
-
-
 def test_gumbel_noise_depends_only_on_the_seed():
     mod = GumbelNMMask(torch.Size([4, 16]), 2, 4, torch.Generator().manual_seed(0))
     mod.train()

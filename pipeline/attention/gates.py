@@ -1,9 +1,26 @@
 """Learning a per-head attention plan (DuoAttention, Xiao et al. 2024, arXiv 2410.10819): a gate
 α ∈ [0, 1] per KV head mixes the outputs of full and streaming attention (`pipeline.attention.plans`),
 α·full + (1 − α)·streaming; only the gates train, to keep the mixed model's final hidden states on the
-answers of synthetic passkey samples close to the dense model's, plus λ·mean|α|. The gates are then
-binarised (`pipeline.attention.plans.binarize`): the heads with the lowest gates stream. The loop around the
-step is `pipeline.train.loop`'s, as for mask learning.
+answers of synthetic passkey samples close to the dense model's. The gates are then binarised
+(`pipeline.attention.plans.binarize`): the heads with the lowest gates stream. The loop around the step
+is `pipeline.train.loop`'s, as for mask learning.
+
+How the gates move depends on what the plan is asked for:
+- a fraction of streaming heads (the budget): the gates keep that budget throughout, mean α = 1 −
+  fraction (a Euclidean projection after every step), and step along the distance's gradient normalised
+  by its largest entry, with momentum. This is projected gradient descent on "least distance at this
+  budget"; at its fixed point the heads the distance pays most for are at 1 and the rest at 0. There is
+  no regulariser weight to match to the distance's scale, and the gradient's magnitudes rank the heads.
+- a gate threshold: DuoAttention's own recipe, AdamW on the distance plus λ·mean|α| from α = 1.
+
+Why not DuoAttention's recipe under a budget: AdamW divides each gate's gradient by its own running
+magnitude, so every gate moves by about lr per step whatever its gradient's size, and heads separate only
+where the gradient changes sign, i.e. where the distance's pull exceeds λ/heads. From α = 1 the distance's
+gradient is 0 (it is a square at its minimum), so all gates first fall in lockstep, and where they come to
+rest depends on λ against the distance's scale: on micro-llama with λ = 2 every gate stayed in 0.8-1.0
+after 40 steps (docs/static_plans.md), and the binarised plan was decided by those small, noisy gaps.
+The distance is relative, |h_mixed − h_dense|² / |h_dense|² per answer position, so the numbers mean the
+same at every hidden size.
 """
 
 from __future__ import annotations
@@ -54,9 +71,10 @@ def passkey_batch(rng: random.Random, stream, tokenizer, batch_size: int, seqlen
 
 class GateLearning:
     """The `pipeline.train.loop.Method` of DuoAttention: one step is one synthetic passkey batch, the dense
-    model's and the gate-mixed model's final hidden states on the answer positions, and an AdamW step
-    on the gates (clamped to [0, 1]) against their squared distance plus λ·mean|α|. A checkpoint adds
-    the gates, their moments and the passkey generator's state.
+    model's and the gate-mixed model's final hidden states on the answer positions, and a step on the
+    gates against their relative squared distance: projected onto the budget when there is one, else
+    AdamW with λ·mean|α| (module doc). A checkpoint adds the gates, the optimizer's state and the
+    passkey generator's state.
 
     Data-parallel: every rank draws the whole global batch (the same generator and stream, so resuming
     stays exact on any number of ranks), runs its rows, and the gate gradients are summed over the
@@ -70,27 +88,38 @@ class GateLearning:
         self.rank, self.world = rank_world()
         self.device = next(model.parameters()).device
         shape = kv_heads(model)[:2]
-        self.gates = nn.Parameter(torch.ones(shape, device=self.device))  # start as the dense model
-        self.opt = torch.optim.AdamW([self.gates], lr=st.lr, weight_decay=0.0)
+        fraction = getattr(st, "streaming", None) if getattr(st, "threshold", None) is None else None
+        self.open_mean = None if fraction is None else 1.0 - fraction  # the mean gate the budget allows
+        self.gates = nn.Parameter(torch.ones(shape, device=self.device))  # start as the dense model...
+        if self.open_mean is not None:
+            with torch.no_grad():  # ...or as close to it as the budget allows
+                self.gates.copy_(project_mean(self.gates, self.open_mean))
+            self.momentum = torch.zeros(shape, device=self.device)
+        else:
+            self.opt = torch.optim.AdamW([self.gates], lr=st.lr, weight_decay=0.0)
         self.rng = random.Random(seed)
         self.streaming = uniform_plan(shape, True, sink, window)
 
     def load(self, ckpt) -> None:
         with torch.no_grad():
             self.gates.copy_(ckpt.read("gates"))
-        self.opt.state[self.gates] = {"step": torch.tensor(float(ckpt.step)),
-                                      **{k: ckpt.read(k).to(self.device) for k in ("exp_avg", "exp_avg_sq")}}
+        if self.open_mean is not None:
+            self.momentum = ckpt.read("momentum").to(self.device)
+        else:
+            self.opt.state[self.gates] = {"step": torch.tensor(float(ckpt.step)),
+                                          **{k: ckpt.read(k).to(self.device) for k in ("exp_avg", "exp_avg_sq")}}
         self.rng.setstate(_tuples(ckpt.meta["rng"]))
 
     def state(self) -> tuple[dict, dict]:
-        s = self.opt.state[self.gates]
-        tensors = {"gates": self.gates, "exp_avg": s["exp_avg"], "exp_avg_sq": s["exp_avg_sq"]}
+        if self.open_mean is not None:
+            tensors = {"gates": self.gates, "momentum": self.momentum}
+        else:
+            s = self.opt.state[self.gates]
+            tensors = {"gates": self.gates, "exp_avg": s["exp_avg"], "exp_avg_sq": s["exp_avg_sq"]}
         return tensors if self.rank == 0 else {}, {"rng": self.rng.getstate()}
 
     def step(self, step: int, lr: float) -> float:
         st, gates = self.st, self.gates
-        for group in self.opt.param_groups:
-            group["lr"] = lr
         x, targets = passkey_batch(self.rng, self.stream, self.tokenizer, st.batch_size, st.seqlen, st.needles)
         answers = int(targets.sum())  # over the global batch
         share = slice(self.rank * st.batch_size // self.world, (self.rank + 1) * st.batch_size // self.world)
@@ -99,23 +128,44 @@ class GateLearning:
             dense = self.model.base_model(input_ids=x, use_cache=False).last_hidden_state[targets]
         with planned(self.model, self.streaming, gates):
             mixed = self.model.base_model(input_ids=x, use_cache=False).last_hidden_state[targets]
-        per_answer = (mixed - dense).pow(2).sum(-1)  # squared L2 per answer position, as DuoAttention
+        per_answer = (mixed - dense).pow(2).sum(-1) / dense.pow(2).sum(-1).clamp_min(1e-12)  # relative (module doc)
         distance = per_answer.mean() if self.world == 1 else per_answer.sum() / answers
-        loss = distance + st.reg * gates.abs().mean() / self.world
-        self.opt.zero_grad(set_to_none=True)
+        budgeted = self.open_mean is not None
+        loss = distance if budgeted else distance + st.reg * gates.abs().mean() / self.world
+        gates.grad = None
         loss.backward()
         distance = distance.detach()
         if self.world > 1:
             dist.all_reduce(gates.grad)
             dist.all_reduce(distance)
-        self.opt.step()
         with torch.no_grad():
-            gates.clamp_(0, 1)
+            if budgeted:  # projected, max-normalised gradient descent with momentum (module doc)
+                self.momentum.mul_(MOMENTUM).add_(gates.grad, alpha=1 - MOMENTUM)
+                gates.sub_(lr * self.momentum / self.momentum.abs().max().clamp_min(1e-30))
+                gates.copy_(project_mean(gates, self.open_mean))
+            else:
+                for group in self.opt.param_groups:
+                    group["lr"] = lr
+                self.opt.step()
+                gates.clamp_(0, 1)
         return distance.item()
 
     def logged(self, lr: float) -> dict:
         return {"lr": lr, "gate_mean": self.gates.mean().item(),
                 "gates_below_half": (self.gates < 0.5).float().mean().item()}
+
+
+MOMENTUM = 0.9  # averages the gradient over about ten batches: one batch holds only a few answers
+
+
+def project_mean(x: torch.Tensor, mean: float) -> torch.Tensor:
+    """The Euclidean projection of `x` onto {y ∈ [0, 1]^n : mean(y) = mean}: clamp(x − τ, 0, 1) with
+    the shift τ found by bisection (the clamped mean falls monotonically in τ)."""
+    lo, hi = float(x.min()) - 1, float(x.max())
+    for _ in range(60):
+        tau = (lo + hi) / 2
+        lo, hi = (tau, hi) if float((x - tau).clamp(0, 1).mean()) > mean else (lo, tau)
+    return (x - (lo + hi) / 2).clamp(0, 1)
 
 
 def train_gates(model: nn.Module, tokenizer, st, stream, *, sink: int, window: int, seed: int, store,

@@ -8,6 +8,7 @@ argmax candidate. Only the logits train; the base weights stay frozen underneath
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from functools import lru_cache
 
 import torch
@@ -36,25 +37,87 @@ def nm_candidates(n: int, m: int) -> torch.Tensor:
     return torch.tensor(candidates(n, m))
 
 
-class _MaskedWeight(torch.autograd.Function):
-    """W ⊙ M, whose backward also carries the gradient of the sparse-weight regulariser −λ·‖W⊙M‖²
-    (∂/∂M = −2λ·W²·M). Adding it here, inside each layer, rather than as a loss term over every
-    weight keeps each block's gradients local to that block: no masked weight outlives its block's
-    backward, which is what sharded training and activation checkpointing need."""
+# The largest float32 below PROB_FLOOR: `threshold_(p, BELOW_FLOOR, 0)` zeroes exactly the p < PROB_FLOOR.
+BELOW_FLOOR = torch.nextafter(torch.tensor(PROB_FLOOR), torch.tensor(0.0)).item()
+EXP_FLOOR = -80.0  # exp(−80) ≈ 1.8e-35: a normal float32, and far below PROB_FLOOR (≈ exp(−27.6))
+PROFILE_RANGES = False  # benchmarks/learn_step.py names the soft mask's parts in its profiles
+
+
+def _part(name: str):
+    return torch.profiler.record_function(f"soft_mask.{name}") if PROFILE_RANGES else nullcontext()
+
+
+def gumbel_noise(shape: torch.Size, seed: int, device: torch.device) -> torch.Tensor:
+    """Gumbel(0, 1) noise that depends only on the seed: a resumed run, every data-parallel rank and
+    an activation-checkpointing recomputation all draw the same noise."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    u = torch.rand(shape, generator=gen, device=device)
+    return u.clamp_min_(1e-10).log_().neg_().clamp_min_(1e-10).log_().neg_()  # in place: as large as the logits
+
+
+def gumbel_softmax(logits: torch.Tensor, gumbel: torch.Tensor, tau: float, kappa: float) -> torch.Tensor:
+    """softmax((κ·logits + gumbel)/τ) over the last dim, floored at PROB_FLOOR; overwrites `gumbel`.
+    Written out in whole-tensor ops: ATen's CPU softmax over a last dim of 6 runs row by row, 3-7x slower
+    (one 768×64×6 layer)."""
+    scores = gumbel.add_(logits * kappa).div_(tau)
+    scores -= scores.amax(-1, keepdim=True)
+    # exp of x < −87 (a float32 subnormal or 0) takes x86's slow path, ~30-70x slower: late in the anneal
+    # most candidates are there. Below EXP_FLOOR p < PROB_FLOOR and is floored anyway: the same probs.
+    probs = scores.clamp_min_(EXP_FLOOR).exp_()
+    probs /= probs.sum(-1, keepdim=True)
+    # As tau anneals, the losing candidates' probabilities underflow into float32 subnormals, and
+    # x86 matmuls with subnormal operands run ~100x slower (the last steps of a run took 15x the
+    # first). Below PROB_FLOOR a candidate changes neither the mask nor, through Adam's eps, its logit.
+    return torch.nn.functional.threshold_(probs, BELOW_FLOOR, 0.0)
+
+
+def gumbel_softmax_backward(probs: torch.Tensor, grad_probs: torch.Tensor, tau: float, kappa: float) -> torch.Tensor:
+    """∂/∂logits of `gumbel_softmax`: κ/τ · p ⊙ (g − Σ p⊙g); overwrites `grad_probs`. A floored
+    candidate's p is 0, so its gradient is an exact 0, never the subnormal y·(0 − Σ) of softmax's own backward.
+    (Not `torch.set_flush_denormal`: it sets the calling thread's FTZ/DAZ only; at 2 threads half of an
+    op's subnormal results, those of the OpenMP worker, survive it.)"""
+    dot = (probs * grad_probs).sum(-1, keepdim=True)
+    return grad_probs.sub_(dot).mul_(probs).mul_(kappa / tau)
+
+
+class _SoftMaskedWeight(torch.autograd.Function):
+    """W ⊙ M with M = gumbel_softmax(logits) @ candidates, in one node with a hand-written backward:
+    autograd's chain saved the softmax's output, the floor's bool mask and the floored probabilities;
+    this saves the probabilities (and W⊙M while the regulariser is on). The backward also carries the
+    gradient of the sparse-weight regulariser −λ·‖W⊙M‖² (∂/∂M = −2λ·W²·M). Adding it here, inside each
+    layer, rather than as a loss term over every weight keeps each block's gradients local to that
+    block: no masked weight outlives its block's backward, which is what sharded training and
+    activation checkpointing need. Autocast is off inside: the mask is summed in float32, then cast once."""
 
     @staticmethod
-    def forward(ctx, weight, mask, lam):
-        ctx.save_for_backward(weight, mask)
-        ctx.lam = lam
-        return weight * mask
+    def forward(ctx, weight, logits, candidates, seed, tau, kappa, lam):
+        with torch.autocast(weight.device.type, enabled=False):
+            with _part("noise"):
+                gumbel = gumbel_noise(logits.shape[:-1] + (len(candidates),), seed, logits.device)
+            with _part("softmax"):
+                probs = gumbel_softmax(logits, gumbel, tau, kappa)
+            with _part("product"):
+                mask = (probs @ candidates).reshape(weight.shape).to(weight.dtype)
+            with _part("masked_weight"):
+                masked = weight * mask
+        ctx.save_for_backward(weight, probs, candidates, masked if lam else None)
+        ctx.tau, ctx.kappa, ctx.lam = tau, kappa, lam
+        return masked
 
     @staticmethod
     def backward(ctx, grad):
-        weight, mask = ctx.saved_tensors
-        grad_mask = grad * weight
-        if ctx.lam:
-            grad_mask = grad_mask - 2 * ctx.lam * weight * weight * mask
-        return None, grad_mask, None
+        weight, probs, candidates, masked = ctx.saved_tensors
+        with torch.autocast(weight.device.type, enabled=False):
+            if ctx.lam:  # ∂/∂M = (grad − 2λ·W⊙M)·W: one pass over the weight more than without it
+                with _part("regulariser"):
+                    grad = torch.add(grad, masked, alpha=-2 * ctx.lam)
+            with _part("masked_weight"):
+                grad_mask = grad.mul_(weight) if ctx.lam else grad * weight
+            with _part("product"):
+                grad_probs = grad_mask.float().reshape(probs.shape[:-1] + (-1,)) @ candidates.T
+            with _part("softmax"):
+                grad_logits = gumbel_softmax_backward(probs, grad_probs, ctx.tau, ctx.kappa)
+        return None, grad_logits, None, None, None, None, None
 
 
 class GumbelNMMask(nn.Module):
@@ -87,17 +150,10 @@ class GumbelNMMask(nn.Module):
         return candidate_logits(self.logits.float(), self.n, self.m, self.per_group)
 
     def soft_mask(self) -> torch.Tensor:
-        # The noise depends only on the seed the trainer sets: a resumed run, every data-parallel rank
-        # and an activation-checkpointing recomputation all draw the same noise.
-        gen = torch.Generator(device=self.logits.device).manual_seed(self.noise_seed)
-        u = torch.rand(self.logits.shape[:-1] + (len(self.candidates),), generator=gen, device=self.logits.device)
-        gumbel = u.clamp_min_(1e-10).log_().neg_().clamp_min_(1e-10).log_().neg_()  # in place: as large as the logits
-        probs = torch.softmax((self.candidate_logits() * self.kappa + gumbel) / self.tau, dim=-1)
-        # As tau anneals, the losing candidates' probabilities underflow into float32 subnormals, and
-        # x86 matmuls with subnormal operands run ~100x slower (the last steps of a run took 15x the
-        # first). Below PROB_FLOOR a candidate changes neither the mask nor, through Adam's eps, its logit.
-        probs = probs.masked_fill(probs < PROB_FLOOR, 0.0)
-        return probs @ self.candidates  # [out, groups, M]: never a [groups, C, M] intermediate
+        """The soft mask alone, [out, G, M], without autograd's view of it (tests, inspection)."""
+        with torch.no_grad():
+            gumbel = gumbel_noise(self.logits.shape[:-1] + (len(self.candidates),), self.noise_seed, self.logits.device)
+            return gumbel_softmax(self.candidate_logits(), gumbel, self.tau, self.kappa) @ self.candidates
 
     def hard_mask(self) -> torch.Tensor:
         return hard_mask(self.candidate_logits(), self.n, self.m)
@@ -105,7 +161,8 @@ class GumbelNMMask(nn.Module):
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         if not self.training:
             return weight * self.hard_mask().reshape(weight.shape).to(weight.dtype)
-        return _MaskedWeight.apply(weight, self.soft_mask().reshape(weight.shape).to(weight.dtype), self.lam)
+        return _SoftMaskedWeight.apply(weight, self.candidate_logits(), self.candidates, self.noise_seed,
+                                       self.tau, self.kappa, self.lam)
 
 
 def candidate_logits(logits: torch.Tensor, n: int, m: int, per_group: str = "candidates") -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""`attention`: a per-head attention plan (learned DuoAttention gates, re-binarised gates, or random)."""
+"""`attention`: a per-head attention plan (learned DuoAttention gates, re-binarised gates, MoA spans from a
+profile, or random)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from pydantic import Field, model_validator
 
 from maskpipe.pipeline import MaskpipeError
 from maskpipe.pipeline.attention.gates import gate_strategy, train_gates
+from maskpipe.pipeline.attention.moa import moa_plan, profile_spans
 from maskpipe.pipeline.attention.plans import (
     AttentionPlan,
     binarize,
@@ -44,15 +46,19 @@ log = logging.getLogger("maskpipe")
 
 class AttentionStage(LoopSettings):
     """A per-head attention plan: `learned` gates (DuoAttention) binarised at a target fraction of
-    streaming KV heads (or a gate threshold), or a `random` plan with the same budget."""
+    streaming KV heads (or a gate threshold), `moa` spans (one window per head from `candidate_windows`,
+    chosen from a profile of the dense model under the KV budget of that fraction of streaming heads),
+    or a `random` plan with the same budget."""
 
     stage: Literal["attention"]
-    method: Literal["learned", "random"] = "learned"
+    method: Literal["learned", "moa", "random"] = "learned"
     streaming: float | None = Field(default=0.5, ge=0, le=1)  # fraction of KV heads that stream
     threshold: float | None = Field(default=None, ge=0, le=1)  # learned only: heads with gate < threshold stream
     sink: int | None = Field(default=None, gt=0)  # tokens; default seqlen/64
     window: int | None = Field(default=None, gt=0)  # recent tokens; default seqlen/8
     windows: list[int] | None = Field(default=None, min_length=1)  # MoA-style: streaming windows ranked by gate
+    candidate_windows: list[int] | None = Field(default=None, min_length=1)  # moa; default seqlen/16 ... seqlen/2
+    profile_batches: int = Field(default=4, gt=0)  # moa: passkey batches the dense model is profiled on
     gates_from: str | None = None  # an earlier learned attention stage: re-binarise its gates, no training
     seed: int | None = None  # random: the draw (defaults to the config's seed)
     masks: str | None = None  # an earlier N:M stage: its masks stay on while learning and join the artifact
@@ -61,9 +67,11 @@ class AttentionStage(LoopSettings):
     batch_size: BatchSize = 4
     seqlen: SeqLen = 512  # also the context the sink/window defaults scale with
     needles: int = Field(default=2, gt=0)  # passkeys per sample
-    # Adam moves a gate by about lr per step, so lr ~ 2-4/steps lets an unneeded gate fall from 1 to 0.
+    # The most-pulled gate moves by lr per step (max-normalised step under a budget; AdamW's per-gate
+    # normalisation with a threshold), so lr ~ 2-4/steps lets a gate cross [0, 1] and come back.
     lr: LearningRate = 0.05
-    # λ of λ·mean|α|; DuoAttention's 0.05·Σ|α| over 48 heads is λ = 2.4 here
+    # threshold plans only (a budget needs no λ, pipeline.attention.gates): λ of λ·mean|α|;
+    # DuoAttention's 0.05·Σ|α| over 48 heads is λ = 2.4 here
     reg: float = Field(default=2.0, ge=0)
     checkpoint_every: CheckpointEvery = 50
     keep_checkpoints: KeepCheckpoints = 2
@@ -84,9 +92,13 @@ class AttentionStage(LoopSettings):
     def _checks(self) -> AttentionStage:
         if (self.streaming is None) == (self.threshold is None):
             raise ValueError("streaming: give exactly one of streaming (a fraction of heads) or threshold")
-        if self.method == "random":
+        if self.method in ("random", "moa"):
             if self.threshold is not None or self.gates_from is not None:
-                raise ValueError("method: a random plan takes a streaming fraction, no threshold or gates_from")
+                raise ValueError(f"method: a {self.method} plan takes a streaming fraction, no threshold or gates_from")
+            if self.method == "moa" and self.data is None:
+                raise ValueError("data: profiling MoA spans needs a haystack corpus")
+        elif self.candidate_windows is not None:
+            raise ValueError("candidate_windows: only method moa chooses among windows (learned plans take windows)")
         elif self.gates_from is None and self.data is None:
             raise ValueError("data: learning gates needs a haystack corpus")
         return self
@@ -109,6 +121,14 @@ def attention_stage(cfg: Config, s: Session, st: AttentionStage, run: RunDir, st
     t0 = time.perf_counter()
     if st.method == "random":
         scores = random_scores(shape, cfg.seed if st.seed is None else st.seed)
+    elif st.method == "moa":
+        stream = TokenStream(cfg.data[st.data], s.tokenizer, st.seqlen, cfg.seed)
+        tokens = st.profile_batches * st.batch_size * st.seqlen
+        data_info = {"corpus": st.data, "sources": [x.path for x in cfg.data[st.data].sources], "tokens": tokens}
+        with s.running(base):
+            mass, windows = profile_spans(s.model, s.tokenizer, stream, sink=sink, batches=st.profile_batches,
+                                          batch_size=st.batch_size, seqlen=st.seqlen, needles=st.needles,
+                                          windows=st.candidate_windows, seed=cfg.seed)
     elif st.gates_from:
         scores = gates = s.plan_of(variants[st.gates_from]).gate
         if bool(gates.isnan().any()):
@@ -126,10 +146,16 @@ def attention_stage(cfg: Config, s: Session, st: AttentionStage, run: RunDir, st
     seconds = time.perf_counter() - t0
     if rank != 0:
         return []
-    streaming = binarize(scores, fraction=st.streaming, threshold=st.threshold)
-    plan = AttentionPlan(streaming, torch.full(shape, sink),
-                         moa_windows(scores, streaming, st.windows) if st.windows else torch.full(shape, window),
-                         gates if gates is not None else torch.full(shape, float("nan")))
+    if st.method == "moa":  # the KV budget of `streaming` heads at sink + window, spent per head
+        heads, streams = shape[0] * shape[1], round(st.streaming * shape[0] * shape[1])
+        budget = streams * min(st.seqlen, sink + window) + (heads - streams) * st.seqlen
+        plan = moa_plan(mass, windows, budget_tokens=budget, sink=sink, length=st.seqlen)
+        streaming = plan.streaming
+    else:
+        streaming = binarize(scores, fraction=st.streaming, threshold=st.threshold)
+        plan = AttentionPlan(streaming, torch.full(shape, sink),
+                             moa_windows(scores, streaming, st.windows) if st.windows else torch.full(shape, window),
+                             gates if gates is not None else torch.full(shape, float("nan")))
     cost = plan_cost(plan, st.seqlen, *head_geometry(s.model))
     params = st.model_dump(mode="json", exclude={"stage", "name", "data", "masks"}) | {"sink": sink, "window": window}
     artifact = save_artifact(
