@@ -131,6 +131,29 @@ def test_publish_verifies_what_it_copies_and_writes_nothing_from_a_damaged_artif
               one_line=True)
 
 
+@pytest.mark.parametrize("how", ["the base model it names", "--model"])
+def test_publish_checks_the_fingerprint_against_the_model_at_hand_and_writes_nothing_on_a_mismatch(how, tmp_path,
+                                                                                                   capsys):
+    import shutil
+
+    from tests.conftest import MICRO
+
+    artifact = shutil.copytree(FIXTURE, tmp_path / "art")
+    manifest = json.loads((artifact / MANIFEST_FILE).read_text())
+    manifest["base_model"]["fingerprint"] = "sha256:" + "0" * 64  # made for some other model
+    manifest["base_model"]["name_or_path"] = str(MICRO) if how != "--model" else "org/not-here"
+    (artifact / MANIFEST_FILE).write_text(json.dumps(manifest))
+    model = ["--model", str(MICRO)] if how == "--model" else []
+    cli_fails(["publish", str(artifact), "--out", str(tmp_path / "pub"), *model], capsys,
+              "base model fingerprint mismatch", tmp_path / "pub", one_line=True)
+    # an intact artifact checks out against its model; with no model at hand, publish says it did not check
+    assert main(["publish", str(FIXTURE), "--out", str(tmp_path / "ok"), "--model", str(MICRO)]) == 0
+    capsys.readouterr()
+    assert main(["publish", str(artifact), "--out", str(tmp_path / "unchecked")]) == (0 if model else 2)
+    if model:
+        assert "fingerprint was not checked" in capsys.readouterr().err
+
+
 # ----------------------------------------------------------------------------------------- checkpoints
 
 
