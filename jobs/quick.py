@@ -58,7 +58,7 @@ def _data_cfg(a, split: str, sample_by: str) -> dict:
 
 
 # The quick commands' flags for the key paths of the one-stage config they build, so errors name them.
-QUICK_FLAGS = {"stages.0.seqlen": "--seqlen", "model.device": "--device", "model.name_or_path": "--model", "stages.0.passkey.lengths": "--passkey",
+QUICK_FLAGS = {"stages.0.seqlen": "--seqlen", "stages.0.data": "--data", "stages.0.niah.data": "--data", "model.device": "--device", "model.name_or_path": "--model", "stages.0.passkey.lengths": "--passkey",
                "stages.0.niah.lengths": "--niah", "stages.0.multikey.lengths": "--multikey"}
 
 

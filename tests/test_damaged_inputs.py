@@ -250,3 +250,31 @@ def test_a_model_folder_without_its_config_weights_or_tokenizer_is_refused_by_va
               f"model.name_or_path: {model}: a model folder without its {missing}", one_line=True)
     cli_fails(["oneshot", "--model", str(model), "--method", "magnitude", "--out", str(tmp_path / "o")], capsys,
               f"--model: {model}: a model folder without its {missing}", tmp_path / "o", one_line=True)
+
+
+@pytest.mark.parametrize("name,text,message", [
+    ("empty.txt", "", "empty corpus"),
+    ("blank.txt", "\n \n\n", "empty corpus"),
+    ("one-line.txt", "In the beginning God created the heaven and the earth.\n", "fewer than one"),
+    ("other-field.jsonl", '{"body": "In the beginning God created the heaven and the earth."}\n' * 50,
+     "no text field 'text'"),
+], ids=["empty", "blank lines", "one line", "jsonl without its text field"])
+def test_a_corpus_no_stage_can_read_a_sequence_from_is_refused_by_validate_and_the_quick_commands(
+        name, text, message, tmp_path, capsys, monkeypatch):
+    import yaml
+
+    from maskpipe.pipeline.io import session
+
+    corpus = tmp_path / name
+    corpus.write_text(text)
+    monkeypatch.setattr(session, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    raw = yaml.safe_load(learn_recipe(tmp_path).read_text())
+    raw["data"]["calib"]["sources"] = [str(corpus)]
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(raw))
+    err = cli_fails(["validate", str(tmp_path / "c.yaml")], capsys, "stages.1.data (calib): ", one_line=True)
+    assert str(corpus) in err and message in err, err
+    for argv in (["oneshot", *MODEL_FLAGS, "--method", "wanda", "--n-samples", "2", "--seqlen", "32"],
+                 ["eval", *MODEL_FLAGS, "--seqlen", "32"]):
+        err = cli_fails([*argv, "--data", str(corpus), "--out", str(tmp_path / "out")], capsys,
+                        f"--data (", tmp_path / "out", one_line=True)
+        assert str(corpus) in err and message in err, err

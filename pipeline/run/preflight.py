@@ -128,6 +128,7 @@ def check_inputs(cfg: Config, source: str = "", flags: dict[str, str] | None = N
         for src in cfg.data[name].sources:
             for f in _local_files(src) or []:
                 _sniff(f)
+    check_corpora(cfg, where, flags)
     limit = context_limit(cfg.model)
     if limit is None:
         return
@@ -137,6 +138,56 @@ def check_inputs(cfg: Config, source: str = "", flags: dict[str, str] | None = N
                 name = flags.get(f"stages.{i}.{key}", f"stages.{i}.{key}")
                 raise MaskpipeError(f"{where}{name}: {n} tokens is beyond the context of {cfg.model.name_or_path} "
                                     f"(max_position_embeddings {limit})")
+
+
+def local_tokenizer(model_cfg: ModelConfig):
+    """The model's tokenizer if it can be read here without the network, else None (the load says why)."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(model_cfg.name_or_path, revision=model_cfg.revision, local_files_only=True,
+                                             trust_remote_code=model_cfg.trust_remote_code)
+    except Exception:  # noqa: BLE001 - as in context_limit: not readable here is not an error yet
+        return None
+
+
+def check_corpora(cfg: Config, where: str = "", flags: dict[str, str] | None = None) -> None:
+    """Refuse a local corpus that a stage cannot read a single sequence from, naming the stage's key (or
+    flag) and the file: one that is empty, a record without its text field, fewer tokens than one
+    block of the stage's seqlen (learning and calibration pack each source into blocks, every source
+    on its own), or, for perplexity, fewer than one evaluation window. Reads each corpus only as far as
+    one sequence, with the tokenizer when it is here (a hub model not in the cache: not checked)."""
+    from maskpipe.pipeline.eval.perplexity import windows
+    from maskpipe.pipeline.io.data import _local_files, check_source, eval_tokens
+    from maskpipe.pipeline.stages import kind_of
+
+    flags = flags or {}
+    tokenizer, done = None, set()
+    for i, st in enumerate(cfg.stages):
+        kind = kind_of(st)
+        for key, name in kind.corpora(st).items():
+            data = cfg.data[name]
+            if not all(_local_files(src) for src in data.sources):
+                continue  # a hub dataset is read where it is served
+            tokenizer = tokenizer or local_tokenizer(cfg.model)
+            if tokenizer is None:
+                return
+            # one sequence of the stage: perplexity windows are cut from the whole text (with the
+            # tokenizer's BOS), every other stage's from blocks of each source (1: retrieval fills any length)
+            seqlen = kind.lengths(st).get("seqlen", 1)
+            label = flags.get(f"stages.{i}.{key}", f"stages.{i}.{key}")
+            if (name, seqlen, kind.name == "eval") in done:
+                continue
+            done.add((name, seqlen, kind.name == "eval"))
+            try:
+                if kind.name == "eval":
+                    windows(eval_tokens(data, tokenizer, seqlen), seqlen, st.stride, check=True)
+                else:
+                    weights = data.weights or [1.0] * len(data.sources)
+                    for src in (s for s, w in zip(data.sources, weights) if w > 0):
+                        check_source(data, src, tokenizer, seqlen)
+            except MaskpipeError as e:
+                raise MaskpipeError(f"{where}{label} ({name}): {e}") from None
 
 
 # What a resume may change: where and how the stages run, never what they compute (every strategy
