@@ -15,6 +15,38 @@ from maskpipe.pipeline import MaskpipeError
 os.environ.setdefault("RAY_AUTH_MODE", "token")
 
 
+# How long a cluster's port may take to accept a connection before it counts as unreachable: ray.init
+# and the Jobs client themselves retry for minutes, printing GCS warnings, when nothing listens.
+PROBE_TIMEOUT_S = 3
+
+
+def probe(address: str, flag: str = "--address") -> None:
+    """Refuse, within seconds, an address where nothing accepts a TCP connection: HEAD:PORT (a bare
+    HEAD is Ray's GCS port 6379), ray://HEAD:PORT (Ray Client, 10001) or http(s)://HEAD:PORT (the
+    dashboard). `auto` is Ray's to find."""
+    import socket
+    from urllib.parse import urlsplit
+
+    if address == "auto":
+        return
+    default = {"ray": 10001, "http": 80, "https": 443}
+    parts = urlsplit(address if "://" in address else f"gcs://{address}")
+    try:
+        host, port = parts.hostname, parts.port or default.get(parts.scheme, 6379)
+    except ValueError as e:  # a port that is not a number
+        raise MaskpipeError(f"{flag} {address}: not a Ray address ({e}): HEAD:6379, ray://HEAD:10001 or "
+                            "http://HEAD:8265") from None
+    if not host:
+        raise MaskpipeError(f"{flag} {address}: not a Ray address: HEAD:6379, ray://HEAD:10001 or http://HEAD:8265")
+    try:
+        socket.create_connection((host, port), timeout=PROBE_TIMEOUT_S).close()
+    except OSError as e:
+        why = (f"no answer in {PROBE_TIMEOUT_S} s" if isinstance(e, TimeoutError)
+               else (e.strerror or str(e) or type(e).__name__).lower())
+        raise MaskpipeError(f"{flag} {address}: cannot reach the Ray cluster ({host}:{port}: {why}); start one "
+                            "with `ray start --head` or fix the address") from None
+
+
 def connect(address: str | None = None, verbose: bool = False) -> None:
     """Join the Ray cluster at `address` (or $RAY_ADDRESS, which a Ray job sets for its driver); with
     neither, start a local Ray instance in this process. Unless `verbose`, Ray's own INFO and WARNING
@@ -30,6 +62,8 @@ def connect(address: str | None = None, verbose: bool = False) -> None:
     if address and address.startswith(("http://", "https://")):
         raise MaskpipeError(f"--address {address}: a dashboard URL is what `submit` takes; `run` joins the "
                             "cluster itself: HEAD:6379 or auto")
+    if address:
+        probe(address)
     quiet = {} if verbose else {"logging_level": logging.WARNING,
                                 "logging_config": ray.LoggingConfig(encoding="TEXT", log_level="ERROR")}
     try:
@@ -48,6 +82,9 @@ def job_client(address: str | None = None):
     machine."""
     from ray.job_submission import JobSubmissionClient
 
+    given = address or os.environ.get("RAY_API_SERVER_ADDRESS") or os.environ.get("RAY_ADDRESS")
+    if given:
+        probe(given)
     try:
         return JobSubmissionClient(address)
     except Exception as e:  # noqa: BLE001 - refused, unreachable, no token, no cluster: all one answer
