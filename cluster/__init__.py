@@ -92,3 +92,20 @@ def job_client(address: str | None = None):
         raise MaskpipeError(f"--address {where}: cannot reach the Ray cluster "
                             f"({str(e).split('. ')[0].splitlines()[0] if str(e) else type(e).__name__}); start "
                             "one with `ray start --head` or give its dashboard, http://HEAD:8265") from None
+
+
+def cluster_resources(client) -> dict[str, float] | None:
+    """The resources of the alive nodes of the cluster behind a Jobs client (its dashboard's state API),
+    as `ray.cluster_resources()` gives them to a connected driver; None if the dashboard does not say."""
+    from ray.util.state import list_nodes
+
+    try:
+        nodes = list_nodes(address=client.get_address(), filters=[("state", "=", "ALIVE")], timeout=10,
+                           raise_on_missing_output=False)
+    except Exception:  # noqa: BLE001 - an older or restricted dashboard: the job's driver checks again
+        return None
+    total: dict[str, float] = {}
+    for node in nodes:
+        for res, n in (node.resources_total or {}).items():
+            total[res] = total.get(res, 0) + n
+    return total or None  # a head just started lists no node yet: unknown, not empty

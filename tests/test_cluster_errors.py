@@ -54,3 +54,43 @@ def test_an_address_where_nothing_listens_is_one_line_within_seconds(command, tm
     assert "Traceback" not in err and seconds < 30, (seconds, err[-3000:])
     if name == "submit":
         assert not run_dir.exists()
+
+
+@pytest.fixture(scope="module")
+def small_head():
+    """A Ray head of its own on loopback with 2 CPUs (`ray start --head --block`: ending that one process
+    ends every process it started, and nobody else's cluster); yields its dashboard (jobs) address."""
+    from maskpipe.cluster import cluster_resources, job_client
+
+    port, dash = free_port(), free_port()
+    head = subprocess.Popen(["ray", "start", "--head", "--block", f"--port={port}", "--dashboard-host=127.0.0.1",
+                             f"--dashboard-port={dash}", "--num-cpus=2", "--include-dashboard=true",
+                             f"--temp-dir=/tmp/mp-head-{os.getpid()}", "--disable-usage-stats"],
+                            env={**os.environ, "RAY_AUTH_MODE": "token"}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        address, deadline = f"http://127.0.0.1:{dash}", time.monotonic() + 180
+        while True:  # the dashboard answers, and lists the head's resources
+            try:
+                if cluster_resources(job_client(address)):
+                    break
+            except Exception:  # noqa: BLE001 - not up yet
+                pass
+            assert head.poll() is None and time.monotonic() < deadline, "the Ray head did not start"
+            time.sleep(1)
+        yield address
+    finally:
+        head.terminate()
+        head.wait(120)
+
+
+def test_submit_of_more_workers_than_the_cluster_has_is_refused_before_submitting(small_head, tmp_path):
+    config, run_dir = learn_recipe(tmp_path), tmp_path / "r"
+    code, err, _ = cli("submit", config, "workers.num_workers=4", "stages.1.batch_size=4", "--run-dir", run_dir, "--address", small_head,
+                       timeout=120)
+    assert code == 2, err[-3000:]
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert errors == ["error: workers: asked 4 worker(s) x 1 CPU, the Ray cluster has 2 CPU (workers.num_workers, "
+                      "workers.use_gpu, workers.resources_per_worker; set workers.autoscaling: true if the cluster "
+                      "adds nodes on demand)"], err
+    assert not run_dir.exists()  # nothing submitted, nothing left behind

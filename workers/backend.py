@@ -59,19 +59,31 @@ class CellWorker:
             return cell, self.kind.cell(self.ctx, self.state, cell)
 
 
+def worker_options(cfg: Config) -> dict:
+    """The Ray task options of one worker: `workers.resources_per_worker`, one GPU each with `use_gpu`."""
+    w = cfg.workers
+    res = dict(w.resources_per_worker)
+    options = {"num_cpus": res.pop("CPU", 1), "num_gpus": res.pop("GPU", 1 if w.use_gpu else 0)}
+    if "memory" in res:
+        options["memory"] = res.pop("memory")
+    if res:
+        options["resources"] = res
+    return options
+
+
+def check_fits(cfg: Config, total: dict[str, float] | None = None) -> None:
+    """Refuse a run whose workers the cluster cannot hold (`check_resources`), before any stage: the
+    learning group and the evaluation actors ask for this much at once. `total`: the cluster's
+    resources, when this process is not connected to it (`submit` reads them from the dashboard)."""
+    if cfg.workers.num_workers > 0 and not cfg.workers.autoscaling:
+        check_resources(worker_options(cfg), cfg.workers.num_workers, "workers", total)
+
+
 class RayBackend:
     def __init__(self, cfg: Config):
-        w = cfg.workers
-        res = dict(w.resources_per_worker)
-        self.options = {"num_cpus": res.pop("CPU", 1), "num_gpus": res.pop("GPU", 1 if w.use_gpu else 0)}
-        if "memory" in res:
-            self.options["memory"] = res.pop("memory")
-        if res:
-            self.options["resources"] = res
-        self.num_workers = w.num_workers
-        if not w.autoscaling:
-            # Before any stage: the learning group and the evaluation actors ask for this much at once.
-            check_resources(self.options, w.num_workers, "workers")
+        self.options = worker_options(cfg)
+        self.num_workers = cfg.workers.num_workers
+        check_fits(cfg)
 
     def execute(self, kind: StageKind, ctx: StageContext) -> StageOutput:
         ctx = ctx.without_session()

@@ -121,12 +121,13 @@ def train_run_name(run_dir: Path, stage: str) -> str:
     return name if safe == name else f"{safe}-{hashlib.sha256(name.encode()).hexdigest()[:8]}"
 
 
-def check_resources(options: dict, workers: int, what: str) -> None:
+def check_resources(options: dict, workers: int, what: str, total: dict[str, float] | None = None) -> None:
     """Refuse a request no node set of the cluster can hold now, with the numbers, rather than wait
-    forever (Ray retries an infeasible request without end). `options` are a Ray task's options."""
+    forever (Ray retries an infeasible request without end). `options` are a Ray task's options;
+    `total` the cluster's resources (default: those of the cluster this process is connected to)."""
     import ray
 
-    total = ray.cluster_resources()
+    total = ray.cluster_resources() if total is None else total
     asked = {"CPU": options.get("num_cpus", 1), "GPU": options.get("num_gpus", 0), **options.get("resources", {})}
     for res, per in asked.items():
         have = total.get(res, 0)
