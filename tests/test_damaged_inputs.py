@@ -278,3 +278,47 @@ def test_a_corpus_no_stage_can_read_a_sequence_from_is_refused_by_validate_and_t
         err = cli_fails([*argv, "--data", str(corpus), "--out", str(tmp_path / "out")], capsys,
                         f"--data (", tmp_path / "out", one_line=True)
         assert str(corpus) in err and message in err, err
+
+
+# --------------------------------------------------------------------------------- smaller messages
+
+
+def test_a_run_stopped_during_eval_says_it_stopped_in_eval_not_at_an_earlier_stages_step(tmp_path, monkeypatch,
+                                                                                         capsys):
+    import yaml
+
+    from maskpipe.pipeline.run.runner import LocalBackend
+
+    raw = yaml.safe_load(learn_recipe(tmp_path, steps=2).read_text())
+    raw["stages"].append({"stage": "eval", "data": ["calib"], "seqlen": 32})
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(raw))
+    original = LocalBackend.execute
+
+    def interrupted(self, kind, ctx):
+        if kind.name == "eval":
+            raise KeyboardInterrupt
+        return original(self, kind, ctx)
+
+    monkeypatch.setattr(LocalBackend, "execute", interrupted)
+    capsys.readouterr()
+    assert main(["run", str(tmp_path / "c.yaml"), "--run-dir", str(tmp_path / "r")]) == 130
+    err = capsys.readouterr().err
+    assert "stopped in eval; resume with:" in err and "at step" not in err, err
+    status = json.loads((tmp_path / "r" / "status.json").read_text())
+    assert status["stage"] == "eval" and status["step"] is None
+
+
+def test_a_stages_error_is_printed_once_and_kept_in_run_log(tmp_path):
+    import yaml
+
+    from tests.test_nothing_lost import FIXTURE
+
+    raw = yaml.safe_load(learn_recipe(tmp_path).read_text())
+    raw["stages"] = [{**raw["stages"][1], "pattern": "4:8", "prior": {"artifact": str(FIXTURE)}}]  # a 2:4 prior
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(raw))
+    out = subprocess.run([sys.executable, "-m", "maskpipe.jobs.cli", "run", str(tmp_path / "c.yaml"), "--run-dir",
+                          str(tmp_path / "r")], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 2, out.stderr[-3000:]
+    said = [line for line in out.stderr.splitlines() if "is 2:4, the stage learns 4:8" in line]
+    assert len(said) == 1 and said[0].startswith("error: "), out.stderr[-3000:]
+    assert "is 2:4, the stage learns 4:8" in (tmp_path / "r" / "run.log").read_text()

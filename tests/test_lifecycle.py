@@ -352,7 +352,7 @@ def test_two_drivers_ctrl_c_and_a_killed_driver(tmp_path, capsys):
     finally:
         first.kill()
     assert first.returncode == 130, err[-3000:]
-    assert re.search(rf"stopped at step \d+; resume with: maskpipe run {re.escape(str(run_dir))}/config.yaml "
+    assert re.search(rf"stopped at step \d+ of \S+; resume with: maskpipe run {re.escape(str(run_dir))}/config.yaml "
                      rf"--run-dir {re.escape(str(run_dir))}", err) and "Traceback" not in err, err[-3000:]
     assert json.loads((run_dir / "status.json").read_text())["status"] == "stopped"
 
