@@ -322,3 +322,23 @@ def test_a_stages_error_is_printed_once_and_kept_in_run_log(tmp_path):
     said = [line for line in out.stderr.splitlines() if "is 2:4, the stage learns 4:8" in line]
     assert len(said) == 1 and said[0].startswith("error: "), out.stderr[-3000:]
     assert "is 2:4, the stage learns 4:8" in (tmp_path / "r" / "run.log").read_text()
+
+
+def test_a_run_whose_own_config_does_not_validate_is_not_told_to_resume_with_it(tmp_path, capsys):
+    run_dir = tmp_path / "r"
+    run_dir.mkdir()
+    (run_dir / "config.yaml").write_text("name: r\nstages: 5\n")  # YAML, a mapping, but no config
+    err = cli_fails(["run", str(learn_recipe(tmp_path)), "--run-dir", str(run_dir)], capsys,
+                    f"{run_dir / 'config.yaml'}: the run's own config does not validate", one_line=True)
+    assert "resume it with its own config.yaml" not in err
+
+
+def test_submit_on_a_live_run_says_it_is_in_use_not_resume(tmp_path, capsys):
+    from maskpipe.pipeline.io.rundir import RunLock
+
+    config, run_dir = learn_recipe(tmp_path), tmp_path / "r"
+    with RunLock(run_dir):  # a live run's driver owns its directory
+        (run_dir / "config.yaml").write_text(config.read_text())
+        err = cli_fails(["submit", str(config), "--run-dir", str(run_dir), "--address", "http://127.0.0.1:9"], capsys,
+                        f"{run_dir}: run directory in use by pid", one_line=True)
+    assert "resume" not in err

@@ -199,7 +199,7 @@ def died_run(tmp_path_factory):
     return config, run_dir
 
 
-@pytest.mark.parametrize("damage", ["flipped byte", "truncated shard", "missing shard"])
+@pytest.mark.parametrize("damage", ["flipped byte", "truncated shard", "missing shard", "garbage state.json"])
 def test_a_damaged_latest_checkpoint_is_refused_naming_it_and_the_previous_one(damage, died_run, tmp_path, capsys):
     import shutil
 
@@ -213,10 +213,13 @@ def test_a_damaged_latest_checkpoint_is_refused_naming_it_and_the_previous_one(d
         shard.write_bytes(bytes(blob))
     elif damage == "truncated shard":
         shard.write_bytes(bytes(blob[: len(blob) // 2]))
-    else:
+    elif damage == "missing shard":
         shard.unlink()
-    err = cli_fails(["run", str(config), "--run-dir", str(run_dir)], capsys,
-                    f"{ckpts / 'step-00000004'}: damaged checkpoint", one_line=True)
+    else:
+        (ckpts / "step-00000004" / "state.json").write_text('{"step": 4, "sh')
+    what = "unreadable checkpoint" if damage == "garbage state.json" else "damaged checkpoint"
+    err = cli_fails(["run", str(config), "--run-dir", str(run_dir)], capsys, f"{ckpts / 'step-00000004'}: {what}",
+                    one_line=True)
     assert "delete it to resume from step 2" in err
     if damage == "missing shard":  # as it says: without the damaged one, the run resumes from step 2 and ends
         shutil.rmtree(ckpts / "step-00000004")

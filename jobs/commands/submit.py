@@ -32,6 +32,8 @@ def cmd_submit(a) -> None:
     run_dir = Path(a.run_dir or rundir.new_run_dir(cfg.output_dir, cfg.name)).resolve()
     paths = RunDir(run_dir)
     rundir.check_run_dir(run_dir)
+    if rundir.alive(run_dir):  # a live run is not one to resume either: the same line as `run` gives
+        raise MaskpipeError(f"{run_dir}: run directory in use by {rundir.describe(rundir.owner(run_dir))}")
     if paths.config.exists():
         raise MaskpipeError(f"{run_dir}: already holds a run; continue it with `maskpipe resume {run_dir}`")
     client = job_client(a.address)  # a cluster that does not answer leaves nothing behind

@@ -231,8 +231,9 @@ def check_resumable(cfg: Config, run_dir: Path) -> None:
         # an earlier version stored paths relative to where the run started: here is the best guess
         old = with_absolute_paths(config_from_dict(raw, str(path))).model_dump(mode="json")
     except (MaskpipeError, ValueError) as e:
-        raise MaskpipeError(f"{run_dir}: holds a run of another config; resume it with its own config.yaml "
-                            f"(its config.yaml does not validate as this one: {str(e).splitlines()[0]})") from None
+        # not "resume it with its own config.yaml": that file is what is broken
+        raise MaskpipeError(f"{path}: the run's own config does not validate ({str(e).splitlines()[0]}); fix it to "
+                            "resume the run, or start a new run directory") from None
     new = with_absolute_paths(cfg).model_dump(mode="json")
     a, b = _result_keys(old), _result_keys(new)
     differ = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
