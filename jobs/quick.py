@@ -62,6 +62,23 @@ QUICK_FLAGS = {"stages.0.seqlen": "--seqlen", "stages.0.data": "--data", "stages
                "stages.0.niah.lengths": "--niah", "stages.0.multikey.lengths": "--multikey"}
 
 
+def quick_config(raw: dict, a):
+    """The one-stage config of a quick command; an invalid value is named by the flag that gave it
+    (`--seqlen`, not `stages.0.seqlen`): a key of QUICK_FLAGS, else the flag of the key's last part."""
+    from maskpipe.pipeline.config import ConfigError, config_from_dict
+
+    try:
+        return config_from_dict(raw, "command line")
+    except ConfigError as e:
+        lines = []
+        for line in str(e).splitlines():
+            _, key, msg = line.split(": ", 2) if line.count(": ") >= 2 else ("", "", line)
+            last = key.rsplit(".", 1)[-1]
+            flag = QUICK_FLAGS.get(key) or (f"--{last.replace('_', '-')}" if hasattr(a, last) else None)
+            lines.append(f"{flag}: {msg}" if flag else line)
+        raise ConfigError("\n".join(lines)) from None
+
+
 def _one_stage(cfg, variants: list | None = None, run=None):
     """Run the one stage of a quick command's config in this process, as `maskpipe run` would run it
     (`pipeline.stages`); `variants` are those it evaluates, `run` where it writes."""

@@ -213,7 +213,7 @@ def test_artifacts_for_different_models_are_refused_together(parts, other_models
 
 @pytest.mark.parametrize("pattern,message", [
     ("3:5", "model.layers.0.self_attn.q_proj: input dimension 128 is not divisible by M=5"),
-    ("4:4", 'command line: stages.0.pattern: expected "N:M" with 0<N<M, got "4:4"'),
+    ("4:4", '--pattern: expected "N:M" with 0<N<M, got "4:4"'),
     ("6:4", 'expected "N:M" with 0<N<M, got "6:4"'),
 ])
 def test_an_impossible_pattern_is_refused(pattern, message, tmp_path, capsys):

@@ -342,3 +342,15 @@ def test_submit_on_a_live_run_says_it_is_in_use_not_resume(tmp_path, capsys):
         err = cli_fails(["submit", str(config), "--run-dir", str(run_dir), "--address", "http://127.0.0.1:9"], capsys,
                         f"{run_dir}: run directory in use by pid", one_line=True)
     assert "resume" not in err
+
+
+@pytest.mark.parametrize("argv,flag", [
+    (["eval", "--seqlen", "0"], "--seqlen"),
+    (["eval", "--stride", "0"], "--stride"),
+    (["oneshot", "--method", "wanda", "--n-samples", "0"], "--n-samples"),
+    (["oneshot", "--method", "wanda", "--pattern", "4:2"], "--pattern"),
+])
+def test_a_quick_command_names_the_flag_of_a_bad_value_not_the_config_key(argv, flag, tmp_path, capsys):
+    err = cli_fails([*argv, *MODEL_FLAGS, "--data", str(CORPORA / "kjv.valid.txt"), "--out", str(tmp_path / "o")],
+                    capsys, f"error: {flag}: ", tmp_path / "o", one_line=True)
+    assert "stages.0" not in err, err

@@ -128,16 +128,14 @@ def check_inputs(cfg: Config, source: str = "", flags: dict[str, str] | None = N
         for src in cfg.data[name].sources:
             for f in _local_files(src) or []:
                 _sniff(f)
-    check_corpora(cfg, where, flags)
     limit = context_limit(cfg.model)
-    if limit is None:
-        return
-    for i, st in enumerate(cfg.stages):
+    for i, st in enumerate(cfg.stages if limit is not None else []):
         for key, n in kind_of(st).lengths(st).items():
             if n > limit:
                 name = flags.get(f"stages.{i}.{key}", f"stages.{i}.{key}")
                 raise MaskpipeError(f"{where}{name}: {n} tokens is beyond the context of {cfg.model.name_or_path} "
                                     f"(max_position_embeddings {limit})")
+    check_corpora(cfg, where, flags)  # after the lengths: a seqlen beyond the model is the first thing to fix
 
 
 def local_tokenizer(model_cfg: ModelConfig):
