@@ -354,3 +354,24 @@ def test_a_quick_command_names_the_flag_of_a_bad_value_not_the_config_key(argv, 
     err = cli_fails([*argv, *MODEL_FLAGS, "--data", str(CORPORA / "kjv.valid.txt"), "--out", str(tmp_path / "o")],
                     capsys, f"error: {flag}: ", tmp_path / "o", one_line=True)
     assert "stages.0" not in err, err
+
+
+def test_maskpipe_stop_stops_a_foreground_run_as_ctrl_c_does(tmp_path, capsys):
+    from maskpipe.pipeline.run.runner import read_metrics
+
+    config, run_dir = learn_recipe(tmp_path, steps=2000), tmp_path / "r"
+    first = subprocess.Popen([sys.executable, "-m", "maskpipe.jobs.cli", "run", str(config), "--run-dir", str(run_dir)],
+                             cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not any("step" in m for m in read_metrics(run_dir / "metrics.jsonl")):
+            assert first.poll() is None and time.monotonic() < deadline, first.stderr.read() if first.poll() else ""
+            time.sleep(0.2)
+        capsys.readouterr()
+        assert main(["stop", str(run_dir)]) == 0
+        assert f"r: stopped (pid {first.pid}); continue it with: maskpipe run" in capsys.readouterr().out
+        _, err = first.communicate(timeout=60)
+    finally:
+        first.kill()
+    assert first.returncode == 130 and "stopped at step" in err and "Traceback" not in err, err[-3000:]
+    assert json.loads((run_dir / "status.json").read_text())["status"] == "stopped"
