@@ -231,7 +231,7 @@ def test_a_corpus_changed_between_kill_and_resume_is_refused_saying_what_changed
 
 
 @pytest.mark.parametrize("drop,missing", [("config.json", "config"), ("model.safetensors", "weights"),
-                                          ("tokenizer*", "tokenizer")])
+                                          ("tokenizer*", "tokenizer"), ("tokenizer.[jm]*", "tokenizer")])
 def test_a_model_folder_without_its_config_weights_or_tokenizer_is_refused_by_validate_and_oneshot(
         drop, missing, tmp_path, capsys):
     import shutil

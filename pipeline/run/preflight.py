@@ -34,10 +34,12 @@ def context_limit(model_cfg: ModelConfig) -> int | None:
     return getattr(c.get_text_config(), "max_position_embeddings", None)
 
 
-# What a local model folder needs, each as any one of these files.
+# What a local model folder needs, each as any one of these files. A tokenizer is its vocabulary:
+# tokenizer_config.json alone makes transformers ask to "install sentencepiece or tiktoken".
 MODEL_FILES = {"config": ("config.json",),
                "weights": ("*.safetensors", "*.safetensors.index.json", "*.bin", "*.bin.index.json"),
-               "tokenizer": ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")}
+               "tokenizer": ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "*.tiktoken",
+                             "spiece.model", "sentencepiece.bpe.model")}
 
 
 def check_model_folder(name_or_path: str, key: str = "model.name_or_path") -> None:
