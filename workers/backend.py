@@ -21,10 +21,11 @@ from maskpipe.pipeline.io.loggers import logs_to
 from maskpipe.pipeline.run.runner import LocalBackend
 from maskpipe.pipeline.io.session import Session
 from maskpipe.pipeline.stages import Placement, StageContext, StageKind, StageOutput, kind_of
-from maskpipe.workers.learn import check_resources, learn_on_ray
+from maskpipe.workers.learn import check_resources, learn_on_ray, quiet_worker
 
 
 def _on_one_worker(ctx: StageContext) -> StageOutput:
+    quiet_worker()
     with logs_to(ctx.run.root):
         return LocalBackend().execute(kind_of(ctx.st), ctx)
 
@@ -50,6 +51,7 @@ class CellWorker:
     run in turn."""
 
     def __init__(self, ctx: StageContext):
+        quiet_worker()
         self.kind, self.ctx = kind_of(ctx.st), ctx
         ctx.session = Session(ctx.cfg.model)
         self.state = self.kind.setup(ctx)
