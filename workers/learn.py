@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import glob
 import hashlib
+import importlib
 import json
 import logging
 import os
@@ -73,7 +74,12 @@ def quiet_worker() -> None:
     import transformers
 
     transformers.utils.logging.disable_progress_bar()
-    logging.getLogger("ray.train.v2._internal.execution.context").setLevel(logging.WARNING)
+    # Ray Train V2 names these module loggers by file path (logging.getLogger(__file__)): reach them by module.
+    for module in ("context", "storage"):  # per report, and "Checkpoint successfully created at: ..."
+        try:
+            importlib.import_module(f"ray.train.v2._internal.execution.{module}").logger.setLevel(logging.WARNING)
+        except (ImportError, AttributeError):  # another Ray version: its INFO lines show, nothing breaks
+            pass
 
 
 def _starts(path: Path) -> int:
