@@ -181,7 +181,10 @@ def check_corpora(cfg: Config, where: str = "", flags: dict[str, str] | None = N
             done.add((name, seqlen, kind.name == "eval"))
             try:
                 if kind.name == "eval":
-                    windows(eval_tokens(data, tokenizer, seqlen), seqlen, st.stride, check=True)
+                    try:
+                        windows(eval_tokens(data, tokenizer, seqlen), seqlen, st.stride, check=True)
+                    except MaskpipeError as e:  # perplexity's own words, with the files they are about
+                        raise MaskpipeError(f"corpus {[s.path for s in data.sources]}: {e}") from None
                 else:
                     weights = data.weights or [1.0] * len(data.sources)
                     for src in (s for s, w in zip(data.sources, weights) if w > 0):
