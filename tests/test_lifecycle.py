@@ -92,7 +92,7 @@ def test_a_run_resumes_after_a_move_from_another_directory_and_reads_old_paths(t
     with monkeypatch.context() as m:
         stop_at_learn(m)
         assert main(["run", str(config), "--run-dir", "runs/x"]) == 130
-    assert "stopped; resume with: maskpipe run " in capsys.readouterr().err
+    assert "stopped in maskllm; resume with: maskpipe run " in capsys.readouterr().err
     results = json.loads((tmp_path / "runs/x/results.json").read_text())
     assert results["done"] == ["magnitude"]
     assert results["stages"]["magnitude"]["artifact"] == "artifacts/magnitude"  # run-relative
