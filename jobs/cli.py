@@ -106,6 +106,10 @@ def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
+    from maskpipe.pipeline.io.loggers import not_run_log_only
+
+    for handler in logging.getLogger().handlers:  # a stage's error is printed once, as `error: ...`
+        handler.addFilter(not_run_log_only)
     for noisy in ("httpx", "urllib3", "filelock", "datasets", "transformers"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:

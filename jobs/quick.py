@@ -58,8 +58,25 @@ def _data_cfg(a, split: str, sample_by: str) -> dict:
 
 
 # The quick commands' flags for the key paths of the one-stage config they build, so errors name them.
-QUICK_FLAGS = {"stages.0.seqlen": "--seqlen", "model.device": "--device", "model.name_or_path": "--model", "stages.0.passkey.lengths": "--passkey",
+QUICK_FLAGS = {"stages.0.seqlen": "--seqlen", "stages.0.data": "--data", "stages.0.niah.data": "--data", "model.device": "--device", "model.name_or_path": "--model", "stages.0.passkey.lengths": "--passkey",
                "stages.0.niah.lengths": "--niah", "stages.0.multikey.lengths": "--multikey"}
+
+
+def quick_config(raw: dict, a):
+    """The one-stage config of a quick command; an invalid value is named by the flag that gave it
+    (`--seqlen`, not `stages.0.seqlen`): a key of QUICK_FLAGS, else the flag of the key's last part."""
+    from maskpipe.pipeline.config import ConfigError, config_from_dict
+
+    try:
+        return config_from_dict(raw, "command line")
+    except ConfigError as e:
+        lines = []
+        for line in str(e).splitlines():
+            _, key, msg = line.split(": ", 2) if line.count(": ") >= 2 else ("", "", line)
+            last = key.rsplit(".", 1)[-1]
+            flag = QUICK_FLAGS.get(key) or (f"--{last.replace('_', '-')}" if hasattr(a, last) else None)
+            lines.append(f"{flag}: {msg}" if flag else line)
+        raise ConfigError("\n".join(lines)) from None
 
 
 def _one_stage(cfg, variants: list | None = None, run=None):

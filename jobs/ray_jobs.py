@@ -76,6 +76,8 @@ def _submit(run_dir: Path, client) -> str:
     paths = RunDir(run_dir)
     jobs = _read_json(paths.jobs)
     submissions = jobs.get("submissions", [])
+    # `python` on the head node (the PATH Ray was started with), not this machine's sys.executable: the
+    # job runs where the cluster is, and the submitting interpreter's path need not exist there (README).
     entrypoint = (f"python -m maskpipe.jobs.cli run {shlex.quote(str(paths.config))} "
                   f"--run-dir {shlex.quote(str(run_dir))} --wait-for-lock {DRIVER_LOCK_WAIT_S}")
     try:

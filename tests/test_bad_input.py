@@ -213,7 +213,7 @@ def test_artifacts_for_different_models_are_refused_together(parts, other_models
 
 @pytest.mark.parametrize("pattern,message", [
     ("3:5", "model.layers.0.self_attn.q_proj: input dimension 128 is not divisible by M=5"),
-    ("4:4", 'command line: stages.0.pattern: expected "N:M" with 0<N<M, got "4:4"'),
+    ("4:4", '--pattern: expected "N:M" with 0<N<M, got "4:4"'),
     ("6:4", 'expected "N:M" with 0<N<M, got "6:4"'),
 ])
 def test_an_impossible_pattern_is_refused(pattern, message, tmp_path, capsys):
@@ -261,12 +261,12 @@ def test_a_directory_that_is_not_a_run_is_refused(artifact, in_root, tmp_path, c
     fails(["publish", str(artifact), "--out", str(tmp_path / "notes")], capsys,
           "notes: exists and holds no manifest.json; refusing to replace it")
     assert (tmp_path / "notes" / "todo.txt").read_text() == "keep"
-    # a run directory of another config is not resumed
+    # a run directory whose config.yaml is no config is not resumed (nor told to resume with that file)
     other = tmp_path / "other-run"
     other.mkdir()
     (other / "config.yaml").write_text("name: something-else\n")
     fails(["run", "configs/tiny.yaml", "workers.num_workers=0", "--run-dir", str(other)], capsys,
-          "holds a run of another config; resume it with its own config.yaml")
+          "config.yaml: the run's own config does not validate")
     assert (other / "config.yaml").read_text() == "name: something-else\n"
 
 

@@ -231,7 +231,7 @@ def test_a_corpus_changed_between_kill_and_resume_is_refused_saying_what_changed
 
 
 @pytest.mark.parametrize("drop,missing", [("config.json", "config"), ("model.safetensors", "weights"),
-                                          ("tokenizer*", "tokenizer")])
+                                          ("tokenizer*", "tokenizer"), ("tokenizer.[jm]*", "tokenizer")])
 def test_a_model_folder_without_its_config_weights_or_tokenizer_is_refused_by_validate_and_oneshot(
         drop, missing, tmp_path, capsys):
     import shutil
@@ -250,3 +250,128 @@ def test_a_model_folder_without_its_config_weights_or_tokenizer_is_refused_by_va
               f"model.name_or_path: {model}: a model folder without its {missing}", one_line=True)
     cli_fails(["oneshot", "--model", str(model), "--method", "magnitude", "--out", str(tmp_path / "o")], capsys,
               f"--model: {model}: a model folder without its {missing}", tmp_path / "o", one_line=True)
+
+
+@pytest.mark.parametrize("name,text,message", [
+    ("empty.txt", "", "empty corpus"),
+    ("blank.txt", "\n \n\n", "empty corpus"),
+    ("one-line.txt", "In the beginning God created the heaven and the earth.\n", "fewer than one"),
+    ("other-field.jsonl", '{"body": "In the beginning God created the heaven and the earth."}\n' * 50,
+     "no text field 'text'"),
+], ids=["empty", "blank lines", "one line", "jsonl without its text field"])
+def test_a_corpus_no_stage_can_read_a_sequence_from_is_refused_by_validate_and_the_quick_commands(
+        name, text, message, tmp_path, capsys, monkeypatch):
+    import yaml
+
+    from maskpipe.pipeline.io import session
+
+    corpus = tmp_path / name
+    corpus.write_text(text)
+    monkeypatch.setattr(session, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    raw = yaml.safe_load(learn_recipe(tmp_path).read_text())
+    raw["data"]["calib"]["sources"] = [str(corpus)]
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(raw))
+    err = cli_fails(["validate", str(tmp_path / "c.yaml")], capsys, "stages.1.data (calib): ", one_line=True)
+    assert str(corpus) in err and message in err, err
+    for argv in (["oneshot", *MODEL_FLAGS, "--method", "wanda", "--n-samples", "2", "--seqlen", "32"],
+                 ["eval", *MODEL_FLAGS, "--seqlen", "32"]):
+        err = cli_fails([*argv, "--data", str(corpus), "--out", str(tmp_path / "out")], capsys,
+                        f"--data (", tmp_path / "out", one_line=True)
+        assert str(corpus) in err and message in err, err
+
+
+# --------------------------------------------------------------------------------- smaller messages
+
+
+def test_a_run_stopped_during_eval_says_it_stopped_in_eval_not_at_an_earlier_stages_step(tmp_path, monkeypatch,
+                                                                                         capsys):
+    import yaml
+
+    from maskpipe.pipeline.run.runner import LocalBackend
+
+    raw = yaml.safe_load(learn_recipe(tmp_path, steps=2).read_text())
+    raw["stages"].append({"stage": "eval", "data": ["calib"], "seqlen": 32})
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(raw))
+    original = LocalBackend.execute
+
+    def interrupted(self, kind, ctx):
+        if kind.name == "eval":
+            raise KeyboardInterrupt
+        return original(self, kind, ctx)
+
+    monkeypatch.setattr(LocalBackend, "execute", interrupted)
+    capsys.readouterr()
+    assert main(["run", str(tmp_path / "c.yaml"), "--run-dir", str(tmp_path / "r")]) == 130
+    err = capsys.readouterr().err
+    assert "stopped in eval; resume with:" in err and "at step" not in err, err
+    status = json.loads((tmp_path / "r" / "status.json").read_text())
+    assert status["stage"] == "eval" and status["step"] is None
+
+
+def test_a_stages_error_is_printed_once_and_kept_in_run_log(tmp_path):
+    import yaml
+
+    from tests.test_nothing_lost import FIXTURE
+
+    raw = yaml.safe_load(learn_recipe(tmp_path).read_text())
+    raw["stages"] = [{**raw["stages"][1], "pattern": "4:8", "prior": {"artifact": str(FIXTURE)}}]  # a 2:4 prior
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(raw))
+    out = subprocess.run([sys.executable, "-m", "maskpipe.jobs.cli", "run", str(tmp_path / "c.yaml"), "--run-dir",
+                          str(tmp_path / "r")], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 2, out.stderr[-3000:]
+    said = [line for line in out.stderr.splitlines() if "is 2:4, the stage learns 4:8" in line]
+    assert len(said) == 1 and said[0].startswith("error: "), out.stderr[-3000:]
+    assert "is 2:4, the stage learns 4:8" in (tmp_path / "r" / "run.log").read_text()
+
+
+def test_a_run_whose_own_config_does_not_validate_is_not_told_to_resume_with_it(tmp_path, capsys):
+    run_dir = tmp_path / "r"
+    run_dir.mkdir()
+    (run_dir / "config.yaml").write_text("name: r\nstages: 5\n")  # YAML, a mapping, but no config
+    err = cli_fails(["run", str(learn_recipe(tmp_path)), "--run-dir", str(run_dir)], capsys,
+                    f"{run_dir / 'config.yaml'}: the run's own config does not validate", one_line=True)
+    assert "resume it with its own config.yaml" not in err
+
+
+def test_submit_on_a_live_run_says_it_is_in_use_not_resume(tmp_path, capsys):
+    from maskpipe.pipeline.io.rundir import RunLock
+
+    config, run_dir = learn_recipe(tmp_path), tmp_path / "r"
+    with RunLock(run_dir):  # a live run's driver owns its directory
+        (run_dir / "config.yaml").write_text(config.read_text())
+        err = cli_fails(["submit", str(config), "--run-dir", str(run_dir), "--address", "http://127.0.0.1:9"], capsys,
+                        f"{run_dir}: run directory in use by pid", one_line=True)
+    assert "resume" not in err
+
+
+@pytest.mark.parametrize("argv,flag", [
+    (["eval", "--seqlen", "0"], "--seqlen"),
+    (["eval", "--stride", "0"], "--stride"),
+    (["oneshot", "--method", "wanda", "--n-samples", "0"], "--n-samples"),
+    (["oneshot", "--method", "wanda", "--pattern", "4:2"], "--pattern"),
+])
+def test_a_quick_command_names_the_flag_of_a_bad_value_not_the_config_key(argv, flag, tmp_path, capsys):
+    err = cli_fails([*argv, *MODEL_FLAGS, "--data", str(CORPORA / "kjv.valid.txt"), "--out", str(tmp_path / "o")],
+                    capsys, f"error: {flag}: ", tmp_path / "o", one_line=True)
+    assert "stages.0" not in err, err
+
+
+def test_maskpipe_stop_stops_a_foreground_run_as_ctrl_c_does(tmp_path, capsys):
+    from maskpipe.pipeline.run.runner import read_metrics
+
+    config, run_dir = learn_recipe(tmp_path, steps=2000), tmp_path / "r"
+    first = subprocess.Popen([sys.executable, "-m", "maskpipe.jobs.cli", "run", str(config), "--run-dir", str(run_dir)],
+                             cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not any("step" in m for m in read_metrics(run_dir / "metrics.jsonl")):
+            assert first.poll() is None and time.monotonic() < deadline, first.stderr.read() if first.poll() else ""
+            time.sleep(0.2)
+        capsys.readouterr()
+        assert main(["stop", str(run_dir)]) == 0
+        assert f"r: stopped (pid {first.pid}); continue it with: maskpipe run" in capsys.readouterr().out
+        _, err = first.communicate(timeout=60)
+    finally:
+        first.kill()
+    assert first.returncode == 130 and "stopped at step" in err and "Traceback" not in err, err[-3000:]
+    assert json.loads((run_dir / "status.json").read_text())["status"] == "stopped"

@@ -92,7 +92,7 @@ def test_a_run_resumes_after_a_move_from_another_directory_and_reads_old_paths(t
     with monkeypatch.context() as m:
         stop_at_learn(m)
         assert main(["run", str(config), "--run-dir", "runs/x"]) == 130
-    assert "stopped; resume with: maskpipe run " in capsys.readouterr().err
+    assert "stopped in maskllm; resume with: maskpipe run " in capsys.readouterr().err
     results = json.loads((tmp_path / "runs/x/results.json").read_text())
     assert results["done"] == ["magnitude"]
     assert results["stages"]["magnitude"]["artifact"] == "artifacts/magnitude"  # run-relative
@@ -352,7 +352,7 @@ def test_two_drivers_ctrl_c_and_a_killed_driver(tmp_path, capsys):
     finally:
         first.kill()
     assert first.returncode == 130, err[-3000:]
-    assert re.search(rf"stopped at step \d+; resume with: maskpipe run {re.escape(str(run_dir))}/config.yaml "
+    assert re.search(rf"stopped at step \d+ of \S+; resume with: maskpipe run {re.escape(str(run_dir))}/config.yaml "
                      rf"--run-dir {re.escape(str(run_dir))}", err) and "Traceback" not in err, err[-3000:]
     assert json.loads((run_dir / "status.json").read_text())["status"] == "stopped"
 

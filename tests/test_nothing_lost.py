@@ -131,6 +131,29 @@ def test_publish_verifies_what_it_copies_and_writes_nothing_from_a_damaged_artif
               one_line=True)
 
 
+@pytest.mark.parametrize("how", ["the base model it names", "--model"])
+def test_publish_checks_the_fingerprint_against_the_model_at_hand_and_writes_nothing_on_a_mismatch(how, tmp_path,
+                                                                                                   capsys):
+    import shutil
+
+    from tests.conftest import MICRO
+
+    artifact = shutil.copytree(FIXTURE, tmp_path / "art")
+    manifest = json.loads((artifact / MANIFEST_FILE).read_text())
+    manifest["base_model"]["fingerprint"] = "sha256:" + "0" * 64  # made for some other model
+    manifest["base_model"]["name_or_path"] = str(MICRO) if how != "--model" else "org/not-here"
+    (artifact / MANIFEST_FILE).write_text(json.dumps(manifest))
+    model = ["--model", str(MICRO)] if how == "--model" else []
+    cli_fails(["publish", str(artifact), "--out", str(tmp_path / "pub"), *model], capsys,
+              "base model fingerprint mismatch", tmp_path / "pub", one_line=True)
+    # an intact artifact checks out against its model; with no model at hand, publish says it did not check
+    assert main(["publish", str(FIXTURE), "--out", str(tmp_path / "ok"), "--model", str(MICRO)]) == 0
+    capsys.readouterr()
+    assert main(["publish", str(artifact), "--out", str(tmp_path / "unchecked")]) == (0 if model else 2)
+    if model:
+        assert "fingerprint was not checked" in capsys.readouterr().err
+
+
 # ----------------------------------------------------------------------------------------- checkpoints
 
 
@@ -176,7 +199,7 @@ def died_run(tmp_path_factory):
     return config, run_dir
 
 
-@pytest.mark.parametrize("damage", ["flipped byte", "truncated shard", "missing shard"])
+@pytest.mark.parametrize("damage", ["flipped byte", "truncated shard", "missing shard", "garbage state.json"])
 def test_a_damaged_latest_checkpoint_is_refused_naming_it_and_the_previous_one(damage, died_run, tmp_path, capsys):
     import shutil
 
@@ -190,10 +213,13 @@ def test_a_damaged_latest_checkpoint_is_refused_naming_it_and_the_previous_one(d
         shard.write_bytes(bytes(blob))
     elif damage == "truncated shard":
         shard.write_bytes(bytes(blob[: len(blob) // 2]))
-    else:
+    elif damage == "missing shard":
         shard.unlink()
-    err = cli_fails(["run", str(config), "--run-dir", str(run_dir)], capsys,
-                    f"{ckpts / 'step-00000004'}: damaged checkpoint", one_line=True)
+    else:
+        (ckpts / "step-00000004" / "state.json").write_text('{"step": 4, "sh')
+    what = "unreadable checkpoint" if damage == "garbage state.json" else "damaged checkpoint"
+    err = cli_fails(["run", str(config), "--run-dir", str(run_dir)], capsys, f"{ckpts / 'step-00000004'}: {what}",
+                    one_line=True)
     assert "delete it to resume from step 2" in err
     if damage == "missing shard":  # as it says: without the damaged one, the run resumes from step 2 and ends
         shutil.rmtree(ckpts / "step-00000004")
@@ -221,3 +247,31 @@ def test_resuming_one_checkpoint_several_times_gives_bit_identical_logits(thread
         assert done.returncode == 0, done.stderr[-2000:]
         digests.add(hashlib.sha256((copy / "artifacts" / "maskllm" / LOGITS_FILE).read_bytes()).hexdigest())
     assert len(digests) == 1, digests
+
+
+def test_a_resume_in_a_process_of_another_thread_count_ends_as_the_uninterrupted_run(tmp_path, monkeypatch):
+    """CPU kernels split reductions by thread count (micro-llama, 30 steps of 4 x 64 tokens on 1 and on 2
+    threads: 99% of the logits differ, by up to 4e-4): a resume computes on the count its checkpoint records.
+    (8 steps are too few to show a difference here, so the log line says which count the resume used.)"""
+    import os
+
+    import yaml
+
+    raw = yaml.safe_load(learn_recipe(tmp_path, steps=8).read_text())
+    raw["stages"][1].update(batch_size=4, seqlen=64)
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    assert main(["run", str(config), "--run-dir", str(tmp_path / "whole")]) == 0  # this process's thread count
+    with monkeypatch.context() as m:
+        die_after_step(m, 4)
+        assert main(["run", str(config), "--run-dir", str(tmp_path / "r")]) == 130
+    other = 1 if torch.get_num_threads() != 1 else 2
+    env = {**os.environ, "OMP_NUM_THREADS": str(other), "MKL_NUM_THREADS": str(other)}
+    done = subprocess.run([sys.executable, "-m", "maskpipe.jobs.cli", "run", str(config), "--run-dir",
+                           str(tmp_path / "r")], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    threads = torch.get_num_threads()
+    assert f"resuming on {threads} torch threads, as the checkpoint was written (this process had {other})" in (
+        tmp_path / "r" / "run.log").read_text()
+    logits = [(tmp_path / run / "artifacts" / "maskllm" / LOGITS_FILE).read_bytes() for run in ("whole", "r")]
+    assert logits[0] == logits[1]

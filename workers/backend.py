@@ -21,10 +21,11 @@ from maskpipe.pipeline.io.loggers import logs_to
 from maskpipe.pipeline.run.runner import LocalBackend
 from maskpipe.pipeline.io.session import Session
 from maskpipe.pipeline.stages import Placement, StageContext, StageKind, StageOutput, kind_of
-from maskpipe.workers.learn import check_resources, learn_on_ray
+from maskpipe.workers.learn import check_resources, learn_on_ray, quiet_worker
 
 
 def _on_one_worker(ctx: StageContext) -> StageOutput:
+    quiet_worker()
     with logs_to(ctx.run.root):
         return LocalBackend().execute(kind_of(ctx.st), ctx)
 
@@ -50,6 +51,7 @@ class CellWorker:
     run in turn."""
 
     def __init__(self, ctx: StageContext):
+        quiet_worker()
         self.kind, self.ctx = kind_of(ctx.st), ctx
         ctx.session = Session(ctx.cfg.model)
         self.state = self.kind.setup(ctx)
@@ -59,19 +61,31 @@ class CellWorker:
             return cell, self.kind.cell(self.ctx, self.state, cell)
 
 
+def worker_options(cfg: Config) -> dict:
+    """The Ray task options of one worker: `workers.resources_per_worker`, one GPU each with `use_gpu`."""
+    w = cfg.workers
+    res = dict(w.resources_per_worker)
+    options = {"num_cpus": res.pop("CPU", 1), "num_gpus": res.pop("GPU", 1 if w.use_gpu else 0)}
+    if "memory" in res:
+        options["memory"] = res.pop("memory")
+    if res:
+        options["resources"] = res
+    return options
+
+
+def check_fits(cfg: Config, total: dict[str, float] | None = None) -> None:
+    """Refuse a run whose workers the cluster cannot hold (`check_resources`), before any stage: the
+    learning group and the evaluation actors ask for this much at once. `total`: the cluster's
+    resources, when this process is not connected to it (`submit` reads them from the dashboard)."""
+    if cfg.workers.num_workers > 0 and not cfg.workers.autoscaling:
+        check_resources(worker_options(cfg), cfg.workers.num_workers, "workers", total)
+
+
 class RayBackend:
     def __init__(self, cfg: Config):
-        w = cfg.workers
-        res = dict(w.resources_per_worker)
-        self.options = {"num_cpus": res.pop("CPU", 1), "num_gpus": res.pop("GPU", 1 if w.use_gpu else 0)}
-        if "memory" in res:
-            self.options["memory"] = res.pop("memory")
-        if res:
-            self.options["resources"] = res
-        self.num_workers = w.num_workers
-        if not w.autoscaling:
-            # Before any stage: the learning group and the evaluation actors ask for this much at once.
-            check_resources(self.options, w.num_workers, "workers")
+        self.options = worker_options(cfg)
+        self.num_workers = cfg.workers.num_workers
+        check_fits(cfg)
 
     def execute(self, kind: StageKind, ctx: StageContext) -> StageOutput:
         ctx = ctx.without_session()

@@ -16,7 +16,9 @@ from __future__ import annotations
 import contextlib
 import glob
 import hashlib
+import importlib
 import json
+import logging
 import os
 import re
 import tempfile
@@ -36,6 +38,8 @@ from maskpipe.pipeline.io.loggers import MetricsLog, logs_to
 from maskpipe.pipeline.io.rundir import RunDir
 from maskpipe.pipeline.io.session import Session
 from maskpipe.pipeline.stages import StageContext, StageKind, StageOutput, kind_of
+
+log = logging.getLogger("maskpipe")
 
 
 class RayCheckpoints:
@@ -61,13 +65,46 @@ class RayCheckpoints:
             ray.train.report({"step": step}, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
 
+def quiet_worker() -> None:
+    """What a Ray worker prints goes to the driver's console, once per worker: no transformers progress
+    bars ("Loading weights", whatever TQDM_DISABLE says: transformers reads its own switch), and not
+    Ray Train's INFO line per `ray.train.report` ("Reporting training result N: TrainingReport(...)")."""
+    import logging
+
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    # Ray Train V2 names these module loggers by file path (logging.getLogger(__file__)): reach them by module.
+    for module in ("context", "storage"):  # per report, and "Checkpoint successfully created at: ..."
+        try:
+            importlib.import_module(f"ray.train.v2._internal.execution.{module}").logger.setLevel(logging.WARNING)
+        except (ImportError, AttributeError):  # another Ray version: its INFO lines show, nothing breaks
+            pass
+
+
+def _starts(path: Path) -> int:
+    """How many times the worker group of this fit has started, as `path` counts them (0: never)."""
+    try:
+        return int(json.loads(path.read_text())["starts"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0
+
+
+def _started(path: Path) -> int:
+    """Count one more start of a worker group in `path`; returns the count (1: the first start)."""
+    write_json(path, {"starts": _starts(path) + 1})
+    return _starts(path)
+
+
 def learn_loop(config: dict) -> None:
     """Ray Train's per-worker function for one training-group stage."""
+    quiet_worker()
     cfg: Config = config["cfg"]
     st = next(s for s in cfg.stages if s.name == config["stage"])
     run = RunDir(config["run_dir"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    starts = _started(run.train_attempts(st.name)) if rank == 0 else 1
     torch.manual_seed(cfg.seed)
     # fsdp: each rank of a learn stage reads its rows only (gates train data-parallel over whole models)
     session = Session(cfg.model, meta=isinstance(st, LearnStage) and cfg.workers.loads_sharded)
@@ -80,6 +117,10 @@ def learn_loop(config: dict) -> None:
             ray.train.report({"stage": st.name, **entry})
 
     with logs_to(run.root) if rank == 0 else contextlib.nullcontext():
+        if starts > 1:  # Ray Train restarts the whole group when it loses a worker
+            tries = "unlimited" if cfg.workers.max_failures < 0 else str(cfg.workers.max_failures)
+            log.warning("%s: a worker of the group died or was lost; the group restarted (restart %d of %s, "
+                        "workers.max_failures) and resumes from its last checkpoint", st.name, starts - 1, tries)
         try:
             kind_of(st).run(StageContext(cfg, st, run, config["variants"], session=session, store=RayCheckpoints(rank),
                                          on_log=on_log, rank=rank, world_size=world))
@@ -121,12 +162,13 @@ def train_run_name(run_dir: Path, stage: str) -> str:
     return name if safe == name else f"{safe}-{hashlib.sha256(name.encode()).hexdigest()[:8]}"
 
 
-def check_resources(options: dict, workers: int, what: str) -> None:
+def check_resources(options: dict, workers: int, what: str, total: dict[str, float] | None = None) -> None:
     """Refuse a request no node set of the cluster can hold now, with the numbers, rather than wait
-    forever (Ray retries an infeasible request without end). `options` are a Ray task's options."""
+    forever (Ray retries an infeasible request without end). `options` are a Ray task's options;
+    `total` the cluster's resources (default: those of the cluster this process is connected to)."""
     import ray
 
-    total = ray.cluster_resources()
+    total = ray.cluster_resources() if total is None else total
     asked = {"CPU": options.get("num_cpus", 1), "GPU": options.get("num_gpus", 0), **options.get("resources", {})}
     for res, per in asked.items():
         have = total.get(res, 0)
@@ -147,6 +189,7 @@ def learn_on_ray(kind: StageKind, ctx: StageContext) -> StageOutput:
     w = cfg.workers
     for rank in range(w.num_workers):
         run.train_error(st.name, rank).unlink(missing_ok=True)
+    run.train_attempts(st.name).unlink(missing_ok=True)  # this fit's starts: the first is not a restart
     trainer = TorchTrainer(
         learn_loop,
         train_loop_config={"cfg": cfg, "stage": st.name, "run_dir": str(run.root), "variants": ctx.variants},
@@ -165,6 +208,10 @@ def learn_on_ray(kind: StageKind, ctx: StageContext) -> StageOutput:
         trainer.fit()
     except SystemExit:
         raise KeyboardInterrupt from None  # Ray Train's SIGINT handler exits when its controller is gone
+    restarts = _starts(run.train_attempts(st.name)) - 1
+    if restarts > 0:
+        log.warning("%s: the worker group was restarted %d time(s) after losing a worker (see run.log)", st.name,
+                    restarts)
     errors = sorted(run.train.glob(run.train_error(glob.escape(st.name), "*").name))
     if errors:
         raise MaskpipeError(json.loads(errors[0].read_text())["error"])

@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from maskpipe.jobs.quick import (
+    quick_config,
     _fetch_masks,
     QUICK_FLAGS,
     _data_args,
@@ -45,7 +46,6 @@ def _is_eval_output(path: Path) -> bool:
 
 def cmd_eval(a) -> None:
     from maskpipe.pipeline.io.artifacts import check_replaceable_file, write_json
-    from maskpipe.pipeline.config import config_from_dict
     from maskpipe.pipeline.run.preflight import check_inputs
     from maskpipe.pipeline.run.results import perplexity_table
 
@@ -53,7 +53,7 @@ def cmd_eval(a) -> None:
     raw = {"name": "eval", "model": _model_cfg(a), "data": {"eval": _data_cfg(a, "test", "document")},
            "stages": [given(stage="eval", data=["eval"], seqlen=a.seqlen, stride=a.stride, batch_size=a.batch_size,
                             dense=a.dense or not a.masks)]}
-    cfg = config_from_dict(raw, "command line")
+    cfg = quick_config(raw, a)
     if a.out:
         check_replaceable_file(a.out, _is_eval_output, "`maskpipe eval --out` result")
     check_inputs(cfg, "command line", QUICK_FLAGS)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from maskpipe.jobs.quick import _fetch_masks, _model_args, _model_cfg, _variants, from_config, given
+from maskpipe.jobs.quick import _fetch_masks, _model_args, _model_cfg, _variants, from_config, given, quick_config
 from maskpipe.pipeline import MaskpipeError
 
 
@@ -47,7 +47,6 @@ def _batch_size(text: str) -> int | str:
 
 def cmd_lm_eval(a) -> None:
     from maskpipe.pipeline.io.artifacts import write_json, write_text
-    from maskpipe.pipeline.config import config_from_dict
     from maskpipe.pipeline.run.results import zeroshot_table
     from maskpipe.pipeline.io.rundir import RunDir
     from maskpipe.pipeline.io.session import Session
@@ -58,7 +57,7 @@ def cmd_lm_eval(a) -> None:
     stage = given(stage="lm_eval", name="lm_eval", tasks=a.tasks, include_path=a.include_path,
                   num_fewshot=a.num_fewshot, batch_size=a.batch_size,
                   limit=int(a.limit) if a.limit is not None and a.limit >= 1 else a.limit)
-    cfg = config_from_dict(given(name="lm-eval", seed=a.seed, model=_model_cfg(a), stages=[stage]), "command line")
+    cfg = quick_config(given(name="lm-eval", seed=a.seed, model=_model_cfg(a), stages=[stage]), a)
     st = cfg.stages[0]
     for p in a.masks:
         if not Path(p).is_dir():

@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from maskpipe.jobs.quick import (
+    quick_config,
     QUICK_FLAGS,
     _data_args,
     _data_cfg,
@@ -37,7 +38,7 @@ def add(sub) -> None:
 
 def cmd_oneshot(a) -> None:
     from maskpipe.pipeline.io.artifacts import MANIFEST_FILE, check_replaceable, read_json_or_none
-    from maskpipe.pipeline.config import SparsityConfig, config_from_dict
+    from maskpipe.pipeline.config import SparsityConfig
     from maskpipe.pipeline.run.preflight import check_inputs
     from maskpipe.pipeline.io.rundir import RunDir
 
@@ -49,7 +50,7 @@ def cmd_oneshot(a) -> None:
     if a.data:
         raw["data"] = {"calib": _data_cfg(a, "train", "line")}
         stage["data"] = "calib"
-    cfg = config_from_dict(raw, "command line")
+    cfg = quick_config(raw, a)
     out = Path(a.out)
     check_replaceable(out, MANIFEST_FILE)
     if (out / MANIFEST_FILE).is_file():

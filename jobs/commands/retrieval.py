@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from maskpipe.jobs.quick import (
+    quick_config,
     _fetch_masks,
     QUICK_FLAGS,
     _data_args,
@@ -54,7 +55,6 @@ def _is_retrieval_output(path: Path) -> bool:
 
 def cmd_retrieval(a) -> None:
     from maskpipe.pipeline.io.artifacts import atomic_dir, check_replaceable, write_json
-    from maskpipe.pipeline.config import config_from_dict
     from maskpipe.pipeline.run.preflight import check_inputs
     from maskpipe.pipeline.run.results import retrieval_table
     from maskpipe.pipeline.io.session import Session
@@ -72,7 +72,7 @@ def cmd_retrieval(a) -> None:
         stage["niah"] = given(data="haystack", lengths=a.niah, depths=a.depths, samples=a.niah_samples)
     if a.multikey:
         stage["multikey"] = given(lengths=a.multikey, samples=a.samples, keys=a.keys, values=a.values)
-    cfg = config_from_dict(raw, "command line")
+    cfg = quick_config(raw, a)
     check_inputs(cfg, "command line", QUICK_FLAGS)
     check_replaceable(a.out, "results.json", _is_retrieval_output, "`maskpipe retrieval --out` directory")
     # Written whole or not at all, like an artifact: the model work happens inside.

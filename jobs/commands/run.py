@@ -31,7 +31,7 @@ def cmd_run(a) -> int:
     from maskpipe.pipeline.io import rundir
     from maskpipe.pipeline.config import load_config
     from maskpipe.pipeline.run.preflight import check_inputs
-    from maskpipe.pipeline.run.runner import run, stopped_step
+    from maskpipe.pipeline.run.runner import run, stopped_where
 
     cfg = load_config(a.config, a.overrides)
     run_dir = Path(a.run_dir or rundir.new_run_dir(cfg.output_dir, cfg.name)).absolute()
@@ -51,9 +51,7 @@ def cmd_run(a) -> int:
     try:
         run(cfg, run_dir, backend, lock_wait=a.wait_for_lock)
     except KeyboardInterrupt:
-        step = stopped_step(run_dir)
-        print(f"stopped{f' at step {step}' if step is not None else ''}; resume with: {resume_hint(run_dir)}",
-              file=sys.stderr)
+        print(f"stopped{stopped_where(run_dir)}; resume with: {resume_hint(run_dir)}", file=sys.stderr)
         return 130
     table = rundir.RunDir(run_dir).results_md
     if table.exists():

@@ -21,7 +21,7 @@ def add(sub) -> None:
 def cmd_submit(a) -> None:
     import shutil
 
-    from maskpipe.cluster import job_client
+    from maskpipe.cluster import cluster_resources, job_client
     from maskpipe.pipeline.io import rundir
     from maskpipe.pipeline.io.artifacts import write_text
     from maskpipe.pipeline.config import dump_config, load_config
@@ -32,9 +32,17 @@ def cmd_submit(a) -> None:
     run_dir = Path(a.run_dir or rundir.new_run_dir(cfg.output_dir, cfg.name)).resolve()
     paths = RunDir(run_dir)
     rundir.check_run_dir(run_dir)
+    if rundir.alive(run_dir):  # a live run is not one to resume either: the same line as `run` gives
+        raise MaskpipeError(f"{run_dir}: run directory in use by {rundir.describe(rundir.owner(run_dir))}")
     if paths.config.exists():
         raise MaskpipeError(f"{run_dir}: already holds a run; continue it with `maskpipe resume {run_dir}`")
     client = job_client(a.address)  # a cluster that does not answer leaves nothing behind
+    if cfg.workers.num_workers > 0:  # refused here, as `run` refuses it, not by the job 15 s later
+        from maskpipe.workers.backend import check_fits
+
+        total = cluster_resources(client)
+        if total is not None:
+            check_fits(cfg, total)
     wrote = False
     try:
         with rundir.RunLock(run_dir):

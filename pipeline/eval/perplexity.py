@@ -27,8 +27,11 @@ class Perplexity:
     windows: int
 
 
-def windows(n_tokens: int, seqlen: int, stride: int | None) -> list[tuple[int, int, int]]:
-    """(start, end, first scored position within the window) for every evaluation window."""
+def windows(n_tokens: int, seqlen: int, stride: int | None, check: bool = False) -> list[tuple[int, int, int]]:
+    """(start, end, first scored position within the window) for every evaluation window; with `check`,
+    a text too short for a single one is refused."""
+    if check and not windows(n_tokens, seqlen, stride):
+        raise MaskpipeError(f"evaluation text has {n_tokens} tokens, fewer than one window of {seqlen}")
     if stride is None or stride == seqlen:
         return [(s, s + seqlen, 1) for s in range(0, n_tokens - seqlen + 1, seqlen)]
     out, scored_until = [], 0
@@ -47,9 +50,7 @@ def perplexity(
     desc: str = "perplexity",
 ) -> Perplexity:
     """Perplexity of `model` over the 1-D token tensor `ids`; batch size never changes the number."""
-    spans = windows(len(ids), seqlen, stride)
-    if not spans:
-        raise MaskpipeError(f"evaluation text has {len(ids)} tokens, fewer than one window of {seqlen}")
+    spans = windows(len(ids), seqlen, stride, check=True)
     device = next(model.parameters()).device
     total_nll, total_tokens = 0.0, 0
     # Windows of one length batch together; only the last sliding window can be shorter.

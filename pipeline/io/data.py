@@ -369,10 +369,38 @@ def calibration_blocks(data: DataConfig, tokenizer, n_samples: int, seqlen: int,
     return TokenStream(data, tokenizer, seqlen, seed=seed).next_batch(n_samples)
 
 
-def eval_text(data: DataConfig) -> str:
-    """Every record of every source, in order, unshuffled and once, joined with "\\n\\n" (the
-    wikitext-2 perplexity protocol keeps empty records too)."""
-    text = "\n\n".join(r["text"] for src in data.sources for r in _utf8(_load_source(src), f"corpus {src.path!r}"))
+def check_source(data: DataConfig, src: Source, tokenizer, seqlen: int) -> None:
+    """Read one source of `data` as a run's stream reads it, until its first block of `seqlen` tokens:
+    its errors (an empty corpus, fewer tokens than one block, a record without its text field) come
+    before any model work, in the words the stream would use mid-stage."""
+    _SourceBlocks(open_source(src), tokenizer, seqlen, f"corpus {src.path!r}", data.separator).next_block()
+
+
+def eval_tokens(data: DataConfig, tokenizer, want: int) -> int:
+    """How many tokens `eval_text(data)` holds, reading only as far as `want` of them: the exact count
+    when it holds fewer. (Tokens are never fewer than a text's characters divided by a few dozen, so
+    the prefix read is short.)"""
+    records = (r["text"] for src in data.sources for r in _utf8(_load_source(src), f"corpus {src.path!r}"))
+    parts, chars, cap = [], 0, 8 * want
+    for text in records:
+        parts.append(text)
+        chars += len(text) + 2
+        if chars >= cap:
+            n = len(tokenizer("\n\n".join(parts)).input_ids)
+            if n >= want:
+                return n
+            cap *= 2
+    return len(tokenizer(_nonempty("\n\n".join(parts), data)).input_ids)
+
+
+def _nonempty(text: str, data: DataConfig) -> str:
     if not text.strip():
         raise MaskpipeError(f"corpus {[s.path for s in data.sources]}: empty corpus, no record has any text")
     return text
+
+
+def eval_text(data: DataConfig) -> str:
+    """Every record of every source, in order, unshuffled and once, joined with "\\n\\n" (the
+    wikitext-2 perplexity protocol keeps empty records too)."""
+    return _nonempty("\n\n".join(r["text"] for src in data.sources
+                                   for r in _utf8(_load_source(src), f"corpus {src.path!r}")), data)

@@ -358,6 +358,15 @@ def read_metrics(path: Path) -> list[dict]:
 
 
 
+# A log record with this attribute true goes to run.log only: the console has its own line for it.
+RUN_LOG_ONLY = "maskpipe_run_log_only"
+
+
+def not_run_log_only(record: logging.LogRecord) -> bool:
+    """A console handler's filter: drops the records meant for run.log only."""
+    return not getattr(record, RUN_LOG_ONLY, False)
+
+
 @contextmanager
 def logs_to(run_dir: Path):
     """The maskpipe log of this process, at INFO, also appended to the run's `run.log`: the driver's,

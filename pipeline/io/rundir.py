@@ -330,6 +330,11 @@ class RunDir:
         """Where a rank of a Ray Train worker group records an error a restart would only repeat."""
         return self.train / f"error-{stage}-rank{rank}.json"
 
+    def train_attempts(self, stage: str) -> Path:
+        """How many times a Ray Train worker group of `stage` has started in the current `fit` (a restart
+        after a lost worker is a second start)."""
+        return self.train / f"attempts-{stage}.json"
+
     def retrieval(self, stage: str) -> Path:
         """A retrieval stage's per-variant sample records and NIAH heatmaps."""
         return self.root / "retrieval" / stage

@@ -34,10 +34,12 @@ def context_limit(model_cfg: ModelConfig) -> int | None:
     return getattr(c.get_text_config(), "max_position_embeddings", None)
 
 
-# What a local model folder needs, each as any one of these files.
+# What a local model folder needs, each as any one of these files. A tokenizer is its vocabulary:
+# tokenizer_config.json alone makes transformers ask to "install sentencepiece or tiktoken".
 MODEL_FILES = {"config": ("config.json",),
                "weights": ("*.safetensors", "*.safetensors.index.json", "*.bin", "*.bin.index.json"),
-               "tokenizer": ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")}
+               "tokenizer": ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "*.tiktoken",
+                             "spiece.model", "sentencepiece.bpe.model")}
 
 
 def check_model_folder(name_or_path: str, key: str = "model.name_or_path") -> None:
@@ -129,14 +131,66 @@ def check_inputs(cfg: Config, source: str = "", flags: dict[str, str] | None = N
             for f in _local_files(src) or []:
                 _sniff(f)
     limit = context_limit(cfg.model)
-    if limit is None:
-        return
-    for i, st in enumerate(cfg.stages):
+    for i, st in enumerate(cfg.stages if limit is not None else []):
         for key, n in kind_of(st).lengths(st).items():
             if n > limit:
                 name = flags.get(f"stages.{i}.{key}", f"stages.{i}.{key}")
                 raise MaskpipeError(f"{where}{name}: {n} tokens is beyond the context of {cfg.model.name_or_path} "
                                     f"(max_position_embeddings {limit})")
+    check_corpora(cfg, where, flags)  # after the lengths: a seqlen beyond the model is the first thing to fix
+
+
+def local_tokenizer(model_cfg: ModelConfig):
+    """The model's tokenizer if it can be read here without the network, else None (the load says why)."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(model_cfg.name_or_path, revision=model_cfg.revision, local_files_only=True,
+                                             trust_remote_code=model_cfg.trust_remote_code)
+    except Exception:  # noqa: BLE001 - as in context_limit: not readable here is not an error yet
+        return None
+
+
+def check_corpora(cfg: Config, where: str = "", flags: dict[str, str] | None = None) -> None:
+    """Refuse a local corpus that a stage cannot read a single sequence from, naming the stage's key (or
+    flag) and the file: one that is empty, a record without its text field, fewer tokens than one
+    block of the stage's seqlen (learning and calibration pack each source into blocks, every source
+    on its own), or, for perplexity, fewer than one evaluation window. Reads each corpus only as far as
+    one sequence, with the tokenizer when it is here (a hub model not in the cache: not checked)."""
+    from maskpipe.pipeline.eval.perplexity import windows
+    from maskpipe.pipeline.io.data import _local_files, check_source, eval_tokens
+    from maskpipe.pipeline.stages import kind_of
+
+    flags = flags or {}
+    tokenizer, done = None, set()
+    for i, st in enumerate(cfg.stages):
+        kind = kind_of(st)
+        for key, name in kind.corpora(st).items():
+            data = cfg.data[name]
+            if not all(_local_files(src) for src in data.sources):
+                continue  # a hub dataset is read where it is served
+            tokenizer = tokenizer or local_tokenizer(cfg.model)
+            if tokenizer is None:
+                return
+            # one sequence of the stage: perplexity windows are cut from the whole text (with the
+            # tokenizer's BOS), every other stage's from blocks of each source (1: retrieval fills any length)
+            seqlen = kind.lengths(st).get("seqlen", 1)
+            label = flags.get(f"stages.{i}.{key}", f"stages.{i}.{key}")
+            if (name, seqlen, kind.name == "eval") in done:
+                continue
+            done.add((name, seqlen, kind.name == "eval"))
+            try:
+                if kind.name == "eval":
+                    try:
+                        windows(eval_tokens(data, tokenizer, seqlen), seqlen, st.stride, check=True)
+                    except MaskpipeError as e:  # perplexity's own words, with the files they are about
+                        raise MaskpipeError(f"corpus {[s.path for s in data.sources]}: {e}") from None
+                else:
+                    weights = data.weights or [1.0] * len(data.sources)
+                    for src in (s for s, w in zip(data.sources, weights) if w > 0):
+                        check_source(data, src, tokenizer, seqlen)
+            except MaskpipeError as e:
+                raise MaskpipeError(f"{where}{label} ({name}): {e}") from None
 
 
 # What a resume may change: where and how the stages run, never what they compute (every strategy
@@ -180,8 +234,9 @@ def check_resumable(cfg: Config, run_dir: Path) -> None:
         # an earlier version stored paths relative to where the run started: here is the best guess
         old = with_absolute_paths(config_from_dict(raw, str(path))).model_dump(mode="json")
     except (MaskpipeError, ValueError) as e:
-        raise MaskpipeError(f"{run_dir}: holds a run of another config; resume it with its own config.yaml "
-                            f"(its config.yaml does not validate as this one: {str(e).splitlines()[0]})") from None
+        # not "resume it with its own config.yaml": that file is what is broken
+        raise MaskpipeError(f"{path}: the run's own config does not validate ({str(e).splitlines()[0]}); fix it to "
+                            "resume the run, or start a new run directory") from None
     new = with_absolute_paths(cfg).model_dump(mode="json")
     a, b = _result_keys(old), _result_keys(new)
     differ = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))

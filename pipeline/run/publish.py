@@ -25,6 +25,7 @@ from maskpipe.pipeline.io.artifacts import (
     MANIFEST_FILE,
     MASKS_FILE,
     atomic_dir,
+    check_compatible,
     check_replaceable,
     load_artifact,
     load_soft_logits,
@@ -201,12 +202,14 @@ def model_card(manifest: dict[str, Any], results: Results | None, stage: str, *,
 
 
 def publish(artifact: Path, run: Path | None, out: str | Path, *, repo: str | None = None,
-            base_model: str | None = None, license: str = "apache-2.0") -> Path:
+            base_model: str | None = None, license: str = "apache-2.0", model: str | None = None) -> Path:
     """Write `out`: the files of `artifact` and its model card (with the results of `run`), atomically.
     Before anything is written, `out` must be a new folder or an earlier publish outside any run's
-    artifacts, and the artifact must verify (`verify`)."""
+    artifacts, and the artifact must verify (`verify`; and `check_base_model`, against `model` or the
+    local base model it names)."""
     check_out(out)
     manifest = verify(artifact)
+    check_base_model(artifact, manifest, model)
     results = Results.read(RunDir(run).results) if run else None
     files = [(name, (artifact / name).stat().st_size, what) for name, what in FILES.items()
              if (artifact / name).is_file()]
@@ -252,6 +255,36 @@ def verify(artifact: Path) -> dict[str, Any]:
             raise MaskpipeError(f"{artifact / LOGITS_FILE}: {name}: logits of shape {list(logits[name].shape)} where "
                                 f"the manifest implies {want} (corrupted artifact)")
     return manifest
+
+
+def model_at_hand(manifest: dict[str, Any], model: str | None = None) -> str | None:
+    """The model to check an artifact against: `model` if given, else the base model its manifest names
+    when that is a local folder here; None for a hub id or a folder of another machine."""
+    if model is not None:
+        return model
+    name = manifest["base_model"]["name_or_path"]
+    return name if Path(name).expanduser().is_dir() else None
+
+
+def check_base_model(artifact: Path, manifest: dict[str, Any], model: str | None = None) -> None:
+    """Check the artifact's fingerprint and shapes against the model at hand (`model_at_hand`): a
+    published mask that fits no model would otherwise be found out only by whoever downloads it. The
+    weights are read one tensor at a time from their safetensors (a meta load), never the whole model."""
+    from maskpipe.pipeline.attention.plans import check_plan
+    from maskpipe.pipeline.core.models import decoder_linears, load_model
+    from maskpipe.pipeline.core.schema import ModelConfig
+
+    base = manifest["base_model"]
+    model = model_at_hand(manifest, model)
+    if model is None:
+        return
+    remote = bool(((manifest.get("config") or {}).get("model") or {}).get("trust_remote_code"))
+    cfg = ModelConfig(name_or_path=model, revision=base.get("revision") if model == base["name_or_path"] else None,
+                      dtype="float32", device="cpu", trust_remote_code=remote)
+    loaded = load_model(cfg, meta=True)
+    check_compatible(manifest, decoder_linears(loaded), str(artifact))
+    if "attention" in manifest:
+        check_plan(manifest["attention"], loaded, str(artifact))
 
 
 def push(folder: str | Path, repo: str, dry_run: bool = False) -> list[str]:

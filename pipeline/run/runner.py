@@ -15,6 +15,7 @@ its owner. Paths in `results.json` are relative to the run directory.
 from __future__ import annotations
 
 import datetime as dt
+import json
 import logging
 import time
 from pathlib import Path
@@ -25,7 +26,7 @@ from maskpipe.pipeline import MaskpipeError, __version__
 from maskpipe.pipeline.io import rundir
 from maskpipe.pipeline.io.artifacts import write_json, write_text
 from maskpipe.pipeline.config import Config, dump_config, with_absolute_paths
-from maskpipe.pipeline.io.loggers import log_results, logs_to, read_metrics
+from maskpipe.pipeline.io.loggers import RUN_LOG_ONLY, log_results, logs_to, read_metrics
 from maskpipe.pipeline.run.preflight import check_inputs, check_resumable
 from maskpipe.pipeline.run.results import Results, StageRecord
 from maskpipe.pipeline.io.rundir import RunDir
@@ -55,10 +56,21 @@ class LocalBackend:
             ctx.session.forget_masks()
 
 
-def stopped_step(run_dir: Path) -> int | None:
-    """The last learning step a run logged, if any."""
-    steps = [m["step"] for m in read_metrics(RunDir(run_dir).metrics) if "step" in m]
+def stopped_step(run_dir: Path, stage: str | None) -> int | None:
+    """The last step `stage` logged, if any (a stage stopped before its first step, or one without
+    steps such as an evaluation, has none, whatever an earlier stage logged)."""
+    steps = [m["step"] for m in read_metrics(RunDir(run_dir).metrics) if "step" in m and m.get("stage") == stage]
     return steps[-1] if steps else None
+
+
+def stopped_where(run_dir: Path) -> str:
+    """Where a stopped run stopped, as its status.json records it: " at step N of STAGE", " in STAGE" or ""."""
+    try:
+        status = json.loads(RunDir(run_dir).status.read_text())
+    except (OSError, ValueError):
+        return ""
+    stage, step = status.get("stage"), status.get("step")
+    return f" at step {step} of {stage}" if step is not None else f" in {stage}" if stage else ""
 
 
 def run(cfg: Config, run_dir: Path | None = None, backend=None, lock_wait: float = 0.0) -> Path:
@@ -118,15 +130,17 @@ def _run(cfg: Config, run: RunDir, backend) -> None:
                 write_text(run.results_md, tables)
             status["status"] = "completed"
         except KeyboardInterrupt:
-            status.update(status="stopped", step=stopped_step(run.root))
+            status.update(status="stopped", step=stopped_step(run.root, status["stage"]))
             raise
         except BaseException as e:
             # status.json says what failed in one line; run.log keeps the traceback of what is not ours.
             ours = isinstance(e, MaskpipeError)
             first = (str(e).splitlines() or [""])[0]
-            status.update(status="failed", step=stopped_step(run.root),
+            status.update(status="failed", step=stopped_step(run.root, status["stage"]),
                           error=first if ours else f"{type(e).__name__}: {first}")
-            log.error("%s: failed: %s", status["stage"], status["error"], exc_info=not ours)
+            # an error of ours is printed once on the console, by the command (`error: ...`): run.log only
+            log.error("%s: failed: %s", status["stage"], status["error"], exc_info=not ours,
+                      extra={RUN_LOG_ONLY: ours})
             raise
         finally:
             status["finished"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
