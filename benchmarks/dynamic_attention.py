@@ -2,7 +2,12 @@
 accuracy at given lengths and one budget for dense, DMA (learned and at its random init), H2O, SnapKV, key
 norm, random keys (all with a cache evicted to the budget) and the oracle (masked, full cache).
 
-    python benchmarks/dynamic_attention.py --steps 40 --samples 20 --lengths 768,512
+    python benchmarks/dynamic_attention.py --samples 20 --lengths 512 --haystacks kjv,filler --ppl-windows 16 [--keys 72]
+    python benchmarks/dynamic_attention.py --model ../shared/fixtures/models/tiny-llama --seqlen 768 --lengths 768
+
+Defaults are the `dynamic` stage's: 40 steps of 4 two-passkey samples (kjv haystack), the attention
+objective, lr 0.1, 25% of the keys with 4 sink and half the budget recent. `--scorer F` saves the trained
+scorer to F, or loads it from F if it exists (then nothing trains).
 """
 
 from __future__ import annotations
@@ -72,6 +77,7 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=30)
     ap.add_argument("--haystacks", default="filler,kjv")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--seed", type=int, default=0, help="the scorer's init, its stream and passkey draws (not the test samples)")
     ap.add_argument("--mix-heads", choices=["auto", "yes", "no"], default="auto",
                     help="DMA's dt_proj (each KV head scored from every KV head's values), or each from its own; "
                     "auto: mixed where it costs under 0.1%% of the model")
@@ -91,17 +97,17 @@ def main() -> None:
     st = SimpleNamespace(steps=args.steps, lr=args.lr, warmup_steps=max(args.steps // 10, 1), log_every=5,
                          checkpoint_every=10**9, batch_size=args.batch_size, seqlen=args.seqlen, needles=args.needles)
     mix = {"auto": None, "yes": True, "no": False}[args.mix_heads]
-    init = KeyScorer.for_model(model, seed=0, mix_heads=mix)
+    init = KeyScorer.for_model(model, seed=args.seed, mix_heads=mix)
     if args.scorer and Path(args.scorer).exists():
-        scorer, history = KeyScorer.for_model(model, seed=0, mix_heads=mix), []
+        scorer, history = KeyScorer.for_model(model, seed=args.seed, mix_heads=mix), []
         scorer.load_state_dict(load_file(args.scorer))
         args.steps = 0
     if args.steps:
         with tempfile.TemporaryDirectory() as tmp:
-            scorer, history = train_scorer(model, tok, st, TokenStream(data, tok, args.seqlen, seed=0), budget,
-                                           seed=0, store=CheckpointDir(Path(tmp) / "ckpt", keep=1), relax=args.relax,
+            scorer, history = train_scorer(model, tok, st, TokenStream(data, tok, args.seqlen, seed=args.seed), budget,
+                                           seed=args.seed, store=CheckpointDir(Path(tmp) / "ckpt", keep=1), relax=args.relax,
                                            loss=args.loss, general=args.general,
-                                           scorer=KeyScorer.for_model(model, seed=0, mix_heads=mix))
+                                           scorer=KeyScorer.for_model(model, seed=args.seed, mix_heads=mix))
         if args.scorer:
             save_file({k: v.detach().contiguous() for k, v in scorer.state_dict().items()}, args.scorer)
     train_s = time.perf_counter() - t0
