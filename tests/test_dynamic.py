@@ -15,9 +15,7 @@ from maskpipe.pipeline.attention.dynamic import (  # noqa: E402
     dynamic,
     dynamic_attention,
     evict_decode,
-    attention_target_loss,
     masked_decode,
-    needed_keys,
     param_fraction,
     prompt_scores,
     train_scorer,
@@ -25,6 +23,8 @@ from maskpipe.pipeline.attention.dynamic import (  # noqa: E402
 from maskpipe.pipeline.attention.gates import passkey_batch
 from maskpipe.pipeline.attention.kv_scores import (  # noqa: E402
     Budget,
+    attention_target_loss,
+    needed_keys,
     FixedScores,
     KeyNormScores,
     OracleScores,

@@ -144,7 +144,7 @@ def test_a_dynamic_artifact_round_trips_and_is_refused_on_another_model(tmp_path
     mask = DynamicMask("learned", Budget(fraction=0.3, sink=2, window=8), {}, scorer)
     path = _artifact(s, tmp_path / "a", mask)
     manifest = read_manifest(path)
-    assert manifest["dynamic"]["shape"] == [4, 2, 32] and manifest["dynamic"]["scorer"]["parameters"] == 4 * 2 * 33
+    assert manifest["dynamic"]["shape"] == [4, 2, 32] and manifest["dynamic"]["scorer"]["parameters"] == 4 * 2 * (2 * 32 + 1)
     back = Session(ModelConfig(**MODEL)).dynamic_of(Variant("a", artifact=path))
     assert back.method == "learned" and back.budget == mask.budget
     assert all(torch.equal(back.scorer.state_dict()[k], v) for k, v in scorer.state_dict().items())

@@ -2,17 +2,21 @@
 Dynamic Mask Attention", arXiv 2508.02124; code SmallDoges/flash-dmattn), with training-free baselines
 (H2O, SnapKV, key norm, random, the oracle: `kv_scores`) under one kept-key rule (`kv_scores`).
 
-DMA scores each key from its own value vector, per KV head h of layer l:
-    log score_j = A_{l,h} · softplus(v_j · w_{l,h})      (DMA's dt = exp(A · softplus(v W_dt)), in log space)
-Scores are query-agnostic, so a key's fate is decided once, when it is written to the cache.
+DMA scores each key from its value states, per KV head h of layer l:
+    log score_j = A_{l,h} · softplus(w_{l,h} · v_j)      (DMA's dt = exp(A · softplus(v W_dt)), in log space)
+where v_j is the key's value in every KV head (DMA's `dt_proj` over the concatenated heads; `mix_heads`)
+or in head h only. Scores are query-agnostic, so a key's fate is decided once, when it is cached.
 
-Differences from DMA, on purpose. DMA trains the whole model with the log-score added to the logits
-of the kept keys, and mixes all KV heads' values into each head's dt (one Linear over the concatenated
-heads); here the weights are frozen and only w (head_dim per head) and A (one per head) train, per head.
-Inference applies the hard kept-key mask and no bias, so a 100% budget is the dense model exactly and
-an evicted cache needs no extra state. Training uses a relaxation (`kv_scores.soft_bias`): the
-log-score, shifted by each row's top-k threshold and saturated with log σ, as an additive bias; with
-relax="st" the forward pass is the hard mask and the gradient is the relaxation's (straight-through).
+Differences from DMA, on purpose. DMA trains the whole model with the log-score added to the logits of
+the kept keys; here the weights are frozen and only w and A train. Inference applies the hard kept-key
+mask and no bias, so a 100% budget is the dense model exactly and an evicted cache needs no extra state.
+Training (`DMALearning`), by default loss="attention": the scorer's softmax over the keys the rule may
+drop learns the attention the frozen dense model pays them, from the passkey answers (max over queries)
+and, weighted by `general`, from every query (H2O's sum): one dense forward a step, no backward through
+the model (Locret's idea of learning what the model attends to, with DMA's scorer). loss="hidden"/"kl"
+distils the masked model on the answers through a relaxation (`kv_scores.soft_bias`: the log-score,
+shifted by each row's top-k threshold and saturated with log σ, as an additive bias; relax="st" keeps
+the hard mask forward and the relaxation's gradient); measured worse (docs/RESULTS.md, DMA section).
 
 Execution: an AttentionInterface function (`IMPLEMENTATION`), SDPA with an explicit mask (CPU, exact;
 dense compute, so it saves nothing but shows what the mask does). Decoding with a cache that really
@@ -35,9 +39,10 @@ from maskpipe.pipeline.attention.gates import passkey_batch
 from maskpipe.pipeline.attention.kv_scores import (
     Budget,
     FixedScores,
+    attention_target_loss,
     h2o_reduce,
     kept_mask,
-    regions,
+    needed_keys,
     snapkv_reduce,
     soft_bias,
 )
@@ -171,28 +176,6 @@ def _capture(st, layer, query, key, value, q_pos, k_pos, scaling, group):
     return (probs @ v).transpose(1, 2).contiguous(), None
 
 
-def needed_keys(probs: torch.Tensor, kv: int, queries: torch.Tensor, q_pos, k_pos, sink: int, window: int,
-                reduce: str = "max") -> tuple[torch.Tensor, torch.Tensor]:
-    """What the rule must keep for the `queries` [B, Lq] bool: per key, the attention they pay it from
-    the KV head's group of heads, where it is a candidate (neither sink nor in the query's window: those
-    are kept anyway), reduced over queries and heads by `reduce`: "max" (the most any one of them pays)
-    or "sum" (H2O's accumulated attention). probs [B, Hq, Lq, Lk] -> (need [B, Hkv, Lk], candidate
-    [B, 1, Lk] bool: a candidate for at least one of the queries)."""
-    _, _, cand = regions(q_pos, k_pos, sink, window)  # [1, 1, Lq, Lk]
-    cand = cand & queries[:, None, :, None]
-    paid = torch.where(cand, probs, 0.0).unflatten(1, (kv, -1))
-    need = paid.amax(2).amax(2) if reduce == "max" else paid.sum((2, 3))
-    return need, cand.any(2)
-
-
-def attention_target_loss(log_scores: torch.Tensor, need: torch.Tensor, candidate: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy of the scorer's softmax over the candidate keys against the needed attention,
-    normalised per (row, KV head): the keys the answer queries use must outrank the rest."""
-    target = need / need.sum(-1, keepdim=True).clamp_min(1e-12)
-    logp = torch.where(candidate, log_scores, -math.inf).log_softmax(-1)
-    return -torch.where(candidate, target * logp, 0.0).sum(-1).mean()
-
-
 def register() -> None:
     """Make IMPLEMENTATION a transformers attention implementation (masks built as for SDPA)."""
     from transformers import AttentionInterface
@@ -240,15 +223,16 @@ def prompt_scores(model: nn.Module, ids: torch.Tensor, obs_window: int = 32, ker
 
 class DMALearning:
     """The `pipeline.loop.Method` of DMA over a frozen model: one step is one synthetic passkey batch
-    (`gates.passkey_batch`), the dense model's and the masked model's final hidden states on the answer
-    positions, and an AdamW step on the scorer against their squared L2 distance (loss="hidden", as
-    DuoAttention's) or the KL of the next-token distributions there (loss="kl"). A checkpoint holds the
+    (`gates.passkey_batch`) and an AdamW step on the scorer against loss="attention" (the dense model's
+    attention as the scorer's target, see the module docstring), or against the squared L2 distance of
+    the dense and the masked model's final hidden states on the answer positions (loss="hidden", as
+    DuoAttention's) or the KL of their next-token distributions there (loss="kl"). A checkpoint holds the
     scorer, its moments and the passkey generator's state. One process (no data parallelism)."""
 
     desc, loss_key = "dma learning", "distance"
 
     def __init__(self, model, tokenizer, st, stream, scorer: KeyScorer, budget: Budget, *, seed: int,
-                 relax: str = "st", temperature: float = 1.0, loss: str = "hidden", general: float = 0.0):
+                 relax: str = "st", temperature: float = 1.0, loss: str = "attention", general: float = 1.0):
         self.general = general
         self.model, self.tokenizer, self.st, self.stream, self.scorer = model, tokenizer, st, stream, scorer
         self.budget, self.relax, self.temperature, self.loss = budget, relax, temperature, loss
@@ -280,23 +264,26 @@ class DMALearning:
             group["lr"] = lr
         x, targets = passkey_batch(self.rng, self.stream, self.tokenizer, st.batch_size, st.seqlen, st.needles)
         x, targets = x.to(self.device), targets.to(self.device)
-        if self.loss == "attention":
-            # the answers' queries, and (weight `general`) every query up to the last answer
-            text = targets.flip(-1).cummax(-1).values.flip(-1)
-            cap = {"queries": {"answer": (targets, "max"), "all": (text, "sum")}, "budget": self.budget}
-            with torch.no_grad(), dynamic(self.model, None, None, capture=cap):
-                self.model.base_model(input_ids=x, use_cache=False)
-            loss = 0.0
-            for layer, (v, needed) in cap["needed"].items():
-                log_scores = self.scorer(layer, v)
-                loss = loss + attention_target_loss(log_scores, *needed["answer"])
-                if self.general:
-                    loss = loss + self.general * attention_target_loss(log_scores, *needed["all"])
-            loss = loss / len(cap["needed"])
-            self.opt.zero_grad(set_to_none=True)
-            loss.backward()
-            self.opt.step()
-            return loss.item()
+        loss = self._attention_loss(x, targets) if self.loss == "attention" else self._distillation_loss(x, targets)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        return loss.item()
+
+    def _attention_loss(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        text = targets.flip(-1).cummax(-1).values.flip(-1)  # every query up to the last answer: no padding
+        cap = {"queries": {"answer": (targets, "max"), "all": (text, "sum")}, "budget": self.budget}
+        with torch.no_grad(), dynamic(self.model, None, None, capture=cap):
+            self.model.base_model(input_ids=x, use_cache=False)
+        loss = 0.0
+        for layer, (v, needed) in cap["needed"].items():
+            log_scores = self.scorer(layer, v)
+            loss = loss + attention_target_loss(log_scores, *needed["answer"])
+            if self.general:
+                loss = loss + self.general * attention_target_loss(log_scores, *needed["all"])
+        return loss / len(cap["needed"])
+
+    def _distillation_loss(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             dense = self.model.base_model(input_ids=x, use_cache=False).last_hidden_state[targets]
         with dynamic(self.model, self.scorer, self.budget, self.relax, self.temperature):
@@ -305,20 +292,15 @@ class DMALearning:
             head = self.model.get_output_embeddings()
             with torch.no_grad():
                 p = head(dense).log_softmax(-1)
-            loss = F.kl_div(head(masked).log_softmax(-1), p, log_target=True, reduction="batchmean")
-        else:
-            loss = (masked - dense).pow(2).sum(-1).mean()
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        self.opt.step()
-        return loss.item()
+            return F.kl_div(head(masked).log_softmax(-1), p, log_target=True, reduction="batchmean")
+        return (masked - dense).pow(2).sum(-1).mean()
 
     def logged(self, lr: float) -> dict:
         return {"lr": lr, "A_mean": self.scorer.A.mean().item(), "w_norm": self.scorer.w.norm(dim=-1).mean().item()}
 
 
 def train_scorer(model, tokenizer, st, stream, budget: Budget, *, seed: int, store, on_log=None,
-                 relax: str = "st", temperature: float = 1.0, loss: str = "hidden", general: float = 0.0,
+                 relax: str = "st", temperature: float = 1.0, loss: str = "attention", general: float = 1.0,
                  scorer: KeyScorer | None = None) -> tuple[KeyScorer, list[dict]]:
     """Learn DMA's scorer with every model weight frozen, resuming from `store.latest()`. `st` needs the
     loop's settings (steps, lr, warmup_steps, log_every, checkpoint_every) and batch_size, seqlen,

@@ -16,13 +16,16 @@ Equivalence with eviction (tested in test_dynamic.py). For query-agnostic scores
 exactly what a cache of `budget` keys holds at step i if, whenever a new token arrives, it drops the
 lowest-ranked key that is neither a sink key nor in the new window (ties: the latest position).
 This is the whole of the equivalence: it needs scores that do not change once a key exists (true for
-DMA's scores, a function of the key's own value vector; for key norms; for scores fixed at prefill)
+DMA's scores, a function of the key's value states; for key norms; for scores fixed at prefill)
 and it fails for query-dependent scores (the oracle), which no fixed-size cache can reproduce.
 
 Score sources: `KeyNormScores` (on the fly), `FixedScores` (from the prompt: H2O, SnapKV, random),
 `OracleScores` (query-dependent), and `dynamic.KeyScorer` (DMA, learned). A source has
 `query_agnostic` and `scores(layer, query, key, value, q_pos, k_pos, scaling)` returning [B, Hkv, Lk]
 (agnostic; larger = keep) or [B, Hkv, Lq, Lk].
+
+What a learned scorer is taught (`needed_keys`, `attention_target_loss`): the attention a set of
+queries pays each key where the rule could drop it, and a cross-entropy of the scorer against it.
 """
 
 from __future__ import annotations
@@ -190,3 +193,25 @@ def snapkv_reduce(probs: torch.Tensor, kv_heads: int, obs_window: int = 32, kern
     pooled = (F.max_pool1d if pool == "max" else F.avg_pool1d)(votes.reshape(b * h, 1, n), kernel, stride=1,
                                                                  padding=kernel // 2)
     return pooled.reshape(b, h, n).unflatten(1, (kv_heads, -1)).sum(2)
+
+
+def needed_keys(probs: torch.Tensor, kv: int, queries: torch.Tensor, q_pos, k_pos, sink: int, window: int,
+                reduce: str = "max") -> tuple[torch.Tensor, torch.Tensor]:
+    """What the rule must keep for the `queries` [B, Lq] bool: per key, the attention they pay it from
+    the KV head's group of heads, where it is a candidate (neither sink nor in the query's window: those
+    are kept anyway), reduced over queries and heads by `reduce`: "max" (the most any one of them pays)
+    or "sum" (H2O's accumulated attention). probs [B, Hq, Lq, Lk] -> (need [B, Hkv, Lk], candidate
+    [B, 1, Lk] bool: a candidate for at least one of the queries)."""
+    _, _, cand = regions(q_pos, k_pos, sink, window)  # [1, 1, Lq, Lk]
+    cand = cand & queries[:, None, :, None]
+    paid = torch.where(cand, probs, 0.0).unflatten(1, (kv, -1))
+    need = paid.amax(2).amax(2) if reduce == "max" else paid.sum((2, 3))
+    return need, cand.any(2)
+
+
+def attention_target_loss(log_scores: torch.Tensor, need: torch.Tensor, candidate: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of the scorer's softmax over the candidate keys against the needed attention,
+    normalised per (row, KV head): the keys the answer queries use must outrank the rest."""
+    target = need / need.sum(-1, keepdim=True).clamp_min(1e-12)
+    logp = torch.where(candidate, log_scores, -math.inf).log_softmax(-1)
+    return -torch.where(candidate, target * logp, 0.0).sum(-1).mean()
