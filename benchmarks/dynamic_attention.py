@@ -1,6 +1,8 @@
 """End-to-end check on micro-llama: learn DMA's scorer (kjv haystack passkey batches), then passkey
 accuracy at given lengths and one budget for dense, DMA (learned and at its random init), H2O, SnapKV, key
-norm, random keys (all with a cache evicted to the budget) and the oracle (masked, full cache).
+norm, random keys (all with a cache evicted to the budget), the oracle (masked, full cache) and "target":
+the learning objective's own target as a fixed score, read from the answer (what a perfect query-agnostic
+scorer of that objective would keep; a bound, not a method).
 
     python benchmarks/dynamic_attention.py --samples 20 --lengths 512 --haystacks kjv,filler --ppl-windows 16 [--keys 72]
     python benchmarks/dynamic_attention.py --model ../shared/fixtures/models/tiny-llama --seqlen 768 --lengths 768
@@ -34,7 +36,13 @@ from maskpipe.pipeline.attention.dynamic import (  # noqa: E402
     prompt_scores,
     train_scorer,
 )
-from maskpipe.pipeline.attention.kv_scores import Budget, KeyNormScores, OracleScores, random_scores  # noqa: E402
+from maskpipe.pipeline.attention.kv_scores import (  # noqa: E402
+    Budget,
+    FixedScores,
+    KeyNormScores,
+    OracleScores,
+    random_scores,
+)
 from maskpipe.pipeline.core.models import load_model, load_tokenizer
 
 # ---- maskpipe imports ----
@@ -57,6 +65,21 @@ def dense_decode(model, ids, new):
         if step < new - 1:
             out = model(input_ids=tokens[-1][:, None], cache=out.cache, use_cache=True)
     return torch.stack(tokens, 1)
+
+
+@torch.no_grad()
+def answer_target(model, tok, sample, budget) -> FixedScores:
+    """The attention objective's own target as a score (a bound, not a method: it reads the answer): per
+    layer and KV head, the most attention the dense model's answer queries pay each prompt key,
+    teacher-forced on the true answer."""
+    answer = tok(" " + sample.answers[0], add_special_tokens=False).input_ids
+    full = torch.tensor([sample.ids + answer])
+    queries = torch.zeros(1, full.shape[1], dtype=torch.bool)
+    queries[0, len(sample.ids) - 1: -1] = True
+    cap = {"queries": {"answer": (queries, "max")}, "budget": budget.fixed(len(sample.ids))}
+    with dynamic(model, None, None, capture=cap):
+        model.base_model(input_ids=full, use_cache=False)
+    return FixedScores([cap["needed"][i][1]["answer"][0][..., : len(sample.ids)] for i in range(len(cap["needed"]))])
 
 
 def main() -> None:
@@ -147,6 +170,7 @@ def main() -> None:
                 "key-norm": lambda: evict_decode(model, KeyNormScores(), budget, ids, new),
                 "random": lambda: evict_decode(model, random_scores(ids.shape[1], layers, kv, seed=i), budget, ids, new),
                 "oracle": lambda: masked_decode(model, OracleScores(), budget, ids, new),
+                "target": lambda: evict_decode(model, answer_target(model, tok, s, budget), budget, ids, new),
             }
             for name, run in runs.items():
                 text = tok.decode(run()[0].tolist(), skip_special_tokens=True)
