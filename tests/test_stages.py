@@ -10,7 +10,8 @@ def test_the_registry_and_the_config_union_name_the_same_kinds():
     assert [k.config for k in KINDS.values()] == list(STAGE_CONFIGS)
     assert {k: v.placement for k, v in KINDS.items()} == {
         "oneshot": Placement.DEVICE, "learn": Placement.GROUP, "eval": Placement.CELLS,
-        "retrieval": Placement.DEVICE, "attention": Placement.DEVICE, "lm_eval": Placement.DEVICE}
+        "retrieval": Placement.DEVICE, "attention": Placement.DEVICE, "dynamic": Placement.DEVICE,
+        "lm_eval": Placement.DEVICE}
 
 
 def test_each_kind_declares_the_stages_and_corpora_it_reads():
