@@ -164,6 +164,22 @@ def test_metrics_log_drops_steps_past_a_resume_and_writes_tensorboard_events(tmp
     assert list((tmp_path / "tensorboard" / "learn").glob("events.out.tfevents.*"))
 
 
+def test_a_stages_log_line_is_its_progress_steps_tokens_per_second_and_eta(tmp_path, monkeypatch, caplog):
+    from maskpipe.pipeline.io import loggers
+
+    clock = iter([100.0, 110.0, 200.0, 205.0])  # start; step 10 at +10 s; a resume at 200; step 60 at +5 s
+    monkeypatch.setattr(loggers.time, "monotonic", lambda: next(clock))
+    log = loggers.MetricsLog(tmp_path, "maskllm", steps=100, tokens_per_step=4 * 512)
+    with caplog.at_level("INFO", logger="maskpipe"):
+        log({"step": 10, "loss": 3.5})
+        log({"resumed_from_step": 50})  # the rate counts the steps this process ran
+        log({"step": 60, "loss": 3.0})
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines[0] == "maskllm: step 10/100 (10%), 2,048 tokens/s, ETA 1m30s | loss=3.5"
+    assert lines[1] == "maskllm: resumed_from_step=50"
+    assert lines[2] == "maskllm: step 60/100 (60%), 4,096 tokens/s, ETA 0m20s | loss=3"
+
+
 def test_gumbel_noise_depends_only_on_the_seed():
     mod = GumbelNMMask(torch.Size([4, 16]), 2, 4, torch.Generator().manual_seed(0))
     mod.train()

@@ -34,7 +34,7 @@ from maskpipe.pipeline.io.artifacts import MANIFEST_FILE, write_json
 from maskpipe.pipeline.train.checkpoint import Checkpoint, write_shard
 from maskpipe.pipeline.config import Config
 from maskpipe.pipeline.stages.learn import LearnStage
-from maskpipe.pipeline.io.loggers import MetricsLog, logs_to
+from maskpipe.pipeline.io.loggers import MetricsLog, logs_to, step_tokens
 from maskpipe.pipeline.io.rundir import RunDir
 from maskpipe.pipeline.io.session import Session
 from maskpipe.pipeline.stages import StageContext, StageKind, StageOutput, kind_of
@@ -108,7 +108,8 @@ def learn_loop(config: dict) -> None:
     torch.manual_seed(cfg.seed)
     # fsdp: each rank of a learn stage reads its rows only (gates train data-parallel over whole models)
     session = Session(cfg.model, meta=isinstance(st, LearnStage) and cfg.workers.loads_sharded)
-    metrics = MetricsLog(run.root, st.name, cfg.logging, config=cfg.model_dump(mode="json")) if rank == 0 else None
+    metrics = (MetricsLog(run.root, st.name, cfg.logging, config=cfg.model_dump(mode="json"), steps=st.steps,
+                          tokens_per_step=step_tokens(st)) if rank == 0 else None)
 
     def on_log(entry: dict) -> None:
         if metrics is not None:

@@ -225,6 +225,11 @@ def trackers(run_dir: Path, cfg, config: dict | None = None) -> list[MetricLogge
     return out
 
 
+def step_tokens(st) -> int:
+    """Tokens a learning stage's optimizer step reads (`LoopSettings`; a learn stage's grad_accum too)."""
+    return st.batch_size * st.seqlen * getattr(st, "grad_accum", 1)
+
+
 class MetricsLog:
     """A learning stage's `on_log`: the run log, `metrics.jsonl` and whatever `logging` asks for (a
     `LoggingConfig`, or a bool for TensorBoard alone). At the stage's first entry, its JSONL lines past
@@ -233,17 +238,38 @@ class MetricsLog:
     and this one logs those steps again."""
 
     def __init__(self, run_dir: Path, stage: str, logging_cfg=False, *, tensorboard: bool = False,
-                 config: dict | None = None):
+                 config: dict | None = None, steps: int | None = None, tokens_per_step: int = 0):
         self.stage = stage
+        # the console line's progress: steps done of `steps`, tokens/s and ETA since this stage started
+        self.steps, self.tokens_per_step = steps, tokens_per_step
+        self.t0, self.first_step = time.monotonic(), 0
         self.jsonl = JsonlLogger(run_dir)
         tb = tensorboard or (logging_cfg if isinstance(logging_cfg, bool) else logging_cfg.tensorboard)
         self.loggers: list[MetricLogger] = [self.jsonl] + ([TensorBoardLogger(run_dir, stage)] if tb else [])
         self.loggers += trackers(run_dir, None if isinstance(logging_cfg, bool) else logging_cfg, config)
         self.started = False
 
+    def progress(self, step: int) -> str:
+        """E.g. 'step 40/125 (32%), 5,120 tokens/s, ETA 1m12s': the rate over the steps this process ran."""
+        if not self.steps:
+            return f"step {step}"
+        done, seconds = step - self.first_step, time.monotonic() - self.t0
+        text = f"step {step}/{self.steps} ({step / self.steps:.0%})"
+        if done > 0 and seconds > 0:
+            rate = done / seconds
+            if self.tokens_per_step:
+                text += f", {rate * self.tokens_per_step:,.0f} tokens/s"
+            eta = round((self.steps - step) / rate)
+            hours, minutes, seconds = eta // 3600, eta % 3600 // 60, eta % 60
+            text += f", ETA {hours}h{minutes:02d}m" if hours else f", ETA {minutes}m{seconds:02d}s"
+        return text
+
     def __call__(self, entry: dict) -> None:
-        log.info("%s: %s", self.stage, " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                                                for k, v in entry.items()))
+        if "resumed_from_step" in entry:
+            self.t0, self.first_step = time.monotonic(), entry["resumed_from_step"]
+        fields = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in entry.items()
+                          if k != "step")
+        log.info("%s: %s", self.stage, f"{self.progress(entry['step'])} | {fields}" if "step" in entry else fields)
         if not self.started or "resumed_from_step" in entry:
             self.started = True
             self.jsonl.rewind(self.stage, entry.get("resumed_from_step", 0))

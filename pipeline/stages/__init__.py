@@ -155,12 +155,13 @@ def execute(kind: StageKind, ctx: StageContext) -> StageOutput:
         return kind.gather(ctx, [(c, kind.cell(ctx, state, c)) for c in kind.cells(ctx)])
     if not kind.trains or ctx.store is not None:
         return kind.run(ctx)
-    from maskpipe.pipeline.io.loggers import MetricsLog
+    from maskpipe.pipeline.io.loggers import MetricsLog, step_tokens
     from maskpipe.pipeline.train.checkpoint import CheckpointDir
 
     st = ctx.st
     ctx.store = CheckpointDir(ctx.run.checkpoints(st.name), st.keep_checkpoints)
-    ctx.on_log = MetricsLog(ctx.run.root, st.name, ctx.cfg.logging, config=ctx.cfg.model_dump(mode="json"))
+    ctx.on_log = MetricsLog(ctx.run.root, st.name, ctx.cfg.logging, config=ctx.cfg.model_dump(mode="json"),
+                            steps=st.steps, tokens_per_step=step_tokens(st))
     try:
         return kind.run(ctx)
     finally:
