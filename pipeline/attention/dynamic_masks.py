@@ -27,9 +27,9 @@ Artifact format (manifest key `dynamic`, beside an artifact's N:M masks; `pipeli
   scorer       learned only: {"file": "scorer.safetensors", "parameters": n, "fraction": n / model params,
                "tensors": {name: {"shape", "dtype", "sha256" of the tensor's raw bytes}}}
 The scorer file (learned only) is a safetensors file of float32 `w` and `A` [layers, kv_heads],
-`KeyScorer`'s parameters: `w` is [layers, kv_heads, kv_heads, head_dim] in DMA's form (each head scored
-from every KV head's values) or [layers, kv_heads, head_dim] (each head from its own). A mask made for another base model is refused: shape
-first, then the fingerprint.
+`KeyScorer`'s parameters: `w` is [layers, kv_heads, kv_heads, head_dim] in DMA's form (each head
+scored from every KV head's values) or [layers, kv_heads, head_dim] (each head from its own). A mask
+made for another base model is refused: shape first, then the fingerprint.
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ from maskpipe.pipeline import MaskpipeError
 from maskpipe.pipeline.attention.dynamic import KeyScorer, dynamic, evict_decode, masked_decode, param_fraction, prompt_scores
 from maskpipe.pipeline.attention.dynamic import cache_bytes as _cache_bytes
 from maskpipe.pipeline.attention.kv_scores import Budget, KeyNormScores, OracleScores, random_scores
-from maskpipe.pipeline.attention.plans import attended_keys, kv_heads
+from maskpipe.pipeline.attention.plans import attended_keys, check_fingerprint, kv_heads
 from maskpipe.pipeline.core.models import decoder_linears, fingerprint
 
 METHODS = ("learned", "h2o", "snapkv", "key-norm", "random", "oracle")
@@ -205,10 +205,7 @@ def check_dynamic(obj: dict[str, Any], model: nn.Module, source: str, fingerprin
     if obj.get("shape") != ours:
         raise MaskpipeError(f"{source}: dynamic mask is for layers x KV heads x head_dim {obj.get('shape')}, "
                             f"the model has {ours}")
-    mine = fingerprint(decoder_linears(model))
-    if obj.get("fingerprint") != mine:
-        raise MaskpipeError(f"{source}: base model fingerprint mismatch: the dynamic mask was made for "
-                            f"{obj.get('fingerprint')}, this model is {mine}")
+    check_fingerprint(obj.get("fingerprint"), model, source, "dynamic mask", fingerprint)
 
 
 def window_text(window: int | None) -> str:

@@ -309,8 +309,13 @@ def check_plan(plan_json: dict[str, Any], model: nn.Module, source: str, fingerp
     if plan.shape != kv_heads(model)[:2]:
         raise MaskpipeError(f"{source}: attention plan is for {plan.shape[0]} layers x {plan.shape[1]} KV heads, "
                             f"the model has {kv_heads(model)[0]} x {kv_heads(model)[1]}")
-    ours = fingerprint(decoder_linears(model))
-    if plan_json.get("fingerprint") != ours:
-        raise MaskpipeError(f"{source}: base model fingerprint mismatch: the attention plan was made for "
-                            f"{plan_json.get('fingerprint')}, this model is {ours}")
+    check_fingerprint(plan_json.get("fingerprint"), model, source, "attention plan", fingerprint)
     return plan
+
+
+def check_fingerprint(recorded: str | None, model: nn.Module, source: str, what: str, fingerprint=fingerprint) -> None:
+    """Refuse an attention mask (`what`) made for another base model: the fingerprint of its decoder linears."""
+    ours = fingerprint(decoder_linears(model))
+    if recorded != ours:
+        raise MaskpipeError(f"{source}: base model fingerprint mismatch: the {what} was made for {recorded}, "
+                            f"this model is {ours}")
