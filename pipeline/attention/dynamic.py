@@ -161,13 +161,15 @@ def dynamic_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
 
 
 def _capture(st, layer, query, key, value, q_pos, k_pos, scaling, group):
-    """A dense forward that records H2O's and SnapKV's reductions of this layer's attention."""
+    """A dense forward that records what `st.capture` asks of this layer's attention: H2O's and SnapKV's
+    reductions ("snapkv_args", `prompt_scores`), the scorer's targets ("queries", `DMALearning`)."""
     k, v = (t.repeat_interleave(group, dim=1) for t in (key, value))
     logits = (query @ k.transpose(-1, -2)) * (scaling if scaling is not None else query.shape[-1] ** -0.5)
     probs = logits.masked_fill(k_pos[None, :] > q_pos[:, None], -math.inf).softmax(-1)
     kv = key.shape[1]
-    st.capture.setdefault("h2o", {})[layer] = h2o_reduce(probs, kv)
-    st.capture.setdefault("snapkv", {})[layer] = snapkv_reduce(probs, kv, **st.capture.get("snapkv_args", {}))
+    if "snapkv_args" in st.capture:
+        st.capture.setdefault("h2o", {})[layer] = h2o_reduce(probs, kv)
+        st.capture.setdefault("snapkv", {})[layer] = snapkv_reduce(probs, kv, **st.capture["snapkv_args"])
     if "queries" in st.capture:  # the scorer's attention targets (DMALearning, loss="attention")
         sink, window, _ = st.capture["budget"].resolve(len(k_pos))
         st.capture.setdefault("needed", {})[layer] = (value.detach(), {
@@ -271,8 +273,10 @@ class DMALearning:
         return loss.item()
 
     def _attention_loss(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        text = targets.flip(-1).cummax(-1).values.flip(-1)  # every query up to the last answer: no padding
-        cap = {"queries": {"answer": (targets, "max"), "all": (text, "sum")}, "budget": self.budget}
+        queries = {"answer": (targets, "max")}
+        if self.general:  # every query up to the last answer: no padding
+            queries["all"] = (targets.flip(-1).cummax(-1).values.flip(-1), "sum")
+        cap = {"queries": queries, "budget": self.budget}
         with torch.no_grad(), dynamic(self.model, None, None, capture=cap):
             self.model.base_model(input_ids=x, use_cache=False)
         loss = 0.0
