@@ -62,14 +62,15 @@ def cli_fails(argv: list[str], capsys, message: str, *absent, one_line: bool = F
     return err
 
 
-def stop_at_learn(monkeypatch) -> None:
-    """A run in this process stops as Ctrl-C stops it when it reaches its learn stage (exit 130)."""
+def stop_at(monkeypatch, kind: str = "learn") -> None:
+    """A run in this process stops as Ctrl-C stops it when it reaches its first stage of `kind` (exit 130)."""
     from maskpipe.pipeline.run.runner import LocalBackend
 
     original = LocalBackend.execute
+    stop_kind = kind
 
     def interrupted(self, kind, ctx):
-        if kind.name == "learn":
+        if kind.name == stop_kind:
             raise KeyboardInterrupt
         return original(self, kind, ctx)
 

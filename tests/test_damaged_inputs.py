@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from maskpipe.jobs.cli import main
-from tests.conftest import CORPORA, MODEL_FLAGS, ROOT, cli_fails, stop_at_learn
+from tests.conftest import CORPORA, MODEL_FLAGS, ROOT, cli_fails, stop_at
 from tests.test_nothing_lost import die_after_step, learn_recipe
 
 
@@ -24,7 +24,7 @@ def test_the_resume_line_of_a_stopped_run_is_shell_quoted(tmp_path, monkeypatch,
 
 
     config, run_dir = learn_recipe(tmp_path), tmp_path / "my runs" / "it's r1"
-    stop_at_learn(monkeypatch)
+    stop_at(monkeypatch)
     capsys.readouterr()
     assert main(["run", str(config), "--run-dir", str(run_dir)]) == 130
     line = capsys.readouterr().err.split("resume with: ", 1)[1].strip()
@@ -42,7 +42,7 @@ def stopped_run(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("stopped")
     config, run_dir = learn_recipe(tmp_path), tmp_path / "runs" / "r1"
     with pytest.MonkeyPatch.context() as m:
-        stop_at_learn(m)
+        stop_at(m)
         assert main(["run", str(config), "--run-dir", str(run_dir)]) == 130
     (run_dir / "metrics.jsonl").write_text('{"stage": "maskllm", "step": 1, "loss": 2.5}\n')
     return config, run_dir
@@ -177,7 +177,7 @@ def test_a_runs_config_yaml_records_absolute_paths_and_resumes_from_another_dire
     (start / "c.yaml").write_text(yaml.safe_dump(raw))
     monkeypatch.chdir(start)
     with monkeypatch.context() as m:
-        stop_at_learn(m)
+        stop_at(m)
         assert main(["run", "c.yaml", "--run-dir", "r"]) == 130
     recorded = yaml.safe_load((start / "r" / "config.yaml").read_text())
     assert recorded["model"]["name_or_path"] == str(MICRO)
@@ -287,19 +287,10 @@ def test_a_run_stopped_during_eval_says_it_stopped_in_eval_not_at_an_earlier_sta
                                                                                          capsys):
     import yaml
 
-    from maskpipe.pipeline.run.runner import LocalBackend
-
     raw = yaml.safe_load(learn_recipe(tmp_path, steps=2).read_text())
     raw["stages"].append({"stage": "eval", "data": ["calib"], "seqlen": 32})
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(raw))
-    original = LocalBackend.execute
-
-    def interrupted(self, kind, ctx):
-        if kind.name == "eval":
-            raise KeyboardInterrupt
-        return original(self, kind, ctx)
-
-    monkeypatch.setattr(LocalBackend, "execute", interrupted)
+    stop_at(monkeypatch, "eval")
     capsys.readouterr()
     assert main(["run", str(tmp_path / "c.yaml"), "--run-dir", str(tmp_path / "r")]) == 130
     err = capsys.readouterr().err

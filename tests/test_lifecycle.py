@@ -24,7 +24,7 @@ from maskpipe.pipeline.config import config_from_dict, load_config
 from maskpipe.pipeline.io.loggers import read_metrics
 from maskpipe.pipeline.run.preflight import check_resumable
 from maskpipe.pipeline.run.runner import LocalBackend, run
-from tests.conftest import MODEL_FLAGS, cli_fails, CORPORA, MICRO, ROOT, stop_at_learn
+from tests.conftest import MODEL_FLAGS, cli_fails, CORPORA, MICRO, ROOT, stop_at
 from tests.test_ray import head  # noqa: F401 - the module's Ray head, for the tests marked slow at the end
 
 MODEL = MODEL_FLAGS
@@ -90,7 +90,7 @@ def test_a_run_resumes_after_a_move_from_another_directory_and_reads_old_paths(t
     monkeypatch.chdir(tmp_path)
 
     with monkeypatch.context() as m:
-        stop_at_learn(m)
+        stop_at(m)
         assert main(["run", str(config), "--run-dir", "runs/x"]) == 130
     assert "stopped in maskllm; resume with: maskpipe run " in capsys.readouterr().err
     results = json.loads((tmp_path / "runs/x/results.json").read_text())
