@@ -62,6 +62,20 @@ def cli_fails(argv: list[str], capsys, message: str, *absent, one_line: bool = F
     return err
 
 
+class Killed(Exception):
+    """A process killed mid-stage, as a training loop sees it from its on_log."""
+
+
+def die_at(step: int):
+    """An on_log that kills the training loop when it logs `step` (the checkpoint before it survives)."""
+
+    def on_log(entry: dict) -> None:
+        if entry.get("step") == step:
+            raise Killed
+
+    return on_log
+
+
 def stop_at(monkeypatch, kind: str = "learn") -> None:
     """A run in this process stops as Ctrl-C stops it when it reaches its first stage of `kind` (exit 130)."""
     from maskpipe.pipeline.run.runner import LocalBackend

@@ -6,6 +6,7 @@ import torch
 
 from maskpipe.pipeline.attention.plans import (AttentionPlan, LayerHeads, attended_keys, binarize, kv_heads, moa_windows,
                                 plan_cost, planned, planned_attention, random_scores, uniform_plan)
+from tests.conftest import Killed, die_at
 
 
 class Attn(torch.nn.Module):
@@ -166,16 +167,9 @@ def test_gate_learning_trains_only_gates_and_resumes_exactly(micro, tokenizer, t
     assert [p.name for p in full.list()] == ["step-00000002", "step-00000004"]
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
-    class Killed(Exception):
-        pass
-
-    def die_at_3(entry):
-        if entry.get("step") == 3:
-            raise Killed
-
     with pytest.raises(Killed):
         train_gates(model, tokenizer, st, _stream(tokenizer), sink=4, window=16, seed=0,
-                    store=CheckpointDir(tmp_path / "cut", keep=2), on_log=die_at_3)
+                    store=CheckpointDir(tmp_path / "cut", keep=2), on_log=die_at(3))
     assert model.config._attn_implementation == "sdpa"
     events = []
     gates2, history2 = train_gates(model, tokenizer, st, _stream(tokenizer), sink=4, window=16, seed=0,

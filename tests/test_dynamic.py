@@ -39,7 +39,7 @@ from maskpipe.pipeline.core.schema import DataConfig, ModelConfig
 from maskpipe.pipeline.eval.retrieval import greedy_decode
 from maskpipe.pipeline.io.data import TokenStream
 from maskpipe.pipeline.train.checkpoint import CheckpointDir
-from tests.conftest import CORPORA, MICRO, ROOT
+from tests.conftest import CORPORA, MICRO, ROOT, Killed, die_at
 
 TINY = ROOT.parent / "shared" / "fixtures" / "models" / "tiny-llama"
 KJV = CORPORA / "kjv.train.txt"
@@ -360,15 +360,8 @@ def test_training_learns_only_the_scorer_and_resumes_exactly(micro, tokenizer, t
     assert [h["step"] for h in history] == [1, 2, 3, 4]
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
-    class Killed(Exception):
-        pass
-
-    def die_at_3(entry):
-        if entry.get("step") == 3:
-            raise Killed
-
     with pytest.raises(Killed):
-        run(CheckpointDir(tmp_path / "cut", keep=2), die_at_3)
+        run(CheckpointDir(tmp_path / "cut", keep=2), die_at(3))
     assert model.config._attn_implementation == "sdpa"
     events = []
     scorer2, history2 = run(CheckpointDir(tmp_path / "cut", keep=2), events.append)

@@ -12,7 +12,7 @@ from maskpipe.pipeline.nm.learn import GumbelNMMask, add_learned_masks, hard_mas
 from maskpipe.pipeline.train.loop import cosine_lr, linear_schedule
 from maskpipe.pipeline.core.models import base_weight
 from maskpipe.pipeline.nm.sparsity import is_nm, nm_mask
-from tests.conftest import CORPORA
+from tests.conftest import CORPORA, Killed, die_at
 
 
 @pytest.mark.parametrize("n,m", [(1, 2), (2, 4), (1, 4), (3, 4), (4, 8), (2, 8)])
@@ -126,16 +126,9 @@ def test_interrupted_and_resumed_run_ends_with_the_same_mask(micro, micro_cfg, t
                                   store=CheckpointDir(tmp_path / "full3", keep=2))
     assert [h["step"] for h in history] == [3, 6]
 
-    class Killed(Exception):
-        pass
-
-    def die_at_6(entry):
-        if entry.get("step") == 6:
-            raise Killed
-
     with pytest.raises(Killed):
         train_masks(model, linears, st, 2, 4, _stream(tokenizer), seed=0, store=CheckpointDir(tmp_path / "cut", keep=2),
-                    on_log=die_at_6)
+                    on_log=die_at(6))
     assert not any(parametrize.is_parametrized(l) for l in linears.values())
     resumed_from = []
     logits2, history2 = train_masks(model, linears, st, 2, 4, _stream(tokenizer), seed=0,
