@@ -69,6 +69,17 @@ def passkey_batch(rng: random.Random, stream, tokenizer, batch_size: int, seqlen
     return torch.tensor(ids), torch.tensor(targets)
 
 
+def passkey_share(rng: random.Random, stream, tokenizer, st, device) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """This rank's rows of a global batch of `st.batch_size` passkey samples (`passkey_batch`) on
+    `device`, and how many answer positions the whole batch holds. Every rank draws the whole batch
+    with the same generator and stream, so the samples, and a resume, do not depend on the number of
+    ranks; the ranks take equal shares (`check_data_parallel`)."""
+    rank, world = rank_world()
+    x, targets = passkey_batch(rng, stream, tokenizer, st.batch_size, st.seqlen, st.needles)
+    share = slice(rank * st.batch_size // world, (rank + 1) * st.batch_size // world)
+    return x[share].to(device), targets[share].to(device), int(targets.sum())
+
+
 class GateLearning:
     """The `pipeline.train.loop.Method` of DuoAttention: one step is one synthetic passkey batch, the dense
     model's and the gate-mixed model's final hidden states on the answer positions, and a step on the
@@ -120,10 +131,7 @@ class GateLearning:
 
     def step(self, step: int, lr: float) -> float:
         st, gates = self.st, self.gates
-        x, targets = passkey_batch(self.rng, self.stream, self.tokenizer, st.batch_size, st.seqlen, st.needles)
-        answers = int(targets.sum())  # over the global batch
-        share = slice(self.rank * st.batch_size // self.world, (self.rank + 1) * st.batch_size // self.world)
-        x, targets = x[share].to(self.device), targets[share].to(self.device)
+        x, targets, answers = passkey_share(self.rng, self.stream, self.tokenizer, st, self.device)
         with torch.no_grad():
             dense = self.model.base_model(input_ids=x, use_cache=False).last_hidden_state[targets]
         with planned(self.model, self.streaming, gates):
@@ -177,12 +185,7 @@ def train_gates(model: nn.Module, tokenizer, st, stream, *, sink: int, window: i
     samples (`GateLearning`), and the step equals one process's step on the whole batch. Every rank
     holds the whole frozen model (`strategy` none on one rank, ddp on several): the sharded strategies
     of `pipeline.train.shard` shard mask state, and gates have none worth sharding."""
-    _, world = rank_world()
-    if strategy not in GATE_STRATEGIES or (strategy == "none" and world > 1):
-        raise MaskpipeError(f"gate learning on {world} worker(s) runs strategy "
-                            f"{'ddp' if world > 1 else 'none or ddp'}, not {strategy!r}")
-    if st.batch_size % world:
-        raise MaskpipeError(f"batch_size {st.batch_size} is not divisible by the {world} workers")
+    check_data_parallel(GateLearning.desc, strategy, st.batch_size)
     materialize(model)  # a model loaded on meta is read whole
     model.eval()
     method = GateLearning(model, tokenizer, st, stream, sink=sink, window=window, seed=seed)
@@ -196,6 +199,18 @@ GATE_STRATEGIES = ("none", "ddp")
 def gate_strategy(strategy: str) -> str:
     """The strategy gates learn with under `workers.strategy`: the sharded ones hold the model whole."""
     return strategy if strategy in GATE_STRATEGIES else "ddp"
+
+
+def check_data_parallel(desc: str, strategy: str, batch_size: int) -> None:
+    """Refuse what data parallelism over whole models (gates, DMA's key scorer) cannot run: a strategy
+    beyond `GATE_STRATEGIES` (none on one rank only), or a global batch that does not split into
+    equal shares over the ranks (each rank's loss is its share of the global mean)."""
+    _, world = rank_world()
+    if strategy not in GATE_STRATEGIES or (strategy == "none" and world > 1):
+        raise MaskpipeError(f"{desc} on {world} worker(s) runs strategy "
+                            f"{'ddp' if world > 1 else 'none or ddp'}, not {strategy!r}")
+    if batch_size % world:
+        raise MaskpipeError(f"batch_size {batch_size} is not divisible by the {world} workers")
 
 
 def _tuples(state):
