@@ -80,6 +80,8 @@ def error_of(mutate, source="f.yaml"):
          "f.yaml: workers.shard_group: hybrid sharding needs strategy fsdp and a number of workers that is a multiple of 2"),
         (lambda r: r.update(workers={"num_workers": 3}) or r["stages"].append({"stage": "learn", "data": "c", "steps": 2}),
          "f.yaml: stages.2.batch_size: batch_size 8 does not split evenly over 3 workers (workers.num_workers)"),
+        (lambda r: r.update(workers={"num_workers": 3}) or r["stages"].append({"stage": "dynamic", "data": "c"}),
+         "f.yaml: stages.2.batch_size: batch_size 4 does not split evenly over 3 workers (workers.num_workers)"),
         (lambda r: r["stages"][0].update(method="obs"), "f.yaml: stages.0.method: Input should be 'magnitude', 'wanda', "
                                                         "'sparsegpt', 'dsnot' or 'dsnot-exact'"),
     ],

@@ -9,6 +9,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from maskpipe.pipeline import MaskpipeError
 from maskpipe.pipeline.attention.dynamic import (  # noqa: E402
     KeyScorer,
     cache_bytes,
@@ -367,6 +368,12 @@ def test_training_learns_only_the_scorer_and_resumes_exactly(micro, tokenizer, t
     scorer2, history2 = run(CheckpointDir(tmp_path / "cut", keep=2), events.append)
     assert events[0] == {"resumed_from_step": 2} and history2 == history
     assert torch.equal(scorer2.w, scorer.w) and torch.equal(scorer2.A, scorer.A)
+
+
+def test_training_refuses_a_strategy_that_shards_the_model(micro, tokenizer):
+    st = SimpleNamespace(batch_size=2)
+    with pytest.raises(MaskpipeError, match=r"dma learning on 1 worker\(s\) runs strategy none or ddp, not 'fsdp'"):
+        train_scorer(micro, tokenizer, st, None, Budget(fraction=0.25), seed=0, store=None, strategy="fsdp")
 
 
 def test_needed_keys_are_the_answer_queries_most_attended_candidates():

@@ -1,5 +1,6 @@
 """The one training loop (`pipeline.train.loop`): masks and gates learn what they learned before it existed,
-and gates learn data-parallel on two real (gloo) ranks what one process learns on the same batch.
+and gates and DMA's key scorer learn data-parallel on two real (gloo) ranks what one process learns on the
+same batch.
 
 The recorded values come from the two loops that `pipeline.train.loop.train` replaced (commit a179437), run
 on a corpus the test writes itself, so that they do not move with the fixture corpora. A learned hard mask
@@ -86,6 +87,25 @@ def learn_gates(model, tokenizer, corpus, ckpt, on_log=None):
                        store=CheckpointDir(ckpt, keep=2), on_log=on_log)
 
 
+def learn_scorer(model, tokenizer, corpus, ckpt, on_log=None, loss="attention"):
+    from maskpipe.pipeline.attention.dynamic import train_scorer
+    from maskpipe.pipeline.stages.dynamic import DynamicStage
+
+    st = DynamicStage.model_validate({"stage": "dynamic", "data": "d", "keep": 0.25, "sink": 2, "window": 8,
+                                      "steps": 3, "batch_size": 2, "seqlen": 128, "lr": 0.2, "warmup_steps": 1,
+                                      "log_every": 1, "checkpoint_every": 2, "keep_checkpoints": 2})
+    scorer, history = train_scorer(model, tokenizer, st, _stream(corpus, tokenizer, 128), st.budget, seed=0,
+                                   store=CheckpointDir(ckpt, keep=2), on_log=on_log, loss=loss)
+    return {k: v.detach() for k, v in scorer.state_dict().items()}, history
+
+
+def learn_scorers(model, tokenizer, corpus, ckpt):
+    """The scorer under every loss (one spawn of the ranks for all): "attention" averages over rows,
+    "hidden" and "kl" over answer positions (micro-llama's samples hold equally many: the split is even)."""
+    return {loss: learn_scorer(model, tokenizer, corpus, Path(ckpt) / loss, loss=loss)
+            for loss in ("attention", "hidden", "kl")}
+
+
 def test_fixed_seeds_learn_the_recorded_masks_and_gates(micro, tokenizer, tmp_path):
     model, linears = micro
     corpus = write_corpus(tmp_path / "corpus.txt")
@@ -105,7 +125,7 @@ def test_fixed_seeds_learn_the_recorded_masks_and_gates(micro, tokenizer, tmp_pa
                                                                            "gates_below_half"]
 
 
-def _gates_on_ranks(rank, world, port, corpus, ckpt, out):
+def _on_ranks(rank, world, port, learn, corpus, ckpt, out):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -115,19 +135,21 @@ def _gates_on_ranks(rank, world, port, corpus, ckpt, out):
     cfg = ModelConfig(name_or_path=str(MICRO), dtype="float32", device="cpu")
     model, tokenizer = load_model(cfg), load_tokenizer(cfg)
     try:
-        gates, history = learn_gates(model, tokenizer, corpus, ckpt)
+        learned = learn(model, tokenizer, corpus, ckpt)
         if rank == 0:
-            torch.save({"gates": gates, "history": history}, out)
+            torch.save(learned, out)
     finally:
         dist.destroy_process_group()
 
 
-def on_two_ranks(tmp_path, name):
+def on_two_ranks(tmp_path, name, learn):
+    """What `learn(model, tokenizer, corpus, checkpoint folder)` returns on rank 0 of two gloo ranks that
+    run it together on tmp_path's corpus.txt, their checkpoints under tmp_path/name."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     out = tmp_path / f"{name}.pt"
-    mp.start_processes(_gates_on_ranks, args=(2, port, str(tmp_path / "corpus.txt"), str(tmp_path / name), str(out)),
+    mp.start_processes(_on_ranks, args=(2, port, learn, str(tmp_path / "corpus.txt"), str(tmp_path / name), str(out)),
                        nprocs=2, start_method="spawn")
     return torch.load(out)
 
@@ -138,10 +160,10 @@ def test_two_ranks_learn_the_gates_of_one_process_and_resume_on_one(micro, token
     model, _ = micro
     corpus = write_corpus(tmp_path / "corpus.txt")
     single, history = learn_gates(model, tokenizer, corpus, tmp_path / "single")
-    two = on_two_ranks(tmp_path, "two")
-    torch.testing.assert_close(two["gates"], single, atol=1e-5, rtol=0)
-    assert [h["step"] for h in two["history"]] == [2, 4]
-    for a, b in zip(two["history"], history):
+    two, two_history = on_two_ranks(tmp_path, "two", learn_gates)
+    torch.testing.assert_close(two, single, atol=1e-5, rtol=0)
+    assert [h["step"] for h in two_history] == [2, 4]
+    for a, b in zip(two_history, history):
         assert a["distance"] == pytest.approx(b["distance"], rel=1e-4)
 
     written = tmp_path / "two" / "step-00000002"
@@ -151,3 +173,28 @@ def test_two_ranks_learn_the_gates_of_one_process_and_resume_on_one(micro, token
     resumed, _ = learn_gates(model, tokenizer, corpus, tmp_path / "cut", on_log=events.append)
     assert events[0] == {"resumed_from_step": 2}
     torch.testing.assert_close(resumed, single, atol=1e-5, rtol=0)
+
+
+@pytest.mark.slow
+def test_two_ranks_learn_the_scorer_of_one_process_and_resume_on_one(micro, tokenizer, tmp_path):
+    """DMA's key scorer, as the gates: each rank runs one of the two rows of every global batch, under the
+    attention objective and the distillation ones; the checkpoint two ranks wrote resumes on one."""
+    model, _ = micro
+    corpus = write_corpus(tmp_path / "corpus.txt")
+    two = on_two_ranks(tmp_path, "two", learn_scorers)
+    for loss, (learned, history) in two.items():
+        single, single_history = learn_scorer(model, tokenizer, corpus, tmp_path / "single" / loss, loss=loss)
+        for name, p in single.items():  # AdamW's normalised steps carry the sums' last bits (~1e-6 here)
+            torch.testing.assert_close(learned[name], p, rtol=1e-5, atol=1e-5)
+        assert [h["step"] for h in history] == [1, 2, 3]
+        for a, b in zip(history, single_history):
+            assert a["distance"] == pytest.approx(b["distance"], rel=1e-5)
+
+    written = tmp_path / "two" / "attention" / "step-00000002"
+    assert [f.name for f in written.glob("shard-*")] == ["shard-00000.safetensors"]  # rank 0 holds the scorer whole
+    shutil.copytree(written, tmp_path / "cut" / "step-00000002")
+    events = []
+    resumed, _ = learn_scorer(model, tokenizer, corpus, tmp_path / "cut", on_log=events.append)
+    assert events[0] == {"resumed_from_step": 2}
+    for name, p in two["attention"][0].items():
+        torch.testing.assert_close(resumed[name], p, rtol=1e-5, atol=1e-5)

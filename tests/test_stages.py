@@ -14,6 +14,19 @@ def test_the_registry_and_the_config_union_name_the_same_kinds():
         "lm_eval": Placement.DEVICE}
 
 
+def test_attention_and_dynamic_stages_train_on_a_group_when_they_learn():
+    cfg = config_from_dict({
+        "name": "x", "model": {"name_or_path": "m"}, "data": {"c": "a.txt"}, "workers": {"num_workers": 2},
+        "stages": [{"stage": "attention", "name": "duo", "data": "c"},
+                   {"stage": "attention", "name": "again", "gates_from": "duo"},
+                   {"stage": "attention", "name": "random", "method": "random"},
+                   {"stage": "dynamic", "name": "dma", "data": "c"},
+                   {"stage": "dynamic", "name": "h2o", "method": "h2o"}]})
+    assert {st.name: kind_of(st).where(st) for st in cfg.stages} == {
+        "duo": Placement.GROUP, "again": Placement.DEVICE, "random": Placement.DEVICE, "dma": Placement.GROUP,
+        "h2o": Placement.DEVICE}
+
+
 def test_each_kind_declares_the_stages_and_corpora_it_reads():
     cfg = config_from_dict({
         "name": "x", "model": {"name_or_path": "m"}, "data": {"c": "a.txt", "d": "b.txt"},

@@ -106,7 +106,8 @@ def learn_loop(config: dict) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     starts = _started(run.train_attempts(st.name)) if rank == 0 else 1
     torch.manual_seed(cfg.seed)
-    # fsdp: each rank of a learn stage reads its rows only (gates train data-parallel over whole models)
+    # fsdp: each rank of a learn stage reads its rows only (gates and DMA's scorer train data-parallel over
+    # whole models)
     session = Session(cfg.model, meta=isinstance(st, LearnStage) and cfg.workers.loads_sharded)
     metrics = (MetricsLog(run.root, st.name, cfg.logging, config=cfg.model_dump(mode="json"), steps=st.steps,
                           tokens_per_step=step_tokens(st)) if rank == 0 else None)

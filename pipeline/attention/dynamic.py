@@ -31,11 +31,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from transformers.cache_utils import Cache, DynamicLayer
 
-from maskpipe.pipeline.attention.gates import passkey_batch
+from maskpipe.pipeline.attention.gates import check_data_parallel, passkey_share
 from maskpipe.pipeline.attention.kv_scores import (
     Budget,
     FixedScores,
@@ -47,6 +48,7 @@ from maskpipe.pipeline.attention.kv_scores import (
     soft_bias,
 )
 from maskpipe.pipeline.attention.plans import attention_modules, kv_heads
+from maskpipe.pipeline.train.checkpoint import rank_world
 from maskpipe.pipeline.train.loop import train
 
 IMPLEMENTATION = "maskpipe_dynamic"
@@ -229,7 +231,13 @@ class DMALearning:
     attention as the scorer's target, see the module docstring), or against the squared L2 distance of
     the dense and the masked model's final hidden states on the answer positions (loss="hidden", as
     DuoAttention's) or the KL of their next-token distributions there (loss="kl"). A checkpoint holds the
-    scorer, its moments and the passkey generator's state. One process (no data parallelism)."""
+    scorer, its moments and the passkey generator's state.
+
+    Data-parallel as `gates.GateLearning`: every rank draws the whole global batch (`gates.passkey_share`),
+    runs its rows, and the scorer's gradients and the loss are summed over the ranks, each rank's loss
+    being its share of the global one (its rows' mean over the ranks for "attention", whose shares are
+    equal; its answers' sum over the global batch's answers for "hidden"/"kl"), so a step equals one
+    process's step on the whole batch. Every rank holds the scorer and its moments whole; rank 0 saves them."""
 
     desc, loss_key = "dma learning", "distance"
 
@@ -238,6 +246,7 @@ class DMALearning:
         self.general = general
         self.model, self.tokenizer, self.st, self.stream, self.scorer = model, tokenizer, st, stream, scorer
         self.budget, self.relax, self.temperature, self.loss = budget, relax, temperature, loss
+        self.rank, self.world = rank_world()
         self.device = next(model.parameters()).device
         self.params = dict(scorer.named_parameters())
         self.opt = torch.optim.AdamW(self.params.values(), lr=st.lr, weight_decay=0.0)
@@ -258,17 +267,24 @@ class DMALearning:
             tensors[name] = p.detach()
             for k in ("exp_avg", "exp_avg_sq"):
                 tensors[f"{name}.{k}"] = self.opt.state[p][k]
-        return tensors, {"rng": self.rng.getstate()}
+        return tensors if self.rank == 0 else {}, {"rng": self.rng.getstate()}
 
     def step(self, step: int, lr: float) -> float:
         st = self.st
         for group in self.opt.param_groups:
             group["lr"] = lr
-        x, targets = passkey_batch(self.rng, self.stream, self.tokenizer, st.batch_size, st.seqlen, st.needles)
-        x, targets = x.to(self.device), targets.to(self.device)
-        loss = self._attention_loss(x, targets) if self.loss == "attention" else self._distillation_loss(x, targets)
+        x, targets, answers = passkey_share(self.rng, self.stream, self.tokenizer, st, self.device)
+        if self.loss == "attention":
+            loss = self._attention_loss(x, targets) / self.world
+        else:
+            loss = self._distillation_loss(x, targets, answers)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
+        loss = loss.detach()
+        if self.world > 1:
+            for p in self.params.values():
+                dist.all_reduce(p.grad)
+            dist.all_reduce(loss)
         self.opt.step()
         return loss.item()
 
@@ -287,7 +303,9 @@ class DMALearning:
                 loss = loss + self.general * attention_target_loss(log_scores, *needed["all"])
         return loss / len(cap["needed"])
 
-    def _distillation_loss(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def _distillation_loss(self, x: torch.Tensor, targets: torch.Tensor, answers: int) -> torch.Tensor:
+        """Summed over these rows' answer positions, divided by the global batch's `answers`: the ranks'
+        losses add up to the mean over the global batch however its answers fall on the ranks."""
         with torch.no_grad():
             dense = self.model.base_model(input_ids=x, use_cache=False).last_hidden_state[targets]
         with dynamic(self.model, self.scorer, self.budget, self.relax, self.temperature):
@@ -296,8 +314,8 @@ class DMALearning:
             head = self.model.get_output_embeddings()
             with torch.no_grad():
                 p = head(dense).log_softmax(-1)
-            return F.kl_div(head(masked).log_softmax(-1), p, log_target=True, reduction="batchmean")
-        return (masked - dense).pow(2).sum(-1).mean()
+            return F.kl_div(head(masked).log_softmax(-1), p, log_target=True, reduction="sum") / answers
+        return (masked - dense).pow(2).sum() / answers
 
     def logged(self, lr: float) -> dict:
         return {"lr": lr, "A_mean": self.scorer.A.mean().item(), "w_norm": self.scorer.w.norm(dim=-1).mean().item()}
@@ -305,10 +323,15 @@ class DMALearning:
 
 def train_scorer(model, tokenizer, st, stream, budget: Budget, *, seed: int, store, on_log=None,
                  relax: str = "st", temperature: float = 1.0, loss: str = "attention", general: float = 1.0,
-                 scorer: KeyScorer | None = None) -> tuple[KeyScorer, list[dict]]:
+                 scorer: KeyScorer | None = None, strategy: str = "ddp") -> tuple[KeyScorer, list[dict]]:
     """Learn DMA's scorer with every model weight frozen, resuming from `store.latest()`. `st` needs the
     loop's settings (steps, lr, warmup_steps, log_every, checkpoint_every) and batch_size, seqlen,
-    needles. Returns the scorer and the log history."""
+    needles. Returns the scorer and the log history.
+
+    Under torch.distributed every rank runs this on its share of each global batch (`DMALearning`), with
+    the same initial scorer, and the step equals one process's step on the whole batch. Every rank holds
+    the whole frozen model, as for gates (`gates.check_data_parallel`: strategy none on one rank, ddp)."""
+    check_data_parallel(DMALearning.desc, strategy, st.batch_size)
     model.requires_grad_(False)
     model.eval()
     scorer = scorer if scorer is not None else KeyScorer.for_model(model, seed=seed)

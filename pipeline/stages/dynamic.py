@@ -6,8 +6,9 @@ budget, and a learned scorer's tensors in `scorer.safetensors`), with the N:M ma
 `eval` and `retrieval` run it as any other variant. Learning runs the one training loop
 (`pipeline.train.loop`, via `dynamic.train_scorer`) and resumes from its checkpoints exactly.
 
-Placement: one device (in process, or one Ray task), learned or not. DMA's step (`DMALearning`) is
-one process, so learning is not data-parallel over `workers.num_workers` as gate learning is.
+Placement: learning trains on a training group, data-parallel over `workers.num_workers` as gate
+learning does (every rank holds the whole frozen model and runs its share of each batch, `DMALearning`;
+rank 0 writes the artifact); a training-free source needs one device.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from pydantic import Field, field_validator, model_validator
 from maskpipe.pipeline import MaskpipeError
 from maskpipe.pipeline.attention.dynamic import KeyScorer, train_scorer
 from maskpipe.pipeline.attention.dynamic_masks import DynamicMask, window_text
+from maskpipe.pipeline.attention.gates import gate_strategy
 from maskpipe.pipeline.attention.kv_scores import Budget
 from maskpipe.pipeline.core.schema import (
     BatchSize,
@@ -35,7 +37,7 @@ from maskpipe.pipeline.core.schema import (
 from maskpipe.pipeline.io.artifacts import read_manifest, save_artifact
 from maskpipe.pipeline.io.data import TokenStream
 from maskpipe.pipeline.io.session import Variant
-from maskpipe.pipeline.stages import Placement, Ref, StageContext, StageKind, StageOutput
+from maskpipe.pipeline.stages import Placement, Ref, StageContext, StageKind, StageOutput, check_batch_split
 
 if TYPE_CHECKING:  # the run-level schema imports this module through the stage registry
     from maskpipe.pipeline.config import Config
@@ -107,8 +109,9 @@ class DynamicStage(LoopSettings):
 
 
 def dynamic_stage(ctx: StageContext) -> list[Variant]:
-    """The stage's mask (learned from `ctx.store`'s latest checkpoint on, or training-free), written as
-    an artifact with the N:M masks of `st.masks`."""
+    """The stage's mask (learned from `ctx.store`'s latest checkpoint on, as `ctx.rank` of `ctx.world_size`
+    data-parallel workers, or training-free), written by rank 0 as an artifact with the N:M masks of
+    `st.masks`. Other ranks return nothing."""
     cfg: Config = ctx.cfg
     s, st, variants = ctx.session, ctx.st, ctx.variants
     seed = cfg.seed if st.seed is None else st.seed
@@ -131,11 +134,14 @@ def dynamic_stage(ctx: StageContext) -> list[Variant]:
             scorer, history = train_scorer(s.model, s.tokenizer, st, stream, st.budget, seed=seed, store=ctx.store,
                                            on_log=ctx.on_log, relax=st.relax, temperature=st.temperature,
                                            loss=st.loss, general=st.general,
-                                           scorer=KeyScorer.for_model(s.model, seed=seed, mix_heads=st.mix_heads))
+                                           scorer=KeyScorer.for_model(s.model, seed=seed, mix_heads=st.mix_heads),
+                                           strategy=gate_strategy(cfg.workers.strategy))
     params = {"seed": seed} if st.method == "random" else (
         {"obs_window": st.obs_window, "kernel": st.kernel, "pool": st.pool} if st.method == "snapkv" else {})
     mask = DynamicMask(st.method, st.budget, params, scorer)
     seconds = time.perf_counter() - t0
+    if ctx.rank != 0:
+        return []
     cost = mask.cost(s.model, st.seqlen)
     artifact = save_artifact(
         ctx.run.artifact(st.name), masks, s.linears, base_model=s.base_model_info(), pattern=manifest.get("pattern"),
@@ -162,15 +168,23 @@ def dynamic_variant(st: DynamicStage, artifact: Path) -> Variant:
 
 
 class Dynamic(StageKind):
-    """One device, learned or not (see the module's docstring)."""
+    """Learning a scorer trains on a training group, as gate learning does; a training-free source needs
+    one device."""
 
     name, config, placement, trains = "dynamic", DynamicStage, Placement.DEVICE, True
+
+    def where(self, st: DynamicStage) -> Placement:
+        return Placement.GROUP if st.method == "learned" else Placement.DEVICE
 
     def reads(self, st: DynamicStage) -> list[Ref]:
         return [Ref("masks", st.masks, ("oneshot", "learn"))] if st.masks is not None else []
 
     def corpora(self, st: DynamicStage) -> dict[str, str]:
         return {"data": st.data} if st.method == "learned" and st.data is not None else {}
+
+    def check(self, cfg: Config, st: DynamicStage, where: str, earlier: list) -> None:
+        if st.method == "learned":
+            check_batch_split(cfg, st, where)
 
     def lengths(self, st: DynamicStage) -> dict[str, int]:
         return {"seqlen": st.seqlen}
