@@ -21,6 +21,12 @@ Independent parts, each timed; a part that raises is recorded as `failed: <reaso
   flex_prefill     prefill (no_grad forward) of the 1.1B LLaMA at 8k and 32k tokens: a plan with half
                    of the KV heads streaming (sink 128, window 1024) through FlexAttention vs dense SDPA;
                    at 8k the planned logits are also checked against the same plan through SDPA masks
+  dynamic_mask     the dynamic mask (`pipeline.attention.dynamic`: DMA's key scorer at its random init, 1/8 of
+                   the keys, 4 sink, half the budget recent) on the same 1.1B LLaMA at 8k and 32k tokens:
+                   prefill through FlexAttention vs dense SDPA (and the share of layer 0's key blocks it
+                   computes); greedy decoding of 64 tokens with the evicting cache (`evict_decode`) vs the
+                   dense cache, tokens/s and KV-cache bytes; at 8k the flex logits are also checked against
+                   the same mask through SDPA
 
 Writes `gpu_check.json` (everything measured) and `gpu_check.md` (one table per part) into `--out`.
 Without CUDA it prints one line and exits with status 2. `--smoke` runs every part on the CPU at toy
@@ -70,7 +76,7 @@ LLAMA_1B = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, 
                 num_key_value_heads=4, vocab_size=32000, max_position_embeddings=32768)
 TOY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
            num_key_value_heads=2, vocab_size=512, max_position_embeddings=1024)
-PARTS = ("semi_structured", "stages", "learn_step", "strategies", "flex_prefill")
+PARTS = ("semi_structured", "stages", "learn_step", "strategies", "flex_prefill", "dynamic_mask")
 
 
 class Context:
@@ -356,8 +362,85 @@ def part_flex_prefill(ctx: Context) -> dict:
     return {"rows": rows, "table": table}
 
 
+@torch.no_grad()
+def part_dynamic_mask(ctx: Context) -> dict:
+    from maskpipe.pipeline.attention.dynamic import KeyScorer, dynamic, evict_decode
+    from maskpipe.pipeline.attention.dynamic_flex import block_mask, drop_positions
+    from maskpipe.pipeline.attention.kv_scores import Budget
+    from maskpipe.pipeline.attention.plans import attended_keys
+
+    dims, lengths, new = (TOY, [256], 4) if ctx.smoke else (LLAMA_1B, [8192, 32768], 64)
+    model = ctx.random_llama(dims, torch.bfloat16)
+    scorer = KeyScorer.for_model(model, seed=0)
+    budget = Budget(fraction=1 / 8, sink=4)
+    heads, head_dim = dims["num_attention_heads"], dims["hidden_size"] // dims["num_attention_heads"]
+    rows = []
+    for length in lengths:
+        x = torch.randint(0, dims["vocab_size"], (1, length), device=ctx.device)
+        sink, window, k = budget.resolve(length)
+
+        def prefill():
+            return model(input_ids=x, use_cache=False, logits_to_keep=1).logits[:, -1].float()
+
+        def dense_decode():
+            out, pos = model(input_ids=x, use_cache=True), length
+            for _ in range(new - 1):
+                out = model(input_ids=out.logits[:, -1:].argmax(-1), cache=out.cache, use_cache=True,
+                            position_ids=torch.tensor([[pos]], device=ctx.device))
+                pos += 1
+            return out.cache
+
+        dense = ctx.timed(prefill, repeats=3)
+        # FlexAttention even on the smoke's CPU (eagerly), so that the code path is the GPU's
+        with dynamic(model, scorer, budget, backend="flex"):
+            flex = ctx.timed(prefill, repeats=3, warmup=2)  # the first call compiles FlexAttention on CUDA
+            out_flex = prefill()
+        # The blocks layer 0 computes: its values are those of the embeddings (RoPE touches keys only).
+        attn, block0 = model.model.layers[0].self_attn, model.model.layers[0]
+        values = attn.v_proj(block0.input_layernorm(model.model.embed_tokens(x)))
+        values = values.view(1, length, -1, head_dim).transpose(1, 2)
+        mask = block_mask(drop_positions(scorer(0, values), sink, window, k), heads, length)
+        blocks = int((mask.kv_num_blocks + mask.full_kv_num_blocks).sum())
+        causal_blocks = heads * sum(range(1, math.ceil(length / mask.BLOCK_SIZE[0]) + 1))
+        # Decoding: the prefill and `new` greedy tokens, minus the prefill alone, over the new - 1 decode steps
+        t_dense = ctx.timed(dense_decode, repeats=1)
+        t_evict = ctx.timed(lambda: evict_decode(model, scorer, budget, x, new), repeats=1)
+        t_dense_prefill = ctx.timed(lambda: model(input_ids=x, use_cache=True), repeats=1)
+        t_evict_prefill = ctx.timed(lambda: evict_decode(model, scorer, budget, x, 1), repeats=1)
+        _, cache = evict_decode(model, scorer, budget, x, new, return_cache=True)
+        kv = {name: sum(layer.keys.nbytes + layer.values.nbytes for layer in c.layers)
+              for name, c in (("dense", dense_decode()), ("evicted", cache))}
+        row = {"tokens": length, "budget_keys": budget.count(length), "sink": sink, "window": window, "top_k": k,
+               "dense_prefill_s": dense, "flex_prefill_s": flex, "prefill_speedup": dense / flex,
+               "layer0_blocks_computed_fraction": blocks / causal_blocks,
+               "attended_keys_fraction": attended_keys(length, 0, budget.count(length))
+               / attended_keys(length, 0, None),
+               "dense_decode_tokens_per_s": (new - 1) / max(t_dense - t_dense_prefill, 1e-9),
+               "evict_decode_tokens_per_s": (new - 1) / max(t_evict - t_evict_prefill, 1e-9),
+               "dense_kv_bytes": kv["dense"], "evicted_kv_bytes": kv["evicted"],
+               "kv_fraction": kv["evicted"] / kv["dense"]}
+        if length == lengths[0]:  # the same mask through SDPA with the explicit boolean mask: the reference
+            with dynamic(model, scorer, budget, backend="sdpa"):
+                row["max_abs_logit_diff_vs_sdpa"] = (prefill() - out_flex).abs().max().item()
+        rows.append(row)
+    table = [f"random LLaMA {sum(p.numel() for p in model.parameters()) / 1e9:.2f}B, bf16, batch 1; DMA's key "
+             f"scorer at its random init, 1/8 of the keys (sink {budget.sink}, half the budget recent); decoding "
+             f"{new} greedy tokens, tokens/s of the {new - 1} steps after the prefill", "",
+             "| tokens | keys kept | dense SDPA prefill s | dynamic flex prefill s | speed-up | layer 0 blocks "
+             "computed | keys attended | dense decode tok/s | evicting decode tok/s | dense KV MiB | evicted KV MiB |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    table += [f"| {r['tokens']} | {r['budget_keys']} | {r['dense_prefill_s']:.3f} | {r['flex_prefill_s']:.3f} | "
+              f"{r['prefill_speedup']:.2f}x | {r['layer0_blocks_computed_fraction']:.0%} | "
+              f"{r['attended_keys_fraction']:.0%} | {r['dense_decode_tokens_per_s']:.1f} | "
+              f"{r['evict_decode_tokens_per_s']:.1f} | {r['dense_kv_bytes'] / 2**20:.1f} | "
+              f"{r['evicted_kv_bytes'] / 2**20:.1f} |" for r in rows]
+    table.append(f"\nlast-token logits, FlexAttention vs the SDPA-masked model at {rows[0]['tokens']} tokens: "
+                 f"max abs diff {rows[0]['max_abs_logit_diff_vs_sdpa']:.3g}")
+    return {"rows": rows, "table": table}
+
+
 FUNCTIONS = {"semi_structured": part_semi_structured, "stages": part_stages, "learn_step": part_learn_step,
-             "strategies": part_strategies, "flex_prefill": part_flex_prefill}
+             "strategies": part_strategies, "flex_prefill": part_flex_prefill, "dynamic_mask": part_dynamic_mask}
 
 
 # ------------------------------------------------------------------------------------------------ runner

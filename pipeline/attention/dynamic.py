@@ -18,9 +18,14 @@ distils the masked model on the answers through a relaxation (`kv_scores.soft_bi
 shifted by each row's top-k threshold and saturated with log σ, as an additive bias; relax="st" keeps
 the hard mask forward and the relaxation's gradient); measured worse (docs/RESULTS.md, DMA section).
 
-Execution: an AttentionInterface function (`IMPLEMENTATION`), SDPA with an explicit mask (CPU, exact;
-dense compute, so it saves nothing but shows what the mask does). Decoding with a cache that really
-holds `budget` keys per KV head: `evict_decode`.
+Execution: an AttentionInterface function (`IMPLEMENTATION`) with a `backend`. On CUDA ("auto") a
+forward of more than one query with query-agnostic scores and no padding runs FlexAttention with a
+block mask of the rule (`dynamic_flex`: each key's drop position, so key blocks that no query of a
+block keeps are not computed). Everything else runs SDPA with the explicit boolean mask (exact, but
+dense compute): the CPU ("auto"), the oracle's query-dependent scores, left-padded batches, one-token
+decoding steps, capture passes and training through the relaxation. backend="flex" runs FlexAttention
+on the CPU too, eagerly (exact, unfused: for tests). Decoding with a cache that really holds `budget`
+keys per KV head: `evict_decode`.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.cache_utils import Cache, DynamicLayer
 
+from maskpipe.pipeline.attention.dynamic_flex import flex_dynamic_attention
 from maskpipe.pipeline.attention.gates import check_data_parallel, passkey_share
 from maskpipe.pipeline.attention.kv_scores import (
     Budget,
@@ -108,13 +114,15 @@ def param_fraction(scorer: nn.Module, model: nn.Module) -> tuple[int, float]:
 @dataclass
 class LayerDynamic:
     """What one attention module runs under `dynamic`: the score source, the budget, the relaxation
-    (None, "sigmoid" or "st") and, for a capture pass, where to put the layer's attention reductions."""
+    (None, "sigmoid" or "st"), for a capture pass where to put the layer's attention reductions, and
+    the backend of the masked attention ("auto", "sdpa" or "flex": the module docstring)."""
 
     source: object
     budget: Budget | None
     relax: str | None = None
     temperature: float = 1.0
     capture: dict | None = None
+    backend: str = "auto"
 
 
 def _sdpa(query, key, value, mask, scaling, group):
@@ -147,12 +155,19 @@ def dynamic_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
         return _capture(st, layer, query, key, value, q_pos, k_pos, scaling, group)
     sink, window, k = st.budget.resolve(lk)
     scores = st.source.scores(layer, query, key, value, q_pos, k_pos, scaling)
-    mask = kept_mask(scores, q_pos, k_pos, sink, window, k, start)
-    if attention_mask is not None:
-        mask = mask & attention_mask
-        mask = mask | ~mask.any(-1, keepdim=True)  # padding queries: no NaNs into the next layer
-    out = _sdpa(query, key, value, mask, scaling, group)
-    if st.relax and torch.is_grad_enabled() and scores.requires_grad:
+    relaxing = st.relax and torch.is_grad_enabled() and scores.requires_grad
+    # A one-query decoding step takes SDPA: its mask is one row, not worth a block mask per step. So
+    # does training through the relaxation, whose soft pass is dense anyway.
+    if (st.backend == "flex" or (st.backend == "auto" and query.is_cuda)) and scores.dim() == 3 \
+            and attention_mask is None and lq > 1 and not relaxing:
+        out = flex_dynamic_attention(query, key, value, scores, sink, window, k, scaling)
+    else:
+        mask = kept_mask(scores, q_pos, k_pos, sink, window, k, start)
+        if attention_mask is not None:
+            mask = mask & attention_mask
+            mask = mask | ~mask.any(-1, keepdim=True)  # padding queries: no NaNs into the next layer
+        out = _sdpa(query, key, value, mask, scaling, group)
+    if relaxing:
         bias = soft_bias(scores, q_pos, k_pos, sink, window, k, st.temperature, start).to(query.dtype)
         if attention_mask is not None:  # padding keys out; padding query rows see everything (unused)
             bias = bias.masked_fill(~attention_mask, -math.inf)
@@ -191,19 +206,22 @@ def register() -> None:
 
 @contextmanager
 def dynamic(model: nn.Module, source, budget: Budget | None, relax: str | None = None, temperature: float = 1.0,
-            capture: dict | None = None):
+            capture: dict | None = None, backend: str = "auto"):
     """Run `model` with each KV head keeping `budget` keys per query, chosen by `source` (a KeyScorer
     or a `kv_scores` source). `relax` ("st" or "sigmoid") makes the mask differentiable in the scores
-    while grad is enabled. Restores the model on exit."""
+    while grad is enabled. `backend`: "auto" (FlexAttention on CUDA, SDPA elsewhere), "sdpa" or "flex"
+    (where it applies: the module docstring). Restores the model on exit."""
     if relax not in (None, "st", "sigmoid"):
         raise ValueError(f"relax must be None, 'st' or 'sigmoid', got {relax!r}")
+    if backend not in ("auto", "sdpa", "flex"):
+        raise ValueError(f"backend must be 'auto', 'sdpa' or 'flex', got {backend!r}")
     modules = attention_modules(model)
     register()
     previous = model.config._attn_implementation
     model.set_attn_implementation(IMPLEMENTATION)
     try:
         for mod in modules:
-            mod.maskpipe_dynamic = LayerDynamic(source, budget, relax, temperature, capture)
+            mod.maskpipe_dynamic = LayerDynamic(source, budget, relax, temperature, capture, backend)
         yield model
     finally:
         for mod in modules:
