@@ -103,7 +103,9 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0, help="the scorer's init, its stream and passkey draws (not the test samples)")
     ap.add_argument("--mix-heads", choices=["auto", "yes", "no"], default="auto",
                     help="DMA's dt_proj (each KV head scored from every KV head's values), or each from its own; "
-                    "auto: mixed where it costs under 0.1%% of the model")
+                    "auto: mixed (factored if needed, --rank)")
+    ap.add_argument("--rank", type=int, help="factor the mixed form at this rank (default: full where it fits "
+                    "under 0.1%% of the model, else the largest rank that does)")
     ap.add_argument("--scorer", help="a .safetensors file: load the scorer from it if it exists (no training), "
                     "else save the trained one there")
     ap.add_argument("--general", type=float, default=1.0, help="weight of every query's attention target")
@@ -120,9 +122,9 @@ def main() -> None:
     st = SimpleNamespace(steps=args.steps, lr=args.lr, warmup_steps=max(args.steps // 10, 1), log_every=5,
                          checkpoint_every=10**9, batch_size=args.batch_size, seqlen=args.seqlen, needles=args.needles)
     mix = {"auto": None, "yes": True, "no": False}[args.mix_heads]
-    init = KeyScorer.for_model(model, seed=args.seed, mix_heads=mix)
+    init = KeyScorer.for_model(model, seed=args.seed, mix_heads=mix, rank=args.rank)
     if args.scorer and Path(args.scorer).exists():
-        scorer, history = KeyScorer.for_model(model, seed=args.seed, mix_heads=mix), []
+        scorer, history = KeyScorer.for_model(model, seed=args.seed, mix_heads=mix, rank=args.rank), []
         scorer.load_state_dict(load_file(args.scorer))
         args.steps = 0
     if args.steps:
@@ -130,7 +132,7 @@ def main() -> None:
             scorer, history = train_scorer(model, tok, st, TokenStream(data, tok, args.seqlen, seed=args.seed), budget,
                                            seed=args.seed, store=CheckpointDir(Path(tmp) / "ckpt", keep=1), relax=args.relax,
                                            loss=args.loss, general=args.general,
-                                           scorer=KeyScorer.for_model(model, seed=args.seed, mix_heads=mix))
+                                           scorer=KeyScorer.for_model(model, seed=args.seed, mix_heads=mix, rank=args.rank))
         if args.scorer:
             save_file({k: v.detach().contiguous() for k, v in scorer.state_dict().items()}, args.scorer)
     train_s = time.perf_counter() - t0

@@ -84,9 +84,14 @@ def test_scorer_is_dmas_formula_and_tiny():
         c = model.config
         assert n == c.num_hidden_layers * c.num_key_value_heads * (c.head_dim + 1)
         assert frac < 1e-3, (path.name, n, frac)
-        # by default DMA's mixed form where it stays under 0.1% of the model: micro-llama, not tiny-llama
+        # by default DMA's mixed form, at full rank where it stays under 0.1% of the model (micro-llama),
+        # else factored at the largest rank that does (tiny-llama: rank 4 of 8 heads)
         auto = KeyScorer.for_model(model)
-        assert auto.w.dim() == (4 if path == MICRO else 3) and param_fraction(auto, model)[1] < 1e-3
+        assert param_fraction(auto, model)[1] < 1e-3
+        if path == MICRO:
+            assert auto.w.dim() == 4
+        else:
+            assert auto.w_in.shape[-1] == 4 and param_fraction(KeyScorer.for_model(model, rank=5), model)[1] > 1e-3
 
 
 def test_dmas_mixed_form_reads_every_kv_heads_values_and_is_the_per_head_one_without_cross_weights():
@@ -106,6 +111,19 @@ def test_dmas_mixed_form_reads_every_kv_heads_values_and_is_the_per_head_one_wit
     micro = load_model(_cfg(MICRO))
     n, frac = param_fraction(KeyScorer.for_model(micro, mix_heads=True), micro)
     assert n == 4 * 2 * (2 * 32 + 1) and frac < 1e-3
+
+
+def test_the_factored_mixed_form_is_dt_proj_at_that_rank():
+    low = KeyScorer(layers=2, kv=3, head_dim=4, seed=1, mix_heads=True, rank=2)
+    assert low.w_in.shape == (2, 3, 4, 2) and low.w_out.shape == (2, 3, 2)
+    full = KeyScorer(layers=2, kv=3, head_dim=4, seed=2, mix_heads=True)
+    with torch.no_grad():  # w[h, i, d] = sum_r w_out[h, r] w_in[i, d, r]
+        full.w.copy_(torch.einsum("lhr,lidr->lhid", low.w_out, low.w_in))
+        full.A.copy_(low.A)
+    v = torch.randn(2, 3, 5, 4)
+    assert torch.allclose(low(1, v), full(1, v), atol=1e-6)
+    with pytest.raises(ValueError, match="mix_heads"):
+        KeyScorer(layers=2, kv=3, head_dim=4, rank=2)
 
 
 def test_kept_mask_is_the_rule_with_ties_and_counts():
@@ -288,12 +306,13 @@ def test_prompt_scores_come_from_a_dense_pass(micro):
 # ---------------------------------------------------------------------------------------------- eviction
 
 
-@pytest.mark.parametrize("which", ["dma", "key-norm", "h2o", "random"])
+@pytest.mark.parametrize("which", ["dma", "dma-rank-1", "key-norm", "h2o", "random"])
 def test_evicted_cache_holds_the_budget_and_decodes_as_the_masked_model(micro, which):
     model = micro
     x = torch.randint(3, 2048, (2, 56), generator=torch.Generator().manual_seed(1))
     budget = Budget(keys=20, sink=3, window=4)
-    source = {"dma": lambda: KeyScorer.for_model(model, seed=2), "key-norm": KeyNormScores,
+    source = {"dma": lambda: KeyScorer.for_model(model, seed=2), "dma-rank-1": lambda: KeyScorer.for_model(model, rank=1),
+              "key-norm": KeyNormScores,
               "h2o": lambda: prompt_scores(model, x)["h2o"], "random": lambda: random_scores(56, 4, 2, seed=0, batch=2)}
     source = source[which]()
     tokens, cache = evict_decode(model, source, budget, x, 1, return_cache=True)

@@ -4,8 +4,8 @@ Dynamic Mask Attention", arXiv 2508.02124; code SmallDoges/flash-dmattn), with t
 
 DMA scores each key from its value states, per KV head h of layer l:
     log score_j = A_{l,h} · softplus(w_{l,h} · v_j)      (DMA's dt = exp(A · softplus(v W_dt)), in log space)
-where v_j is the key's value in every KV head (DMA's `dt_proj` over the concatenated heads; `mix_heads`)
-or in head h only. Scores are query-agnostic, so a key's fate is decided once, when it is cached.
+where v_j is the key's value in every KV head (DMA's `dt_proj` over the concatenated heads; `mix_heads`,
+factored at a rank where the full form would cost over 0.1% of the model) or in head h only. Scores are query-agnostic, so a key's fate is decided once, when it is cached.
 
 Differences from DMA, on purpose. DMA trains the whole model with the log-score added to the logits of
 the kept keys; here the weights are frozen and only w and A train. Inference applies the hard kept-key
@@ -62,41 +62,65 @@ MAX_FRACTION = 1e-3  # what a learned scorer may cost, as a share of the model's
 
 
 class KeyScorer(nn.Module):
-    """DMA's key scorer for every (layer, KV head): w [layers, kv_heads, head_dim] and A [layers,
-    kv_heads], the only trained parameters. Also a score source for `dynamic` (query-agnostic)."""
+    """DMA's key scorer for every (layer, KV head), A [layers, kv_heads] and a projection of the values,
+    the only trained parameters; also a score source for `dynamic` (query-agnostic). Three forms of the
+    projection, from each head's score read from:
+      its own values          w [layers, kv_heads, head_dim]                       (mix_heads False)
+      every KV head's values  w [layers, kv_out, kv_in, head_dim]: DMA's dt_proj   (mix_heads, rank None)
+      the same, factored      w_in [layers, kv_in, head_dim, rank], w_out [layers, kv_out, rank]  (rank r)
+    The factored form is dt_proj at rank r: w[h, i, d] = Σ_r w_out[h, r] w_in[i, d, r]."""
 
     query_agnostic = True
 
     def __init__(self, layers: int, kv: int, head_dim: int, seed: int = 0, a_init: float = 1.0,
-                 mix_heads: bool = False):
+                 mix_heads: bool = False, rank: int | None = None):
         super().__init__()
+        if rank is not None and (not mix_heads or rank < 1):
+            raise ValueError(f"KeyScorer: a rank (got {rank}) factors the mixed form: needs mix_heads and rank >= 1")
         g = torch.Generator().manual_seed(seed)
-        # mix_heads: DMA's dt_proj, each head's score read from every KV head's value (w [L, H, H, D])
-        shape = (layers, kv, kv, head_dim) if mix_heads else (layers, kv, head_dim)
-        fan_in = head_dim * (kv if mix_heads else 1)
-        self.w = nn.Parameter(torch.randn(*shape, generator=g) / math.sqrt(fan_in))
+        if rank is not None:
+            self.w_in = nn.Parameter(torch.randn(layers, kv, head_dim, rank, generator=g) / math.sqrt(kv * head_dim))
+            self.w_out = nn.Parameter(torch.randn(layers, kv, rank, generator=g) / math.sqrt(rank))
+        else:
+            shape = (layers, kv, kv, head_dim) if mix_heads else (layers, kv, head_dim)
+            self.w = nn.Parameter(torch.randn(*shape, generator=g) / math.sqrt(head_dim * (kv if mix_heads else 1)))
         self.A = nn.Parameter(torch.full((layers, kv), a_init))
 
     @classmethod
-    def for_model(cls, model: nn.Module, mix_heads: bool | None = None, **kw) -> KeyScorer:
-        """mix_heads None: DMA's mixed form where it costs under MAX_FRACTION of the model's parameters
-        (any real LLM: 0.06% for LLaMA-2-7B's 32 KV heads), else each head from its own values (a toy
-        model with many heads: 0.17% mixed for tiny-llama's 8 heads of 32 in 7.2M parameters)."""
+    def for_model(cls, model: nn.Module, mix_heads: bool | None = None, rank: int | None = None,
+                  **kw) -> KeyScorer:
+        """mix_heads None: DMA's mixed form, at full rank where it costs under MAX_FRACTION of the model's
+        parameters (any real LLM: 0.06% for LLaMA-2-7B's 32 KV heads), else factored at the largest rank
+        that does (tiny-llama's 8 heads of 32 in 7.2M parameters: 0.17% at full rank, 0.088% at rank 4).
+        Each head from its own values only where asked (mix_heads False): on tiny-llama it kept the
+        passkey in 0.30 of the prompts where rank 4 kept 0.85 (docs/RESULTS.md, DMA section)."""
         c = model.config.get_text_config()
         head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
         layers, kv, _ = kv_heads(model)
-        if mix_heads is None:
-            mix_heads = layers * kv * (kv * head_dim + 1) < MAX_FRACTION * sum(p.numel() for p in model.parameters())
-        return cls(layers, kv, head_dim, mix_heads=mix_heads, **kw).to(next(model.parameters()).device)
+        if mix_heads is None and rank is None:
+            allowed = MAX_FRACTION * sum(p.numel() for p in model.parameters()) / layers - kv  # less A
+            if kv * kv * head_dim >= allowed:
+                rank = max(int(allowed // (kv * head_dim + kv)), 1)
+        mix = mix_heads if mix_heads is not None else True
+        return cls(layers, kv, head_dim, mix_heads=mix, rank=rank, **kw).to(next(model.parameters()).device)
+
+    @property
+    def form(self) -> str:
+        if hasattr(self, "w_in"):
+            return f"every KV head's values, rank {self.w_in.shape[-1]}"
+        return "every KV head's values" if self.w.dim() == 4 else "its own values"
 
     def forward(self, layer: int, value: torch.Tensor) -> torch.Tensor:
-        """Log-scores [B, Hkv, L] of values [B, Hkv, L, D] (elementwise, so a key's score does not depend
-        on how many keys are scored with it: prefill and decode agree bit for bit)."""
-        w = self.w[layer]
-        if w.dim() == 3:  # mixed heads: [H_out, H_in, D]
-            z = torch.einsum("bild,hid->bhl", value.float(), w)
+        """Log-scores [B, Hkv, L] of values [B, Hkv, L, D]. Each key's score is computed from its own
+        values only, so it does not depend on how many keys are scored with it: prefill and decode agree
+        bit for bit (test_dynamic's eviction tests)."""
+        v = value.float()
+        if hasattr(self, "w_in"):
+            z = torch.einsum("bilr,hr->bhl", torch.einsum("bild,idr->bilr", v, self.w_in[layer]), self.w_out[layer])
+        elif self.w.dim() == 4:  # [H_out, H_in, D]
+            z = torch.einsum("bild,hid->bhl", v, self.w[layer])
         else:
-            z = (value.float() * w[None, :, None, :]).sum(-1)
+            z = (v * self.w[layer][None, :, None, :]).sum(-1)
         return self.A[layer][None, :, None] * F.softplus(z)
 
     def scores(self, layer, query, key, value, q_pos=None, k_pos=None, scaling=None):
@@ -336,7 +360,7 @@ class DMALearning:
         return (masked - dense).pow(2).sum() / answers
 
     def logged(self, lr: float) -> dict:
-        return {"lr": lr, "A_mean": self.scorer.A.mean().item(), "w_norm": self.scorer.w.norm(dim=-1).mean().item()}
+        return {"lr": lr, "A_mean": self.scorer.A.mean().item()}
 
 
 def train_scorer(model, tokenizer, st, stream, budget: Budget, *, seed: int, store, on_log=None,

@@ -26,9 +26,10 @@ Artifact format (manifest key `dynamic`, beside an artifact's N:M masks; `pipeli
   fingerprint  `core.models.fingerprint` of the base model's decoder linears (as an attention plan's)
   scorer       learned only: {"file": "scorer.safetensors", "parameters": n, "fraction": n / model params,
                "tensors": {name: {"shape", "dtype", "sha256" of the tensor's raw bytes}}}
-The scorer file (learned only) is a safetensors file of float32 `w` and `A` [layers, kv_heads],
-`KeyScorer`'s parameters: `w` is [layers, kv_heads, kv_heads, head_dim] in DMA's form (each head
-scored from every KV head's values) or [layers, kv_heads, head_dim] (each head from its own). A mask
+The scorer file (learned only) is a safetensors file of `KeyScorer`'s float32 parameters: `A` [layers,
+kv_heads] and either `w`, [layers, kv_heads, kv_heads, head_dim] in DMA's form (each head scored from
+every KV head's values) or [layers, kv_heads, head_dim] (each head from its own), or DMA's form
+factored at rank r: `w_in` [layers, kv_heads, head_dim, r] and `w_out` [layers, kv_heads, r]. A mask
 made for another base model is refused: shape first, then the fingerprint.
 """
 
@@ -185,16 +186,19 @@ def _read_scorer(obj: dict[str, Any], folder: Path | None, source: str) -> KeySc
     except (SafetensorError, OSError) as e:
         raise MaskpipeError(f"{path}: unreadable ({e})") from None
     listed = info.get("tensors", {})
-    if set(tensors) != set(listed) or set(listed) != {"w", "A"}:
+    if set(tensors) != set(listed) or set(listed) not in ({"w", "A"}, {"w_in", "w_out", "A"}):
         raise MaskpipeError(f"{path}: holds tensors {sorted(tensors)}, the manifest lists {sorted(listed)}")
     for name, t in tensors.items():
         if list(t.shape) != listed[name]["shape"] or _sha256(t) != listed[name]["sha256"]:
             raise MaskpipeError(f"{path}: {name}: checksum or shape mismatch (corrupted artifact)")
-    scorer = KeyScorer(*shape, mix_heads=tensors["w"].dim() == 4)  # [L, H, H, D]: DMA's dt_proj form
     try:
+        rank = tensors["w_in"].shape[-1] if "w_in" in tensors else None
+        scorer = KeyScorer(*shape, mix_heads=rank is not None or tensors["w"].dim() == 4, rank=rank)
         scorer.load_state_dict({k: t.float() for k, t in tensors.items()})
     except RuntimeError as e:
         raise MaskpipeError(f"{path}: does not fit its manifest's shape {shape}: {str(e).splitlines()[0]}") from None
+    except (ValueError, IndexError) as e:  # a rank-0 factor, a tensor of too few dimensions
+        raise MaskpipeError(f"{path}: malformed scorer tensors: {e}") from None
     return scorer
 
 

@@ -72,9 +72,11 @@ class DynamicStage(LoopSettings):
     # 1.00 on micro-llama, docs/RESULTS.md)
     loss: Literal["attention", "hidden", "kl"] = "attention"
     general: float = Field(default=1.0, ge=0)  # attention: weight of every query's accumulated attention (H2O's)
-    # DMA's dt_proj, each KV head scored from every KV head's values; default: where that costs under
-    # 0.1% of the model's parameters (`dynamic.KeyScorer.for_model`), else each head from its own
+    # DMA's dt_proj, each KV head scored from every KV head's values, at `rank` (None: full rank where that
+    # costs under 0.1% of the model's parameters, else the largest rank that does:
+    # `dynamic.KeyScorer.for_model`); mix_heads false: each head from its own values
     mix_heads: bool | None = None
+    rank: int | None = Field(default=None, gt=0)
     relax: Literal["st", "sigmoid"] = "st"  # hidden/kl: straight-through hard top-k, or the sigmoid relaxation
     temperature: float = Field(default=1.0, gt=0)  # hidden/kl: of the relaxation
     checkpoint_every: CheckpointEvery = 50
@@ -100,6 +102,8 @@ class DynamicStage(LoopSettings):
     def _checks(self) -> DynamicStage:
         if self.method == "learned" and self.data is None:
             raise ValueError("data: learning a key scorer needs a haystack corpus")
+        if self.rank is not None and self.mix_heads is False:
+            raise ValueError("rank: factors the mixed-heads scorer; remove it or set mix_heads: true")
         return self
 
     @property
@@ -134,7 +138,7 @@ def dynamic_stage(ctx: StageContext) -> list[Variant]:
             scorer, history = train_scorer(s.model, s.tokenizer, st, stream, st.budget, seed=seed, store=ctx.store,
                                            on_log=ctx.on_log, relax=st.relax, temperature=st.temperature,
                                            loss=st.loss, general=st.general,
-                                           scorer=KeyScorer.for_model(s.model, seed=seed, mix_heads=st.mix_heads),
+                                           scorer=KeyScorer.for_model(s.model, seed=seed, mix_heads=st.mix_heads, rank=st.rank),
                                            strategy=gate_strategy(cfg.workers.strategy))
     params = {"seed": seed} if st.method == "random" else (
         {"obs_window": st.obs_window, "kernel": st.kernel, "pool": st.pool} if st.method == "snapkv" else {})
