@@ -148,6 +148,10 @@ def test_a_dynamic_artifact_round_trips_and_is_refused_on_another_model(tmp_path
     back = Session(ModelConfig(**MODEL)).dynamic_of(Variant("a", artifact=path))
     assert back.method == "learned" and back.budget == mask.budget
     assert all(torch.equal(back.scorer.state_dict()[k], v) for k, v in scorer.state_dict().items())
+    factored = DynamicMask("learned", mask.budget, {}, KeyScorer.for_model(s.model, rank=1))  # w_in, w_out, A
+    back = Session(ModelConfig(**MODEL)).dynamic_of(Variant("f", artifact=_artifact(s, tmp_path / "f", factored)))
+    assert back.scorer.state_dict().keys() == factored.scorer.state_dict().keys() == {"w_in", "w_out", "A"}
+    assert all(torch.equal(back.scorer.state_dict()[k], v) for k, v in factored.scorer.state_dict().items())
 
     other = Session(ModelConfig(**MODEL))
     with torch.no_grad():
@@ -213,6 +217,8 @@ def test_apply_and_publish_know_the_scorer(run_dir, tmp_path, capsys):
     ({"kernel": 4}, "stages.0.kernel: expected an odd pooling width"),
     ({"masks": "later"}, "stages.0.masks: no earlier oneshot or learn stage named 'later'"),
     ({"data": "nope"}, "stages.0.data: no corpus named 'nope'"),
+    ({"mix_heads": False, "rank": 2}, "stages.0.rank: factors the mixed-heads scorer; remove it or set mix_heads: true"),
+    ({"rank": 0}, "stages.0.rank: Input should be greater than 0"),
 ])
 def test_a_dynamic_stage_config_error_names_its_key(change, expected):
     with pytest.raises(ConfigError) as e:
