@@ -88,7 +88,7 @@ def learn_gates(model, tokenizer, corpus, ckpt, on_log=None):
 
 
 def learn_scorer(model, tokenizer, corpus, ckpt, on_log=None, loss="attention"):
-    from maskpipe.pipeline.attention.dynamic import train_scorer
+    from maskpipe.pipeline.attention.dynamic_learning import train_scorer
     from maskpipe.pipeline.stages.dynamic import DynamicStage
 
     st = DynamicStage.model_validate({"stage": "dynamic", "data": "d", "keep": 0.25, "sink": 2, "window": 8,

@@ -119,7 +119,7 @@ class GateLearning:
         else:
             self.opt.state[self.gates] = {"step": torch.tensor(float(ckpt.step)),
                                           **{k: ckpt.read(k).to(self.device) for k in ("exp_avg", "exp_avg_sq")}}
-        self.rng.setstate(_tuples(ckpt.meta["rng"]))
+        self.rng.setstate(rng_state(ckpt.meta["rng"]))
 
     def state(self) -> tuple[dict, dict]:
         if self.open_mean is not None:
@@ -213,6 +213,6 @@ def check_data_parallel(desc: str, strategy: str, batch_size: int) -> None:
         raise MaskpipeError(f"batch_size {batch_size} is not divisible by the {world} workers")
 
 
-def _tuples(state):
+def rng_state(state):
     """random.Random's state back from JSON, which turned its tuples into lists."""
-    return tuple(_tuples(s) for s in state) if isinstance(state, list) else state
+    return tuple(rng_state(s) for s in state) if isinstance(state, list) else state

@@ -4,10 +4,10 @@ scorer, or a training-free source at the same budget (H2O, SnapKV, key norm, ran
 The stage writes an artifact whose manifest carries the mask (`pipeline.attention.dynamic_masks`: method,
 budget, and a learned scorer's tensors in `scorer.safetensors`), with the N:M masks of `masks:` if given;
 `eval` and `retrieval` run it as any other variant. Learning runs the one training loop
-(`pipeline.train.loop`, via `dynamic.train_scorer`) and resumes from its checkpoints exactly.
+(`pipeline.train.loop`, via `dynamic_learning.train_scorer`) and resumes from its checkpoints exactly.
 
 Placement: learning trains on a training group, data-parallel over `workers.num_workers` as gate
-learning does (every rank holds the whole frozen model and runs its share of each batch, `DMALearning`;
+learning does (every rank holds the whole frozen model and runs its share of each batch, `dynamic_learning.DMALearning`;
 rank 0 writes the artifact); a training-free source needs one device.
 """
 
@@ -21,7 +21,8 @@ from typing import TYPE_CHECKING, Literal
 from pydantic import Field, field_validator, model_validator
 
 from maskpipe.pipeline import MaskpipeError
-from maskpipe.pipeline.attention.dynamic import KeyScorer, train_scorer
+from maskpipe.pipeline.attention.dynamic import KeyScorer
+from maskpipe.pipeline.attention.dynamic_learning import train_scorer
 from maskpipe.pipeline.attention.dynamic_masks import DynamicMask, window_text
 from maskpipe.pipeline.attention.gates import gate_strategy
 from maskpipe.pipeline.attention.kv_scores import Budget
