@@ -34,8 +34,8 @@ from maskpipe.pipeline.attention.dynamic import (  # noqa: E402
     masked_decode,
     param_fraction,
     prompt_scores,
-    train_scorer,
 )
+from maskpipe.pipeline.attention.dynamic_learning import train_scorer  # noqa: E402
 from maskpipe.pipeline.attention.kv_scores import (  # noqa: E402
     Budget,
     FixedScores,
