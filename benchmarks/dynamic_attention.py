@@ -51,6 +51,7 @@ from maskpipe.pipeline.eval.perplexity import perplexity
 from maskpipe.pipeline.eval.prompts import split_sentences
 from maskpipe.pipeline.eval.retrieval import exact_match, passkey_samples
 from maskpipe.pipeline.io.data import TokenStream
+from maskpipe.pipeline.stages.dynamic import DynamicStage
 from maskpipe.pipeline.train.checkpoint import CheckpointDir
 
 MICRO = "tests/fixtures/models/micro-llama"
@@ -86,7 +87,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default=MICRO, help="a model directory (default: micro-llama)")
     ap.add_argument("--steps", type=int, default=40)
-    ap.add_argument("--lr", type=float, default=0.1)
+    ap.add_argument("--lr", type=float, default=DynamicStage.model_fields["lr"].default)
+    ap.add_argument("--warmup", type=int, default=DynamicStage.model_fields["warmup_steps"].default)
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--needles", type=int, default=2)
@@ -119,7 +121,7 @@ def main() -> None:
 
     t0 = time.perf_counter()
     data = DataConfig.model_validate({"sources": [str(CORPORA / "kjv.train.txt")], "shuffle_buffer": 8})
-    st = SimpleNamespace(steps=args.steps, lr=args.lr, warmup_steps=max(args.steps // 10, 1), log_every=5,
+    st = SimpleNamespace(steps=args.steps, lr=args.lr, warmup_steps=args.warmup, log_every=5,
                          checkpoint_every=10**9, batch_size=args.batch_size, seqlen=args.seqlen, needles=args.needles)
     mix = {"auto": None, "yes": True, "no": False}[args.mix_heads]
     init = KeyScorer.for_model(model, seed=args.seed, mix_heads=mix, rank=args.rank)

@@ -63,6 +63,9 @@ class DynamicStage(LoopSettings):
     masks: str | None = None  # an earlier N:M stage: its masks stay on while learning and join the artifact
     data: str | None = None  # learned: haystack corpus of the synthetic passkey samples
     steps: Steps = 100
+    # Adam's first steps move every weight by about lr whatever its gradient: from step 0 at lr 0.1 the
+    # factored scorer lost its init and tiny-llama's passkey fell from 0.85 to 0.60 (docs/RESULTS.md)
+    warmup_steps: int = Field(default=10, ge=0)
     batch_size: BatchSize = 4
     seqlen: SeqLen = 512
     needles: int = Field(default=2, gt=0)  # passkeys per sample
