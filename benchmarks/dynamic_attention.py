@@ -112,6 +112,7 @@ def main() -> None:
                     "else save the trained one there")
     ap.add_argument("--general", type=float, default=1.0, help="weight of every query's attention target")
     ap.add_argument("--ppl-windows", type=int, default=0, help="also perplexity over this many kjv.valid windows")
+    ap.add_argument("--ppl-seqlen", type=int, help="their length (default --seqlen; tiny-llama trained at 512)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     cfg = ModelConfig(name_or_path=args.model, dtype="float32", device="cpu")
@@ -146,16 +147,17 @@ def main() -> None:
     layers, kv = scorer.A.shape
     if args.ppl_windows:
         text = "\n\n".join((CORPORA / "kjv.valid.txt").read_text().splitlines())
-        ids = torch.tensor(tok(text).input_ids[: args.ppl_windows * args.seqlen])
+        ppl_seqlen = args.ppl_seqlen or args.seqlen
+        ids = torch.tensor(tok(text).input_ids[: args.ppl_windows * ppl_seqlen])
         rows = {"dense": None, "dma-learned": scorer, "dma-init": init, "key-norm": KeyNormScores(),
                 "oracle": OracleScores()}
         for name, source in rows.items():
             if source is None:
-                p = perplexity(model, ids, args.seqlen, batch_size=4).ppl
+                p = perplexity(model, ids, ppl_seqlen, batch_size=4).ppl
             else:
                 with dynamic(model, source, budget):
-                    p = perplexity(model, ids, args.seqlen, batch_size=4).ppl
-            print(f"ppl kjv.valid {len(ids)} tokens, seqlen {args.seqlen}, {name:12s} {p:.3f}")
+                    p = perplexity(model, ids, ppl_seqlen, batch_size=4).ppl
+            print(f"ppl kjv.valid {len(ids)} tokens, seqlen {ppl_seqlen}, {name:12s} {p:.3f}")
     for length, hay in [(int(n), h) for n in args.lengths.split(",") for h in args.haystacks.split(",")]:
         pool = None if hay == "filler" else split_sentences((CORPORA / "kjv.valid.txt").read_text())
         samples = passkey_samples(tok, [length], args.samples, seed=1, haystack=pool)
