@@ -320,8 +320,11 @@ def test_the_command_line_helps_and_takes_overrides_after_options(tmp_path, caps
 
 
 def cli(*args: str, **kw) -> subprocess.Popen:
+    # SIGINT at its default in the driver, as in a terminal: a suite started in the background by a
+    # non-interactive shell ignores SIGINT, the driver would inherit that and shrug off the test's Ctrl-C
     return subprocess.Popen([sys.executable, "-m", "maskpipe.jobs.cli", *args], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, **kw)
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL), **kw)
 
 
 def wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen, timeout: float = 300) -> None:
@@ -339,8 +342,7 @@ def wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen, timeout: flo
 def test_two_drivers_ctrl_c_and_a_killed_driver(tmp_path, capsys):
     """A second `maskpipe run` on a live run is refused; Ctrl-C says where to resume; a driver killed
     with SIGKILL before its first checkpoint shows as died, and its resume logs every step once."""
-    # long enough that each driver is still learning when the test acts on it: 30 steps (about a second
-    # on a quiet machine) sometimes ended before the second driver was refused or the SIGINT arrived
+    # long enough that each driver is still learning when the test acts on it (30 steps take about a second)
     steps = 300
     config = write_recipe(tmp_path / "c.yaml", recipe(tmp_path, steps=steps, checkpoint_every=1000))
     run_dir = tmp_path / "r"
