@@ -13,27 +13,19 @@ from maskpipe.pipeline.attention.dynamic import KeyScorer, dynamic
 from maskpipe.pipeline.attention.dynamic_learning import train_scorer
 from maskpipe.pipeline.attention.gates import passkey_batch
 from maskpipe.pipeline.attention.kv_scores import Budget, attention_target_loss, needed_keys
-from maskpipe.pipeline.core.models import load_model, load_tokenizer
-from maskpipe.pipeline.core.schema import DataConfig, ModelConfig
+from maskpipe.pipeline.core.models import load_model
+from maskpipe.pipeline.core.schema import DataConfig
 from maskpipe.pipeline.io.data import TokenStream
 from maskpipe.pipeline.train.checkpoint import CheckpointDir
-from tests.conftest import CORPORA, MICRO, Killed, die_at
+from tests.conftest import CORPORA, Killed, die_at
 
 KJV = CORPORA / "kjv.train.txt"
 
 
-def _cfg(path):
-    return ModelConfig(name_or_path=str(path), dtype="float32", device="cpu")
-
-
 @pytest.fixture()
-def micro():
-    return load_model(_cfg(MICRO))
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return load_tokenizer(_cfg(MICRO))
+def micro(micro_cfg):
+    """The bare model (conftest's `micro` also gives its prunable linears); `tokenizer` is conftest's."""
+    return load_model(micro_cfg)
 
 
 def test_training_learns_only_the_scorer_and_resumes_exactly(micro, tokenizer, tmp_path):
