@@ -8,7 +8,7 @@ scorer of that objective would keep; a bound, not a method).
     python benchmarks/dynamic_attention.py --model ../shared/fixtures/models/tiny-llama --seqlen 768 --lengths 768
 
 Defaults are the `dynamic` stage's: 40 steps of 4 two-passkey samples (kjv haystack), the attention
-objective, lr 0.1, 25% of the keys with 4 sink and half the budget recent. `--scorer F` saves the trained
+objective, lr 0.1, 25% of the keys with 4 sink and 3/4 of the budget recent. `--scorer F` saves the trained
 scorer to F, or loads it from F if it exists (then nothing trains).
 """
 
@@ -97,7 +97,8 @@ def main() -> None:
     ap.add_argument("--fraction", type=float, default=0.25)
     ap.add_argument("--keys", type=int, help="a count budget per KV head instead of --fraction (e.g. all-streaming's)")
     ap.add_argument("--sink", type=int, default=4)
-    ap.add_argument("--window", type=int, help="recent keys (default: half the budget)")
+    ap.add_argument("--window", type=int, help="recent keys (default: --recent of the budget)")
+    ap.add_argument("--recent", type=float, default=Budget.recent, help="the recent window's share of the budget")
     ap.add_argument("--lengths", default="768", help="comma-separated prompt lengths")
     ap.add_argument("--samples", type=int, default=30)
     ap.add_argument("--haystacks", default="filler,kjv")
@@ -117,8 +118,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     cfg = ModelConfig(name_or_path=args.model, dtype="float32", device="cpu")
     model, tok = load_model(cfg), load_tokenizer(cfg)
-    budget = (Budget(keys=args.keys, sink=args.sink, window=args.window) if args.keys
-              else Budget(fraction=args.fraction, sink=args.sink, window=args.window))
+    split = {"sink": args.sink, "window": args.window, "recent": args.recent}
+    budget = Budget(keys=args.keys, **split) if args.keys else Budget(fraction=args.fraction, **split)
 
     t0 = time.perf_counter()
     data = DataConfig.model_validate({"sources": [str(CORPORA / "kjv.train.txt")], "shuffle_buffer": 8})

@@ -115,7 +115,7 @@ def part_dynamic_mask(ctx) -> dict:
                 row["max_abs_logit_diff_vs_sdpa"] = (prefill() - out_flex).abs().max().item()
         rows.append(row)
     table = [f"random LLaMA {sum(p.numel() for p in model.parameters()) / 1e9:.2f}B, bf16, batch 1; DMA's key "
-             f"scorer at its random init, 1/8 of the keys (sink {budget.sink}, half the budget recent); decoding "
+             f"scorer at its random init, 1/8 of the keys (sink {budget.sink}, {budget.recent:.0%} of the budget recent); decoding "
              f"{new} greedy tokens, tokens/s of the {new - 1} steps after the prefill", "",
              "| tokens | keys kept | dense SDPA prefill s | dynamic flex prefill s | speed-up | layer 0 blocks "
              "computed | keys attended | dense decode tok/s | evicting decode tok/s | dense KV MiB | evicted KV MiB |",

@@ -22,7 +22,7 @@ Independent parts, each timed; a part that raises is recorded as `failed: <reaso
                    of the KV heads streaming (sink 128, window 1024) through FlexAttention vs dense SDPA;
                    at 8k the planned logits are also checked against the same plan through SDPA masks
   dynamic_mask     the dynamic mask (`pipeline.attention.dynamic`: DMA's key scorer at its random init, 1/8 of
-                   the keys, 4 sink, half the budget recent) on the same 1.1B LLaMA at 8k and 32k tokens:
+                   the keys, 4 sink, 3/4 of the budget recent) on the same 1.1B LLaMA at 8k and 32k tokens:
                    prefill through FlexAttention vs dense SDPA (and the share of layer 0's key blocks it
                    computes); greedy decoding of 64 tokens with the evicting cache (`evict_decode`) vs the
                    dense cache, tokens/s and KV-cache bytes; at 8k the flex logits are also checked against

@@ -161,8 +161,10 @@ def test_budget_resolution():
     assert Budget(fraction=0.25, sink=4, window=32).resolve(768) == (4, 32, 156)
     assert Budget(keys=10, sink=4, window=32).resolve(100) == (0, 10, 0)  # window first, then sink
     assert Budget(fraction=1.0).count(57) == 57 and Budget(fraction=0.5).fixed(100).keys == 50
-    assert Budget(fraction=0.25).resolve(512) == (4, 64, 60)  # no window: half the budget (H2O's split)
-    assert Budget(keys=72, sink=8).resolve(512) == (8, 36, 28) and Budget(keys=1).resolve(9) == (0, 1, 0)
+    assert Budget(fraction=0.25).resolve(512) == (4, 96, 28)  # no window: `recent` (3/4) of the budget
+    assert Budget(fraction=0.25, recent=0.5).resolve(512) == (4, 64, 60)  # H2O's even split
+    assert Budget(keys=72, sink=8).resolve(512) == (8, 54, 10) and Budget(keys=1).resolve(9) == (0, 1, 0)
+    assert Budget(fraction=0.5, recent=0.5).fixed(100) == Budget(keys=50, recent=0.5)
     with pytest.raises(ValueError):
         Budget(keys=3, fraction=0.1)
     with pytest.raises(ValueError):

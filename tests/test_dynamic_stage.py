@@ -152,6 +152,14 @@ def test_a_dynamic_artifact_round_trips_and_is_refused_on_another_model(tmp_path
     back = Session(ModelConfig(**MODEL)).dynamic_of(Variant("f", artifact=_artifact(s, tmp_path / "f", factored)))
     assert back.scorer.state_dict().keys() == factored.scorer.state_dict().keys() == {"w_in", "w_out", "A"}
     assert all(torch.equal(back.scorer.state_dict()[k], v) for k, v in factored.scorer.state_dict().items())
+    # the recent window's share travels; an artifact from before it was written meant half the budget
+    shared = DynamicMask("learned", Budget(keys=40, recent=0.6), {}, scorer)
+    path_r = _artifact(s, tmp_path / "r", shared)
+    assert Session(ModelConfig(**MODEL)).dynamic_of(Variant("r", artifact=path_r)).budget.resolve(100) == (4, 24, 12)
+    old = read_manifest(path_r)
+    del old["dynamic"]["budget"]["recent"]
+    (path_r / MANIFEST_FILE).write_text(json.dumps(old))
+    assert Session(ModelConfig(**MODEL)).dynamic_of(Variant("r", artifact=path_r)).budget.resolve(100) == (4, 20, 16)
 
     other = Session(ModelConfig(**MODEL))
     with torch.no_grad():

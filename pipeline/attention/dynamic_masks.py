@@ -20,7 +20,9 @@ How each runs:
 
 Artifact format (manifest key `dynamic`, beside an artifact's N:M masks; `pipeline.io.artifacts`):
   method       one of METHODS
-  budget       {"keys": int|null, "fraction": float|null, "sink": int, "window": int}  (`kv_scores.Budget`)
+  budget       {"keys": int|null, "fraction": float|null, "sink": int, "window": int|null, "recent": float}
+               (`kv_scores.Budget`; an artifact without "recent" was made when a window of null meant half
+               the budget, and is read so)
   params       the method's own: `seed` (random), `obs_window`, `kernel`, `pool` (snapkv)
   shape        [layers, kv_heads, head_dim] of the base model it was made for
   fingerprint  `core.models.fingerprint` of the base model's decoder linears (as an attention plan's)
@@ -96,7 +98,7 @@ class DynamicMask:
     def to_json(self, model: nn.Module, fingerprint=fingerprint) -> dict[str, Any]:
         out = {"method": self.method,
                "budget": {"keys": self.budget.keys, "fraction": self.budget.fraction, "sink": self.budget.sink,
-                          "window": self.budget.window},
+                          "window": self.budget.window, "recent": self.budget.recent},
                "params": self.params, "shape": list(geometry(model)),
                "fingerprint": fingerprint(decoder_linears(model))}
         if self.scorer is not None:
@@ -112,7 +114,8 @@ class DynamicMask:
         the sha256 and shape its manifest lists."""
         try:
             b = obj["budget"]
-            budget = Budget(keys=b["keys"], fraction=b["fraction"], sink=b["sink"], window=b["window"])
+            budget = Budget(keys=b["keys"], fraction=b["fraction"], sink=b["sink"], window=b["window"],
+                            recent=b.get("recent", 0.5))
             method, params = obj["method"], dict(obj.get("params") or {})
         except (KeyError, TypeError, ValueError) as e:
             raise MaskpipeError(f"{source}: malformed dynamic mask ({type(e).__name__}: {e})") from None
@@ -172,7 +175,7 @@ class DynamicMask:
     def describe(self) -> str:
         b = self.budget
         keep = f"{b.fraction:.0%} of the keys" if b.fraction is not None else f"{b.keys} keys"
-        return f"dynamic {self.method}: {keep} per KV head (sink {b.sink}, window {window_text(b.window)})"
+        return f"dynamic {self.method}: {keep} per KV head (sink {b.sink}, window {window_text(b.window, b.recent)})"
 
 
 def _read_scorer(obj: dict[str, Any], folder: Path | None, source: str) -> KeyScorer:
@@ -212,8 +215,8 @@ def check_dynamic(obj: dict[str, Any], model: nn.Module, source: str, fingerprin
     check_fingerprint(obj.get("fingerprint"), model, source, "dynamic mask", fingerprint)
 
 
-def window_text(window: int | None) -> str:
-    return "half the budget" if window is None else str(window)
+def window_text(window: int | None, recent: float) -> str:
+    return f"{recent:.0%} of the budget" if window is None else str(window)
 
 
 def card_lines(obj: dict[str, Any]) -> list[str]:
@@ -221,7 +224,7 @@ def card_lines(obj: dict[str, Any]) -> list[str]:
     b = obj["budget"]
     keep = f"{b['fraction']:.0%} of the keys" if b.get("fraction") is not None else f"{b['keys']} keys"
     lines = [f"- method: `{obj['method']}`",
-             f"- budget: {keep} per KV head and query (sink {b['sink']}, window {window_text(b['window'])}, "
+             f"- budget: {keep} per KV head and query (sink {b['sink']}, window {window_text(b['window'], b.get('recent', 0.5))}, "
              "the rest top-k by score)"]
     s = obj.get("scorer")
     lines.append(f"- scorer: {s['parameters']:,} parameters ({100 * s['fraction']:.4f}% of the model), in "
