@@ -46,7 +46,7 @@ BIG = dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_at
            num_key_value_heads=12, vocab_size=8192, max_position_embeddings=2048)
 STEPS = 100  # a run's length, for the anneal points: step 0, 50 and 99 of the default schedule
 SPREAD = {"first": 0.01, "middle": 0.03, "last": 0.05}  # logits' std: init_std at first, as a run leaves them later
-CATEGORIES = ("noise", "softmax", "product", "masked_weight", "regulariser", "optimiser", "dense matmuls", "rest")
+CATEGORIES = ("noise", "fused", "softmax", "product", "masked_weight", "regulariser", "optimiser", "dense matmuls", "rest")
 MATMULS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::matmul", "aten::linear"}
 
 
@@ -261,7 +261,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--budget", type=float, default=540, help="seconds; cells not started by then are listed as skipped")
     p.add_argument("--quick", action="store_true", help="one timed repeat per cell")
     p.add_argument("--json", help="also write every number here")
+    p.add_argument("--fused", choices=["on", "off"], default="on",
+                   help="off: the soft mask's whole-tensor path on the CPU (`pipeline.nm.fused`)")
     a = p.parse_args(argv)
+    learn.fused.ENABLED = a.fused == "on"
     start, rows, skipped = time.perf_counter(), [], []
     for which in a.models:
         model, linears = load(which)
@@ -283,7 +286,7 @@ def main(argv: list[str] | None = None) -> None:
         del model, linears
     print(f"torch {torch.__version__}, {torch.backends.cpu.get_cpu_capability()}, median of "
           f"{', '.join(sorted({str(r['repeats']) for r in rows}))} interleaved repeats, 2:4 masks, regulariser on, "
-          f"AdamW on both; {time.perf_counter() - start:.0f} s in all")
+          f"AdamW on both; fused soft mask {a.fused}; {time.perf_counter() - start:.0f} s in all")
     print()
     print(tables(rows))
     if skipped:

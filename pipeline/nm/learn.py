@@ -18,6 +18,7 @@ from torch.nn.utils import parametrize
 
 from maskpipe.pipeline import MaskpipeError
 from maskpipe.pipeline.train.checkpoint import Rows, rank_world
+from maskpipe.pipeline.nm import fused
 from maskpipe.pipeline.nm.encoding import candidates
 from maskpipe.pipeline.train.loop import linear_schedule, train
 from maskpipe.pipeline.core.models import base_weight, decoder_blocks, defer, deferred, device_of
@@ -47,11 +48,15 @@ def _part(name: str):
     return torch.profiler.record_function(f"soft_mask.{name}") if PROFILE_RANGES else nullcontext()
 
 
+def uniforms(shape: torch.Size, seed: int, device: torch.device) -> torch.Tensor:
+    """The uniform draw behind `gumbel_noise`, a function of the seed alone: a resumed run, every
+    data-parallel rank and an activation-checkpointing recomputation all draw the same noise."""
+    return torch.rand(shape, generator=torch.Generator(device=device).manual_seed(seed), device=device)
+
+
 def gumbel_noise(shape: torch.Size, seed: int, device: torch.device) -> torch.Tensor:
-    """Gumbel(0, 1) noise that depends only on the seed: a resumed run, every data-parallel rank and
-    an activation-checkpointing recomputation all draw the same noise."""
-    gen = torch.Generator(device=device).manual_seed(seed)
-    u = torch.rand(shape, generator=gen, device=device)
+    """Gumbel(0, 1) noise that depends only on the seed (`uniforms`)."""
+    u = uniforms(shape, seed, device)
     return u.clamp_min_(1e-10).log_().neg_().clamp_min_(1e-10).log_().neg_()  # in place: as large as the logits
 
 
@@ -87,10 +92,20 @@ class _SoftMaskedWeight(torch.autograd.Function):
     gradient of the sparse-weight regulariser −λ·‖W⊙M‖² (∂/∂M = −2λ·W²·M). Adding it here, inside each
     layer, rather than as a loss term over every weight keeps each block's gradients local to that
     block: no masked weight outlives its block's backward, which is what sharded training and
-    activation checkpointing need. Autocast is off inside: the mask is summed in float32, then cast once."""
+    activation checkpointing need. Autocast is off inside: the mask is summed in float32, then cast once.
+    On the CPU a 2:4 float32 layer takes `fused`'s one-pass kernel for everything after the draw."""
 
     @staticmethod
     def forward(ctx, weight, logits, candidates, seed, tau, kappa, lam):
+        ctx.tau, ctx.kappa, ctx.lam = tau, kappa, lam
+        ctx.fused = fused.available(weight, logits, candidates)
+        if ctx.fused:
+            with _part("noise"):
+                u = uniforms(logits.shape[:-1] + (len(candidates),), seed, logits.device)
+            with _part("fused"):
+                probs, masked = fused.forward(weight, logits, u, tau, kappa, EXP_FLOOR, BELOW_FLOOR)
+            ctx.save_for_backward(weight, probs, candidates, masked if lam else None)
+            return masked
         with torch.autocast(weight.device.type, enabled=False):
             with _part("noise"):
                 gumbel = gumbel_noise(logits.shape[:-1] + (len(candidates),), seed, logits.device)
@@ -101,12 +116,14 @@ class _SoftMaskedWeight(torch.autograd.Function):
             with _part("masked_weight"):
                 masked = weight * mask
         ctx.save_for_backward(weight, probs, candidates, masked if lam else None)
-        ctx.tau, ctx.kappa, ctx.lam = tau, kappa, lam
         return masked
 
     @staticmethod
     def backward(ctx, grad):
         weight, probs, candidates, masked = ctx.saved_tensors
+        if ctx.fused:
+            with _part("fused"):
+                return None, fused.backward(probs, grad, weight, masked, ctx.tau, ctx.kappa, ctx.lam), *[None] * 5
         with torch.autocast(weight.device.type, enabled=False):
             if ctx.lam:  # ∂/∂M = (grad − 2λ·W⊙M)·W: one pass over the weight more than without it
                 with _part("regulariser"):
@@ -152,8 +169,14 @@ class GumbelNMMask(nn.Module):
     def soft_mask(self) -> torch.Tensor:
         """The soft mask alone, [out, G, M], without autograd's view of it (tests, inspection)."""
         with torch.no_grad():
-            gumbel = gumbel_noise(self.logits.shape[:-1] + (len(self.candidates),), self.noise_seed, self.logits.device)
-            return gumbel_softmax(self.candidate_logits(), gumbel, self.tau, self.kappa) @ self.candidates
+            logits, shape = self.candidate_logits(), self.logits.shape[:-1] + (len(self.candidates),)
+            ones = torch.ones(logits.shape[0], logits.shape[1] * self.m, device=logits.device)
+            if fused.available(ones, logits, self.candidates):  # the training forward's arithmetic
+                u = uniforms(shape, self.noise_seed, logits.device)
+                return fused.forward(ones, logits, u, self.tau, self.kappa, EXP_FLOOR, BELOW_FLOOR)[1].view(
+                    *logits.shape[:-1], self.m)
+            gumbel = gumbel_noise(shape, self.noise_seed, logits.device)
+            return gumbel_softmax(logits, gumbel, self.tau, self.kappa) @ self.candidates
 
     def hard_mask(self) -> torch.Tensor:
         return hard_mask(self.candidate_logits(), self.n, self.m)

@@ -1,0 +1,167 @@
+"""The soft 2:4 mask in one pass over each weight on the CPU: Gumbel transform, softmax over the six
+candidates, the floor, the candidate product and W ⊙ M forward; the regulariser, the candidate product's
+transpose and the softmax's backward in one pass back. What `learn._SoftMaskedWeight` does in ~13 whole-
+tensor passes (and reductions over a last dimension of 6, which ATen runs row by row), here a C++ loop
+over tiles of 16 groups that the compiler vectorises across groups (glibc's vector exp/log).
+
+The uniforms still come from torch's generator (`learn.gumbel_noise`'s draw, bit for bit), so the noise
+is the same for a seed; the arithmetic is the reference's, in the same order, with vector exp/log in
+place of ATen's: results equal `learn`'s within float32 rounding (tests/test_soft_mask.py).
+
+Built on first use with `torch.utils.cpp_extension.load_inline` (a C++ compiler; cached under
+~/.cache/torch_extensions). Where it cannot be built, or off the CPU, or for another pattern than 2:4
+with one logit per candidate, `learn` keeps its whole-tensor path: `available()` says which.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+log = logging.getLogger("maskpipe")
+
+_SOURCE = r"""
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <cmath>
+
+namespace {
+constexpr int C = 6, M = 4, T = 16;  // 2:4: six candidates of four positions; a tile of T groups
+// The candidates in encoding.candidates' rank order (nm_candidates(2, 4)); checked against it in Python.
+constexpr float CAND[C][M] = {{1, 1, 0, 0}, {1, 0, 1, 0}, {1, 0, 0, 1}, {0, 1, 1, 0}, {0, 1, 0, 1}, {0, 0, 1, 1}};
+
+void forward_tile(const float* l, const float* u, const float* w, float* p, float* out, int64_t n,
+                  float tau, float kappa, float exp_floor, float below_floor) {
+  float s[C][T], mx[T], tot[T];
+  for (int c = 0; c < C; ++c) {
+#pragma omp simd
+    for (int t = 0; t < T; ++t) {
+      float x = t < n ? u[t * C + c] : 0.5f;
+      x = -std::log(std::fmax(x, 1e-10f));   // gumbel_noise: -log(max(-log(max(u, 1e-10)), 1e-10))
+      x = -std::log(std::fmax(x, 1e-10f));
+      s[c][t] = (x + (t < n ? l[t * C + c] : 0.f) * kappa) / tau;
+    }
+  }
+#pragma omp simd
+  for (int t = 0; t < T; ++t) { mx[t] = s[0][t]; for (int c = 1; c < C; ++c) mx[t] = std::fmax(mx[t], s[c][t]); }
+  for (int c = 0; c < C; ++c) {
+#pragma omp simd
+    for (int t = 0; t < T; ++t) s[c][t] = std::exp(std::fmax(s[c][t] - mx[t], exp_floor));
+  }
+#pragma omp simd
+  for (int t = 0; t < T; ++t) { tot[t] = s[0][t]; for (int c = 1; c < C; ++c) tot[t] += s[c][t]; }
+  for (int c = 0; c < C; ++c) {
+#pragma omp simd
+    for (int t = 0; t < T; ++t) { float q = s[c][t] / tot[t]; s[c][t] = q > below_floor ? q : 0.f; }
+  }
+  for (int64_t t = 0; t < n; ++t) {
+    for (int c = 0; c < C; ++c) p[t * C + c] = s[c][t];
+    for (int j = 0; j < M; ++j) {
+      float m = 0.f;
+      for (int c = 0; c < C; ++c) m += s[c][t] * CAND[c][j];
+      out[t * M + j] = w[t * M + j] * m;
+    }
+  }
+}
+
+void backward_tile(const float* p, const float* g, const float* w, const float* masked, float* gl, int64_t n,
+                   float scale, float two_lam) {
+  for (int64_t t = 0; t < n; ++t) {
+    float gm[M], gp[C], dot = 0.f;
+    for (int j = 0; j < M; ++j)
+      gm[j] = (masked ? g[t * M + j] - two_lam * masked[t * M + j] : g[t * M + j]) * w[t * M + j];
+    for (int c = 0; c < C; ++c) {
+      float a = 0.f;
+      for (int j = 0; j < M; ++j) a += gm[j] * CAND[c][j];
+      gp[c] = a;
+      dot += p[t * C + c] * a;
+    }
+    for (int c = 0; c < C; ++c) gl[t * C + c] = (gp[c] - dot) * p[t * C + c] * scale;
+  }
+}
+}  // namespace
+
+// logits, uniforms [G, 6]; weight [G, 4]: returns (probs [G, 6], masked [G, 4])
+std::vector<torch::Tensor> forward(torch::Tensor logits, torch::Tensor u, torch::Tensor weight, double tau,
+                                   double kappa, double exp_floor, double below_floor) {
+  auto probs = torch::empty_like(u), out = torch::empty_like(weight);
+  const float *l = logits.data_ptr<float>(), *uu = u.data_ptr<float>(), *w = weight.data_ptr<float>();
+  float *p = probs.data_ptr<float>(), *o = out.data_ptr<float>();
+  const int64_t groups = logits.size(0), tiles = (groups + T - 1) / T;
+  at::parallel_for(0, tiles, 256, [&](int64_t a, int64_t b) {
+    for (int64_t i = a; i < b; ++i) {
+      int64_t g0 = i * T, n = std::min<int64_t>(T, groups - g0);
+      forward_tile(l + g0 * C, uu + g0 * C, w + g0 * M, p + g0 * C, o + g0 * M, n, (float)tau, (float)kappa,
+                   (float)exp_floor, (float)below_floor);
+    }
+  });
+  return {probs, out};
+}
+
+// probs [G, 6]; grad, weight, masked (or an empty tensor) [G, 4]: returns the logits' gradient [G, 6]
+torch::Tensor backward(torch::Tensor probs, torch::Tensor grad, torch::Tensor weight, torch::Tensor masked,
+                       double tau, double kappa, double lam) {
+  auto gl = torch::empty_like(probs);
+  const float *p = probs.data_ptr<float>(), *g = grad.data_ptr<float>(), *w = weight.data_ptr<float>();
+  const float *mk = masked.numel() ? masked.data_ptr<float>() : nullptr;
+  float* out = gl.data_ptr<float>();
+  const int64_t groups = probs.size(0);
+  const float scale = (float)(kappa / tau), two_lam = (float)(2 * lam);
+  at::parallel_for(0, groups, 4096, [&](int64_t a, int64_t b) {
+    backward_tile(p + a * C, g + a * M, w + a * M, mk ? mk + a * M : nullptr, out + a * C, b - a, scale, two_lam);
+  });
+  return gl;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("forward", &forward);
+  m.def("backward", &backward);
+}
+"""
+
+ENABLED = True  # False: every layer takes the whole-tensor path (benchmarks/learn_step.py --fused off)
+_MODULE: object | None = None
+_FAILED = False
+
+
+def _module():
+    """The compiled extension, built once per process (and cached on disk by torch), or None."""
+    global _MODULE, _FAILED
+    if _MODULE is None and not _FAILED:
+        try:
+            from torch.utils.cpp_extension import load_inline
+
+            _MODULE = load_inline("maskpipe_soft_mask_24", cpp_sources=_SOURCE, verbose=False,
+                                  extra_cflags=["-O3", "-march=native", "-ffast-math", "-fno-reciprocal-math", "-fno-associative-math", "-fopenmp"])
+        except Exception as e:  # no compiler, no headers: the whole-tensor path still works
+            _FAILED = True
+            log.warning("fused soft mask unavailable, using the whole-tensor path (%s: %s)", type(e).__name__,
+                        str(e).splitlines()[0] if str(e) else "")
+    return _MODULE
+
+
+def available(weight: torch.Tensor, logits: torch.Tensor, candidates: torch.Tensor) -> bool:
+    """Whether the fused pass serves this layer: float32 on the CPU, 2:4 with six candidate logits in
+    the kernel's order, and the extension built."""
+    from maskpipe.pipeline.nm.learn import nm_candidates
+
+    return (ENABLED and weight.device.type == "cpu" and weight.dtype == logits.dtype == torch.float32
+            and logits.shape[-1] == 6 and candidates.shape == (6, 4)
+            and torch.equal(candidates, nm_candidates(2, 4).float()) and _module() is not None)
+
+
+def forward(weight, logits, u, tau, kappa, exp_floor, below_floor):
+    """(probs [out, G, 6], W ⊙ M [out, in]) from uniforms u [out, G, 6]."""
+    probs, masked = _module().forward(logits.reshape(-1, 6).contiguous(), u.reshape(-1, 6), weight.reshape(-1, 4)
+                                      .contiguous(), tau, kappa, exp_floor, below_floor)
+    return probs.view(logits.shape), masked.view(weight.shape)
+
+
+def backward(probs, grad, weight, masked, tau, kappa, lam):
+    """∂/∂logits [out, G, 6] from the masked weight's gradient [out, in]."""
+    empty = torch.empty(0)
+    return _module().backward(probs.reshape(-1, 6), grad.float().reshape(-1, 4).contiguous(),
+                              weight.reshape(-1, 4).contiguous(),
+                              masked.reshape(-1, 4).contiguous() if masked is not None else empty,
+                              tau, kappa, lam).view(probs.shape)
