@@ -33,33 +33,43 @@ constexpr float CAND[C][M] = {{1, 1, 0, 0}, {1, 0, 1, 0}, {1, 0, 0, 1}, {0, 1, 1
 
 void forward_tile(const float* l, const float* u, const float* w, float* p, float* out, int64_t n,
                   float tau, float kappa, float exp_floor, float below_floor) {
-  float s[C][T], mx[T], tot[T];
-  for (int c = 0; c < C; ++c) {
-#pragma omp simd
-    for (int t = 0; t < T; ++t) {
-      float x = t < n ? u[t * C + c] : 0.5f;
-      x = -std::log(std::fmax(x, 1e-10f));   // gumbel_noise: -log(max(-log(max(u, 1e-10)), 1e-10))
-      x = -std::log(std::fmax(x, 1e-10f));
-      s[c][t] = (x + (t < n ? l[t * C + c] : 0.f) * kappa) / tau;
+  // candidate-major tile: s[c * T + t], so every loop below runs over T groups at once
+  float s[C * T], lg[C * T], mx[T], tot[T];
+  for (int t = 0; t < T; ++t)
+    for (int c = 0; c < C; ++c) {
+      s[c * T + t] = t < n ? u[t * C + c] : 0.5f;
+      lg[c * T + t] = t < n ? l[t * C + c] : 0.f;
     }
+#pragma omp simd
+  for (int i = 0; i < C * T; ++i) {  // gumbel_noise: -log(max(-log(max(u, 1e-10)), 1e-10)); then (g + κl)/τ
+    float g = -std::log(std::fmax(s[i], 1e-10f));
+    g = -std::log(std::fmax(g, 1e-10f));
+    s[i] = (g + lg[i] * kappa) / tau;
   }
 #pragma omp simd
-  for (int t = 0; t < T; ++t) { mx[t] = s[0][t]; for (int c = 1; c < C; ++c) mx[t] = std::fmax(mx[t], s[c][t]); }
-  for (int c = 0; c < C; ++c) {
-#pragma omp simd
-    for (int t = 0; t < T; ++t) s[c][t] = std::exp(std::fmax(s[c][t] - mx[t], exp_floor));
+  for (int t = 0; t < T; ++t) {
+    float m = s[t];
+    for (int c = 1; c < C; ++c) m = std::fmax(m, s[c * T + t]);
+    mx[t] = m;
   }
 #pragma omp simd
-  for (int t = 0; t < T; ++t) { tot[t] = s[0][t]; for (int c = 1; c < C; ++c) tot[t] += s[c][t]; }
-  for (int c = 0; c < C; ++c) {
+  for (int i = 0; i < C * T; ++i) s[i] = std::exp(std::fmax(s[i] - mx[i % T], exp_floor));
 #pragma omp simd
-    for (int t = 0; t < T; ++t) { float q = s[c][t] / tot[t]; s[c][t] = q > below_floor ? q : 0.f; }
+  for (int t = 0; t < T; ++t) {
+    float a = s[t];
+    for (int c = 1; c < C; ++c) a += s[c * T + t];
+    tot[t] = a;
+  }
+#pragma omp simd
+  for (int i = 0; i < C * T; ++i) {
+    float q = s[i] / tot[i % T];
+    s[i] = q > below_floor ? q : 0.f;
   }
   for (int64_t t = 0; t < n; ++t) {
-    for (int c = 0; c < C; ++c) p[t * C + c] = s[c][t];
+    for (int c = 0; c < C; ++c) p[t * C + c] = s[c * T + t];
     for (int j = 0; j < M; ++j) {
       float m = 0.f;
-      for (int c = 0; c < C; ++c) m += s[c][t] * CAND[c][j];
+      for (int c = 0; c < C; ++c) m += s[c * T + t] * CAND[c][j];
       out[t * M + j] = w[t * M + j] * m;
     }
   }
@@ -120,6 +130,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 }
 """
 
+_ISA = {"AVX512": ["-mavx512f", "-mavx512dq", "-mavx512vl", "-mavx512bw", "-mfma"], "AVX2": ["-mavx2", "-mfma"]}
 ENABLED = True  # False: every layer takes the whole-tensor path (benchmarks/learn_step.py --fused off)
 _MODULE: object | None = None
 _FAILED = False
@@ -132,8 +143,14 @@ def _module():
         try:
             from torch.utils.cpp_extension import load_inline
 
-            _MODULE = load_inline("maskpipe_soft_mask_24", cpp_sources=_SOURCE, verbose=False,
-                                  extra_cflags=["-O3", "-march=native", "-ffast-math", "-fno-reciprocal-math", "-fno-associative-math", "-fopenmp"])
+            # Vector ISA from what torch detected, not -march=native: a build cached in a home directory
+            # shared by a cluster's nodes must run on all of them (one build per capability).
+            cap = torch.backends.cpu.get_cpu_capability()
+            isa = _ISA.get(cap, [])
+            # -ffast-math lets glibc's vector exp/log in; division and sums keep their order.
+            _MODULE = load_inline(f"maskpipe_soft_mask_24_{cap.lower()}", cpp_sources=_SOURCE, verbose=False,
+                                  extra_cflags=["-O3", *isa, "-ffast-math", "-fno-reciprocal-math",
+                                                "-fno-associative-math", "-fopenmp"])
         except Exception as e:  # no compiler, no headers: the whole-tensor path still works
             _FAILED = True
             log.warning("fused soft mask unavailable, using the whole-tensor path (%s: %s)", type(e).__name__,
