@@ -4,9 +4,15 @@ transpose and the softmax's backward in one pass back. What `learn._SoftMaskedWe
 tensor passes (and reductions over a last dimension of 6, which ATen runs row by row), here a C++ loop
 over tiles of 16 groups that the compiler vectorises across groups (glibc's vector exp/log).
 
-The uniforms still come from torch's generator (`learn.gumbel_noise`'s draw, bit for bit), so the noise
-is the same for a seed; the arithmetic is the reference's, in the same order, with vector exp/log in
-place of ATen's: results equal `learn`'s within float32 rounding (tests/test_soft_mask.py).
+The noise is drawn inside the kernel, counter-based: the uniform of element i (group g, candidate c: i =
+6g + c) of a layer is SplitMix64's (i+1)-th output from the state SplitMix64(seed), its top 24 bits as
+(n + 0.5)/2^24. A function of (seed, i) alone, as `learn.gumbel_noise`'s torch draw is of the seed: the same
+for a resumed run, every data-parallel rank and an activation-checkpointing recomputation, and drawn in
+parallel without a pass through memory. It is another draw than torch's for the same seed (same
+distribution; the closure curves in docs/RESULTS.md are re-run with it). `uniforms` returns the same
+numbers as a tensor. The arithmetic after the draw is `learn`'s, in the same order, with vector exp/log in
+place of ATen's: from the same uniforms, results equal the whole-tensor path within float32 rounding
+(tests/test_soft_mask.py).
 
 Built on first use with `torch.utils.cpp_extension.load_inline` (a C++ compiler; cached under
 ~/.cache/torch_extensions). Where it cannot be built, or off the CPU, or for another pattern than 2:4
@@ -28,18 +34,28 @@ _SOURCE = r"""
 
 namespace {
 constexpr int C = 6, M = 4, T = 16;  // 2:4: six candidates of four positions; a tile of T groups
+constexpr uint64_t GAMMA = 0x9E3779B97F4A7C15ULL;
+
+inline uint64_t mix(uint64_t z) {  // SplitMix64's output function
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
+  return z ^ (z >> 31);
+}
+
+inline float uniform(uint64_t key, uint64_t i) {  // in (0, 1): the top 24 bits, centred in their bin
+  return ((float)(mix(key + (i + 1) * GAMMA) >> 40) + 0.5f) * 5.9604644775390625e-8f;
+}
 // The candidates in encoding.candidates' rank order (nm_candidates(2, 4)); checked against it in Python.
 constexpr float CAND[C][M] = {{1, 1, 0, 0}, {1, 0, 1, 0}, {1, 0, 0, 1}, {0, 1, 1, 0}, {0, 1, 0, 1}, {0, 0, 1, 1}};
 
-void forward_tile(const float* l, const float* u, const float* w, float* p, float* out, int64_t n,
+void forward_tile(const float* l, uint64_t key, uint64_t g0, const float* w, float* p, float* out, int64_t n,
                   float tau, float kappa, float exp_floor, float below_floor) {
   // candidate-major tile: s[c * T + t], so every loop below runs over T groups at once
   float s[C * T], lg[C * T], mx[T], tot[T];
+#pragma omp simd
+  for (int i = 0; i < C * T; ++i) s[i] = uniform(key, (g0 + i % T) * C + i / T);
   for (int t = 0; t < T; ++t)
-    for (int c = 0; c < C; ++c) {
-      s[c * T + t] = t < n ? u[t * C + c] : 0.5f;
-      lg[c * T + t] = t < n ? l[t * C + c] : 0.f;
-    }
+    for (int c = 0; c < C; ++c) lg[c * T + t] = t < n ? l[t * C + c] : 0.f;
 #pragma omp simd
   for (int i = 0; i < C * T; ++i) {  // gumbel_noise: -log(max(-log(max(u, 1e-10)), 1e-10)); then (g + κl)/τ
     float g = -std::log(std::fmax(s[i], 1e-10f));
@@ -92,21 +108,34 @@ void backward_tile(const float* p, const float* g, const float* w, const float* 
 }
 }  // namespace
 
-// logits, uniforms [G, 6]; weight [G, 4]: returns (probs [G, 6], masked [G, 4])
-std::vector<torch::Tensor> forward(torch::Tensor logits, torch::Tensor u, torch::Tensor weight, double tau,
+// logits [G, 6], weight [G, 4], the layer's noise seed: returns (probs [G, 6], masked [G, 4])
+std::vector<torch::Tensor> forward(torch::Tensor logits, int64_t seed, torch::Tensor weight, double tau,
                                    double kappa, double exp_floor, double below_floor) {
-  auto probs = torch::empty_like(u), out = torch::empty_like(weight);
-  const float *l = logits.data_ptr<float>(), *uu = u.data_ptr<float>(), *w = weight.data_ptr<float>();
+  auto probs = torch::empty_like(logits), out = torch::empty_like(weight);
+  const float *l = logits.data_ptr<float>(), *w = weight.data_ptr<float>();
   float *p = probs.data_ptr<float>(), *o = out.data_ptr<float>();
+  const uint64_t key = mix((uint64_t)seed);
   const int64_t groups = logits.size(0), tiles = (groups + T - 1) / T;
   at::parallel_for(0, tiles, 256, [&](int64_t a, int64_t b) {
     for (int64_t i = a; i < b; ++i) {
       int64_t g0 = i * T, n = std::min<int64_t>(T, groups - g0);
-      forward_tile(l + g0 * C, uu + g0 * C, w + g0 * M, p + g0 * C, o + g0 * M, n, (float)tau, (float)kappa,
-                   (float)exp_floor, (float)below_floor);
+      forward_tile(l + g0 * C, key, (uint64_t)g0, w + g0 * M, p + g0 * C, o + g0 * M, n, (float)tau,
+                   (float)kappa, (float)exp_floor, (float)below_floor);
     }
   });
   return {probs, out};
+}
+
+// the kernel's uniforms for elements 0..n-1 of a layer's draw
+torch::Tensor uniforms(int64_t n, int64_t seed) {
+  auto u = torch::empty({n}, torch::kFloat32);
+  float* out = u.data_ptr<float>();
+  const uint64_t key = mix((uint64_t)seed);
+  at::parallel_for(0, n, 1 << 16, [&](int64_t a, int64_t b) {
+#pragma omp simd
+    for (int64_t i = a; i < b; ++i) out[i] = uniform(key, (uint64_t)i);
+  });
+  return u;
 }
 
 // probs [G, 6]; grad, weight, masked (or an empty tensor) [G, 4]: returns the logits' gradient [G, 6]
@@ -127,6 +156,7 @@ torch::Tensor backward(torch::Tensor probs, torch::Tensor grad, torch::Tensor we
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward", &forward);
   m.def("backward", &backward);
+  m.def("uniforms", &uniforms);
 }
 """
 
@@ -168,11 +198,20 @@ def available(weight: torch.Tensor, logits: torch.Tensor, candidates: torch.Tens
             and torch.equal(candidates, nm_candidates(2, 4).float()) and _module() is not None)
 
 
-def forward(weight, logits, u, tau, kappa, exp_floor, below_floor):
-    """(probs [out, G, 6], W ⊙ M [out, in]) from uniforms u [out, G, 6]."""
-    probs, masked = _module().forward(logits.reshape(-1, 6).contiguous(), u.reshape(-1, 6), weight.reshape(-1, 4)
+def _seed(seed: int) -> int:
+    return (int(seed) + 2**63) % 2**64 - 2**63  # any Python int, as the int64 the kernel takes (mod 2^64)
+
+
+def forward(weight, logits, seed, tau, kappa, exp_floor, below_floor):
+    """(probs [out, G, 6], W ⊙ M [out, in]) with the noise of `seed` (the module docstring)."""
+    probs, masked = _module().forward(logits.reshape(-1, 6).contiguous(), _seed(seed), weight.reshape(-1, 4)
                                       .contiguous(), tau, kappa, exp_floor, below_floor)
     return probs.view(logits.shape), masked.view(weight.shape)
+
+
+def uniforms(shape: torch.Size, seed: int) -> torch.Tensor:
+    """The uniforms `forward` draws for `seed`, as a tensor of `shape` (elements in row-major order)."""
+    return _module().uniforms(int(torch.Size(shape).numel()), _seed(seed)).view(shape)
 
 
 def backward(probs, grad, weight, masked, tau, kappa, lam):

@@ -48,15 +48,12 @@ def _part(name: str):
     return torch.profiler.record_function(f"soft_mask.{name}") if PROFILE_RANGES else nullcontext()
 
 
-def uniforms(shape: torch.Size, seed: int, device: torch.device) -> torch.Tensor:
-    """The uniform draw behind `gumbel_noise`, a function of the seed alone: a resumed run, every
-    data-parallel rank and an activation-checkpointing recomputation all draw the same noise."""
-    return torch.rand(shape, generator=torch.Generator(device=device).manual_seed(seed), device=device)
-
-
 def gumbel_noise(shape: torch.Size, seed: int, device: torch.device) -> torch.Tensor:
-    """Gumbel(0, 1) noise that depends only on the seed (`uniforms`)."""
-    u = uniforms(shape, seed, device)
+    """Gumbel(0, 1) noise that depends only on the seed: a resumed run, every data-parallel rank and
+    an activation-checkpointing recomputation all draw the same noise. (The CPU's fused 2:4 kernel draws
+    its own, counter-based: `fused`.)"""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    u = torch.rand(shape, generator=gen, device=device)
     return u.clamp_min_(1e-10).log_().neg_().clamp_min_(1e-10).log_().neg_()  # in place: as large as the logits
 
 
@@ -93,17 +90,15 @@ class _SoftMaskedWeight(torch.autograd.Function):
     layer, rather than as a loss term over every weight keeps each block's gradients local to that
     block: no masked weight outlives its block's backward, which is what sharded training and
     activation checkpointing need. Autocast is off inside: the mask is summed in float32, then cast once.
-    On the CPU a 2:4 float32 layer takes `fused`'s one-pass kernel for everything after the draw."""
+    On the CPU a 2:4 float32 layer takes `fused`'s one-pass kernel, noise included."""
 
     @staticmethod
     def forward(ctx, weight, logits, candidates, seed, tau, kappa, lam):
         ctx.tau, ctx.kappa, ctx.lam = tau, kappa, lam
         ctx.fused = fused.available(weight, logits, candidates)
-        if ctx.fused:
-            with _part("noise"):
-                u = uniforms(logits.shape[:-1] + (len(candidates),), seed, logits.device)
+        if ctx.fused:  # the noise is drawn inside the kernel (`fused`: another draw than torch's)
             with _part("fused"):
-                probs, masked = fused.forward(weight, logits, u, tau, kappa, EXP_FLOOR, BELOW_FLOOR)
+                probs, masked = fused.forward(weight, logits, seed, tau, kappa, EXP_FLOOR, BELOW_FLOOR)
             ctx.save_for_backward(weight, probs, candidates, masked if lam else None)
             return masked
         with torch.autocast(weight.device.type, enabled=False):
@@ -171,10 +166,9 @@ class GumbelNMMask(nn.Module):
         with torch.no_grad():
             logits, shape = self.candidate_logits(), self.logits.shape[:-1] + (len(self.candidates),)
             ones = torch.ones(logits.shape[0], logits.shape[1] * self.m, device=logits.device)
-            if fused.available(ones, logits, self.candidates):  # the training forward's arithmetic
-                u = uniforms(shape, self.noise_seed, logits.device)
-                return fused.forward(ones, logits, u, self.tau, self.kappa, EXP_FLOOR, BELOW_FLOOR)[1].view(
-                    *logits.shape[:-1], self.m)
+            if fused.available(ones, logits, self.candidates):  # the training forward's draw and arithmetic
+                return fused.forward(ones, logits, self.noise_seed, self.tau, self.kappa, EXP_FLOOR,
+                                     BELOW_FLOOR)[1].view(*logits.shape[:-1], self.m)
             gumbel = gumbel_noise(shape, self.noise_seed, logits.device)
             return gumbel_softmax(logits, gumbel, self.tau, self.kappa) @ self.candidates
 
