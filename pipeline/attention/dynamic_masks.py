@@ -59,6 +59,7 @@ from maskpipe.pipeline.core.models import decoder_linears, fingerprint
 
 METHODS = ("learned", "h2o", "snapkv", "key-norm", "random", "oracle")
 SCORER_FILE = "scorer.safetensors"
+UNRECORDED_RECENT = 0.5  # an artifact without `recent` dates from when a derived window was half
 
 
 def geometry(model: nn.Module) -> tuple[int, int, int]:
@@ -115,7 +116,7 @@ class DynamicMask:
         try:
             b = obj["budget"]
             budget = Budget(keys=b["keys"], fraction=b["fraction"], sink=b["sink"], window=b["window"],
-                            recent=b.get("recent", 0.5))
+                            recent=b.get("recent", UNRECORDED_RECENT))
             method, params = obj["method"], dict(obj.get("params") or {})
         except (KeyError, TypeError, ValueError) as e:
             raise MaskpipeError(f"{source}: malformed dynamic mask ({type(e).__name__}: {e})") from None
@@ -224,7 +225,7 @@ def card_lines(obj: dict[str, Any]) -> list[str]:
     b = obj["budget"]
     keep = f"{b['fraction']:.0%} of the keys" if b.get("fraction") is not None else f"{b['keys']} keys"
     lines = [f"- method: `{obj['method']}`",
-             f"- budget: {keep} per KV head and query (sink {b['sink']}, window {window_text(b['window'], b.get('recent', 0.5))}, "
+             f"- budget: {keep} per KV head and query (sink {b['sink']}, window {window_text(b['window'], b.get('recent', UNRECORDED_RECENT))}, "
              "the rest top-k by score)"]
     s = obj.get("scorer")
     lines.append(f"- scorer: {s['parameters']:,} parameters ({100 * s['fraction']:.4f}% of the model), in "

@@ -163,14 +163,11 @@ class GumbelNMMask(nn.Module):
 
     def soft_mask(self) -> torch.Tensor:
         """The soft mask alone, [out, G, M], without autograd's view of it (tests, inspection)."""
-        with torch.no_grad():
-            logits, shape = self.candidate_logits(), self.logits.shape[:-1] + (len(self.candidates),)
+        with torch.no_grad():  # the training forward on a weight of ones: its path, draw and arithmetic
+            logits = self.candidate_logits()
             ones = torch.ones(logits.shape[0], logits.shape[1] * self.m, device=logits.device)
-            if fused.available(ones, logits, self.candidates):  # the training forward's draw and arithmetic
-                return fused.forward(ones, logits, self.noise_seed, self.tau, self.kappa, EXP_FLOOR,
-                                     BELOW_FLOOR)[1].view(*logits.shape[:-1], self.m)
-            gumbel = gumbel_noise(shape, self.noise_seed, logits.device)
-            return gumbel_softmax(logits, gumbel, self.tau, self.kappa) @ self.candidates
+            mask = _SoftMaskedWeight.apply(ones, logits, self.candidates, self.noise_seed, self.tau, self.kappa, 0.0)
+            return mask.view(*logits.shape[:-1], self.m)
 
     def hard_mask(self) -> torch.Tensor:
         return hard_mask(self.candidate_logits(), self.n, self.m)

@@ -59,7 +59,7 @@ class DynamicStage(LoopSettings):
     # of the budget: recent keys carry the language model, the top-k retrieval, which needs few keys (3/4
     # against H2O's even split: DMA's perplexity cost on tiny-llama +3.4% -> +1.9% at 25%, passkey kept;
     # `kv_scores.Budget`)
-    recent: float = Field(default=0.75, gt=0, le=1)
+    recent: float = Field(default=Budget.recent, gt=0, le=1)
     seed: int | None = None  # random: the draw; learned: the scorer's init (both default to the config's seed)
     obs_window: int = Field(default=32, gt=0)  # snapkv: queries that vote
     kernel: int = Field(default=7, gt=0)  # snapkv: pooling width along keys (odd)
