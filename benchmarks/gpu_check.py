@@ -168,6 +168,7 @@ def part_learn_step(ctx: Context) -> dict:
     from learn_step import anneal_points, anneal_table, learned_step, profile_table, profiled, set_anneal
     from maskpipe.pipeline.core.models import prunable_linears
     from maskpipe.pipeline.train.plan import CUDA_RESERVE, GiB, memory_plan, model_shape
+    from maskpipe.pipeline.train.shard import adamw
 
     dims, (batch, seqlen), repeats = (TOY, (2, 32), 1) if ctx.smoke else (LLAMA_1B, (4, 2048), 5)
     model = ctx.random_llama(dims, torch.bfloat16)
@@ -181,7 +182,7 @@ def part_learn_step(ctx: Context) -> dict:
     weights = [lin.weight for lin in linears.values()]
     for w in weights:
         w.requires_grad_(True)
-    dense_opt = torch.optim.AdamW(weights, lr=1e-5)
+    dense_opt = adamw(weights, 1e-5, 0.01)  # the learned step's AdamW (fused where torch has one)
 
     def dense_step():
         dense_opt.zero_grad(set_to_none=True)

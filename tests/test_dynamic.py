@@ -349,3 +349,27 @@ def test_cache_bytes(micro):
     c = cache_bytes(micro, 768, Budget(fraction=0.25, sink=4, window=32), dtype_bytes=2, index_bytes=0)
     assert c["keys_per_head"] == 192 and c["kv_cache_bytes"] == 4 * 2 * 192 * 2 * 32 * 2
     assert c["kv_cache_fraction"] == 0.25 and c["dense_kv_cache_bytes"] == 4 * 2 * 768 * 2 * 32 * 2
+
+
+def test_a_qwen2_model_with_attention_biases_evicts_as_it_masks_and_is_dense_at_full_budget(tmp_path):
+    """The issue's unseen model is a GQA Qwen2 (biased q/k/v projections, its own attention class): the
+    attention function and the evicting cache must not depend on LLaMA's."""
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(Qwen2Config(
+        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, tie_word_embeddings=True)).save_pretrained(tmp_path)
+    model = load_model(_cfg(tmp_path))
+    assert model.model.layers[0].self_attn.k_proj.bias is not None
+    x = torch.randint(0, 128, (2, 40), generator=torch.Generator().manual_seed(1))
+    scorer = KeyScorer.for_model(model, seed=3)
+    budget = Budget(keys=12, sink=2)
+    evicted, cache = evict_decode(model, scorer, budget, x, 6, return_cache=True)
+    assert torch.equal(evicted, masked_decode(model, scorer, budget, x, 6))
+    assert all(layer.keys.shape == (2, 2, 12, 16) for layer in cache.layers)
+    dense = model(input_ids=x).logits
+    with dynamic(model, scorer, Budget(fraction=1.0)):
+        torch.testing.assert_close(model(input_ids=x).logits, dense, rtol=0, atol=1e-5)
+    with dynamic(model, scorer, budget):
+        assert (model(input_ids=x).logits - dense).abs().max() > 1e-3

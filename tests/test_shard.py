@@ -245,3 +245,22 @@ def test_a_learning_stage_loaded_from_meta_writes_the_artifact_of_a_whole_load(t
     assert whole.keys() == sliced.keys() and all(torch.equal(whole[k], sliced[k]) for k in whole)
     cfg = ModelConfig(name_or_path=str(MICRO), dtype="float32", device="cpu")
     check_compatible(manifest, prunable_linears(load_model(cfg), cfg))
+
+
+def test_the_mask_optimizer_is_torchs_fused_adamw_and_steps_as_the_default_within_float32_rounding():
+    from maskpipe.pipeline.train.shard import adamw
+
+    g = torch.Generator().manual_seed(0)
+    start = [torch.randn(64, 16, 6, generator=g) for _ in range(3)]
+    grads = [[torch.randn(t.shape, generator=g) * 10 ** s for t in start] for s in range(-3, 3)]
+    fused, plain = ([torch.nn.Parameter(t.clone()) for t in start] for _ in range(2))
+    opts = adamw(fused, 1e-2, 0.1), torch.optim.AdamW(plain, lr=1e-2, weight_decay=0.1, foreach=False)
+    assert opts[0].param_groups[0]["fused"] and opts[0].state_dict()["param_groups"][0]["weight_decay"] == 0.1
+    for step in grads:
+        for params, opt in zip((fused, plain), opts):
+            for p, grad in zip(params, step):
+                p.grad = grad.clone()
+            opt.step()
+    for a, b, s in zip(fused, plain, start):
+        assert (a - s).abs().max() > 1e-2  # six steps moved every tensor
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
