@@ -11,8 +11,9 @@ prior, and an `eval` stage. Data: both `train` corpora of ../shared/fixtures, to
 block-shuffled (the `DataConfig` defaults); perplexity on each whole `valid` file (wikitext protocol).
 Gap closed = (PPL prior - PPL learned) / (PPL prior - PPL dense), per corpus.
 
-Writes <out>/<model>.json, <model>.md and docs/img/closure-<model>.png; finished points are reused when
-re-run with the same --work directory.
+Writes <out>/<model>.json, <model>.md and closure-<model>.png, all three of the points run (default out:
+docs/closure, the full curves; a run of a few points belongs elsewhere, --out); finished points are reused
+when re-run with the same --work directory.
 """
 
 from __future__ import annotations
@@ -130,8 +131,7 @@ def main() -> None:
     ax.set_ylabel("gap closed (%)")
     ax.set_title(f"{a.model}-llama 2:4, learned from SparseGPT (default recipe)")
     ax.legend()
-    img = Path("docs/img") / f"closure-{a.model}.png"
-    img.parent.mkdir(parents=True, exist_ok=True)
+    img = out / f"closure-{a.model}.png"
     fig.tight_layout()
     fig.savefig(img, dpi=120)
 
