@@ -112,7 +112,7 @@ def learn_loop(config: dict) -> None:
     # Metrics go to metrics.jsonl from rank 0 only; Ray Train hears from the group with checkpoints only
     # (`RayCheckpoints.save`). Its result queue holds one report, which its controller drains when it polls
     # the workers (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S, 2 s by default):
-    # a report per logged step held every such step until the next poll (micro-llama steps of ~10 ms took
+    # a report per logged step held every such step until the next poll (micro-llama steps of ~25 ms took
     # 2 s each at log_every 1, 2026-12-04).
     metrics = (MetricsLog(run.root, st.name, cfg.logging, config=cfg.model_dump(mode="json"), steps=st.steps,
                           tokens_per_step=step_tokens(st)) if rank == 0 else None)
