@@ -133,8 +133,8 @@ class Strategy:
     @torch.no_grad()
     def load(self, ckpt: Checkpoint) -> None:
         """Logits and AdamW state from a checkpoint written with any strategy and world size."""
+        fused = any(g.get("fused") for g in self.optimizer.param_groups)  # a fused step count lives on p's device
         for name, p in self.params.items():
-            fused = any(g.get("fused") for g in self.optimizer.param_groups)  # a fused step count lives on p's device
             step = torch.tensor(float(ckpt.step), dtype=torch.float32, device=p.device if fused else "cpu")
             self.optimizer.state[p] = {"step": step, **{w: torch.zeros_like(p) for w in MOMENTS}}
             for what in ("logits", *MOMENTS):
