@@ -25,6 +25,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from maskpipe.cluster import head_env
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -47,8 +49,7 @@ def main() -> None:
     p.add_argument("--config", default="configs/tiny.yaml")
     p.add_argument("--out", default=None, help="also write the timings as JSON")
     a = p.parse_args()
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
-    env["RAY_AUTH_MODE"] = "token"
+    env = head_env({k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")})
     maskpipe = [sys.executable, "-m", "maskpipe.jobs.cli"]
     times = {}
     with tempfile.TemporaryDirectory() as tmp:

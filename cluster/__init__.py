@@ -15,6 +15,18 @@ from maskpipe.pipeline import MaskpipeError
 os.environ.setdefault("RAY_AUTH_MODE", "token")
 
 
+def head_env(env: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment for `ray start --head` on this machine with token authentication on: `env` (default
+    os.environ) with RAY_AUTH_MODE=token, after making sure a token exists. `ray start` refuses to start
+    without one, where `ray.init` would generate it, so this runs `ray get-auth-token --generate` (which
+    writes ~/.ray/auth_token only when there is no token yet)."""
+    import subprocess
+
+    env = {**(os.environ if env is None else env), "RAY_AUTH_MODE": "token"}
+    subprocess.run(["ray", "get-auth-token", "--generate"], env=env, check=True, capture_output=True)
+    return env
+
+
 # How long a cluster's port may take to accept a connection before it counts as unreachable: ray.init
 # and the Jobs client themselves retry for minutes, printing GCS warnings, when nothing listens.
 PROBE_TIMEOUT_S = 3

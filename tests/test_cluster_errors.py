@@ -61,13 +61,13 @@ def test_an_address_where_nothing_listens_is_one_line_within_seconds(command, tm
 def small_head():
     """A Ray head of its own on loopback with 2 CPUs (`ray start --head --block`: ending that one process
     ends every process it started, and nobody else's cluster); yields (dashboard address, GCS address)."""
-    from maskpipe.cluster import cluster_resources, job_client
+    from maskpipe.cluster import cluster_resources, head_env, job_client
 
     port, dash = free_port(), free_port()
     head = subprocess.Popen(["ray", "start", "--head", "--block", f"--port={port}", "--dashboard-host=127.0.0.1",
                              f"--dashboard-port={dash}", "--num-cpus=2", "--include-dashboard=true",
                              f"--temp-dir=/tmp/mp-head-{os.getpid()}", "--disable-usage-stats"],
-                            env={**os.environ, "RAY_AUTH_MODE": "token"}, stdout=subprocess.DEVNULL,
+                            env=head_env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         address, deadline = f"http://127.0.0.1:{dash}", time.monotonic() + 180

@@ -16,7 +16,7 @@ import pytest
 import torch
 import yaml
 
-from maskpipe.cluster import connect
+from maskpipe.cluster import connect, head_env
 from maskpipe.jobs.cli import main
 from maskpipe.jobs.ray_jobs import TERMINAL, _job_status
 from maskpipe.pipeline.io.artifacts import load_soft_logits, read_manifest
@@ -40,7 +40,7 @@ def head(tmp_path_factory):
     import ray
 
     port, dash = _free_port(), _free_port()
-    env = {**os.environ, "RAY_AUTH_MODE": "token"}
+    env = head_env()
     temp = Path(f"/tmp/maskpipe-ray-{os.getpid()}")
     started = subprocess.run(["ray", "start", "--head", f"--port={port}", "--dashboard-host=127.0.0.1",
                               f"--dashboard-port={dash}", "--num-cpus=4", "--include-dashboard=true",
@@ -81,6 +81,21 @@ def wait_for_step(run_dir: Path, step: int, timeout: float = 300) -> int:
             return steps[-1]
         time.sleep(0.05)
     raise TimeoutError(f"{run_dir}: step {step} not reached")
+
+
+def wait_for_ray_checkpoint(run_dir: Path, timeout: float = 60) -> None:
+    """Until Ray Train's controller has taken a checkpoint: a worker's report waits in a queue until
+    the controller polls (every 2 s), and a run stopped before then resumes from the start."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for snap in (run_dir / "train").glob("*/checkpoint_manager_snapshot.json"):
+            try:
+                if json.loads(snap.read_text()).get("latest_checkpoint_result"):
+                    return
+            except (OSError, ValueError):  # being written
+                pass
+        time.sleep(0.05)
+    raise TimeoutError(f"{run_dir}: Ray Train took no checkpoint")
 
 
 @pytest.fixture(scope="module")
@@ -199,6 +214,7 @@ def test_stop_then_resume_continues_from_the_checkpoint(head, single_on_one_thre
     config.write_text(yaml.safe_dump(learn_config(tmp_path, 1)))
     run_dir = Path(re.search(r"run directory: (.+)", cli("submit", str(config), "--address", head)).group(1))
     wait_for_step(run_dir, 20)
+    wait_for_ray_checkpoint(run_dir)
     # In this process: a fresh one spends seconds importing Ray, and the run could end meanwhile.
     assert main(["stop", str(run_dir)]) == 0
     assert "stopped" in capsys.readouterr().out
