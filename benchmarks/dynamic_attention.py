@@ -35,7 +35,8 @@ from maskpipe.pipeline.attention.dynamic import (  # noqa: E402
     param_fraction,
     prompt_scores,
 )
-from maskpipe.pipeline.attention.dynamic_learning import train_scorer  # noqa: E402
+from maskpipe.pipeline.attention.dynamic_learning import profile_shares, train_scorer  # noqa: E402
+from maskpipe.pipeline.attention.gates import passkey_batch  # noqa: E402
 from maskpipe.pipeline.attention.kv_scores import (  # noqa: E402
     Budget,
     FixedScores,
@@ -114,6 +115,8 @@ def main() -> None:
     ap.add_argument("--general", type=float, default=1.0, help="weight of every query's attention target")
     ap.add_argument("--ppl-windows", type=int, default=0, help="also perplexity over this many kjv.valid windows")
     ap.add_argument("--ppl-seqlen", type=int, help="their length (default --seqlen; tiny-llama trained at 512)")
+    ap.add_argument("--profile", type=int, default=0, help="also a row dma-profiled: the learned scorer with each "
+                    "KV head's recent share from a profile of this many kjv windows and passkey prompts (recent: profile)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     cfg = ModelConfig(name_or_path=args.model, dtype="float32", device="cpu")
@@ -146,17 +149,27 @@ def main() -> None:
     print(f"trained {args.steps} steps in {train_s:.0f} s; scorer params {n} = {100 * frac:.4f}% of the model")
 
     layers, kv = scorer.A.shape
+    profiled = budget
+    if args.profile:
+        import random
+
+        windows = TokenStream(data, tok, args.ppl_seqlen or args.seqlen, seed=args.seed).next_batch(args.profile)
+        prompts = passkey_batch(random.Random(args.seed + 1), TokenStream(data, tok, args.seqlen, seed=args.seed + 1),
+                                tok, args.profile, args.seqlen, args.needles)
+        shares, cost = profile_shares(model, scorer, budget, windows, prompts)
+        profiled = Budget(keys=budget.keys, fraction=budget.fraction, sink=budget.sink, shares=shares)
+        print("profiled recent shares per layer and KV head:", shares)
     if args.ppl_windows:
         text = "\n\n".join((CORPORA / "kjv.valid.txt").read_text().splitlines())
         ppl_seqlen = args.ppl_seqlen or args.seqlen
         ids = torch.tensor(tok(text).input_ids[: args.ppl_windows * ppl_seqlen])
         rows = {"dense": None, "dma-learned": scorer, "dma-init": init, "key-norm": KeyNormScores(),
-                "oracle": OracleScores()}
+                "oracle": OracleScores()} | ({"dma-profiled": scorer} if args.profile else {})
         for name, source in rows.items():
             if source is None:
                 p = perplexity(model, ids, ppl_seqlen, batch_size=4).ppl
             else:
-                with dynamic(model, source, budget):
+                with dynamic(model, source, profiled if name == "dma-profiled" else budget):
                     p = perplexity(model, ids, ppl_seqlen, batch_size=4).ppl
             print(f"ppl kjv.valid {len(ids)} tokens, seqlen {ppl_seqlen}, {name:12s} {p:.3f}")
     for length, hay in [(int(n), h) for n in args.lengths.split(",") for h in args.haystacks.split(",")]:
@@ -171,6 +184,7 @@ def main() -> None:
             runs = {
                 "dense": lambda: dense_decode(model, ids, new),
                 "dma-learned": lambda: evict_decode(model, scorer, budget, ids, new),
+                "dma-profiled": lambda: evict_decode(model, scorer, profiled, ids, new),
                 "dma-init": lambda: evict_decode(model, init, budget, ids, new),
                 "h2o": lambda: evict_decode(model, fixed["h2o"], budget, ids, new),
                 "snapkv": lambda: evict_decode(model, fixed["snapkv"], budget, ids, new),
@@ -180,6 +194,8 @@ def main() -> None:
                 "target": lambda: evict_decode(model, answer_target(model, tok, s, budget), budget, ids, new),
             }
             for name, run in runs.items():
+                if name == "dma-profiled" and not args.profile:
+                    continue
                 text = tok.decode(run()[0].tolist(), skip_special_tokens=True)
                 hits[name] = hits.get(name, 0) + exact_match(text, s.answers)
         print(f"\n{Path(args.model).name}: passkey, {hay} haystack, {length} tokens (prompts {min(len(s.ids) for s in samples)}-"

@@ -171,6 +171,35 @@ def test_budget_resolution():
         Budget(keys=3, window=0)
 
 
+def test_per_head_shares_give_each_kv_head_its_own_split_of_one_budget():
+    """Budget.shares: each (layer, KV head) its recent share; kept_mask, soft_bias and the drop positions
+    of FlexAttention are then, head by head, the uniform rule at that head's (sink, window, k)."""
+    from maskpipe.pipeline.attention.dynamic_flex import drop_positions
+
+    budget = Budget(keys=20, sink=3, shares=((0.25, 1.0, 0.5), (0.75, 0.75, 0.75)))
+    sink, window, k = budget.resolve(100, 0)
+    assert sink.tolist() == [3, 0, 3] and window.tolist() == [5, 20, 10] and k.tolist() == [12, 0, 7]
+    assert (sink + window + k).tolist() == [20] * 3  # the same count per head
+    assert [x.tolist() for x in budget.resolve(100, 1)] == [[3] * 3, [15] * 3, [2] * 3]
+    assert budget.fixed(300) == budget  # a count stays a count, with its shares
+    with pytest.raises(ValueError, match="per layer"):
+        budget.resolve(100)
+    with pytest.raises(ValueError, match="exclude"):
+        Budget(keys=20, window=4, shares=((0.5,),))
+    g = torch.Generator().manual_seed(3)
+    L = 60
+    scores, pos = torch.randn(2, 3, L, generator=g), torch.arange(L)
+    mask = kept_mask(scores, pos, pos, sink, window, k)
+    soft = soft_bias(scores, pos, pos, sink, window, k, temperature=1e-7).exp()
+    drop = drop_positions(scores, sink, window, k)
+    for h in range(3):
+        one = [int(x[h]) for x in (sink, window, k)]
+        assert torch.equal(mask[:, h], kept_mask(scores[:, h:h + 1], pos, pos, *one)[:, 0]), h
+        assert torch.allclose(soft[:, h], soft_bias(scores[:, h:h + 1], pos, pos, *one, temperature=1e-7).exp()[:, 0])
+        assert torch.equal(drop[:, h], drop_positions(scores[:, h:h + 1], *one)[:, 0]), h
+    assert torch.equal((pos[None, :] <= pos[:, None]) & (pos[:, None] < drop[..., None, :]), mask)
+
+
 def test_soft_bias_is_the_hard_rule_in_the_cold_limit():
     g = torch.Generator().manual_seed(1)
     L, sink, window, k = 30, 2, 4, 6
@@ -300,11 +329,14 @@ def test_prompt_scores_come_from_a_dense_pass(micro):
 # ---------------------------------------------------------------------------------------------- eviction
 
 
-@pytest.mark.parametrize("which", ["dma", "dma-rank-1", "key-norm", "h2o", "random"])
+@pytest.mark.parametrize("which", ["dma", "dma-rank-1", "dma-per-head", "key-norm", "h2o", "random"])
 def test_evicted_cache_holds_the_budget_and_decodes_as_the_masked_model(micro, which):
     model = micro
     x = torch.randint(3, 2048, (2, 56), generator=torch.Generator().manual_seed(1))
     budget = Budget(keys=20, sink=3, window=4)
+    if which == "dma-per-head":  # windows 4 and 10 in each layer but the last, whose heads swap them
+        budget = Budget(keys=20, sink=3, shares=((0.2, 0.5),) * 3 + ((0.5, 0.2),))
+        which = "dma"
     source = {"dma": lambda: KeyScorer.for_model(model, seed=2), "dma-rank-1": lambda: KeyScorer.for_model(model, rank=1),
               "key-norm": KeyNormScores,
               "h2o": lambda: prompt_scores(model, x)["h2o"], "random": lambda: random_scores(56, 4, 2, seed=0, batch=2)}

@@ -124,3 +124,34 @@ def test_attention_objective_teaches_the_scorer_to_keep_what_the_answers_attend_
         return kept / total
 
     assert kept_need(scorer) > 1.3 * kept_need(init)
+
+
+def test_a_profile_costs_each_share_by_the_change_of_the_heads_attention_output(micro):
+    """profile_shares' cost of a share, for layer 0 (whose input the mask cannot change), is the relative
+    change of each query head's attention output under the rule at that share, summed over the KV head's
+    group and averaged over the queries: here text and "prompts" are the same windows, every query an
+    answer, so the cost is twice that mean. The chosen share is the cheapest, per head."""
+    from maskpipe.pipeline.attention.dynamic_learning import SHARES, profile_shares
+
+    model = micro
+    x = torch.randint(3, 2048, (2, 48), generator=torch.Generator().manual_seed(0))
+    scorer = KeyScorer.for_model(model, seed=1)
+    budget = Budget(keys=16, sink=2)
+    shares, cost = profile_shares(model, scorer, budget, x, (x, torch.ones_like(x, dtype=torch.bool)))
+    assert cost.shape == (4, 2, len(SHARES)) and shares == tuple(tuple(SHARES[i] for i in r) for r in cost.argmin(-1).tolist())
+    outputs = []
+    hook = model.model.layers[0].self_attn.o_proj.register_forward_hook(lambda m, i, o: outputs.append(i[0]))
+    try:
+        with torch.no_grad():
+            model(input_ids=x)
+            for share in SHARES:
+                with dynamic(model, scorer, Budget(keys=16, sink=2, recent=share)):
+                    model(input_ids=x)
+    finally:
+        hook.remove()
+    dense = outputs[0].unflatten(-1, (4, -1))  # [B, L, Hq, D]
+    for i, out in enumerate(outputs[1:]):
+        err = (out.unflatten(-1, (4, -1)) - dense).pow(2).sum(-1) / dense.pow(2).sum(-1)  # [B, L, Hq]
+        per_kv = err.unflatten(-1, (2, 2)).sum(-1).mean((0, 1))
+        assert torch.allclose(cost[0, :, i].float(), 2 * per_kv, rtol=1e-4, atol=1e-7), SHARES[i]
+    assert cost[0, :, 0].sum() != cost[0, :, -1].sum()  # the shares differ in what they cost

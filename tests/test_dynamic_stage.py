@@ -47,6 +47,7 @@ def run_dir(tmp_path_factory):
         {"stage": "oneshot", "name": "nm", "method": "magnitude"},
         {"stage": "dynamic", "name": "nm-snapkv", "method": "snapkv", "keep": 0.5, "masks": "nm", "obs_window": 8},
         {**DMA, "name": "nm-dma", "masks": "nm", "steps": 2},
+        {**DMA, "name": "dma-profiled", "window": None, "recent": "profile", "profile_samples": 2, "steps": 2},
         {"stage": "retrieval", "passkey": {"lengths": [96], "samples": 3}},
         {"stage": "eval", "data": ["short"], "seqlen": 64, "batch_size": 4},
     ], short={"sources": [{"path": str(short), "sample_by": "document"}]})
@@ -75,6 +76,18 @@ def test_a_dynamic_mask_at_a_full_budget_runs_as_the_dense_model(run_dir):
         with s.running(Variant("full-fraction", artifact=run_dir / "artifacts" / "full-fraction")) as model:
             got = model(input_ids=ids).logits
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_recent_profile_gives_each_kv_head_a_share_of_the_same_budget(run_dir):
+    """recent: profile: after learning, each (layer, KV head) its recent share, in the artifact; the
+    variant evaluates, and its KV cache is the same size as the uniform split's."""
+    from maskpipe.pipeline.attention.dynamic_learning import SHARES
+
+    budget = read_manifest(run_dir / "artifacts" / "dma-profiled")["dynamic"]["budget"]
+    assert len(budget["shares"]) == 4 and all(len(row) == 2 and set(row) <= set(SHARES) for row in budget["shares"])
+    res = results(run_dir)
+    assert res["retrieval"]["dma-profiled"]["cost"]["keys_per_head"] == res["retrieval"]["dma"]["cost"]["keys_per_head"]
+    assert res["perplexity"]["dma-profiled"]["short"]["ppl"] > 0
 
 
 def test_the_kv_cache_of_a_dynamic_variant_holds_only_its_kept_keys(run_dir, monkeypatch):
@@ -152,6 +165,15 @@ def test_a_dynamic_artifact_round_trips_and_is_refused_on_another_model(tmp_path
     back = Session(ModelConfig(**MODEL)).dynamic_of(Variant("f", artifact=_artifact(s, tmp_path / "f", factored)))
     assert back.scorer.state_dict().keys() == factored.scorer.state_dict().keys() == {"w_in", "w_out", "A"}
     assert all(torch.equal(back.scorer.state_dict()[k], v) for k, v in factored.scorer.state_dict().items())
+    # per-head shares travel, and must fit the model's heads
+    per_head = DynamicMask("learned", Budget(keys=40, shares=((0.5, 1.0),) * 4), {}, scorer)
+    path_p = _artifact(s, tmp_path / "p", per_head)
+    assert Session(ModelConfig(**MODEL)).dynamic_of(Variant("p", artifact=path_p)).budget == per_head.budget
+    bad = read_manifest(path_p)
+    bad["dynamic"]["budget"]["shares"] = [[0.5, 1.0, 1.0]] * 4
+    (path_p / MANIFEST_FILE).write_text(json.dumps(bad))
+    with pytest.raises(MaskpipeError, match=r"malformed dynamic mask .*shares for 4 x 3 heads"):
+        Session(ModelConfig(**MODEL)).dynamic_of(Variant("p", artifact=path_p))
     # the recent window's share travels; an artifact from before it was written meant half the budget
     shared = DynamicMask("learned", Budget(keys=40, recent=0.6), {}, scorer)
     path_r = _artifact(s, tmp_path / "r", shared)
@@ -227,6 +249,9 @@ def test_apply_and_publish_know_the_scorer(run_dir, tmp_path, capsys):
     ({"data": "nope"}, "stages.0.data: no corpus named 'nope'"),
     ({"mix_heads": False, "rank": 2}, "stages.0.rank: factors the mixed-heads scorer; remove it or set mix_heads: true"),
     ({"rank": 0}, "stages.0.rank: Input should be greater than 0"),
+    ({"recent": 1.5}, "stages.0.recent: a share of the budget in (0, 1], or profile, got 1.5"),
+    ({"recent": "profile"}, "stages.0.recent: profile chooses a learned scorer's split per KV head: needs method "
+                            "learned and no window"),
 ])
 def test_a_dynamic_stage_config_error_names_its_key(change, expected):
     with pytest.raises(ConfigError) as e:

@@ -167,7 +167,7 @@ def dynamic_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
         start = attention_mask[:, 0, -1, :].int().argmax(-1)
     if st.capture is not None:
         return _capture(st, layer, query, key, value, q_pos, k_pos, scaling, group)
-    sink, window, k = st.budget.resolve(lk)
+    sink, window, k = st.budget.resolve(lk, layer)
     scores = st.source.scores(layer, query, key, value, q_pos, k_pos, scaling)
     relaxing = st.relax and torch.is_grad_enabled() and scores.requires_grad
     # A one-query decoding step takes SDPA: its mask is one row, not worth a block mask per step. So
@@ -193,16 +193,19 @@ def dynamic_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
 
 def _capture(st, layer, query, key, value, q_pos, k_pos, scaling, group):
     """A dense forward that records what `st.capture` asks of this layer's attention: H2O's and SnapKV's
-    reductions ("snapkv_args", `prompt_scores`), the scorer's targets ("queries", `dynamic_learning`)."""
+    reductions ("snapkv_args", `prompt_scores`), the scorer's targets ("queries", `dynamic_learning`), or
+    anything a "hook" takes from (layer, query, key, value, probs, q_pos, k_pos, scaling)."""
     k, v = (t.repeat_interleave(group, dim=1) for t in (key, value))
     logits = (query @ k.transpose(-1, -2)) * (scaling if scaling is not None else query.shape[-1] ** -0.5)
     probs = logits.masked_fill(k_pos[None, :] > q_pos[:, None], -math.inf).softmax(-1)
     kv = key.shape[1]
+    if "hook" in st.capture:  # a profile of the layer's dense attention (`dynamic_learning.profile_shares`)
+        st.capture["hook"](layer, query, key, value, probs, q_pos, k_pos, scaling)
     if "snapkv_args" in st.capture:
         st.capture.setdefault("h2o", {})[layer] = h2o_reduce(probs, kv)
         st.capture.setdefault("snapkv", {})[layer] = snapkv_reduce(probs, kv, **st.capture["snapkv_args"])
     if "queries" in st.capture:  # the scorer's attention targets (`dynamic_learning`, loss="attention")
-        sink, window, _ = st.capture["budget"].resolve(len(k_pos))
+        sink, window, _ = st.capture["budget"].resolve(len(k_pos), layer)
         st.capture.setdefault("needed", {})[layer] = (value.detach(), {
             name: needed_keys(probs, kv, queries, q_pos, k_pos, sink, window, reduce)
             for name, (queries, reduce) in st.capture["queries"].items()})
@@ -277,7 +280,7 @@ class EvictingLayer(DynamicLayer):
 
     def update(self, key_states, value_states, *args, **kwargs):
         b, h, lq, _ = key_states.shape
-        sink, window, k = self.budget.resolve(lq)
+        sink, window, k = self.budget.resolve(lq, self.layer)
         if self.keys is None:  # prefill
             k_pos = torch.arange(lq, device=key_states.device)
             score = self._score(key_states, value_states, k_pos).expand(b, h, lq)
@@ -296,6 +299,8 @@ class EvictingLayer(DynamicLayer):
         self.keys, self.values = torch.cat([self.keys, key_states], 2), torch.cat([self.values, value_states], 2)
         self.pos, self.score = torch.cat([self.pos, pos], -1), torch.cat([self.score, score], -1)
         if self.pos.shape[-1] > self.budget.keys:
+            sink, window = (x.to(self.pos.device).view(1, -1, 1) if isinstance(x, torch.Tensor) else x
+                            for x in (sink, window))
             cand = (self.pos >= sink) & (new_pos - self.pos >= window)
             low = torch.where(cand, self.score, math.inf).amin(-1, keepdim=True)
             victim = torch.where(cand & (self.score == low), self.pos, -1).argmax(-1, keepdim=True)

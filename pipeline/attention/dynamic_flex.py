@@ -30,10 +30,12 @@ from maskpipe.pipeline.attention.plans import _compiled
 SCAN_ELEMENTS = 2**25  # the scan's counts per block, B · H · block · (k + block): about 10 bytes each at peak
 
 
-def running_kth(values: torch.Tensor, k: int) -> torch.Tensor:
+def running_kth(values: torch.Tensor, k) -> torch.Tensor:
     """values [B, H, L] long in [0, L], L standing for none: T[..., p] = the k-th smallest of
-    values[..., :p + 1] (k >= 1), L while fewer than k of them are below L."""
+    values[..., :p + 1] (k >= 1, an int or per head [H]), L while fewer than k of them are below L."""
     b, h, length = values.shape
+    kh = k.to(values.device).view(1, -1, 1, 1) if isinstance(k, torch.Tensor) else k
+    k = int(k.max()) if isinstance(k, torch.Tensor) else k
     carry = values.new_full((b, h, k), length)  # the k smallest so far, ascending
     block = length
     while block > 64 and b * h * block * (k + block) > SCAN_ELEMENTS:
@@ -47,27 +49,30 @@ def running_kth(values: torch.Tensor, k: int) -> torch.Tensor:
         # the entries row s holds; its k-th smallest is where the count reaches k.
         born = order - k  # the block index each sorted entry came from (negative: the carry)
         held = born[..., None, :] <= torch.arange(n, device=values.device)[:, None]
-        first = (held.cumsum(-1, dtype=torch.int32) >= k).int().argmax(-1)
+        first = (held.cumsum(-1, dtype=torch.int32) >= kh).int().argmax(-1)
         out.append(merged.gather(-1, first))
         carry = merged[..., :k]
     return torch.cat(out, -1)
 
 
-def drop_positions(scores: torch.Tensor, sink: int, window: int, k: int) -> torch.Tensor:
+def drop_positions(scores: torch.Tensor, sink, window, k) -> torch.Tensor:
     """Per key, the first query position that no longer keeps it under the rule (`kv_scores.kept_mask`
-    with query-agnostic scores [B, H, L], no padding); at least L for keys never dropped. -> long."""
+    with query-agnostic scores [B, H, L], no padding; sink, window, k ints or per head [H]); at least L
+    for keys never dropped. -> long."""
     b, h, length = scores.shape
     pos = torch.arange(length, device=scores.device)
-    if k >= length - sink:  # every candidate fits: the rule keeps every causal key
+    sink, window, k = (x.to(scores.device).view(1, -1, 1) if isinstance(x, torch.Tensor) else torch.tensor(x)
+                       for x in (sink, window, k))
+    if bool((k >= length - sink).all()):  # every candidate fits: the rule keeps every causal key
         return torch.full((b, h, length), length, device=scores.device)
     rank = key_rank(scores.detach())
-    if k == 0:
-        first = torch.zeros_like(rank)
-    else:
-        threshold = running_kth(torch.where(pos >= sink, rank, length), k)
+    first = torch.zeros_like(rank)
+    if bool((k > 0).any()):
+        threshold = running_kth(torch.where(pos >= sink, rank, length), k.clamp_min(1).flatten())
         # the first p with T(p) < rank[j] (-T is non-decreasing), L where there is none
-        first = torch.searchsorted(-threshold, (-rank).contiguous(), right=True)
-    return torch.where(pos < sink, length, torch.maximum(first, pos) + window)
+        first = torch.where(k > 0, torch.searchsorted(-threshold, (-rank).contiguous(), right=True), first)
+    dropped = torch.where(pos < sink, length, torch.maximum(first, pos) + window)
+    return torch.where(k >= length - sink, length, dropped)  # heads whose candidates all fit
 
 
 def kept(drop: torch.Tensor, b, h, q_pos, k_pos) -> torch.Tensor:

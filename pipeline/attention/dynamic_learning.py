@@ -10,6 +10,9 @@ the log-score, shifted by each row's top-k threshold and saturated with log σ, 
 relax="st" keeps the hard mask forward and the relaxation's gradient); measured worse (docs/RESULTS.md,
 DMA section).
 
+`profile_shares` then picks each (layer, KV head)'s recent share of the budget (`kv_scores.Budget.shares`)
+from what the rule costs that head's attention output on text and on passkey answers.
+
 Checkpoint (`pipeline.train.checkpoint`): the scorer's tensors by name, each with its AdamW moments
 (`<name>.exp_avg`, `<name>.exp_avg_sq`), and the passkey generator's state in the meta (`rng`).
 """
@@ -24,7 +27,8 @@ import torch.nn.functional as F
 
 from maskpipe.pipeline.attention.dynamic import KeyScorer, dynamic
 from maskpipe.pipeline.attention.gates import check_data_parallel, passkey_share, rng_state
-from maskpipe.pipeline.attention.kv_scores import Budget, attention_target_loss
+from maskpipe.pipeline.attention.kv_scores import Budget, attention_target_loss, kept_mask
+from maskpipe.pipeline.attention.plans import kv_heads
 from maskpipe.pipeline.train.checkpoint import rank_world
 from maskpipe.pipeline.train.loop import train
 
@@ -142,3 +146,48 @@ def train_scorer(model, tokenizer, st, stream, budget: Budget, *, seed: int, sto
     method = DMALearning(model, tokenizer, st, stream, scorer, budget, seed=seed, relax=relax,
                          temperature=temperature, loss=loss, general=general)
     return scorer, train(method, st, stream, store, on_log)
+
+
+SHARES = (0.25, 0.5, 0.625, 0.75, 0.875, 1.0)  # the recent shares a profile chooses from
+
+
+@torch.no_grad()
+def profile_shares(model, source, budget: Budget, windows: torch.Tensor, prompts: tuple[torch.Tensor, torch.Tensor],
+                   shares: tuple[float, ...] = SHARES) -> tuple[tuple[tuple[float, ...], ...], torch.Tensor]:
+    """Each (layer, KV head)'s recent share of `budget`: the one of `shares` under which the rule (with
+    `source`'s scores) changes that head's attention output least, the other heads and layers dense.
+    The change of a query head's output is |o_rule − o_dense|² / |o_dense|², summed over the KV head's
+    group; a share's cost is its mean over every query of the text `windows` [B, L] plus its mean over
+    the answer queries of passkey `prompts` (ids [B, L], targets [B, L] bool, `gates.passkey_batch`):
+    what the language model loses and what retrieval loses. Every head keeps the budget's count of keys.
+
+    Measured before it was built (docs/RESULTS.md, DMA section): on micro-llama at 48 keys it gave the
+    retrieval head half its keys by score and six of eight heads all recent, passkey 0.67/0.75 -> 1.00/1.00
+    beside the uniform 3/4 for about the same perplexity. The attention mass a share keeps was tried as
+    the cost first and chose worse (it spends diffuse layers' keys by score).
+
+    Returns (shares per layer and KV head, the cost [layers, kv_heads, len(shares)])."""
+    layers, kv, _ = kv_heads(model)
+    cost = torch.zeros(layers, kv, len(shares), dtype=torch.float64)
+    for ids, queries in ((windows, torch.ones_like(windows, dtype=torch.bool)), prompts):
+        device = next(model.parameters()).device
+        queries = queries.to(device)
+
+        def hook(layer, query, key, value, probs, q_pos, k_pos, scaling):
+            group = query.shape[1] // key.shape[1]
+            v = value.float().repeat_interleave(group, 1)
+            dense = probs.float() @ v
+            scores = source.scores(layer, query, key, value, q_pos, k_pos, scaling)
+            weight = queries[:, None, :].float() / queries.sum()  # a mean over the batch's chosen queries
+            total = budget.count(len(k_pos))
+            for i, share in enumerate(shares):
+                rule = Budget(keys=total, sink=budget.sink, recent=share).resolve(len(k_pos))
+                kept = probs.float() * kept_mask(scores, q_pos, k_pos, *rule).repeat_interleave(group, 1)
+                out = (kept / kept.sum(-1, keepdim=True)) @ v
+                err = (out - dense).pow(2).sum(-1) / dense.pow(2).sum(-1).clamp_min(1e-12)  # [B, Hq, Lq]
+                cost[layer, :, i] += (err.unflatten(1, (kv, group)).sum(2) * weight).sum((0, 2)).double().cpu()
+
+        with dynamic(model, None, None, capture={"hook": hook}):
+            model.base_model(input_ids=ids.to(device), use_cache=False)
+    best = cost.argmin(-1)
+    return tuple(tuple(shares[i] for i in row) for row in best.tolist()), cost

@@ -20,9 +20,10 @@ How each runs:
 
 Artifact format (manifest key `dynamic`, beside an artifact's N:M masks; `pipeline.io.artifacts`):
   method       one of METHODS
-  budget       {"keys": int|null, "fraction": float|null, "sink": int, "window": int|null, "recent": float}
-               (`kv_scores.Budget`; an artifact without "recent" was made when a window of null meant half
-               the budget, and is read so)
+  budget       {"keys": int|null, "fraction": float|null, "sink": int, "window": int|null, "recent": float,
+               "shares": [[float] * kv_heads] * layers | null} (`kv_scores.Budget`: shares, where given, are
+               each KV head's recent share in place of `recent`; an artifact without "recent" was made when
+               a window of null meant half the budget, and is read so)
   params       the method's own: `seed` (random), `obs_window`, `kernel`, `pool` (snapkv)
   shape        [layers, kv_heads, head_dim] of the base model it was made for
   fingerprint  `core.models.fingerprint` of the base model's decoder linears (as an attention plan's)
@@ -99,7 +100,8 @@ class DynamicMask:
     def to_json(self, model: nn.Module, fingerprint=fingerprint) -> dict[str, Any]:
         out = {"method": self.method,
                "budget": {"keys": self.budget.keys, "fraction": self.budget.fraction, "sink": self.budget.sink,
-                          "window": self.budget.window, "recent": self.budget.recent},
+                          "window": self.budget.window, "recent": self.budget.recent,
+                          "shares": None if self.budget.shares is None else [list(r) for r in self.budget.shares]},
                "params": self.params, "shape": list(geometry(model)),
                "fingerprint": fingerprint(decoder_linears(model))}
         if self.scorer is not None:
@@ -115,10 +117,14 @@ class DynamicMask:
         the sha256 and shape its manifest lists."""
         try:
             b = obj["budget"]
+            shares = b.get("shares")
             budget = Budget(keys=b["keys"], fraction=b["fraction"], sink=b["sink"], window=b["window"],
-                            recent=b.get("recent", UNRECORDED_RECENT))
+                            recent=b.get("recent", UNRECORDED_RECENT),
+                            shares=None if shares is None else tuple(tuple(float(x) for x in r) for r in shares))
             method, params = obj["method"], dict(obj.get("params") or {})
-        except (KeyError, TypeError, ValueError) as e:
+            if shares is not None and [len(shares), len(shares[0])] != list(obj["shape"][:2]):
+                raise ValueError(f"shares for {len(shares)} x {len(shares[0])} heads, shape {obj['shape']}")
+        except (KeyError, TypeError, ValueError, IndexError) as e:
             raise MaskpipeError(f"{source}: malformed dynamic mask ({type(e).__name__}: {e})") from None
         scorer = None
         if method == "learned":
@@ -176,7 +182,7 @@ class DynamicMask:
     def describe(self) -> str:
         b = self.budget
         keep = f"{b.fraction:.0%} of the keys" if b.fraction is not None else f"{b.keys} keys"
-        return f"dynamic {self.method}: {keep} per KV head (sink {b.sink}, window {window_text(b.window, b.recent)})"
+        return f"dynamic {self.method}: {keep} per KV head (sink {b.sink}, window {window_text(b.window, b.recent, b.shares)})"
 
 
 def _read_scorer(obj: dict[str, Any], folder: Path | None, source: str) -> KeyScorer:
@@ -216,8 +222,12 @@ def check_dynamic(obj: dict[str, Any], model: nn.Module, source: str, fingerprin
     check_fingerprint(obj.get("fingerprint"), model, source, "dynamic mask", fingerprint)
 
 
-def window_text(window: int | None, recent: float) -> str:
-    return f"{recent:.0%} of the budget" if window is None else str(window)
+def window_text(window: int | None, recent: float | str, shares=None) -> str:
+    if window is not None:
+        return str(window)
+    if shares is not None or recent == "profile":
+        return "a share of the budget per KV head, from a profile"
+    return f"{recent:.0%} of the budget"
 
 
 def card_lines(obj: dict[str, Any]) -> list[str]:
@@ -225,7 +235,7 @@ def card_lines(obj: dict[str, Any]) -> list[str]:
     b = obj["budget"]
     keep = f"{b['fraction']:.0%} of the keys" if b.get("fraction") is not None else f"{b['keys']} keys"
     lines = [f"- method: `{obj['method']}`",
-             f"- budget: {keep} per KV head and query (sink {b['sink']}, window {window_text(b['window'], b.get('recent', UNRECORDED_RECENT))}, "
+             f"- budget: {keep} per KV head and query (sink {b['sink']}, window {window_text(b['window'], b.get('recent', UNRECORDED_RECENT), b.get('shares'))}, "
              "the rest top-k by score)"]
     s = obj.get("scorer")
     lines.append(f"- scorer: {s['parameters']:,} parameters ({100 * s['fraction']:.4f}% of the model), in "

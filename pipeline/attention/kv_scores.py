@@ -45,13 +45,19 @@ class Budget:
     the budget (default 3/4). Recent keys carry the language model, the top-k its long-range retrieval,
     which needs few keys: on tiny-llama at 25% (512-token windows) DMA's perplexity cost went from +3.4%
     at H2O's even split to +1.9% at 3/4 with passkey unchanged (0.85/0.90 -> 0.90/0.90), at 72 keys
-    from +6.9% to +4.0%; micro-llama +1.5% -> +0.9%, +3.6% -> +2.2% (docs/RESULTS.md, DMA section)."""
+    from +6.9% to +4.0%; micro-llama +1.5% -> +0.9%, +3.6% -> +2.2% (docs/RESULTS.md, DMA section).
+
+    `shares`, where given, is the recent share of each (layer, KV head) in place of `recent`
+    (`dynamic_learning.profile_shares` picks them): every head keeps the same number of keys, but a head
+    that retrieves spends more of them by score and one that does not keeps more recent ones. `resolve`
+    then needs the layer and gives sink, window and k as LongTensors [kv_heads]."""
 
     keys: int | None = None
     fraction: float | None = None
     sink: int = 4
     window: int | None = None
     recent: float = 0.75
+    shares: tuple[tuple[float, ...], ...] | None = None
 
     def __post_init__(self):
         if (self.keys is None) == (self.fraction is None):
@@ -60,20 +66,39 @@ class Budget:
             raise ValueError(f"Budget: window must be >= 1 and sink >= 0, got {self.window}, {self.sink}")
         if not 0 < self.recent <= 1:
             raise ValueError(f"Budget: recent is a share of the budget in (0, 1], got {self.recent}")
+        if self.shares is not None:
+            if self.window is not None:
+                raise ValueError("Budget: a window and per-head shares exclude each other")
+            if not all(0 < x <= 1 for row in self.shares for x in row) or len({len(r) for r in self.shares}) != 1:
+                raise ValueError(f"Budget: shares are one row per layer of shares in (0, 1], got {self.shares}")
 
     def count(self, length: int) -> int:
         return self.keys if self.keys is not None else max(round(self.fraction * length), 1)
 
-    def resolve(self, length: int) -> tuple[int, int, int]:
-        """(sink, window, k) for `length` keys: the sink and then the window shrink to fit the budget."""
+    def resolve(self, length: int, layer: int | None = None):
+        """(sink, window, k) for `length` keys: the sink and then the window shrink to fit the budget.
+        Ints, or with `shares` LongTensors [kv_heads] of `layer`."""
         total = self.count(length)
+        if self.shares is not None:
+            if layer is None:
+                raise ValueError("Budget: per-head shares resolve per layer")
+            window = (torch.tensor(self.shares[layer], dtype=torch.float64) * total).long().clamp(1, total)
+            sink = (total - window).clamp(max=self.sink)
+            return sink, window, total - sink - window
         window = min(self.window if self.window is not None else max(int(total * self.recent), 1), total)
         sink = min(self.sink, total - window)
         return sink, window, total - sink - window
 
     def fixed(self, length: int) -> Budget:
         """This budget as a count resolved against `length` (what a decode keeps from its prompt on)."""
-        return Budget(keys=self.count(length), sink=self.sink, window=self.window, recent=self.recent)
+        return Budget(keys=self.count(length), sink=self.sink, window=self.window, recent=self.recent,
+                      shares=self.shares)
+
+
+def per_head(x, device) -> int | torch.Tensor:
+    """A budget part as `resolve` gives it, ready to broadcast over [B, H, Lq, Lk]: an int as it is, a
+    per-head tensor [H] as [1, H, 1, 1] on `device`."""
+    return x.to(device).view(1, -1, 1, 1) if isinstance(x, torch.Tensor) else x
 
 
 def key_rank(scores: torch.Tensor) -> torch.Tensor:
@@ -83,34 +108,47 @@ def key_rank(scores: torch.Tensor) -> torch.Tensor:
                                             .expand_as(order).contiguous())
 
 
-def regions(q_pos, k_pos, sink: int, window: int, start=None):
-    """(causal, fixed, candidate) boolean masks over [B|1, 1, Lq, Lk]: fixed = sink or recent keys."""
+def regions(q_pos, k_pos, sink, window, start=None):
+    """(causal, fixed, candidate) boolean masks over [B|1, 1|H, Lq, Lk]: fixed = sink or recent keys.
+    sink and window: ints, or per-head tensors [H] (`Budget.resolve` with shares)."""
     q, k = q_pos[:, None], k_pos[None, :]
     start = torch.zeros(1, dtype=torch.long, device=k_pos.device) if start is None else start
     start = start.view(-1, 1, 1, 1)
+    sink, window = per_head(sink, k_pos.device), per_head(window, k_pos.device)
     causal = ((k <= q)[None, None]) & (k[None, None] >= start)
-    fixed = causal & (((k[None, None] - start) < sink) | ((q - k) < window)[None, None])
+    fixed = causal & (((k[None, None] - start) < sink) | ((q - k)[None, None] < window))
     return causal, fixed, causal & ~fixed
 
 
-def kept_mask(scores: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor, sink: int, window: int, k: int,
+def _top_count(k, shape, device) -> tuple[int, torch.Tensor | None]:
+    """(how many best candidates to rank, and where a head keeps fewer than that a [1, H, 1, n] mask of
+    the ranks it keeps) for k an int or a per-head tensor."""
+    if not isinstance(k, torch.Tensor):
+        return min(k, shape[-1]), None
+    n = min(int(k.max()), shape[-1])
+    return n, torch.arange(n, device=device) < k.to(device).view(1, -1, 1, 1)
+
+
+def kept_mask(scores: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor, sink, window, k,
               start: torch.Tensor | None = None) -> torch.Tensor:
-    """The rule: [B, H, Lq, Lk] bool from scores [B, H, Lk] (query-agnostic) or [B, H, Lq, Lk]."""
+    """The rule: [B, H, Lq, Lk] bool from scores [B, H, Lk] (query-agnostic) or [B, H, Lq, Lk]; sink,
+    window and k ints or per-head tensors [H]."""
     _, fixed, cand = regions(q_pos, k_pos, sink, window, start)
     shape = (scores.shape[0], scores.shape[1], len(q_pos), len(k_pos))
     fixed, cand = fixed.expand(shape), cand.expand(shape)
-    k = min(k, len(k_pos))
-    if k == 0:
+    n, ranks = _top_count(k, shape, scores.device)
+    if n == 0:
         return fixed.clone()
     if scores.dim() == 3:  # the strict order: ranks are distinct integers, exact in float32 below 2**24
         key = torch.where(cand, key_rank(scores.detach())[:, :, None, :].float(), math.inf)
     else:
         key = torch.where(cand, -scores.detach().float(), math.inf)
-    vals, idx = key.topk(k, dim=-1, largest=False)
-    return fixed | torch.zeros(shape, dtype=torch.bool, device=scores.device).scatter_(-1, idx, vals < math.inf)
+    vals, idx = key.topk(n, dim=-1, largest=False)
+    taken = vals < math.inf if ranks is None else (vals < math.inf) & ranks
+    return fixed | torch.zeros(shape, dtype=torch.bool, device=scores.device).scatter_(-1, idx, taken)
 
 
-def soft_bias(scores: torch.Tensor, q_pos, k_pos, sink: int, window: int, k: int, temperature: float = 1.0,
+def soft_bias(scores: torch.Tensor, q_pos, k_pos, sink, window, k, temperature: float = 1.0,
               start=None) -> torch.Tensor:
     """The training relaxation of the rule, an additive attention bias [B, H, Lq, Lk]: 0 on sink and
     window keys, log σ((s_j − t_i)/T) on candidates, −inf on future keys; t_i sits halfway between the
@@ -120,12 +158,14 @@ def soft_bias(scores: torch.Tensor, q_pos, k_pos, sink: int, window: int, k: int
     shape = (scores.shape[0], scores.shape[1], len(q_pos), len(k_pos))
     cand = cand.expand(shape)
     s = scores[:, :, None, :]
-    n = min(k + 1, len(k_pos))
+    kh = k.to(scores.device) if isinstance(k, torch.Tensor) else torch.tensor([k], device=scores.device)
+    n = min(int(kh.max()) + 1, len(k_pos))
     top = torch.where(cand, s.detach(), -math.inf).topk(n, dim=-1).values
-    if k == 0 or n <= k:
-        thresh = top[..., -1:] if k == 0 else torch.full_like(top[..., :1], -math.inf)
-    else:
-        thresh = torch.where(top[..., k:k + 1] > -math.inf, (top[..., k - 1:k] + top[..., k:k + 1]) / 2, -math.inf)
+    kh = kh.view(1, -1, 1, 1).expand(shape[0], shape[1], len(q_pos), 1)
+    below, at = top.gather(-1, (kh - 1).clamp(0, n - 1)), top.gather(-1, kh.clamp(max=n - 1))
+    thresh = torch.where(at > -math.inf, (below + at) / 2, -math.inf)
+    thresh = torch.where(kh >= n, -math.inf, thresh)  # every candidate fits: no relaxation
+    thresh = torch.where(kh == 0, top[..., :1], thresh)  # none fits: the best candidate sets the threshold
     bias = torch.where(cand, F.logsigmoid((s - thresh) / temperature), 0.0)
     return torch.where(causal.expand(shape), bias, -math.inf)
 
@@ -200,16 +240,17 @@ def snapkv_reduce(probs: torch.Tensor, kv_heads: int, obs_window: int = 32, kern
     return pooled.reshape(b, h, n).unflatten(1, (kv_heads, -1)).sum(2)
 
 
-def needed_keys(probs: torch.Tensor, kv: int, queries: torch.Tensor, q_pos, k_pos, sink: int, window: int,
+def needed_keys(probs: torch.Tensor, kv: int, queries: torch.Tensor, q_pos, k_pos, sink, window,
                 reduce: str = "max") -> tuple[torch.Tensor, torch.Tensor]:
     """What the rule must keep for the `queries` [B, Lq] bool: per key, the attention they pay it from
     the KV head's group of heads, where it is a candidate (neither sink nor in the query's window: those
     are kept anyway), reduced over queries and heads by `reduce`: "max" (the most any one of them pays)
     or "sum" (H2O's accumulated attention). probs [B, Hq, Lq, Lk] -> (need [B, Hkv, Lk], candidate
-    [B, 1, Lk] bool: a candidate for at least one of the queries)."""
-    _, _, cand = regions(q_pos, k_pos, sink, window)  # [1, 1, Lq, Lk]
+    [B, 1|Hkv, Lk] bool: a candidate for at least one of the queries)."""
+    _, _, cand = regions(q_pos, k_pos, sink, window)  # [1, 1|Hkv, Lq, Lk]
     cand = cand & queries[:, None, :, None]
-    paid = torch.where(cand, probs, 0.0).unflatten(1, (kv, -1))
+    per_query_head = cand.repeat_interleave(probs.shape[1] // kv, 1) if cand.shape[1] > 1 else cand
+    paid = torch.where(per_query_head, probs, 0.0).unflatten(1, (kv, -1))
     need = paid.amax(2).amax(2) if reduce == "max" else paid.sum((2, 3))
     return need, cand.any(2)
 
