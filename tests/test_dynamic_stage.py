@@ -47,7 +47,7 @@ def run_dir(tmp_path_factory):
         {"stage": "oneshot", "name": "nm", "method": "magnitude"},
         {"stage": "dynamic", "name": "nm-snapkv", "method": "snapkv", "keep": 0.5, "masks": "nm", "obs_window": 8},
         {**DMA, "name": "nm-dma", "masks": "nm", "steps": 2},
-        {**DMA, "name": "dma-profiled", "window": None, "recent": "profile", "profile_samples": 2, "steps": 2},
+        {**DMA, "name": "dma-profiled", "window": None, "profile_samples": 2, "steps": 2},  # recent: the default
         {"stage": "retrieval", "passkey": {"lengths": [96], "samples": 3}},
         {"stage": "eval", "data": ["short"], "seqlen": 64, "batch_size": 4},
     ], short={"sources": [{"path": str(short), "sample_by": "document"}]})
@@ -79,9 +79,17 @@ def test_a_dynamic_mask_at_a_full_budget_runs_as_the_dense_model(run_dir):
 
 
 def test_recent_profile_gives_each_kv_head_a_share_of_the_same_budget(run_dir):
-    """recent: profile: after learning, each (layer, KV head) its recent share, in the artifact; the
-    variant evaluates, and its KV cache is the same size as the uniform split's."""
+    """recent: profile (a learned scorer's default): after learning, each (layer, KV head) its recent share,
+    in the artifact; the variant evaluates, and its KV cache is the same size as the uniform split's."""
     from maskpipe.pipeline.attention.dynamic_learning import SHARES
+    from maskpipe.pipeline.stages.dynamic import DynamicStage
+
+    def stage(**kw):
+        return DynamicStage(stage="dynamic", name="d", **kw)
+
+    assert stage(data="calib").profiled and stage(data="calib", recent="profile").profiled
+    assert not stage(data="calib", recent=0.75).profiled and not stage(data="calib", window=8).profiled
+    assert not stage(method="h2o").profiled and stage(method="h2o").budget.recent == 0.75
 
     budget = read_manifest(run_dir / "artifacts" / "dma-profiled")["dynamic"]["budget"]
     assert len(budget["shares"]) == 4 and all(len(row) == 2 and set(row) <= set(SHARES) for row in budget["shares"])

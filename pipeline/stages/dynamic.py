@@ -58,14 +58,15 @@ class DynamicStage(LoopSettings):
     keep: float | int = 0.25  # a float in (0, 1]: fraction of the keys; an int >= 1: keys per KV head
     sink: int = Field(default=4, ge=0)
     window: int | None = Field(default=None, gt=0)  # recent keys, the query's own included; default `recent`
-    # of the budget: recent keys carry the language model, the top-k retrieval, which needs few keys (3/4
-    # against H2O's even split: DMA's perplexity cost on tiny-llama +3.4% -> +1.9% at 25%, passkey kept;
-    # `kv_scores.Budget`)
-    # or "profile": each (layer, KV head) its own share, chosen after learning by what the rule costs that
-    # head's attention output on text and on passkey answers (`dynamic_learning.profile_shares`; micro-llama
-    # at 48 keys: passkey 0.83 -> 1.00 beside 3/4 everywhere, perplexity no worse)
-    recent: float | Literal["profile"] = Budget.recent
-    profile_samples: int = Field(default=8, gt=0)  # recent: profile: text windows and passkey prompts, each
+    # of the budget: a share, the same for every head (recent keys carry the language model, the top-k
+    # retrieval, which needs few keys: 3/4 against H2O's even split took DMA's perplexity cost on tiny-llama
+    # from +3.4% to +1.9% at 25%, passkey kept; `kv_scores.Budget`), or "profile": each (layer, KV head) its
+    # own share, chosen after learning by what the rule costs that head's attention output on text and on
+    # passkey answers (`dynamic_learning.profile_shares`). Default (null): profile for a learned scorer
+    # (micro-llama at 72 keys: perplexity +2.0% -> +1.2%, the oracle's; at 48 keys passkey 0.75-0.92 ->
+    # 1.00; docs/RESULTS.md), 3/4 for the training-free methods
+    recent: float | Literal["profile"] | None = None
+    profile_samples: int = Field(default=8, gt=0)  # profile: text windows and passkey prompts, each
     seed: int | None = None  # random: the draw; learned: the scorer's init (both default to the config's seed)
     obs_window: int = Field(default=32, gt=0)  # snapkv: queries that vote
     kernel: int = Field(default=7, gt=0)  # snapkv: pooling width along keys (odd)
@@ -114,8 +115,8 @@ class DynamicStage(LoopSettings):
 
     @field_validator("recent")
     @classmethod
-    def _recent(cls, v: float | str) -> float | str:
-        if not isinstance(v, str) and not 0 < v <= 1:
+    def _recent(cls, v: float | str | None) -> float | str | None:
+        if isinstance(v, float) and not 0 < v <= 1:
             raise ValueError(f"a share of the budget in (0, 1], or profile, got {v}")
         return v
 
@@ -131,10 +132,16 @@ class DynamicStage(LoopSettings):
         return self
 
     @property
+    def profiled(self) -> bool:
+        """Whether each KV head's recent share comes from a profile (`recent`)."""
+        return self.recent == "profile" or (self.recent is None and self.method == "learned" and self.window is None)
+
+    @property
     def budget(self) -> Budget:
         """The budget the scorer learns under (a profiled split learns at the default share)."""
+        share = self.recent if isinstance(self.recent, float) else Budget.recent
         return Budget(**({"fraction": float(self.keep)} if isinstance(self.keep, float) else {"keys": self.keep}),
-                      sink=self.sink, window=self.window, recent=Budget.recent if self.recent == "profile" else self.recent)
+                      sink=self.sink, window=self.window, recent=share)
 
 
 def dynamic_stage(ctx: StageContext) -> list[Variant]:
@@ -158,7 +165,7 @@ def dynamic_stage(ctx: StageContext) -> list[Variant]:
         data_info = {"corpus": st.data, "sources": [x.path for x in cfg.data[st.data].sources],
                      "tokens": st.steps * st.batch_size * st.seqlen}
         log.info("%s: learning a key scorer (keep %s, sink %d, window %s), %d steps", st.name, st.keep, st.sink,
-                 window_text(st.window, st.recent), st.steps)
+                 window_text(st.window, "profile" if st.profiled else st.budget.recent), st.steps)
         with s.running(base):
             scorer, history = train_scorer(s.model, s.tokenizer, st, stream, st.budget, seed=seed, store=ctx.store,
                                            on_log=ctx.on_log, relax=st.relax, temperature=st.temperature,
@@ -170,7 +177,7 @@ def dynamic_stage(ctx: StageContext) -> list[Variant]:
     if ctx.rank != 0:
         return []
     budget = st.budget
-    if st.recent == "profile":
+    if st.profiled:
         with s.running(base):
             budget = profiled_budget(cfg, st, s.model, s.tokenizer, scorer, seed)
     mask = DynamicMask(st.method, budget, params, scorer)
