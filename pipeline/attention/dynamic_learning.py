@@ -169,25 +169,26 @@ def profile_shares(model, source, budget: Budget, windows: torch.Tensor, prompts
     Returns (shares per layer and KV head, the cost [layers, kv_heads, len(shares)])."""
     layers, kv, _ = kv_heads(model)
     cost = torch.zeros(layers, kv, len(shares), dtype=torch.float64)
+    device = next(model.parameters()).device
     for ids, queries in ((windows, torch.ones_like(windows, dtype=torch.bool)), prompts):
-        device = next(model.parameters()).device
-        queries = queries.to(device)
+        chosen = int(queries.sum())
+        for row in range(ids.shape[0]):  # one sample a forward: the probabilities are [heads, L, L]
+            weight = queries[row:row + 1, None, :].to(device).float() / chosen  # a mean over the set's queries
 
-        def hook(layer, query, key, value, probs, q_pos, k_pos, scaling):
-            group = query.shape[1] // key.shape[1]
-            v = value.float().repeat_interleave(group, 1)
-            dense = probs.float() @ v
-            scores = source.scores(layer, query, key, value, q_pos, k_pos, scaling)
-            weight = queries[:, None, :].float() / queries.sum()  # a mean over the batch's chosen queries
-            total = budget.count(len(k_pos))
-            for i, share in enumerate(shares):
-                rule = Budget(keys=total, sink=budget.sink, recent=share).resolve(len(k_pos))
-                kept = probs.float() * kept_mask(scores, q_pos, k_pos, *rule).repeat_interleave(group, 1)
-                out = (kept / kept.sum(-1, keepdim=True)) @ v
-                err = (out - dense).pow(2).sum(-1) / dense.pow(2).sum(-1).clamp_min(1e-12)  # [B, Hq, Lq]
-                cost[layer, :, i] += (err.unflatten(1, (kv, group)).sum(2) * weight).sum((0, 2)).double().cpu()
+            def hook(layer, query, key, value, probs, q_pos, k_pos, scaling, weight=weight):
+                group = query.shape[1] // key.shape[1]
+                v = value.float().repeat_interleave(group, 1)
+                dense = probs.float() @ v
+                scores = source.scores(layer, query, key, value, q_pos, k_pos, scaling)
+                total = budget.count(len(k_pos))
+                for i, share in enumerate(shares):
+                    rule = Budget(keys=total, sink=budget.sink, recent=share).resolve(len(k_pos))
+                    kept = probs.float() * kept_mask(scores, q_pos, k_pos, *rule).repeat_interleave(group, 1)
+                    out = (kept / kept.sum(-1, keepdim=True)) @ v
+                    err = (out - dense).pow(2).sum(-1) / dense.pow(2).sum(-1).clamp_min(1e-12)  # [1, Hq, Lq]
+                    cost[layer, :, i] += (err.unflatten(1, (kv, group)).sum(2) * weight).sum((0, 2)).double().cpu()
 
-        with dynamic(model, None, None, capture={"hook": hook}):
-            model.base_model(input_ids=ids.to(device), use_cache=False)
+            with dynamic(model, None, None, capture={"hook": hook}):
+                model.base_model(input_ids=ids[row:row + 1].to(device), use_cache=False)
     best = cost.argmin(-1)
     return tuple(tuple(shares[i] for i in row) for row in best.tolist()), cost
