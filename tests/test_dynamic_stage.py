@@ -96,6 +96,11 @@ def test_recent_profile_gives_each_kv_head_a_share_of_the_same_budget(run_dir):
     res = results(run_dir)
     assert res["retrieval"]["dma-profiled"]["cost"]["keys_per_head"] == res["retrieval"]["dma"]["cost"]["keys_per_head"]
     assert res["perplexity"]["dma-profiled"]["short"]["ppl"] > 0
+    from maskpipe.pipeline.attention.dynamic_masks import card_lines
+
+    card = "\n".join(card_lines(read_manifest(run_dir / "artifacts" / "dma-profiled")["dynamic"]))
+    assert "window a share of the budget per KV head, from a profile" in card
+    assert "- recent share of the budget, per layer (KV heads in order): " in card
 
 
 def test_the_kv_cache_of_a_dynamic_variant_holds_only_its_kept_keys(run_dir, monkeypatch):

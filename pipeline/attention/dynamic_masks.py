@@ -237,6 +237,9 @@ def card_lines(obj: dict[str, Any]) -> list[str]:
     lines = [f"- method: `{obj['method']}`",
              f"- budget: {keep} per KV head and query (sink {b['sink']}, window {window_text(b['window'], b.get('recent', UNRECORDED_RECENT), b.get('shares'))}, "
              "the rest top-k by score)"]
+    if b.get("shares"):
+        lines.append("- recent share of the budget, per layer (KV heads in order): "
+                     + "; ".join(" ".join(f"{x:g}" for x in row) for row in b["shares"]))
     s = obj.get("scorer")
     lines.append(f"- scorer: {s['parameters']:,} parameters ({100 * s['fraction']:.4f}% of the model), in "
                  f"`{s['file']}`" if s else "- scorer: none (training-free: no parameters)")
