@@ -41,6 +41,7 @@ from maskpipe.pipeline.attention.kv_scores import (
     h2o_reduce,
     kept_mask,
     needed_keys,
+    per_head,
     snapkv_reduce,
     soft_bias,
 )
@@ -299,8 +300,7 @@ class EvictingLayer(DynamicLayer):
         self.keys, self.values = torch.cat([self.keys, key_states], 2), torch.cat([self.values, value_states], 2)
         self.pos, self.score = torch.cat([self.pos, pos], -1), torch.cat([self.score, score], -1)
         if self.pos.shape[-1] > self.budget.keys:
-            sink, window = (x.to(self.pos.device).view(1, -1, 1) if isinstance(x, torch.Tensor) else x
-                            for x in (sink, window))
+            sink, window = (per_head(x, self.pos.device, 1) for x in (sink, window))
             cand = (self.pos >= sink) & (new_pos - self.pos >= window)
             low = torch.where(cand, self.score, math.inf).amin(-1, keepdim=True)
             victim = torch.where(cand & (self.score == low), self.pos, -1).argmax(-1, keepdim=True)

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from maskpipe.pipeline.attention.kv_scores import key_rank
+from maskpipe.pipeline.attention.kv_scores import key_rank, per_head
 from maskpipe.pipeline.attention.plans import _compiled
 
 SCAN_ELEMENTS = 2**25  # the scan's counts per block, B · H · block · (k + block): about 10 bytes each at peak
@@ -34,7 +34,7 @@ def running_kth(values: torch.Tensor, k) -> torch.Tensor:
     """values [B, H, L] long in [0, L], L standing for none: T[..., p] = the k-th smallest of
     values[..., :p + 1] (k >= 1, an int or per head [H]), L while fewer than k of them are below L."""
     b, h, length = values.shape
-    kh = k.to(values.device).view(1, -1, 1, 1) if isinstance(k, torch.Tensor) else k
+    kh = per_head(k, values.device)
     k = int(k.max()) if isinstance(k, torch.Tensor) else k
     carry = values.new_full((b, h, k), length)  # the k smallest so far, ascending
     block = length
@@ -61,8 +61,7 @@ def drop_positions(scores: torch.Tensor, sink, window, k) -> torch.Tensor:
     for keys never dropped. -> long."""
     b, h, length = scores.shape
     pos = torch.arange(length, device=scores.device)
-    sink, window, k = (x.to(scores.device).view(1, -1, 1) if isinstance(x, torch.Tensor) else torch.tensor(x)
-                       for x in (sink, window, k))
+    sink, window, k = (torch.as_tensor(per_head(x, scores.device, 1)) for x in (sink, window, k))
     if bool((k >= length - sink).all()):  # every candidate fits: the rule keeps every causal key
         return torch.full((b, h, length), length, device=scores.device)
     rank = key_rank(scores.detach())

@@ -95,10 +95,11 @@ class Budget:
                       shares=self.shares)
 
 
-def per_head(x, device) -> int | torch.Tensor:
-    """A budget part as `resolve` gives it, ready to broadcast over [B, H, Lq, Lk]: an int as it is, a
-    per-head tensor [H] as [1, H, 1, 1] on `device`."""
-    return x.to(device).view(1, -1, 1, 1) if isinstance(x, torch.Tensor) else x
+def per_head(x, device, trailing: int = 2) -> int | torch.Tensor:
+    """A budget part as `resolve` gives it, ready to broadcast over [B, H, ...] with `trailing` dimensions
+    after H ([B, H, Lq, Lk] by default): an int as it is, a per-head tensor [H] as [1, H, 1, ...] on
+    `device`."""
+    return x.to(device).view(1, -1, *[1] * trailing) if isinstance(x, torch.Tensor) else x
 
 
 def key_rank(scores: torch.Tensor) -> torch.Tensor:
@@ -126,7 +127,7 @@ def _top_count(k, shape, device) -> tuple[int, torch.Tensor | None]:
     if not isinstance(k, torch.Tensor):
         return min(k, shape[-1]), None
     n = min(int(k.max()), shape[-1])
-    return n, torch.arange(n, device=device) < k.to(device).view(1, -1, 1, 1)
+    return n, torch.arange(n, device=device) < per_head(k, device)
 
 
 def kept_mask(scores: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor, sink, window, k,
