@@ -15,6 +15,7 @@ scorer to F, or loads it from F if it exists (then nothing trains).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import tempfile
@@ -35,8 +36,7 @@ from maskpipe.pipeline.attention.dynamic import (  # noqa: E402
     param_fraction,
     prompt_scores,
 )
-from maskpipe.pipeline.attention.dynamic_learning import profile_shares, train_scorer  # noqa: E402
-from maskpipe.pipeline.attention.gates import passkey_batch  # noqa: E402
+from maskpipe.pipeline.attention.dynamic_learning import profile_data, profile_shares, train_scorer  # noqa: E402
 from maskpipe.pipeline.attention.kv_scores import (  # noqa: E402
     Budget,
     FixedScores,
@@ -151,13 +151,10 @@ def main() -> None:
     layers, kv = scorer.A.shape
     profiled = budget
     if args.profile:
-        import random
-
-        windows = TokenStream(data, tok, args.ppl_seqlen or args.seqlen, seed=args.seed).next_batch(args.profile)
-        prompts = passkey_batch(random.Random(args.seed + 1), TokenStream(data, tok, args.seqlen, seed=args.seed + 1),
-                                tok, args.profile, args.seqlen, args.needles)
-        shares, cost = profile_shares(model, scorer, budget, windows, prompts)
-        profiled = Budget(keys=budget.keys, fraction=budget.fraction, sink=budget.sink, shares=shares)
+        windows, prompts = profile_data(data, tok, args.profile, args.seqlen, args.needles, args.seed,
+                                        text_seqlen=args.ppl_seqlen)
+        shares, _ = profile_shares(model, scorer, budget, windows, prompts)
+        profiled = dataclasses.replace(budget, shares=shares)
         print("profiled recent shares per layer and KV head:", shares)
     if args.ppl_windows:
         text = "\n\n".join((CORPORA / "kjv.valid.txt").read_text().splitlines())
@@ -184,7 +181,6 @@ def main() -> None:
             runs = {
                 "dense": lambda: dense_decode(model, ids, new),
                 "dma-learned": lambda: evict_decode(model, scorer, budget, ids, new),
-                "dma-profiled": lambda: evict_decode(model, scorer, profiled, ids, new),
                 "dma-init": lambda: evict_decode(model, init, budget, ids, new),
                 "h2o": lambda: evict_decode(model, fixed["h2o"], budget, ids, new),
                 "snapkv": lambda: evict_decode(model, fixed["snapkv"], budget, ids, new),
@@ -192,10 +188,8 @@ def main() -> None:
                 "random": lambda: evict_decode(model, random_scores(ids.shape[1], layers, kv, seed=i), budget, ids, new),
                 "oracle": lambda: masked_decode(model, OracleScores(), budget, ids, new),
                 "target": lambda: evict_decode(model, answer_target(model, tok, s, budget), budget, ids, new),
-            }
+            } | ({"dma-profiled": lambda: evict_decode(model, scorer, profiled, ids, new)} if args.profile else {})
             for name, run in runs.items():
-                if name == "dma-profiled" and not args.profile:
-                    continue
                 text = tok.decode(run()[0].tolist(), skip_special_tokens=True)
                 hits[name] = hits.get(name, 0) + exact_match(text, s.answers)
         print(f"\n{Path(args.model).name}: passkey, {hay} haystack, {length} tokens (prompts {min(len(s.ids) for s in samples)}-"

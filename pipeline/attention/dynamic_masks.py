@@ -230,6 +230,11 @@ def window_text(window: int | None, recent: float | str, shares=None) -> str:
     return f"{recent:.0%} of the budget"
 
 
+def shares_text(shares) -> str:
+    """Per-head recent shares as one line: layers separated by ";", a layer's KV heads by spaces."""
+    return "; ".join(" ".join(f"{x:g}" for x in row) for row in shares)
+
+
 def card_lines(obj: dict[str, Any]) -> list[str]:
     """What a model card says of an artifact's dynamic mask: method, budget, scorer size."""
     b = obj["budget"]
@@ -238,8 +243,7 @@ def card_lines(obj: dict[str, Any]) -> list[str]:
              f"- budget: {keep} per KV head and query (sink {b['sink']}, window {window_text(b['window'], b.get('recent', UNRECORDED_RECENT), b.get('shares'))}, "
              "the rest top-k by score)"]
     if b.get("shares"):
-        lines.append("- recent share of the budget, per layer (KV heads in order): "
-                     + "; ".join(" ".join(f"{x:g}" for x in row) for row in b["shares"]))
+        lines.append(f"- recent share of the budget, per layer (KV heads in order): {shares_text(b['shares'])}")
     s = obj.get("scorer")
     lines.append(f"- scorer: {s['parameters']:,} parameters ({100 * s['fraction']:.4f}% of the model), in "
                  f"`{s['file']}`" if s else "- scorer: none (training-free: no parameters)")

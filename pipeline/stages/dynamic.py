@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import random
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
@@ -24,9 +23,9 @@ from pydantic import Field, field_validator, model_validator
 
 from maskpipe.pipeline import MaskpipeError
 from maskpipe.pipeline.attention.dynamic import KeyScorer
-from maskpipe.pipeline.attention.dynamic_learning import profile_shares, train_scorer
-from maskpipe.pipeline.attention.dynamic_masks import DynamicMask, window_text
-from maskpipe.pipeline.attention.gates import gate_strategy, passkey_batch
+from maskpipe.pipeline.attention.dynamic_learning import profile_data, profile_shares, train_scorer
+from maskpipe.pipeline.attention.dynamic_masks import DynamicMask, shares_text, window_text
+from maskpipe.pipeline.attention.gates import gate_strategy
 from maskpipe.pipeline.attention.kv_scores import Budget
 from maskpipe.pipeline.core.schema import (
     BatchSize,
@@ -201,12 +200,9 @@ def dynamic_stage(ctx: StageContext) -> list[Variant]:
 def profiled_budget(cfg: Config, st: DynamicStage, model, tokenizer, scorer: KeyScorer, seed: int) -> Budget:
     """The stage's budget with a recent share per (layer, KV head) from a profile of the learned scorer on
     `profile_samples` text windows and passkey prompts of the haystack corpus (streams of their own)."""
-    windows = TokenStream(cfg.data[st.data], tokenizer, st.seqlen, seed).next_batch(st.profile_samples)
-    prompts = passkey_batch(random.Random(seed + 1), TokenStream(cfg.data[st.data], tokenizer, st.seqlen, seed + 1),
-                            tokenizer, st.profile_samples, st.seqlen, st.needles)
+    windows, prompts = profile_data(cfg.data[st.data], tokenizer, st.profile_samples, st.seqlen, st.needles, seed)
     shares, _ = profile_shares(model, scorer, st.budget, windows, prompts)
-    log.info("%s: recent share per layer and KV head, from a profile: %s", st.name,
-             "; ".join(" ".join(f"{x:g}" for x in row) for row in shares))
+    log.info("%s: recent share per layer and KV head, from a profile: %s", st.name, shares_text(shares))
     return dataclasses.replace(st.budget, shares=shares)
 
 
