@@ -36,7 +36,7 @@ from maskpipe.pipeline.attention.dynamic import (  # noqa: E402
     param_fraction,
     prompt_scores,
 )
-from maskpipe.pipeline.attention.dynamic_learning import profile_data, profile_shares, train_scorer  # noqa: E402
+from maskpipe.pipeline.attention.dynamic_learning import profile_shares, train_scorer  # noqa: E402
 from maskpipe.pipeline.attention.kv_scores import (  # noqa: E402
     Budget,
     FixedScores,
@@ -52,7 +52,7 @@ from maskpipe.pipeline.eval.perplexity import perplexity
 from maskpipe.pipeline.eval.prompts import split_sentences
 from maskpipe.pipeline.eval.retrieval import exact_match, passkey_samples
 from maskpipe.pipeline.io.data import TokenStream
-from maskpipe.pipeline.stages.dynamic import DynamicStage
+from maskpipe.pipeline.stages.dynamic import DynamicStage, profile_data
 from maskpipe.pipeline.train.checkpoint import CheckpointDir
 
 MICRO = "tests/fixtures/models/micro-llama"

@@ -26,10 +26,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from maskpipe.pipeline.attention.dynamic import KeyScorer, dynamic
-from maskpipe.pipeline.attention.gates import check_data_parallel, passkey_batch, passkey_share, rng_state
+from maskpipe.pipeline.attention.gates import check_data_parallel, passkey_share, rng_state
 from maskpipe.pipeline.attention.kv_scores import Budget, attention_target_loss, kept_mask
 from maskpipe.pipeline.attention.plans import kv_heads
-from maskpipe.pipeline.io.data import TokenStream
 from maskpipe.pipeline.train.checkpoint import rank_world
 from maskpipe.pipeline.train.loop import train
 
@@ -150,17 +149,6 @@ def train_scorer(model, tokenizer, st, stream, budget: Budget, *, seed: int, sto
 
 
 SHARES = (0.25, 0.5, 0.625, 0.75, 0.875, 1.0)  # the recent shares a profile chooses from
-
-
-def profile_data(data, tokenizer, samples: int, seqlen: int, needles: int, seed: int,
-                 text_seqlen: int | None = None) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-    """What `profile_shares` reads from a haystack corpus (`data`, a DataConfig), each from a stream of its
-    own: `samples` text windows of `text_seqlen` (default `seqlen`) tokens, and `samples` passkey prompts of
-    `seqlen` tokens with `needles` passkeys each (`gates.passkey_batch`)."""
-    windows = TokenStream(data, tokenizer, text_seqlen or seqlen, seed).next_batch(samples)
-    prompts = passkey_batch(random.Random(seed + 1), TokenStream(data, tokenizer, seqlen, seed + 1), tokenizer,
-                            samples, seqlen, needles)
-    return windows, prompts
 
 
 @torch.no_grad()

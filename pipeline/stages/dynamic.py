@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import random
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
@@ -23,9 +24,9 @@ from pydantic import Field, field_validator, model_validator
 
 from maskpipe.pipeline import MaskpipeError
 from maskpipe.pipeline.attention.dynamic import KeyScorer
-from maskpipe.pipeline.attention.dynamic_learning import profile_data, profile_shares, train_scorer
+from maskpipe.pipeline.attention.dynamic_learning import profile_shares, train_scorer
 from maskpipe.pipeline.attention.dynamic_masks import DynamicMask, shares_text, window_text
-from maskpipe.pipeline.attention.gates import gate_strategy
+from maskpipe.pipeline.attention.gates import gate_strategy, passkey_batch
 from maskpipe.pipeline.attention.kv_scores import Budget
 from maskpipe.pipeline.core.schema import (
     BatchSize,
@@ -42,6 +43,8 @@ from maskpipe.pipeline.io.session import Variant
 from maskpipe.pipeline.stages import Placement, Ref, StageContext, StageKind, StageOutput, check_batch_split
 
 if TYPE_CHECKING:  # the run-level schema imports this module through the stage registry
+    import torch
+
     from maskpipe.pipeline.config import Config
 
 log = logging.getLogger("maskpipe")
@@ -195,6 +198,17 @@ def dynamic_stage(ctx: StageContext) -> list[Variant]:
     log.info("%s: %s; KV cache %.0f%% of dense at %d tokens; artifact %s", st.name, mask.describe(),
              100 * cost["kv_cache_fraction"], st.seqlen, artifact)
     return [dynamic_variant(st, artifact)]
+
+
+def profile_data(data, tokenizer, samples: int, seqlen: int, needles: int, seed: int,
+                 text_seqlen: int | None = None) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    """What `profile_shares` reads from a haystack corpus (`data`, a DataConfig), each from a stream of its
+    own: `samples` text windows of `text_seqlen` (default `seqlen`) tokens, and `samples` passkey prompts of
+    `seqlen` tokens with `needles` passkeys each (`gates.passkey_batch`)."""
+    windows = TokenStream(data, tokenizer, text_seqlen or seqlen, seed).next_batch(samples)
+    prompts = passkey_batch(random.Random(seed + 1), TokenStream(data, tokenizer, seqlen, seed + 1), tokenizer,
+                            samples, seqlen, needles)
+    return windows, prompts
 
 
 def profiled_budget(cfg: Config, st: DynamicStage, model, tokenizer, scorer: KeyScorer, seed: int) -> Budget:
