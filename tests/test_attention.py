@@ -152,6 +152,29 @@ def test_passkey_batches_mark_the_key_digits_and_resume_exactly(tokenizer):
     assert torch.equal(ids, ids2) and torch.equal(targets, targets2)
 
 
+def test_passkey_haystacks_fill_the_prompt_under_a_tokenizer_whose_decode_drops_spaces(tokenizer):
+    """A sentencepiece vocabulary loaded as Qwen2Tokenizer (what transformers does for a qwen2 model trained
+    with the fixtures' script) encodes and decodes without spaces: a decoded block has no sentence
+    boundary, and the haystack came out empty (the unseen Qwen2 model's gates and DMA scorer learned from
+    prompts of ~150 tokens in 768). Its haystack is now pieces of the block; a Llama tokenizer's is
+    unchanged (sentences)."""
+    import random
+
+    from transformers import Qwen2Tokenizer
+
+    from maskpipe.pipeline.attention.gates import keeps_spaces, passkey_batch
+    from tests.conftest import MICRO
+
+    spaceless = Qwen2Tokenizer.from_pretrained(MICRO)
+    assert keeps_spaces(tokenizer) and not keeps_spaces(spaceless)
+    assert spaceless.pad_token_id >= 2048  # and its pad token lies past the embedding (`test_retrieval`)
+    for tok in (tokenizer, spaceless):
+        ids, targets = passkey_batch(random.Random(0), _stream(tok), tok, 4, 256, needles=2)
+        real = (ids != tok.eos_token_id).sum(-1)
+        assert (real >= 220).all(), real  # the haystack fills the row, whatever the decode does
+        assert (targets.sum(-1) >= 10).all()  # two five-digit keys a row (a digit a token, maybe a space)
+
+
 def test_gate_learning_trains_only_gates_and_resumes_exactly(micro, tokenizer, tmp_path):
     from maskpipe.pipeline.attention.gates import train_gates
     from maskpipe.pipeline.train.checkpoint import CheckpointDir

@@ -40,6 +40,20 @@ from maskpipe.pipeline.eval.prompts import (PASSKEY_DIGITS, PASSKEY_INTRO, PASSK
                                        random_number, split_sentences)
 
 
+HAYSTACK_PIECE = 32  # tokens per haystack piece where sentences cannot be found (`keeps_spaces`)
+
+
+def keeps_spaces(tokenizer) -> bool:
+    """Whether `tokenizer`'s decode gives back the spaces between words, so that a decoded block of the
+    stream splits into sentences. Not always so: a sentencepiece vocabulary ("▁" marks a space) loaded as a
+    byte-level BPE tokenizer (transformers picks `Qwen2Tokenizer` from a qwen2 config.json over the
+    tokenizer_config's class) encodes and decodes text with every space dropped. A model trained through
+    that tokenizer reads such text, so its prompts are built through it too; but a decoded block is then
+    one "sentence" longer than any prompt, and the haystack came out empty (a 768-token passkey batch held
+    148 tokens, the rest padding, and the scorer's and the gates' losses were 0)."""
+    return " " in tokenizer.decode(tokenizer("a b. C", add_special_tokens=False).input_ids, skip_special_tokens=True)
+
+
 def passkey_batch(rng: random.Random, stream, tokenizer, batch_size: int, seqlen: int, needles: int
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """Synthetic multi-passkey samples, right-padded to `seqlen`: a haystack of whole sentences from the
@@ -47,9 +61,15 @@ def passkey_batch(rng: random.Random, stream, tokenizer, batch_size: int, seqlen
     "What is the pass key? The pass key is KEY." Returns (ids [B, seqlen], targets [B, seqlen] bool: the
     positions whose next token is a key digit, i.e. the hidden states that must retrieve it)."""
     pad = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+    by_sentence = keeps_spaces(tokenizer)
     ids, targets = [], []
     for _ in range(batch_size):
-        haystack = split_sentences(tokenizer.decode(next(stream), skip_special_tokens=True))
+        block = next(stream)
+        if by_sentence:
+            haystack = split_sentences(tokenizer.decode(block, skip_special_tokens=True))
+        else:  # no sentence boundary survives the decode: pieces of the block, each decoded alone
+            haystack = [tokenizer.decode(block[i:i + HAYSTACK_PIECE], skip_special_tokens=True)
+                        for i in range(0, len(block), HAYSTACK_PIECE)]
         keys = [random_number(rng, PASSKEY_DIGITS) for _ in range(needles)]
         depths = sorted(rng.random() for _ in keys)  # keys are asked in the order they appear
         tail, answer = [], []
