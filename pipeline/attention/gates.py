@@ -57,7 +57,8 @@ def keeps_spaces(tokenizer) -> bool:
 def passkey_batch(rng: random.Random, stream, tokenizer, batch_size: int, seqlen: int, needles: int
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """Synthetic multi-passkey samples, right-padded to `seqlen`: a haystack of whole sentences from the
-    next block of `stream` with `needles` passkeys at random depths, then for each passkey in order
+    next block of `stream` (pieces of HAYSTACK_PIECE tokens where the decode loses them: `keeps_spaces`)
+    with `needles` passkeys at random depths, then for each passkey in order
     "What is the pass key? The pass key is KEY." Returns (ids [B, seqlen], targets [B, seqlen] bool: the
     positions whose next token is a key digit, i.e. the hidden states that must retrieve it)."""
     pad = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
