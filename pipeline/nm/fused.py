@@ -2,7 +2,9 @@
 candidates, the floor, the candidate product and W ⊙ M forward; the regulariser, the candidate product's
 transpose and the softmax's backward in one pass back. What `learn._SoftMaskedWeight` does in ~13 whole-
 tensor passes (and reductions over a last dimension of 6, which ATen runs row by row), here a C++ loop
-over tiles of 16 groups that the compiler vectorises across groups (glibc's vector exp/log).
+over tiles of 16 groups that the compiler vectorises across groups (glibc's vector exp/log). A tile is
+held candidate-major; with AVX-512, a full tile's transposes to and from the tensors' group-major layout
+are register permutes (the scalar copies they replace were a third of the forward's time).
 
 The noise is drawn inside the kernel, counter-based: the uniform of element i (group g, candidate c: i =
 6g + c) of a layer is SplitMix64's (i+1)-th output from the state SplitMix64(seed), its top 24 bits as
@@ -48,46 +50,127 @@ inline float uniform(uint64_t key, uint64_t i) {  // in (0, 1): the top 24 bits,
 // The candidates in encoding.candidates' rank order (nm_candidates(2, 4)); checked against it in Python.
 constexpr float CAND[C][M] = {{1, 1, 0, 0}, {1, 0, 1, 0}, {1, 0, 0, 1}, {0, 1, 1, 0}, {0, 1, 0, 1}, {0, 0, 1, 1}};
 
+#ifdef __AVX512F__
+#include <immintrin.h>
+// A full tile's transposes in registers: a vector of 16 floats of one layout takes its lanes from a pair of
+// vectors of the other (permutex2var, one index vector for every pair) and picks the pair by lane (blend).
+// Scalar transposes were a third of the forward's time (2026-12-04 profile); these tables are built once.
+struct Transposes {
+  __m512i in_idx[C], p_idx[C], out_idx[M];
+  __mmask16 in_pair[C][2], p_pair[C][2], out_pair[M];
+  Transposes() {
+    alignas(64) int idx[T];
+    for (int c = 0; c < C; ++c) {  // lg[c][t] = l[f], f = 6t + c: lane f % 32 of the vector pair f / 32
+      in_pair[c][0] = in_pair[c][1] = 0;
+      for (int t = 0; t < T; ++t) {
+        int f = t * C + c;
+        idx[t] = f % 32;
+        if (f / 32) in_pair[c][f / 32 - 1] |= 1 << t;
+      }
+      in_idx[c] = _mm512_load_si512(idx);
+    }
+    for (int k = 0; k < C; ++k) {  // p[f] = s[c][t], f = 16k + i = 6t + c: lane t of s[c], from the pair c / 2
+      p_pair[k][0] = p_pair[k][1] = 0;
+      for (int i = 0; i < T; ++i) {
+        int f = 16 * k + i, t = f / C, c = f % C;
+        idx[i] = c % 2 * 16 + t;
+        if (c / 2) p_pair[k][c / 2 - 1] |= 1 << i;
+      }
+      p_idx[k] = _mm512_load_si512(idx);
+    }
+    for (int k = 0; k < M; ++k) {  // m[f] = mj[j][t], f = 16k + i = 4t + j: from the pair j / 2
+      out_pair[k] = 0;
+      for (int i = 0; i < T; ++i) {
+        int f = 16 * k + i, t = f / M, j = f % M;
+        idx[i] = j % 2 * 16 + t;
+        if (j / 2) out_pair[k] |= 1 << i;
+      }
+      out_idx[k] = _mm512_load_si512(idx);
+    }
+  }
+};
+const Transposes TR;
+
+inline __m512 pick3(const __m512* v, __m512i idx, const __mmask16* pair) {  // from 6 vectors
+  __m512 r = _mm512_permutex2var_ps(v[0], idx, v[1]);
+  r = _mm512_mask_blend_ps(pair[0], r, _mm512_permutex2var_ps(v[2], idx, v[3]));
+  return _mm512_mask_blend_ps(pair[1], r, _mm512_permutex2var_ps(v[4], idx, v[5]));
+}
+#endif
+
 void forward_tile(const float* l, uint64_t key, uint64_t g0, const float* w, float* p, float* out, int64_t n,
                   float tau, float kappa, float exp_floor, float below_floor) {
-  // candidate-major tile: s[c * T + t], so every loop below runs over T groups at once
-  float s[C * T], lg[C * T], mx[T], tot[T];
+  // candidate-major tile, s[c][t]: every inner loop runs over the T groups at once
+  alignas(64) float s[C][T], lg[C][T], mx[T], tot[T], mj[M][T];
+  for (int c = 0; c < C; ++c) {
 #pragma omp simd
-  for (int i = 0; i < C * T; ++i) s[i] = uniform(key, (g0 + i % T) * C + i / T);
-  for (int t = 0; t < T; ++t)
-    for (int c = 0; c < C; ++c) lg[c * T + t] = t < n ? l[t * C + c] : 0.f;
+    for (int t = 0; t < T; ++t) s[c][t] = uniform(key, (g0 + t) * C + c);
+  }
+#ifdef __AVX512F__
+  if (n == T) {
+    __m512 v[C];
+    for (int k = 0; k < C; ++k) v[k] = _mm512_loadu_ps(l + 16 * k);
+    for (int c = 0; c < C; ++c) _mm512_store_ps(lg[c], pick3(v, TR.in_idx[c], TR.in_pair[c]));
+  } else
+#endif
+    for (int t = 0; t < T; ++t)
+      for (int c = 0; c < C; ++c) lg[c][t] = t < n ? l[t * C + c] : 0.f;
+  for (int c = 0; c < C; ++c) {
 #pragma omp simd
-  for (int i = 0; i < C * T; ++i) {  // gumbel_noise: -log(max(-log(max(u, 1e-10)), 1e-10)); then (g + κl)/τ
-    float g = -std::log(std::fmax(s[i], 1e-10f));
-    g = -std::log(std::fmax(g, 1e-10f));
-    s[i] = (g + lg[i] * kappa) / tau;
+    for (int t = 0; t < T; ++t) {  // gumbel_noise: -log(max(-log(max(u, 1e-10)), 1e-10)); then (g + κl)/τ
+      float g = -std::log(std::fmax(s[c][t], 1e-10f));
+      g = -std::log(std::fmax(g, 1e-10f));
+      s[c][t] = (g + lg[c][t] * kappa) / tau;
+    }
   }
 #pragma omp simd
   for (int t = 0; t < T; ++t) {
-    float m = s[t];
-    for (int c = 1; c < C; ++c) m = std::fmax(m, s[c * T + t]);
+    float m = s[0][t];
+    for (int c = 1; c < C; ++c) m = std::fmax(m, s[c][t]);
     mx[t] = m;
   }
+  for (int c = 0; c < C; ++c) {
 #pragma omp simd
-  for (int i = 0; i < C * T; ++i) s[i] = std::exp(std::fmax(s[i] - mx[i % T], exp_floor));
+    for (int t = 0; t < T; ++t) s[c][t] = std::exp(std::fmax(s[c][t] - mx[t], exp_floor));
+  }
 #pragma omp simd
   for (int t = 0; t < T; ++t) {
-    float a = s[t];
-    for (int c = 1; c < C; ++c) a += s[c * T + t];
+    float a = s[0][t];
+    for (int c = 1; c < C; ++c) a += s[c][t];
     tot[t] = a;
   }
+  for (int c = 0; c < C; ++c) {
 #pragma omp simd
-  for (int i = 0; i < C * T; ++i) {
-    float q = s[i] / tot[i % T];
-    s[i] = q > below_floor ? q : 0.f;
-  }
-  for (int64_t t = 0; t < n; ++t) {
-    for (int c = 0; c < C; ++c) p[t * C + c] = s[c * T + t];
-    for (int j = 0; j < M; ++j) {
-      float m = 0.f;
-      for (int c = 0; c < C; ++c) m += s[c * T + t] * CAND[c][j];
-      out[t * M + j] = w[t * M + j] * m;
+    for (int t = 0; t < T; ++t) {
+      float q = s[c][t] / tot[t];
+      s[c][t] = q > below_floor ? q : 0.f;
     }
+  }
+  for (int j = 0; j < M; ++j) {  // the candidate product: M[t][j] = Σ_c p[t][c] CAND[c][j]
+#pragma omp simd
+    for (int t = 0; t < T; ++t) {
+      float m = 0.f;
+      for (int c = 0; c < C; ++c) m += s[c][t] * CAND[c][j];
+      mj[j][t] = m;
+    }
+  }
+#ifdef __AVX512F__
+  if (n == T) {
+    __m512 v[C], m[M];
+    for (int c = 0; c < C; ++c) v[c] = _mm512_load_ps(s[c]);
+    for (int j = 0; j < M; ++j) m[j] = _mm512_load_ps(mj[j]);
+    for (int k = 0; k < C; ++k) _mm512_storeu_ps(p + 16 * k, pick3(v, TR.p_idx[k], TR.p_pair[k]));
+    for (int k = 0; k < M; ++k) {
+      __m512 r = _mm512_permutex2var_ps(m[0], TR.out_idx[k], m[1]);
+      r = _mm512_mask_blend_ps(TR.out_pair[k], r, _mm512_permutex2var_ps(m[2], TR.out_idx[k], m[3]));
+      _mm512_storeu_ps(out + 16 * k, _mm512_mul_ps(_mm512_loadu_ps(w + 16 * k), r));
+    }
+    return;
+  }
+#endif
+  for (int64_t t = 0; t < n; ++t) {
+    for (int c = 0; c < C; ++c) p[t * C + c] = s[c][t];
+    for (int j = 0; j < M; ++j) out[t * M + j] = w[t * M + j] * mj[j][t];
   }
 }
 
