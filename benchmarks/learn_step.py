@@ -3,11 +3,14 @@ last step of the anneal, one and two threads, batch 4 and 8, on tiny-llama and a
 
     python benchmarks/learn_step.py                 # the whole table; cells past --budget (540 s) are skipped
     python benchmarks/learn_step.py --quick         # one timed repeat per cell: the code paths, rough numbers
+    python benchmarks/learn_step.py --kernel        # the fused soft mask alone, ns a weight, and the memory floor
 
 Both steps run on their own copy of the model, interleaved repeat by repeat (dense, first, middle, last),
 so drift on a shared machine hits every column alike; the ratio is the median of learned over the median
-of dense, measured in one run. The physical floor is about 1.0x: the mask's gradient needs the same
-matmuls as the weight gradient. The learned step is what `MaskLearning.step` does per micro-batch:
+of dense, measured in one run. The matmuls' floor is about 1.0x: the mask's gradient needs the same
+matmuls as the weight gradient. The mask adds per-weight memory traffic that no token count changes
+(KERNEL_BYTES + ADAMW_EXTRA_BYTES a masked weight), so with few tokens a step the floor is higher:
+`--kernel` prints it for this machine. The learned step is what `MaskLearning.step` does per micro-batch:
 new noise seeds, forward, backward (the regulariser on), AdamW on the logits; its anneal points take
 tau and kappa from the learn stage's default schedule and logits spread as a run leaves them.
 
@@ -47,6 +50,11 @@ BIG = dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_at
            num_key_value_heads=12, vocab_size=8192, max_position_embeddings=2048)
 STEPS = 100  # a run's length, for the anneal points: step 0, 50 and 99 of the default schedule
 SPREAD = {"first": 0.01, "middle": 0.03, "last": 0.05}  # logits' std: init_std at first, as a run leaves them later
+# Bytes a masked weight moves in the fused soft mask at the least: forward reads 6/4 logits and W, writes
+# 6/4 probabilities and W*M; backward reads the probabilities, dL/d(W*M), W and W*M, writes 6/4 logit grads.
+KERNEL_BYTES = 4 * (1.5 + 1 + 1.5 + 1) + 4 * (1.5 + 1 + 1 + 1 + 1.5)
+# AdamW on 1.5 logits a weight instead of one weight: read p, g, m, v and write p, m, v (28 B) 0.5 times more
+ADAMW_EXTRA_BYTES = 0.5 * 28
 CATEGORIES = ("noise", "fused", "softmax", "product", "masked_weight", "regulariser", "optimiser", "dense matmuls", "rest")
 MATMULS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::matmul", "aten::linear"}
 
@@ -254,6 +262,34 @@ def profile_table(profiles: dict[tuple, dict], keys: tuple[str, ...]) -> list[st
     return out
 
 
+def kernel_cost(threads: int, rows: int = 768, cols: int = 2048) -> dict[str, float]:
+    """The fused soft mask alone on one layer of BIG's MLP shape (ns a weight, forward and backward), this
+    machine's copy bandwidth (GB/s, read + write counted) and the learned step's memory floor from it: the
+    least time a masked weight adds to a step, whatever the kernel, at this many threads."""
+    torch.set_num_threads(threads)
+    gen = torch.Generator().manual_seed(0)
+    w, grad = torch.randn(rows, cols, generator=gen), torch.randn(rows, cols, generator=gen) * 1e-3
+    logits = (torch.randn(rows, cols // 4, 6, generator=gen) * SPREAD["last"])
+    tau, kappa = anneal_points()["last"]
+    args = (learn.EXP_FLOOR, learn.BELOW_FLOOR)
+
+    def per_weight(fn, reps: int = 50) -> float:
+        fn()
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        return (time.perf_counter() - t0) / reps / w.numel() * 1e9
+
+    probs, masked = learn.fused.forward(w, logits, 7, tau, kappa, *args)
+    fwd = per_weight(lambda: learn.fused.forward(w, logits, 7, tau, kappa, *args))
+    bwd = per_weight(lambda: learn.fused.backward(probs, grad, w, masked, tau, kappa, 1e-5))
+    big, out = torch.full((100_000_000,), 1.0), torch.zeros(100_000_000)  # touched: no zero-page reads
+    copy = per_weight(lambda: out.copy_(big), reps=5) * w.numel() / big.numel()  # ns a float copied
+    gbs = 8 / copy
+    return {"threads": threads, "forward_ns": fwd, "backward_ns": bwd, "copy_GBs": gbs,
+            "floor_ns": (KERNEL_BYTES + ADAMW_EXTRA_BYTES) / gbs}
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", nargs="+", choices=["tiny", "big"], default=["tiny", "big"])
@@ -268,8 +304,19 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--json", help="also write every number here")
     p.add_argument("--fused", choices=["on", "off"], default="on",
                    help="off: the soft mask's whole-tensor path on the CPU (`pipeline.nm.fused`)")
+    p.add_argument("--kernel", action="store_true", help="only the fused soft mask's cost and the memory floor")
     a = p.parse_args(argv)
     learn.fused.ENABLED = a.fused == "on"
+    if a.kernel:
+        if not learn.fused.available(torch.empty(4, 4), torch.empty(4, 1, 6), learn.nm_candidates(2, 4).float()):
+            raise SystemExit("learn_step: --kernel: the fused soft mask is not built here (pipeline/nm/fused.py)")
+        print(f"fused soft mask on a 768x2048 layer, {torch.backends.cpu.get_cpu_capability()}; floor: "
+              f"{KERNEL_BYTES + ADAMW_EXTRA_BYTES:.0f} B a masked weight at the copy bandwidth\n")
+        print("| threads | forward ns/weight | backward ns/weight | copy GB/s | floor ns/weight |\n| --- | --- | --- | --- | --- |")
+        for threads in a.threads:
+            k = kernel_cost(threads)
+            print(f"| {threads} | {k['forward_ns']:.2f} | {k['backward_ns']:.2f} | {k['copy_GBs']:.1f} | {k['floor_ns']:.2f} |")
+        return
     start, rows, skipped = time.perf_counter(), [], []
     for which in a.models:
         model, linears = load(which)

@@ -52,7 +52,7 @@ def reference_masked_weight(mod: GumbelNMMask, weight: torch.Tensor, lam_in_node
 
 def _pair(n, m, per_group, tau, kappa, lam, spread, seed=0):
     g = torch.Generator().manual_seed(seed)
-    w = torch.randn(24, 8 * m, generator=g) * 0.05
+    w = torch.randn(25, 8 * m, generator=g) * 0.05  # 2:4: 200 groups, 12 full tiles of the kernel and a partial one
     mod = GumbelNMMask(w.shape, n, m, g, init_std=spread, per_group=per_group)
     mod.train()
     mod.tau, mod.kappa, mod.lam, mod.noise_seed = tau, kappa, lam, 11
