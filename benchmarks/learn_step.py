@@ -163,15 +163,21 @@ class Steps:
     def medians(self, repeats: int) -> dict[str, float]:
         """Median seconds of the dense step and of the learned step at each anneal point, interleaved."""
         # Warm-up: one untimed round of every step timed below. With a single warm-up learned step, the
-        # first timed learned step on the 98M model ran 1.4-1.8x the later ones in one-repeat cells
-        # (2026-12-04; cause not traced: first use of memory is the likely one).
+        # first timed learned step on the 98M model ran 1.4-1.8x the later ones in one-repeat cells.
         self.dense()
         for point in self.points:
             self.at(point)
             self.learned()
         times = defaultdict(list)
         for _ in range(repeats):
+            # Each model's timed steps follow an untimed step of its own, as they do in a run: a learned
+            # step right after a dense one ran 0.2-0.35 s slower on the 98M model at 2 threads (1.69 and
+            # 1.95 s against 1.50-1.58 after a learned step; 2026-12-04), which had made the first anneal
+            # point, timed right after the dense step, the dearest.
+            self.dense()
             times["dense"].append(self.timed(self.dense))
+            self.at(next(iter(self.points)))
+            self.learned()
             for point in self.points:
                 self.at(point)
                 times[point].append(self.timed(self.learned))
