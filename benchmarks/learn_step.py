@@ -5,8 +5,9 @@ last step of the anneal, one and two threads, batch 4 and 8, on tiny-llama and a
     python benchmarks/learn_step.py --quick         # one timed repeat per cell: the code paths, rough numbers
     python benchmarks/learn_step.py --kernel        # the fused soft mask alone, ns a weight, and the memory floor
 
-Both steps run on their own copy of the model, interleaved repeat by repeat (dense, first, middle, last),
-so drift on a shared machine hits every column alike; the ratio is the median of learned over the median
+Both steps run on their own copy of the model, interleaved repeat by repeat (dense, first, middle, last,
+each model's timed steps after an untimed step of its own, as in a run), so drift on a shared machine hits
+every column alike; the ratio is the median of learned over the median
 of dense, measured in one run. The matmuls' floor is about 1.0x: the mask's gradient needs the same
 matmuls as the weight gradient. The mask adds per-weight memory traffic that no token count changes
 (KERNEL_BYTES + ADAMW_EXTRA_BYTES a masked weight), so with few tokens a step the floor is higher:
