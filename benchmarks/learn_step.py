@@ -276,23 +276,22 @@ def kernel_cost(threads: int, rows: int = 768, cols: int = 2048) -> dict[str, fl
     torch.set_num_threads(threads)
     gen = torch.Generator().manual_seed(0)
     w, grad = torch.randn(rows, cols, generator=gen), torch.randn(rows, cols, generator=gen) * 1e-3
-    logits = (torch.randn(rows, cols // 4, 6, generator=gen) * SPREAD["last"])
+    logits = torch.randn(rows, cols // 4, 6, generator=gen) * SPREAD["last"]
     tau, kappa = anneal_points()["last"]
     args = (learn.EXP_FLOOR, learn.BELOW_FLOOR)
 
-    def per_weight(fn, reps: int = 50) -> float:
+    def ns_each(fn, n: int, reps: int) -> float:  # ns per element of one fn() over n elements, warmed up
         fn()
         t0 = time.perf_counter()
         for _ in range(reps):
             fn()
-        return (time.perf_counter() - t0) / reps / w.numel() * 1e9
+        return (time.perf_counter() - t0) / reps / n * 1e9
 
     probs, masked = learn.fused.forward(w, logits, 7, tau, kappa, *args)
-    fwd = per_weight(lambda: learn.fused.forward(w, logits, 7, tau, kappa, *args))
-    bwd = per_weight(lambda: learn.fused.backward(probs, grad, w, masked, tau, kappa, 1e-5))
+    fwd = ns_each(lambda: learn.fused.forward(w, logits, 7, tau, kappa, *args), w.numel(), 50)
+    bwd = ns_each(lambda: learn.fused.backward(probs, grad, w, masked, tau, kappa, 1e-5), w.numel(), 50)
     big, out = torch.full((100_000_000,), 1.0), torch.zeros(100_000_000)  # touched: no zero-page reads
-    copy = per_weight(lambda: out.copy_(big), reps=5) * w.numel() / big.numel()  # ns a float copied
-    gbs = 8 / copy
+    gbs = 8 / ns_each(lambda: out.copy_(big), big.numel(), 5)  # 4 B read + 4 B written a float
     return {"threads": threads, "forward_ns": fwd, "backward_ns": bwd, "copy_GBs": gbs,
             "floor_ns": (KERNEL_BYTES + ADAMW_EXTRA_BYTES) / gbs}
 
